@@ -1,0 +1,86 @@
+"""Command-line plumbing shared by train.py and the ``python -m elas_jax.*`` tools.
+
+``--config path[:variant]`` is an ml_collections config file with
+``--config.<field>=value`` overrides. User errors (unknown variant or field,
+bad value, a config that cannot work) end with one ``error: ...`` line and
+exit status 2, not a traceback, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from elas_jax import config_lib
+
+DEFAULT_CONFIG = "configs/tiny.py"
+
+
+class UserError(Exception):
+  """An error caused by the user's input; reported as one line, exit 2."""
+
+
+def define_config_flag(default: str = DEFAULT_CONFIG):
+  return config_flags.DEFINE_config_file(
+      "config", default, "Config file, optionally with a variant: configs/llama_60m.py:elas.",
+      lock_config=True)
+
+
+def fail(message: str, status: int = 2):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """The first ``--config.a.b=v`` override naming a field the config lacks."""
+  try:
+    cfg = flags.FLAGS["config"].value
+  except Exception:  # the config file itself did not load
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node = cfg
+    for part in path.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        return path
+      node = node[part]
+  return None
+
+
+def _parse(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except config_lib.ConfigError as e:
+    fail(str(e))
+  except flags.Error as e:
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, config_lib.ConfigError):
+      fail(str(cause))
+    fail(str(e).splitlines()[0])
+  except (AttributeError, KeyError) as e:
+    path = _unknown_override(argv)
+    if path is not None:
+      fail(f"config.{path}: no such config field (check the spelling; see the config file)")
+    fail(f"bad config override: {e}")
+  return []  # unreachable
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """``absl.app.run`` with one-line errors for bad configs and :class:`UserError`."""
+
+  def wrapped(argv):
+    logging.set_verbosity(logging.WARNING)  # keep jax's backend probing off the console
+    try:
+      cfg = flags.FLAGS["config"].value
+      if cfg is not None:
+        config_lib.validate(cfg)
+      main(argv)
+    except (config_lib.ConfigError, UserError) as e:
+      fail(str(e))
+
+  app.run(wrapped, flags_parser=_parse)

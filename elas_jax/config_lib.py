@@ -1,0 +1,187 @@
+"""Builds and validates the ml_collections configs of ``configs/``.
+
+Each ``configs/<size>.py`` states its shapes and hyper-parameters (brief
+section 2) and calls :func:`llama_config` with the variant; the variant sets
+the linear kind, FFN kind, sparsity and optimizer. :func:`validate` rejects a
+config that cannot work with an error naming the field; it runs at load and
+again after command-line overrides.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("full", "loro", "loro_relu2", "elas", "cola")
+LINEAR_KINDS = ("full", "lowrank", "cola")
+FFN_KINDS = ("swiglu", "relu2")
+DTYPE_NAMES = ("float32", "bfloat16")
+KERNELS = ("xla",)
+OPTIMIZERS = ("adamw", "loro_adamw")
+SCHEDULES = ("cosine", "cosine_restart")
+BACKWARD_MODES = ("masked", "ste", "split")
+RELU2_WIDTH_FACTOR = 1.5  # ReLU² FFN width = int(1.5 x SwiGLU width): same parameter count
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def llama_config(
+    *, size: str, variant: str, d_model: int, n_layers: int, n_heads: int, swiglu_ffn: int,
+    rank: int, exact_every: int, lr: float, steps: int, warmup_steps: int, cola_lr: float,
+    cola_warmup_steps: int, vocab_size: int = 32000, seq_len: int = 256, batch_size: int = 512,
+    dense_warmup_steps: int = 1000, full_lr: float = 1e-3,
+) -> ml_collections.ConfigDict:
+  """The config of one model size in one variant (see :data:`VARIANTS`)."""
+  if variant not in VARIANTS:
+    raise ConfigError(f"config variant {variant!r} (after ':' in --config) is unknown; "
+                      f"choose one of {', '.join(VARIANTS)}")
+  c = ml_collections.ConfigDict()
+  c.size = size  # model size label, e.g. "60m"
+  c.variant = variant  # one of full, loro, loro_relu2, elas, cola
+  c.seed = 0  # seed of parameter init and data order
+
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = vocab_size  # vocabulary size; must equal the tokenizer's
+  m.d_model = d_model  # hidden size d
+  m.n_layers = n_layers  # number of decoder blocks
+  m.n_heads = n_heads  # attention heads; must divide d_model
+  relu2 = variant in ("loro_relu2", "elas")
+  m.ffn_kind = "relu2" if relu2 else "swiglu"  # "swiglu" or gate-less squared ReLU "relu2"
+  # FFN intermediate width; ReLU² uses int(1.5 x SwiGLU width) to keep the parameter count
+  m.ffn_dim = int(RELU2_WIDTH_FACTOR * swiglu_ffn) if relu2 else swiglu_ffn
+  m.linear_kind = {"full": "full", "cola": "cola"}.get(variant, "lowrank")  # full | lowrank | cola
+  m.rank = rank  # rank r of every low-rank / CoLA linear (unused for full)
+  m.rope_theta = 10000.0  # rotary embedding base
+  m.norm_eps = 1e-6  # RMSNorm epsilon
+  m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
+  m.param_dtype = "float32"  # parameter (and optimizer state) dtype: float32 | bfloat16
+  m.kernel = "xla"  # FFN implementation: xla (pure JAX)
+  s = m.sparsity = ml_collections.ConfigDict()
+  s.enabled = variant == "elas"  # 2:4 activation sparsity in the ReLU² FFN
+  s.dense_warmup_steps = dense_warmup_steps  # optimizer steps of dense ReLU² before 2:4 starts
+  s.backward = "masked"  # 2:4 backward mode: masked | ste | split
+  s.split_dense_fraction = 0.05  # split mode: fraction of densest features kept dense in dW
+
+  o = c.optimizer = ml_collections.ConfigDict()
+  if variant in ("loro", "loro_relu2", "elas"):
+    o.name = "loro_adamw"  # adamw | loro_adamw
+    o.lr = lr  # peak learning rate
+    o.schedule = "cosine_restart"  # cosine | cosine_restart (LORO)
+    o.warmup_steps = warmup_steps  # linear warm-up steps
+    o.weight_decay = 0.0  # decoupled weight decay
+    o.grad_clip = 0.0  # global-norm gradient clipping; 0 disables
+  elif variant == "cola":
+    o.name = "adamw"
+    o.lr = cola_lr
+    o.schedule = "cosine"
+    o.warmup_steps = cola_warmup_steps
+    o.weight_decay = 0.01
+    o.grad_clip = 0.5
+  else:
+    o.name = "adamw"
+    o.lr = full_lr
+    o.schedule = "cosine"
+    o.warmup_steps = warmup_steps
+    o.weight_decay = 0.0
+    o.grad_clip = 0.0
+  o.min_lr_ratio = 0.1  # cosine floor as a fraction of lr
+  o.b1 = 0.9  # Adam beta1
+  o.b2 = 0.999  # Adam beta2
+  o.eps = 1e-6  # Adam epsilon (added to the uncorrected sqrt(v) in LORO)
+  o.exact_every = exact_every  # LORO: exact Riemannian step every K updates
+  o.restart_warmup = 5  # cosine_restart: updates to ramp back after each exact step
+
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = steps  # optimizer steps
+  t.batch_size = batch_size  # global batch, in sequences
+  t.seq_len = seq_len  # tokens per sequence
+  t.log_every = 50  # steps between metric logs
+  t.eval_every = 1000  # steps between evaluations
+  t.eval_tokens = 10_000_000  # validation tokens per evaluation
+  t.ckpt_every = 1000  # steps between checkpoints
+
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "files"  # sample (embedded corpus) | files
+  d.train_files = ""  # glob of training files (source = files)
+  d.eval_files = ""  # glob of validation files (source = files)
+  d.tokenizer = ""  # SentencePiece model or tokenizer.json path; "" = train one on the sample
+  validate(c)
+  return c
+
+
+def _err(field: str, value, why: str) -> ConfigError:
+  return ConfigError(f"config.{field} = {value!r}: {why}")
+
+
+def _positive_int(c, field: str) -> None:
+  value = c
+  for part in field.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise _err(field, value, "must be a positive integer")
+
+
+def _choice(value, field: str, options) -> None:
+  if value not in options:
+    raise _err(field, value, f"must be one of {', '.join(options)}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` naming the first field that cannot work."""
+  m = c.model
+  for f in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim"):
+    _positive_int(c, f"model.{f}")
+  for f in ("steps", "batch_size", "seq_len"):
+    _positive_int(c, f"train.{f}")
+  _choice(m.linear_kind, "model.linear_kind", LINEAR_KINDS)
+  _choice(m.ffn_kind, "model.ffn_kind", FFN_KINDS)
+  _choice(m.dtype, "model.dtype", DTYPE_NAMES)
+  _choice(m.param_dtype, "model.param_dtype", DTYPE_NAMES)
+  _choice(m.kernel, "model.kernel", KERNELS)
+  if m.d_model % m.n_heads:
+    raise _err("model.n_heads", m.n_heads, f"must divide model.d_model = {m.d_model}")
+  if (m.d_model // m.n_heads) % 2:
+    raise _err("model.n_heads", m.n_heads,
+               f"gives odd head size {m.d_model // m.n_heads}; rotary needs an even one")
+  if m.linear_kind != "full":
+    _positive_int(c, "model.rank")
+    smallest = min(m.d_model, m.ffn_dim)
+    if m.rank >= smallest:
+      raise _err("model.rank", m.rank,
+                 f"must be smaller than min(d_model, ffn_dim) = {smallest}; a rank that large "
+                 "is not low-rank (use variant full)")
+  s = m.sparsity
+  _choice(s.backward, "model.sparsity.backward", BACKWARD_MODES)
+  if s.enabled:
+    if m.ffn_kind != "relu2":
+      raise _err("model.sparsity.enabled", True, "2:4 activation sparsity needs model.ffn_kind = relu2")
+    if m.ffn_dim < 4:
+      raise _err("model.ffn_dim", m.ffn_dim, "has no complete group of 4 features for 2:4 sparsity")
+  if isinstance(s.dense_warmup_steps, bool) or not isinstance(s.dense_warmup_steps, int) \
+      or s.dense_warmup_steps < 0:
+    raise _err("model.sparsity.dense_warmup_steps", s.dense_warmup_steps,
+               "must be an integer >= 0")
+  if not 0.0 <= s.split_dense_fraction < 1.0:
+    raise _err("model.sparsity.split_dense_fraction", s.split_dense_fraction, "must be in [0, 1)")
+
+  o = c.optimizer
+  _choice(o.name, "optimizer.name", OPTIMIZERS)
+  _choice(o.schedule, "optimizer.schedule", SCHEDULES)
+  if o.name == "loro_adamw" and m.linear_kind != "lowrank":
+    raise _err("optimizer.name", o.name, f"needs model.linear_kind = lowrank, not {m.linear_kind}")
+  if not o.lr > 0:
+    raise _err("optimizer.lr", o.lr, "must be > 0")
+  if not 0 <= o.warmup_steps <= c.train.steps:
+    raise _err("optimizer.warmup_steps", o.warmup_steps, f"must be in [0, train.steps = {c.train.steps}]")
+  if not 0.0 <= o.min_lr_ratio <= 1.0:
+    raise _err("optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+  for f in ("b1", "b2"):
+    if not 0.0 <= o[f] < 1.0:
+      raise _err(f"optimizer.{f}", o[f], "must be in [0, 1)")
+  if o.weight_decay < 0:
+    raise _err("optimizer.weight_decay", o.weight_decay, "must be >= 0")
+  if o.grad_clip < 0:
+    raise _err("optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+  _positive_int(c, "optimizer.exact_every")
+  _choice(c.data.source, "data.source", ("sample", "files"))

@@ -1,0 +1,216 @@
+"""Pre-norm LLaMA decoder with pluggable linear and FFN kinds (Flax NNX).
+
+Linear kinds (every attention and FFN projection):
+  ``full``     y = x Wᵀ                       W: [out, in], N(0, 0.02²)
+  ``lowrank``  y = x Aᵀ Bᵀ  (W = BA, LORO)     B: [out, r], A: [r, in], Xavier-normal
+  ``cola``     y = σ(x Aᵀ) Bᵀ  (σ = SiLU)      CoLA init N(0,1)·r^-1/4·(in+out)^-1/4
+FFN kinds: ``swiglu`` (down(silu(gate x) · up x)) and ``relu2`` (down(relu(up x)²)),
+the latter optionally 2:4-sparse (ELAS) through :func:`sparsity.relu2_sparse_ffn`.
+
+Weights are stored as ``[out, in]`` (the brief's math orientation, which the
+LORO optimizer works in). Every parameter carries ``logical_axes`` metadata
+for sharding rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elas_jax import sparsity
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _normal(std: float):
+  return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+class Linear(nnx.Module):
+  """One projection ``d_in -> d_out`` of kind ``full``, ``lowrank`` or ``cola``.
+
+  Written as ``post_first(x @ first_weightᵀ)`` and as ``pre_last(x) @
+  last_weightᵀ`` so the sparse FFN op can fuse the matmuls on either side of
+  the activation.
+  """
+
+  def __init__(self, d_in: int, d_out: int, *, kind: str, rank: int, axes: tuple[str, str],
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs, full_std: float = 0.02):
+    self.kind, self.dtype = kind, dtype
+    ax_out, ax_in = axes
+    key = rngs.params()
+    if kind == "full":
+      self.w = nnx.Param(_normal(full_std)(key, (d_out, d_in), param_dtype),
+                         logical_axes=(ax_out, ax_in))
+      return
+    ka, kb = jax.random.split(key)
+    if kind == "lowrank":  # LORO: Xavier-normal (gain 1) per factor
+      std_b = math.sqrt(2.0 / (d_out + rank))
+      std_a = math.sqrt(2.0 / (d_in + rank))
+    elif kind == "cola":
+      std_a = std_b = rank ** -0.25 * (d_in + d_out) ** -0.25
+    else:
+      raise ValueError(f"unknown linear kind {kind!r}")
+    self.b = nnx.Param(_normal(std_b)(kb, (d_out, rank), param_dtype), logical_axes=(ax_out, "rank"))
+    self.a = nnx.Param(_normal(std_a)(ka, (rank, d_in), param_dtype), logical_axes=("rank", ax_in))
+
+  def _cast(self, p: nnx.Param) -> jax.Array:
+    return p[...].astype(self.dtype)
+
+  def first_weight(self) -> jax.Array:
+    return self._cast(self.w if self.kind == "full" else self.a)
+
+  def last_weight(self) -> jax.Array:
+    return self._cast(self.w if self.kind == "full" else self.b)
+
+  def post_first(self, u: jax.Array) -> jax.Array:
+    """What follows ``x @ first_weightᵀ``."""
+    if self.kind == "full":
+      return u
+    if self.kind == "cola":
+      u = jax.nn.silu(u)
+    return u @ self._cast(self.b).T
+
+  def pre_last(self, x: jax.Array) -> jax.Array:
+    """The input of the final matmul (``@ last_weightᵀ``)."""
+    if self.kind == "full":
+      return x
+    z = x @ self._cast(self.a).T
+    return jax.nn.silu(z) if self.kind == "cola" else z
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.post_first(x.astype(self.dtype) @ self.first_weight().T)
+
+
+def rotary(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half convention), computed in fp32."""
+  _, l, _, h = x_BxLxNxH.shape
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  ang_LxH2 = jnp.arange(l, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  cos = jnp.cos(ang_LxH2)[None, :, None, :]
+  sin = jnp.sin(ang_LxH2)[None, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with rotary embeddings and no biases."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d = cfg.d_model
+    lin = dict(kind=cfg.linear_kind, rank=cfg.rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
+    self.q = Linear(d, d, axes=("heads", "embed"), **lin)
+    self.k = Linear(d, d, axes=("heads", "embed"), **lin)
+    self.v = Linear(d, d, axes=("heads", "embed"), **lin)
+    self.o = Linear(d, d, axes=("embed", "heads"), **lin)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    b, l, d = x_BxLxD.shape
+    split = lambda t: t.reshape(b, l, self.n_heads, d // self.n_heads)
+    q = rotary(split(self.q(x_BxLxD)), self.theta)
+    k = rotary(split(self.k(x_BxLxD)), self.theta)
+    v = split(self.v(x_BxLxD))
+    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return self.o(o_BxLxNxH.reshape(b, l, d))
+
+
+class FFN(nnx.Module):
+  """SwiGLU or (2:4-sparse) squared-ReLU feed-forward block."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.ffn_dim
+    lin = dict(kind=cfg.linear_kind, rank=cfg.rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.kind = cfg.ffn_kind
+    self.sparse = bool(cfg.sparsity.enabled)
+    self.backward = cfg.sparsity.backward
+    self.dense_fraction = cfg.sparsity.split_dense_fraction
+    if self.kind == "swiglu":
+      self.gate = Linear(d, f, axes=("mlp", "embed"), **lin)
+    self.up = Linear(d, f, axes=("mlp", "embed"), **lin)
+    self.down = Linear(f, d, axes=("embed", "mlp"), **lin)
+
+  def __call__(self, x: jax.Array, sparse_on: jax.Array) -> tuple[jax.Array, dict | None]:
+    if self.kind == "swiglu":
+      return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None
+    if not self.sparse:
+      return self.down(jnp.square(jax.nn.relu(self.up(x)))), None
+    h = self.up.pre_last(x.astype(self.up.dtype))
+    u, stats = sparsity.relu2_sparse_ffn(
+        h, self.up.last_weight(), self.down.first_weight(), sparse_on,
+        mode=self.backward, dense_fraction=self.dense_fraction)
+    return self.down.post_first(u), stats
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)); x + ffn(norm(x))."""
+
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+    norm = dict(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                scale_metadata={"logical_axes": ("embed",)})
+    self.attn_norm = nnx.RMSNorm(cfg.d_model, **norm)
+    self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn_norm = nnx.RMSNorm(cfg.d_model, **norm)
+    self.ffn = FFN(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, sparse_on: jax.Array):
+    x = x + self.attn(self.attn_norm(x))
+    y, stats = self.ffn(self.ffn_norm(x), sparse_on)
+    return x + y, stats
+
+
+class Transformer(nnx.Module):
+  """LLaMA decoder: embed -> blocks -> RMSNorm -> untied lm_head."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    self.dtype = dtype
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                           embedding_init=_normal(0.02), rngs=rngs,
+                           embedding_metadata={"logical_axes": ("vocab", "embed")})
+    self.blocks = nnx.List([Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                            for _ in range(cfg.n_layers)])
+    self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs,
+                                  scale_metadata={"logical_axes": ("embed",)})
+    self.lm_head = Linear(cfg.d_model, cfg.vocab_size, kind="full", rank=0, axes=("vocab", "embed"),
+                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens_BxL: jax.Array, sparse_on: jax.Array | bool = True
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns fp32 logits ``[B, L, V]`` and per-layer sparsity statistics.
+
+    ``sparse_on`` (traced scalar bool) switches the ELAS FFN between the
+    dense warm-up and 2:4; models without sparsity ignore it. Statistics are
+    ``{name: [n_layers]}``, empty when no layer is sparse.
+    """
+    sparse_on = jnp.asarray(sparse_on, dtype=bool)
+    x = self.embed(tokens_BxL)
+    per_layer = []
+    for block in self.blocks:
+      x, stats = block(x, sparse_on)
+      if stats is not None:
+        per_layer.append(stats)
+    logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
+    stats = {k: jnp.stack([s[k] for s in per_layer]) for k in per_layer[0]} if per_layer else {}
+    return logits, stats
+
+
+def sparsity_active(step: jax.Array | int, dense_warmup_steps: jax.Array | int) -> jax.Array:
+  """Whether optimizer step ``step`` (0-based) runs the 2:4 FFN.
+
+  Both arguments may be traced, so neither the step nor the warm-up length
+  is baked into a compiled function.
+  """
+  return jnp.asarray(step) >= jnp.asarray(dense_warmup_steps)
+
+
+def build_model(model_cfg, seed: int = 0) -> Transformer:
+  """Instantiates a :class:`Transformer` from ``config.model``."""
+  return Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
