@@ -52,7 +52,26 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def _config_spec(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _parse(argv: list[str]) -> list[str]:
+  # Load the config file ourselves first: config_flags defers load errors and
+  # wraps them in tracebacks; this way the user sees the cause in one line.
+  spec = _config_spec(argv) or (DEFAULT_CONFIG if "config" in flags.FLAGS else None)
+  if spec is not None:
+    try:
+      config_lib.load(spec)
+    except config_lib.ConfigError as e:
+      fail(str(e))
+    except Exception as e:  # a config file that itself fails to import or run
+      fail(f"config file {spec.partition(':')[0]!r} failed to load: {type(e).__name__}: {e}")
   try:
     return flags.FLAGS(argv)
   except config_lib.ConfigError as e:

@@ -63,28 +63,20 @@ def llama_config(
   s.backward = "masked"  # 2:4 backward mode: masked | ste | split
   s.split_dense_fraction = 0.05  # split mode: fraction of densest features kept dense in dW
 
+  # name, lr, schedule, warm-up, weight decay, clipping per variant (brief sections 4-5;
+  # the full-rank baseline uses GaLore's AdamW lr 1e-3).
+  opt = {
+      "loro": ("loro_adamw", lr, "cosine_restart", warmup_steps, 0.0, 0.0),
+      "cola": ("adamw", cola_lr, "cosine", cola_warmup_steps, 0.01, 0.5),
+      "full": ("adamw", full_lr, "cosine", warmup_steps, 0.0, 0.0),
+  }[variant if variant in ("cola", "full") else "loro"]
   o = c.optimizer = ml_collections.ConfigDict()
-  if variant in ("loro", "loro_relu2", "elas"):
-    o.name = "loro_adamw"  # adamw | loro_adamw
-    o.lr = lr  # peak learning rate
-    o.schedule = "cosine_restart"  # cosine | cosine_restart (LORO)
-    o.warmup_steps = warmup_steps  # linear warm-up steps
-    o.weight_decay = 0.0  # decoupled weight decay
-    o.grad_clip = 0.0  # global-norm gradient clipping; 0 disables
-  elif variant == "cola":
-    o.name = "adamw"
-    o.lr = cola_lr
-    o.schedule = "cosine"
-    o.warmup_steps = cola_warmup_steps
-    o.weight_decay = 0.01
-    o.grad_clip = 0.5
-  else:
-    o.name = "adamw"
-    o.lr = full_lr
-    o.schedule = "cosine"
-    o.warmup_steps = warmup_steps
-    o.weight_decay = 0.0
-    o.grad_clip = 0.0
+  o.name = opt[0]  # adamw | loro_adamw
+  o.lr = opt[1]  # peak learning rate
+  o.schedule = opt[2]  # cosine | cosine_restart (LORO)
+  o.warmup_steps = opt[3]  # linear warm-up steps
+  o.weight_decay = opt[4]  # decoupled weight decay
+  o.grad_clip = opt[5]  # global-norm gradient clipping; 0 disables
   o.min_lr_ratio = 0.1  # cosine floor as a fraction of lr
   o.b1 = 0.9  # Adam beta1
   o.b2 = 0.999  # Adam beta2
@@ -144,13 +136,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if (m.d_model // m.n_heads) % 2:
     raise _err("model.n_heads", m.n_heads,
                f"gives odd head size {m.d_model // m.n_heads}; rotary needs an even one")
-  if m.linear_kind != "full":
-    _positive_int(c, "model.rank")
-    smallest = min(m.d_model, m.ffn_dim)
-    if m.rank >= smallest:
-      raise _err("model.rank", m.rank,
-                 f"must be smaller than min(d_model, ffn_dim) = {smallest}; a rank that large "
-                 "is not low-rank (use variant full)")
   s = m.sparsity
   _choice(s.backward, "model.sparsity.backward", BACKWARD_MODES)
   if s.enabled:
@@ -164,6 +149,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "must be an integer >= 0")
   if not 0.0 <= s.split_dense_fraction < 1.0:
     raise _err("model.sparsity.split_dense_fraction", s.split_dense_fraction, "must be in [0, 1)")
+  if m.linear_kind != "full":
+    _positive_int(c, "model.rank")
+    smallest = min(m.d_model, m.ffn_dim)
+    if m.rank >= smallest:
+      raise _err("model.rank", m.rank,
+                 f"must be smaller than min(d_model, ffn_dim) = {smallest}; a rank that large "
+                 "is not low-rank (use variant full)")
 
   o = c.optimizer
   _choice(o.name, "optimizer.name", OPTIMIZERS)
@@ -185,3 +177,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _err("optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
   _positive_int(c, "optimizer.exact_every")
   _choice(c.data.source, "data.source", ("sample", "files"))
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``path[:variant]`` the way ``--config`` does, for scripts and tests."""
+  import importlib.util
+  import os
+
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      "elas_config_" + os.path.basename(path).removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(variant) if variant else module.get_config()
+  validate(cfg)
+  return cfg

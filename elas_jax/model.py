@@ -140,7 +140,10 @@ class FFN(nnx.Module):
     if self.kind == "swiglu":
       return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None
     if not self.sparse:
-      return self.down(jnp.square(jax.nn.relu(self.up(x)))), None
+      # Of the plain-JAX spellings of ReLU², maximum + r * r keeps the fewest
+      # f-wide arrays for backward (3; relu/where/square keep an extra mask).
+      r = jnp.maximum(self.up(x), 0)
+      return self.down(r * r), None
     h = self.up.pre_last(x.astype(self.up.dtype))
     u, stats = sparsity.relu2_sparse_ffn(
         h, self.up.last_weight(), self.down.first_weight(), sparse_on,

@@ -15,11 +15,10 @@ from collections import OrderedDict
 import jax
 import jax.numpy as jnp
 import optax
+from absl import flags
 from flax import nnx
 
 from elas_jax import cli, memory, model as model_lib
-
-_CONFIG = cli.define_config_flag()
 
 
 def _path_str(path) -> str:
@@ -124,8 +123,9 @@ def summarize(cfg) -> dict:
 
 def main(argv) -> None:
   del argv
-  print(json.dumps(summarize(_CONFIG.value)))
+  print(json.dumps(summarize(flags.FLAGS.config)))
 
 
 if __name__ == "__main__":
+  cli.define_config_flag()
   cli.run(main)

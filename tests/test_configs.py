@@ -1,0 +1,132 @@
+"""Configs: every size and variant loads; impossible configs fail naming the field."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from elas_jax import config_lib
+from tests.helpers import ROOT, load_config
+
+CONFIG_FILES = ["configs/tiny.py"] + [f"configs/llama_{s}.py" for s in ("60m", "130m", "350m", "1b")]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+@pytest.mark.parametrize("variant", config_lib.VARIANTS)
+def test_every_size_and_variant_loads(path, variant):
+  c = load_config(path, variant)
+  m = c.model
+  assert c.variant == variant
+  assert m.sparsity.enabled == (variant == "elas")
+  assert m.ffn_kind == ("relu2" if variant in ("loro_relu2", "elas") else "swiglu")
+  assert m.linear_kind == {"full": "full", "cola": "cola"}.get(variant, "lowrank")
+  assert c.optimizer.name == ("loro_adamw" if m.linear_kind == "lowrank" else "adamw")
+  if m.ffn_kind == "relu2":
+    swiglu = load_config(path, "loro").model.ffn_dim
+    assert m.ffn_dim == int(1.5 * swiglu)
+
+
+def test_paper_shapes():
+  shapes = {"60m": (512, 1376, 8, 8, 128, 500), "130m": (768, 2048, 12, 12, 256, 500),
+            "350m": (1024, 2736, 24, 16, 256, 500), "1b": (2048, 5461, 24, 32, 512, 200)}
+  for size, (d, f, layers, heads, r, k) in shapes.items():
+    c = load_config(f"configs/llama_{size}.py", "loro")
+    assert (c.model.d_model, c.model.ffn_dim, c.model.n_layers, c.model.n_heads, c.model.rank,
+            c.optimizer.exact_every) == (d, f, layers, heads, r, k)
+    assert (c.train.batch_size, c.train.seq_len, c.model.vocab_size) == (512, 256, 32000)
+  assert load_config("configs/llama_1b.py", "elas").model.ffn_dim == 8191
+
+
+def _modified(path, variant, **changes):
+  c = load_config(path, variant)
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"model.rank": 512}, "model.rank"),                 # rank >= min(d, f)
+    ({"model.rank": 0}, "model.rank"),
+    ({"model.n_heads": 7}, "model.n_heads"),             # does not divide 512
+    ({"model.ffn_dim": 3}, "model.ffn_dim"),             # no 2:4 group
+    ({"model.ffn_kind": "swiglu"}, "model.sparsity.enabled"),
+    ({"model.dtype": "float16"}, "model.dtype"),
+    ({"model.sparsity.backward": "soft"}, "model.sparsity.backward"),
+    ({"model.sparsity.dense_warmup_steps": -1}, "model.sparsity.dense_warmup_steps"),
+    ({"model.linear_kind": "full"}, "optimizer.name"),    # LORO needs low-rank factors
+    ({"train.steps": 0}, "train.steps"),
+    ({"train.batch_size": -4}, "train.batch_size"),
+    ({"optimizer.lr": 0.0}, "optimizer.lr"),
+    ({"optimizer.warmup_steps": 10**9}, "optimizer.warmup_steps"),
+    ({"data.source": "c5"}, "data.source"),
+])
+def test_impossible_config_names_the_field(changes, field):
+  c = _modified("configs/llama_60m.py", "elas", **changes)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"config.{field} ")):
+    config_lib.validate(c)
+
+
+def test_unknown_variant_and_missing_file():
+  with pytest.raises(config_lib.ConfigError, match="variant 'sparse' .* unknown"):
+    load_config("configs/llama_60m.py", "sparse")
+  with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    config_lib.load("configs/llama_7b.py:elas")
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES + ["elas_jax/config_lib.py"])
+def test_every_config_field_has_a_comment(path):
+  # A field assignment ("c.x = ", "m.x = ", ...) or a keyword argument of
+  # llama_config in a size file carries a comment on its line or the line before.
+  lines = open(os.path.join(ROOT, path)).read().splitlines()
+  assign = re.compile(r"^\s+(c|m|s|o|t|d|c\.model|c\.train|c\.data)\.\w+(\.\w+)* = ")
+  kwarg = re.compile(r"^\s{6}\w+=.*,")
+  checked = 0
+  for i, line in enumerate(lines):
+    if assign.match(line) or (path != "elas_jax/config_lib.py" and kwarg.match(line)):
+      if re.search(r"= ml_collections\.ConfigDict\(\)", line) or line.strip().startswith(("size=", "variant=")):
+        continue
+      checked += 1
+      assert "#" in line or lines[i - 1].strip().startswith("#"), f"{path}:{i + 1}: {line.strip()}"
+  assert checked > 5
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "elas_jax.summary", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "configs/llama_60m.py:sparse"], "variant 'sparse'"),
+    (["--config", "configs/llama_60m.py:elas", "--config.model.rank=600"], "config.model.rank = 600"),
+    (["--config", "configs/llama_60m.py:elas", "--config.model.rnak=64"], "config.model.rnak: no such config field"),
+    (["--config", "configs/llama_60m.py:elas", "--config.model.rank=abc"], "--config.model.rank=abc"),
+    (["--config", "configs/nope.py:elas"], "configs/nope.py"),
+])
+def test_cli_reports_bad_config_in_one_line(args, needle):
+  p = _run(*args)
+  assert p.returncode == 2, p.stderr
+  assert "Traceback" not in p.stderr, p.stderr
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and needle in errors[0], p.stderr
+
+
+def test_summary_cli_last_line_is_json():
+  p = _run("--config", "configs/llama_60m.py:elas")
+  assert p.returncode == 0, p.stderr
+  lines = p.stdout.strip().splitlines()
+  summary = json.loads(lines[-1])
+  assert summary["params"] == 42_246_656 and summary["variant"] == "elas" and summary["size"] == "60m"
+  assert any(l.startswith("blocks.0.ffn.up") for l in lines)
+  assert any("blocks.* (x8)" in l for l in lines)
+  act = summary["activation_bytes_per_token"]
+  dense = json.loads(_run("--config", "configs/llama_60m.py:loro_relu2").stdout.strip().splitlines()[-1])
+  # ELAS keeps the FFN activation compressed: well under 0.6x of the dense ReLU² FFN.
+  assert act["ffn"] < 0.6 * dense["activation_bytes_per_token"]["ffn"]
+  assert dense["params"] == summary["params"]
