@@ -15,12 +15,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from elas_jax import config_lib
+from elas_jax.errors import UserError  # re-exported
 
 DEFAULT_CONFIG = "configs/tiny.py"
-
-
-class UserError(Exception):
-  """An error caused by the user's input; reported as one line, exit 2."""
 
 
 def define_config_flag(default: str = DEFAULT_CONFIG):
@@ -99,7 +96,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       if cfg is not None:
         config_lib.validate(cfg)
       main(argv)
-    except (config_lib.ConfigError, UserError) as e:
+    except UserError as e:
       fail(str(e))
 
   app.run(wrapped, flags_parser=_parse)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from elas_jax.errors import ConfigError  # re-exported
+
 VARIANTS = ("full", "loro", "loro_relu2", "elas", "cola")
 LINEAR_KINDS = ("full", "lowrank", "cola")
 FFN_KINDS = ("swiglu", "relu2")
@@ -21,9 +23,6 @@ SCHEDULES = ("cosine", "cosine_restart")
 BACKWARD_MODES = ("masked", "ste", "split")
 RELU2_WIDTH_FACTOR = 1.5  # ReLU² FFN width = int(1.5 x SwiGLU width): same parameter count
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field."""
 
 
 def llama_config(
@@ -97,7 +96,16 @@ def llama_config(
   d.source = "files"  # sample (embedded corpus) | files
   d.train_files = ""  # glob of training files (source = files)
   d.eval_files = ""  # glob of validation files (source = files)
+  d.format = "auto"  # auto (by extension) | jsonl | txt | parquet | arrayrecord
+  d.text_key = "text"  # JSON key / Parquet column holding the document text
+  d.txt_split = "blank_line"  # .txt documents: blank_line (blocks) | file (one per file)
+  d.skip_bad_records = False  # skip and count bad records instead of stopping with an error
   d.tokenizer = ""  # SentencePiece model or tokenizer.json path; "" = train one on the sample
+  d.packing = "concat"  # concat (documents joined, cut) | truncate_pad (one per sequence, padded)
+  d.add_bos = False  # prepend BOS to every document (EOS is always appended)
+  d.read_threads = 2  # grain threads reading and tokenising documents
+  d.prefetch_buffer = 64  # documents read ahead per thread pool
+  d.worker_count = 0  # grain worker processes after batching (0 = in the training process)
   validate(c)
   return c
 
@@ -176,7 +184,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if o.grad_clip < 0:
     raise _err("optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
   _positive_int(c, "optimizer.exact_every")
-  _choice(c.data.source, "data.source", ("sample", "files"))
+  d = c.data
+  _choice(d.source, "data.source", ("sample", "files"))
+  _choice(d.format, "data.format", ("auto", "jsonl", "txt", "parquet", "arrayrecord"))
+  _choice(d.txt_split, "data.txt_split", ("blank_line", "file"))
+  _choice(d.packing, "data.packing", ("concat", "truncate_pad"))
+  for f in ("read_threads", "prefetch_buffer"):
+    _positive_int(c, f"data.{f}")
+  if isinstance(d.worker_count, bool) or not isinstance(d.worker_count, int) or d.worker_count < 0:
+    raise _err("data.worker_count", d.worker_count, "must be an integer >= 0")
+  _positive_int(c, "train.eval_tokens")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
