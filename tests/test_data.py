@@ -389,3 +389,25 @@ def test_config_data_fields_validate():
   cfg.data.packing = "pack"
   with pytest.raises(config_lib.ConfigError, match="config.data.packing = 'pack'"):
     config_lib.validate(cfg)
+
+
+def test_worker_processes_give_the_same_batches(tmp_path, word_tokenizer):
+  # grain worker processes (data.worker_count > 0) must not change the stream.
+  code = f"""
+import json, numpy as np
+from absl import flags
+from elas_jax.data import pipeline, sources, tokenizer
+if __name__ == "__main__":
+  flags.FLAGS.mark_as_parsed()  # grain reads its absl flags; train.py parses them
+  tok = tokenizer.load({word_tokenizer.path!r})
+  docs = sources.TextDocuments([" ".join(f"w{{(i * 7 + k) % 200}}" for k in range(3 + i % 9)) for i in range(60)])
+  s0 = pipeline.Spec(seq_len=8, global_batch=4, read_threads=1, prefetch_buffer=4)
+  s1 = pipeline.Spec(**{{**s0.__dict__, "worker_count": 1}})
+  a, b = iter(pipeline.train_dataset(docs, tok, s0, 0, 1)), iter(pipeline.train_dataset(docs, tok, s1, 0, 1))
+  for _ in range(12):
+    assert (next(a)["inputs"] == next(b)["inputs"]).all()
+  json.dumps(b.get_state())
+  print("same")
+"""
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert "same" in p.stdout, p.stderr[-3000:]
