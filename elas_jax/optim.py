@@ -1,0 +1,220 @@
+"""Optimizers and learning-rate schedules (optax).
+
+* ``adamw``: ``optax.adamw`` (decay on matrices only), optional global-norm clipping.
+* ``loro_adamw``: LORO-AdamW (brief section 4). Low-rank factor pairs
+  ``(b [d_out, r], a [r, d_in])`` take Adam steps scaled by ``r/d`` and, every
+  ``K`` updates, an exact Riemannian step on the rank-r manifold built from
+  factor-sized matrices only; then every Adam moment and counter is reset.
+  Full-size parameters (embeddings, lm_head, norms) take plain Adam steps.
+* Schedules: linear warm-up + cosine to a floor (``cosine``), and LORO's
+  ``cosine_restart`` (warm-up from 0.1·lr, cosine to the floor, and after every
+  exact step the lr restarts from ~0 and ramps back over a few updates).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def cosine_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float,
+                    warmup_from: float = 0.0) -> Callable[[jax.Array], jax.Array]:
+  """Linear warm-up from ``warmup_from·lr`` to ``lr``, cosine down to ``min_ratio·lr``."""
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = lr * (warmup_from + (1 - warmup_from) * step / max(warmup_steps, 1))
+    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    cos = lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+    return jnp.where(step < warmup_steps, warm, cos)
+
+  return schedule
+
+
+def cosine_restart_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float,
+                            cycle: int, restart_warmup: int) -> Callable[[jax.Array], jax.Array]:
+  """LORO's schedule: ``cosine`` (warm-up from 0.1·lr) times a restart ramp.
+
+  Updates ``u`` with ``u >= cycle`` and ``j = u mod cycle < restart_warmup``
+  (the first ones after an exact step at ``u ≡ cycle - 1``) get the factor
+  ``j / restart_warmup``: 0 right after the exact step, back to 1 after
+  ``restart_warmup`` updates.
+  """
+  base = cosine_schedule(lr, warmup_steps, total_steps, min_ratio, warmup_from=0.1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.int32)
+    j = step % cycle
+    ramp = jnp.where((step >= cycle) & (j < restart_warmup),
+                     j.astype(jnp.float32) / max(restart_warmup, 1), 1.0)
+    return base(step) * ramp
+
+  return schedule
+
+
+def make_schedule(opt_cfg, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  if opt_cfg.schedule == "cosine_restart":
+    return cosine_restart_schedule(opt_cfg.lr, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio,
+                                   opt_cfg.exact_every, opt_cfg.restart_warmup)
+  return cosine_schedule(opt_cfg.lr, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio)
+
+
+# --------------------------------------------------------------- exact step
+
+
+def loro_exact_step(b: jax.Array, a: jax.Array, d_b: jax.Array, d_a: jax.Array, alpha
+                    ) -> tuple[jax.Array, jax.Array]:
+  """One Riemannian step of ``W = b @ a`` on the rank-r manifold, in fp32.
+
+  With ``d_b = G aᵀ`` and ``d_a = bᵀ G`` for a full gradient ``G`` this returns
+  factors of the rank-r truncated SVD of ``W - alpha · P_T(G)``, where ``P_T``
+  projects onto the tangent space at ``W``; no ``d_out x d_in`` matrix is
+  formed. The result is balanced: ``b'ᵀ b' = a' a'ᵀ = Σ_r``.
+  """
+  dt = b.dtype
+  b, a, d_b, d_a = (x.astype(jnp.float32) for x in (b, a, d_b, d_a))
+  r = b.shape[1]
+  q_b, r_b = jnp.linalg.qr(b)                    # [o, r], [r, r]
+  q_a, r_a = jnp.linalg.qr(a.T)                  # [i, r], [r, r]
+  g_b = jnp.linalg.solve(r_a.T, d_b.T).T         # d_b r_a⁻¹        [o, r]
+  g_a = jnp.linalg.solve(r_b.T, d_a)             # r_b⁻ᵀ d_a        [r, i]
+  qc_b, rc_b = jnp.linalg.qr(g_b - q_b @ (q_b.T @ g_b))        # complement of span(b)
+  g_a_t = g_a.T
+  qc_a, rc_a = jnp.linalg.qr(g_a_t - q_a @ (q_a.T @ g_a_t))    # complement of span(aᵀ)
+  core = jnp.block([[r_b @ r_a.T - alpha * (g_a @ q_a), -alpha * rc_a.T],
+                    [-alpha * rc_b, jnp.zeros((r, r), jnp.float32)]])
+  u, s, vt = jnp.linalg.svd(core)
+  root = jnp.sqrt(s[:r])
+  new_b = jnp.concatenate([q_b, qc_b], axis=1) @ (u[:, :r] * root[None, :])
+  new_a = (root[:, None] * vt[:r]) @ jnp.concatenate([q_a, qc_a], axis=1).T
+  return new_b.astype(dt), new_a.astype(dt)
+
+
+# ------------------------------------------------------------ LORO-AdamW
+
+
+class LoroState(NamedTuple):
+  count: jax.Array  # updates since the last reset (k)
+  step: jax.Array   # updates since the start (u)
+  mu: Any
+  nu: Any
+
+
+def _key_name(entry) -> str | None:
+  return getattr(entry, "key", getattr(entry, "name", None))
+
+
+def factor_pairs(params) -> tuple[list[tuple[int, int]], list[int]]:
+  """Leaf indices of ``(b, a)`` factor pairs and of the remaining leaves.
+
+  A pair is two leaves named ``b`` and ``a`` under the same module whose
+  shapes chain as ``[d_out, r] @ [r, d_in]`` (the ``lowrank`` linear).
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  by_module: dict[tuple, dict[str, int]] = {}
+  for i, (path, _) in enumerate(leaves):
+    names = [_key_name(p) for p in path]
+    while names and names[-1] in ("value", "raw_value"):  # nnx Variable fields
+      names.pop()
+    if names and names[-1] in ("a", "b"):
+      by_module.setdefault(tuple(map(str, names[:-1])), {})[names[-1]] = i
+  pairs = []
+  for mod in by_module.values():
+    if set(mod) == {"a", "b"}:
+      b, a = leaves[mod["b"]][1], leaves[mod["a"]][1]
+      if b.ndim == 2 and a.ndim == 2 and b.shape[1] == a.shape[0]:
+        pairs.append((mod["b"], mod["a"]))
+  in_pairs = {i for p in pairs for i in p}
+  return pairs, [i for i in range(len(leaves)) if i not in in_pairs]
+
+
+def loro_adamw(learning_rate: Callable[[jax.Array], jax.Array], *, rank_ratio: float,
+               exact_every: int, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+               weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """LORO-AdamW as an optax transformation (needs ``params`` in ``update``).
+
+  Args:
+    learning_rate: schedule of the update index ``u`` (0-based).
+    rank_ratio: ``r / d`` (rank over hidden size), scaling the factors' Adam steps.
+    exact_every: ``K``; update ``u`` is exact when ``(u + 1) % K == 0``.
+  """
+
+  def init(params):
+    zeros = lambda p: jnp.zeros(p.shape, jnp.float32)
+    return LoroState(count=jnp.zeros([], jnp.int32), step=jnp.zeros([], jnp.int32),
+                     mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("loro_adamw needs params: tx.update(grads, state, params)")
+    pairs, others = factor_pairs(params)
+    p_leaves, treedef = jax.tree.flatten(params)
+    g_leaves = treedef.flatten_up_to(grads)
+    m_leaves = treedef.flatten_up_to(state.mu)
+    v_leaves = treedef.flatten_up_to(state.nu)
+
+    k = state.count + 1
+    lr = learning_rate(state.step)
+    alpha = lr * jnp.sqrt(1 - b2 ** k.astype(jnp.float32)) / (1 - b1 ** k.astype(jnp.float32))
+    m_new = [b1 * m + (1 - b1) * g.astype(jnp.float32) for m, g in zip(m_leaves, g_leaves)]
+    v_new = [b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)) for v, g in zip(v_leaves, g_leaves)]
+    direction = [m / (jnp.sqrt(v) + eps) for m, v in zip(m_new, v_new)]
+
+    def adam(i, scale):
+      p = p_leaves[i].astype(jnp.float32)
+      return (-alpha * scale * direction[i] - alpha * weight_decay * p).astype(p_leaves[i].dtype)
+
+    updates: list[Any] = [None] * len(p_leaves)
+    for i in others:
+      updates[i] = adam(i, 1.0)
+    is_exact = (state.step + 1) % exact_every == 0
+
+    def exact_pairs():
+      out = []
+      for ib, ia in pairs:
+        new_b, new_a = loro_exact_step(p_leaves[ib], p_leaves[ia], direction[ib], direction[ia], alpha)
+        out += [new_b - p_leaves[ib], new_a - p_leaves[ia]]
+      return out
+
+    def approx_pairs():
+      return [u for ib, ia in pairs for u in (adam(ib, rank_ratio), adam(ia, rank_ratio))]
+
+    pair_updates = jax.lax.cond(is_exact, exact_pairs, approx_pairs) if pairs else []
+    for (ib, ia), j in zip(pairs, range(0, len(pair_updates), 2)):
+      updates[ib], updates[ia] = pair_updates[j], pair_updates[j + 1]
+
+    # After an exact step every moment and the counter restart from zero.
+    keep = jnp.where(is_exact, 0.0, 1.0)
+    new_state = LoroState(
+        count=jnp.where(is_exact, 0, k).astype(jnp.int32), step=state.step + 1,
+        mu=treedef.unflatten([m * keep for m in m_new]),
+        nu=treedef.unflatten([v * keep for v in v_new]))
+    return treedef.unflatten(updates), new_state
+
+  return optax.GradientTransformation(init, update)
+
+
+def _decay_mask(params):
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+  """The optimizer and schedule ``config.optimizer`` describes."""
+  o = cfg.optimizer
+  schedule = make_schedule(o, cfg.train.steps)
+  if o.name == "loro_adamw":
+    tx = loro_adamw(schedule, rank_ratio=cfg.model.rank / cfg.model.d_model,
+                    exact_every=o.exact_every, b1=o.b1, b2=o.b2, eps=o.eps,
+                    weight_decay=o.weight_decay)
+  else:
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                     mask=_decay_mask)
+  if o.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  return tx, schedule
