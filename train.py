@@ -1,25 +1,33 @@
 """Pre-trains an ELAS-JAX model.
 
-    python train.py --config configs/<size>.py:<variant> --workdir DIR
+    python train.py --config configs/<size>.py:<variant> --workdir DIR [--config.train.steps=N ...]
 
-Thin entry point: flags and config here, the work in ``elas_jax``.
+Without flags it trains the embedded default (configs/tiny.py:elas on the
+offline sample corpus) in runs/tiny-elas. Running the same command again
+resumes from the latest checkpoint. Thin entry point: the work is in
+elas_jax.trainer.
 """
+
+import json
 
 from absl import flags
 
-from elas_jax import cli
+from elas_jax import cli, distributed
 
 _CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Directory for checkpoints and metrics.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics; default runs/<size>-<variant>.")
+distributed.define_flags()
 
 
 def main(argv) -> None:
   del argv
-  from elas_jax import summary  # the training loop lands with the training-system issue
+  distributed.initialize_from_flags()
+  from elas_jax import trainer  # after jax.distributed.initialize
 
-  summary.summarize(_CONFIG.value)
-  cli.fail("training is not implemented yet: this build validates the config and builds the "
-           "model only (see README, 'Status')", status=3)
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value or f"runs/{cfg.size}-{cfg.variant}"
+  final = trainer.train_and_evaluate(cfg, workdir)
+  print(json.dumps({"workdir": workdir, **final}))
 
 
 if __name__ == "__main__":

@@ -92,9 +92,8 @@ def run(main: Callable[[list[str]], None]) -> None:
   def wrapped(argv):
     logging.set_verbosity(logging.WARNING)  # keep jax's backend probing off the console
     try:
-      cfg = flags.FLAGS["config"].value
-      if cfg is not None:
-        config_lib.validate(cfg)
+      if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+        config_lib.validate(flags.FLAGS["config"].value)
       main(argv)
     except UserError as e:
       fail(str(e))

@@ -91,6 +91,13 @@ def llama_config(
   t.eval_every = 1000  # steps between evaluations
   t.eval_tokens = 10_000_000  # validation tokens per evaluation
   t.ckpt_every = 1000  # steps between checkpoints
+  t.keep_checkpoints = 3  # most recent checkpoints kept
+  t.skip_nonfinite = False  # skip (and count) NaN/Inf steps instead of stopping the run
+
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # data-parallel ways; -1 = all devices left over
+  mesh.fsdp = 1  # fully-sharded data-parallel ways (parameters and optimizer state sharded)
+  mesh.tensor = 1  # tensor-parallel ways
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "files"  # sample (embedded corpus) | files
@@ -134,6 +141,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"model.{f}")
   for f in ("steps", "batch_size", "seq_len"):
     _positive_int(c, f"train.{f}")
+  for axis in ("data", "fsdp", "tensor"):
+    size = c.mesh[axis]
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise _err(f"mesh.{axis}", size, "must be a positive integer or -1 (the rest)")
   _choice(m.linear_kind, "model.linear_kind", LINEAR_KINDS)
   _choice(m.ffn_kind, "model.ffn_kind", FFN_KINDS)
   _choice(m.dtype, "model.dtype", DTYPE_NAMES)
@@ -194,6 +205,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if isinstance(d.worker_count, bool) or not isinstance(d.worker_count, int) or d.worker_count < 0:
     raise _err("data.worker_count", d.worker_count, "must be an integer >= 0")
   _positive_int(c, "train.eval_tokens")
+  for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+    _positive_int(c, f"train.{f}")
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

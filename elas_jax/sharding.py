@@ -1,0 +1,98 @@
+"""Device mesh and parameter / batch shardings.
+
+The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data
+parallel with parameters and optimizer state sharded) and ``tensor`` (tensor
+parallelism inside a layer). Parameters carry logical axis names
+(``logical_axes`` metadata, see :mod:`elas_jax.model`); :data:`RULES` maps
+them to mesh axes. A dimension that a mesh axis does not divide stays
+replicated along it (e.g. the 1B FFN width 8191). Batches are split over
+``data x fsdp``; XLA's sharding propagation places the activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from elas_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+RULES = {
+    "embed": "fsdp",     # d_model
+    "vocab": "tensor",   # vocabulary rows of embed / lm_head
+    "mlp": "tensor",     # FFN width
+    "heads": "tensor",   # attention projection outputs (heads x head_dim)
+    "rank": None,        # the low-rank dimension: small, kept whole
+}
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+  """Sizes of (data, fsdp, tensor); one of them may be -1 (= the rest)."""
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"config.mesh.{axis} = {size!r}: must be a positive integer or -1")
+  if sizes.count(-1) > 1:
+    raise ConfigError("config.mesh: at most one of data, fsdp, tensor may be -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n_devices % fixed:
+      raise ConfigError(f"config.mesh: the fixed axes ({fixed} devices) do not divide the "
+                        f"{n_devices} available devices")
+    sizes[sizes.index(-1)] = n_devices // fixed
+  if math.prod(sizes) != n_devices:
+    raise ConfigError(f"config.mesh = data {sizes[0]} x fsdp {sizes[1]} x tensor {sizes[2]} needs "
+                      f"{math.prod(sizes)} devices but {n_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def spec_for(shape: tuple[int, ...], logical_axes, mesh: jax.sharding.Mesh) -> P:
+  """PartitionSpec of one parameter: its logical axes mapped by :data:`RULES`."""
+  if not logical_axes:
+    return P()
+  parts = []
+  for dim, name in zip(shape, logical_axes):
+    axis = RULES.get(name)
+    if axis is not None and (mesh.shape[axis] == 1 or dim % mesh.shape[axis]):
+      axis = None  # a size-1 axis adds nothing; a non-dividing one cannot shard
+    parts.append(axis)
+  return P(*parts)
+
+
+def param_shardings(params_state: nnx.State, mesh: jax.sharding.Mesh):
+  """NamedShardings for a (possibly abstract) parameter state, same structure."""
+
+  def one(var):
+    axes = getattr(var, "logical_axes", None)
+    shape = var.value.shape if hasattr(var, "value") else var.shape
+    # Keep the Variable wrapper so the result flattens exactly like the params.
+    return var.replace(value=NamedSharding(mesh, spec_for(tuple(shape), axes, mesh)))
+
+  return jax.tree.map(one, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch(global_batch: int, mesh: jax.sharding.Mesh) -> None:
+  ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  if global_batch % ways:
+    raise ConfigError(f"config.train.batch_size = {global_batch} is not divisible by the "
+                      f"{ways}-way data x fsdp split of the mesh")
