@@ -48,8 +48,8 @@ def load_checkpoint_config(workdir: str, step: int | None = None) -> tuple[ml_co
   return ml_collections.ConfigDict(saved), step
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None
-                        ) -> dict:
+def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None,
+                        devices=None) -> dict:
   import jax
 
   from elas_jax import sharding, trainer
@@ -57,7 +57,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, 
   cfg, step = load_checkpoint_config(workdir, step)
   if mesh is not None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
-  run = trainer.build(cfg)
+  run = trainer.build(cfg, devices)
   mngr = trainer.checkpoint_manager(workdir, cfg)
   try:
     state = mngr.restore(step, args=ocp.args.Composite(

@@ -76,7 +76,7 @@ def param_shardings(params_state: nnx.State, mesh: jax.sharding.Mesh):
 
   def one(var):
     axes = getattr(var, "logical_axes", None)
-    shape = var.value.shape if hasattr(var, "value") else var.shape
+    shape = jax.tree.leaves(var)[0].shape
     # Keep the Variable wrapper so the result flattens exactly like the params.
     return var.replace(value=NamedSharding(mesh, spec_for(tuple(shape), axes, mesh)))
 

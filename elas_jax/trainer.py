@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -68,7 +69,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg) -
     (loss, (stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step is not applied: the state stays the last good one.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -83,7 +84,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg) -
     }
     metrics = {
         "loss": loss, "lr": schedule(state["step"]), "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates),
+        "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
         "tokens": count, "sparse_on": sparse_on.astype(jnp.float32),
     }
     for name, per_layer in stats.items():
@@ -271,16 +272,17 @@ class StopRequested:
 # ------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) -> dict[str, Any]:
+def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
+                       devices=None) -> dict[str, Any]:
   """Trains (or resumes) ``cfg`` in ``workdir``; returns the final metrics.
 
   ``stop_at_step`` simulates a pre-emption after that step (checkpoint, then
-  return), for tests of resumption.
+  return), for tests of resumption. ``devices`` defaults to all devices.
   """
   from tqdm import tqdm
 
   os.makedirs(workdir, exist_ok=True)
-  run = build(cfg)
+  run = build(cfg, devices)
   t = cfg.train
   train_docs = pipeline.open_split(cfg, "train")
   pipeline.check_prepared(train_docs, run.tokenizer)
@@ -296,7 +298,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
         state=ocp.args.StandardRestore(run.abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     state = restored["state"]
-    print(f"resumed from step {start} in {workdir}", flush=True)
+    print(f"resumed from step {start} in {workdir}", file=sys.stderr, flush=True)
   else:
     state = run.init_state()
     start = 0
@@ -358,7 +360,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
           ev = run.evaluate(eval_step, state["params"], state["step"], eval_batches)
           writer.write(step, ev)
           bar.write(f"step {step}: eval_loss {ev['eval_loss']:.4f} eval_ppl {ev['eval_ppl']:.2f} "
-                    f"({ev['eval_tokens']:,} tokens)")
+                    f"({ev['eval_tokens']:,} tokens)", file=sys.stderr)
           final.update(ev)
         if step % t.ckpt_every == 0 or step == t.steps:
           check_finite(step)
@@ -368,7 +370,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None) ->
           if mngr.latest_step() != step:
             save(step)
           bar.write(f"{stop.signal or 'stop_at_step'}: checkpointed step {step}; rerun the same "
-                    "command to resume")
+                    "command to resume", file=sys.stderr)
           break
       if start >= t.steps:  # already finished: report the final evaluation again
         final.update(run.evaluate(eval_step, state["params"], state["step"], eval_batches))

@@ -1,0 +1,133 @@
+"""The training system end to end on CPU: train, checkpoint, resume, evaluate, shard."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from elas_jax import evaluate, trainer
+from tests.helpers import ROOT, read_metrics, step_losses, tiny_train_config
+
+
+def test_tiny_run_trains_checkpoints_and_evaluates(tmp_path):
+  cfg = tiny_train_config()
+  final = trainer.train_and_evaluate(cfg, str(tmp_path))
+  losses = step_losses(str(tmp_path))
+  assert sorted(losses) == list(range(1, 13))
+  assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.3
+  metrics = read_metrics(str(tmp_path))
+  logged = metrics[0]
+  for key in ("lr", "grad_norm", "param_norm", "update_norm", "tokens_per_s", "step_time",
+              "zero_frac/layer0", "dropped_mass/layer1", "sparse_on", "ppl"):
+    assert key in logged, key
+  assert [m["sparse_on"] for m in metrics if "loss" in m][3:5] == [0.0, 1.0]  # 2:4 from step 4 on
+  evals = [m for m in metrics if "eval_loss" in m]
+  assert [m["step"] for m in evals] == [6, 12]
+  assert evals[-1]["eval_tokens"] == 2048 and final["eval_loss"] == evals[-1]["eval_loss"]
+  assert final["eval_ppl"] == pytest.approx(np.exp(final["eval_loss"]))
+  assert sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))
+                if os.path.basename(p).isdigit()) == [6, 9, 12]  # keep_checkpoints = 3
+  assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  again = evaluate.evaluate_checkpoint(str(tmp_path))
+  assert again == {"step": 12, "eval_loss": final["eval_loss"], "eval_ppl": final["eval_ppl"],
+                   "eval_tokens": 2048}
+  earlier = evaluate.evaluate_checkpoint(str(tmp_path), step=9)
+  assert earlier["step"] == 9 and earlier["eval_loss"] != final["eval_loss"]
+
+
+@pytest.mark.parametrize("variant", ["elas", "full"])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, variant):
+  # elas covers LORO (exact steps at 5 and 10) and the 2:4 switch at step 4.
+  cfg = tiny_train_config(variant)
+  straight = tmp_path / "straight"
+  trainer.train_and_evaluate(cfg, str(straight))
+  resumed = tmp_path / "resumed"
+  trainer.train_and_evaluate(cfg, str(resumed), stop_at_step=5)  # pre-empted after step 5
+  assert max(step_losses(str(resumed))) == 5
+  final = trainer.train_and_evaluate(cfg, str(resumed))
+  a, b = step_losses(str(straight)), step_losses(str(resumed))
+  assert sorted(b) == list(range(1, 13))
+  assert a == b  # float equality: bitwise identical per-step losses
+  assert final == evaluate.evaluate_checkpoint(str(straight))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg = tiny_train_config("full", **{"optimizer.lr": 1e9, "optimizer.warmup_steps": 0,
+                                     "train.ckpt_every": 1, "train.log_every": 1})
+  with pytest.raises(trainer.NonFiniteError, match=r"non-finite loss or gradients at step (\d+)") as e:
+    trainer.train_and_evaluate(cfg, str(tmp_path))
+  bad = int(e.value.args[0].split("at step ")[1].split(":")[0])
+  steps = sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "[0-9]*")))
+  assert steps and max(steps) <= bad  # nothing written after the bad step
+  # the newest checkpoint is intact: it restores, with finite parameters
+  import jax
+  import orbax.checkpoint as ocp
+  run = trainer.build(cfg)
+  mngr = trainer.checkpoint_manager(str(tmp_path), cfg)
+  state = mngr.restore(max(steps), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(run.abstract_state)))["state"]
+  mngr.close()
+  assert int(state["step"]) == max(steps) and int(state["bad_steps"]) == 0
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+  cfg.train.skip_nonfinite = True
+  skipped = tmp_path / "skip"
+  trainer.train_and_evaluate(cfg, str(skipped))
+  last = [m for m in read_metrics(str(skipped)) if "loss" in m][-1]
+  assert last["skipped_nonfinite"] >= 1
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+_TRAIN_ARGS = ["--config.model.d_model=64", "--config.model.n_heads=4", "--config.model.n_layers=2",
+               "--config.model.rank=16", "--config.model.ffn_dim=256", "--config.train.batch_size=8",
+               "--config.train.seq_len=32", "--config.optimizer.warmup_steps=2",
+               "--config.train.eval_tokens=2048", "--config.train.log_every=1",
+               "--config.model.sparsity.dense_warmup_steps=2", "--config.optimizer.exact_every=3"]
+
+
+def test_two_processes_train_on_one_global_mesh(tmp_path):
+  port = _free_port()
+  args = _TRAIN_ARGS + ["--config.train.steps=4", "--config.train.eval_every=4", "--config.train.ckpt_every=2",
+                        f"--workdir={tmp_path}", f"--coordinator_address=127.0.0.1:{port}",
+                        "--num_processes=2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "train.py", *args, f"--process_id={i}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  finals = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert finals[0] == finals[1] and finals[0]["step"] == 4  # one model, evaluated once globally
+  losses = step_losses(str(tmp_path))
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+  args = _TRAIN_ARGS + ["--config.train.steps=100000", "--config.train.eval_every=100000",
+                        "--config.train.ckpt_every=100000", f"--workdir={tmp_path}"]
+  p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.5)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=300)
+  assert p.returncode == 0, err[-3000:]
+  last = max(step_losses(str(tmp_path)))
+  final = json.loads(out.strip().splitlines()[-1])
+  assert final["step"] >= 3 and os.path.isdir(tmp_path / "checkpoints" / str(final["step"]))
+  assert last <= final["step"]
+  assert "SIGTERM: checkpointed step" in err
