@@ -9,6 +9,7 @@ elas_jax.trainer.
 """
 
 import json
+import sys
 
 from absl import flags
 
@@ -27,6 +28,9 @@ def main(argv) -> None:
   cfg = _CONFIG.value
   workdir = _WORKDIR.value or f"runs/{cfg.size}-{cfg.variant}"
   final = trainer.train_and_evaluate(cfg, workdir)
+  if "eval_ppl" in final:
+    print(f"final validation perplexity {final['eval_ppl']:.2f} on {final['eval_tokens']:,} tokens "
+          f"at step {final['step']} ({workdir})", file=sys.stderr)
   print(json.dumps({"workdir": workdir, **final}))
 
 

@@ -345,23 +345,24 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
         state, metrics = train_step(state, batch)
         step += 1
         bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
+        do_log = step % t.log_every == 0 or step == t.steps
+        do_eval = step % t.eval_every == 0 or step == t.steps
+        if do_log or do_eval:  # one metrics record per step, with "step" and "loss"
           check_finite(step)
           now = time.perf_counter()
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           dt = (now - last_time) / max(step - last_step, 1)
           m.update(ppl=float(np.exp(min(m["loss"], 50.0))), step_time=dt,
                    tokens_per_s=tokens_per_step / dt, skipped_nonfinite=int(state["bad_steps"]))
-          last_time, last_step = now, step
-          writer.write(step, m)
           bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", refresh=False)
-        if step % t.eval_every == 0 or step == t.steps:
-          check_finite(step)
-          ev = run.evaluate(eval_step, state["params"], state["step"], eval_batches)
-          writer.write(step, ev)
-          bar.write(f"step {step}: eval_loss {ev['eval_loss']:.4f} eval_ppl {ev['eval_ppl']:.2f} "
-                    f"({ev['eval_tokens']:,} tokens)", file=sys.stderr)
-          final.update(ev)
+          if do_eval:
+            ev = run.evaluate(eval_step, state["params"], state["step"], eval_batches)
+            m.update(ev)
+            final.update(ev)
+            bar.write(f"step {step}: loss {m['loss']:.4f}  eval_loss {ev['eval_loss']:.4f}  "
+                      f"eval_ppl {ev['eval_ppl']:.2f} ({ev['eval_tokens']:,} tokens)", file=sys.stderr)
+          writer.write(step, m)
+          last_time, last_step = time.perf_counter(), step  # evaluation time is not step time
         if step % t.ckpt_every == 0 or step == t.steps:
           check_finite(step)
           save(step)
