@@ -12,40 +12,15 @@ onto this machine's mesh.
 from __future__ import annotations
 
 import json
-import os
 
-import ml_collections
-import orbax.checkpoint as ocp
 from absl import flags
 
-from elas_jax import cli, distributed
+from elas_jax import checkpointing, cli, distributed
 from elas_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _MESH = flags.DEFINE_string("mesh", None, "Override the saved mesh as data,fsdp,tensor (e.g. -1,1,1).")
-
-
-def load_checkpoint_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
-  from elas_jax import trainer
-
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise UserError(f"{workdir}: no checkpoints directory (is this a training --workdir?)")
-  cfg_probe = ml_collections.ConfigDict({"train": {"keep_checkpoints": 1}})
-  mngr = trainer.checkpoint_manager(workdir, cfg_probe)
-  try:
-    steps = mngr.all_steps()
-    if not steps:
-      raise UserError(f"{ckpt_dir}: no checkpoint found")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise UserError(f"{ckpt_dir}: no checkpoint for step {step} (have {sorted(steps)})")
-    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  finally:
-    mngr.close()
-  return ml_collections.ConfigDict(saved), step
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None,
@@ -54,16 +29,11 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, 
 
   from elas_jax import sharding, trainer
 
-  cfg, step = load_checkpoint_config(workdir, step)
+  cfg, step = checkpointing.load_config(workdir, step)
   if mesh is not None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
   run = trainer.build(cfg, devices)
-  mngr = trainer.checkpoint_manager(workdir, cfg)
-  try:
-    state = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(run.abstract_state)))["state"]
-  finally:
-    mngr.close()
+  state = checkpointing.restore_state(workdir, step, run.abstract_state)
   eval_step = jax.jit(trainer.make_eval_step(run.graphdef, cfg),
                       in_shardings=(run.state_shardings["params"], sharding.replicated(run.mesh),
                                     run.batch_sharding))

@@ -23,19 +23,17 @@ import sys
 import time
 from typing import Any, Callable
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from elas_jax import config_lib, model as model_lib, optim, sharding
+from elas_jax import checkpointing, config_lib, model as model_lib, optim, sharding
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
-from elas_jax.errors import ConfigError, UserError
+from elas_jax.errors import UserError
 
 TrainState = dict  # {"step", "params", "opt_state", "rng", "bad_steps", "first_bad_step"}
 
@@ -194,41 +192,23 @@ def build(cfg, devices=None) -> Run:
              abstract_state)
 
 
-# ------------------------------------------------------------ checkpoints
-
-
-def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints,
-                                         enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                               item_names=("state", "data", "config"))
-
-
-def check_compatible(saved: dict, cfg, workdir: str) -> None:
-  """A checkpoint restores only into the same model and optimizer structure."""
-  now = cfg.to_dict()
-  for section in ("model", "optimizer"):
-    for key, value in saved.get(section, {}).items():
-      if now[section].get(key) != value and key not in ("kernel", "lr", "warmup_steps"):
-        raise ConfigError(
-            f"config.{section}.{key} = {now[section].get(key)!r} but the checkpoint in {workdir} was "
-            f"written with {value!r}; use another --workdir or the checkpoint's config")
-
-
 # ------------------------------------------------------------- metrics
 
 
 class MetricWriter:
   """``metrics.jsonl`` (one object per logged step) and TensorBoard, on process 0."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter
 
+    # Records after the restored step belong to lost progress: drop them, and
+    # have TensorBoard discard its events from there on (purge_step).
+    checkpointing.truncate_metrics(workdir, start_step)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -279,9 +259,14 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
   ``stop_at_step`` simulates a pre-emption after that step (checkpoint, then
   return), for tests of resumption. ``devices`` defaults to all devices.
   """
+  os.makedirs(workdir, exist_ok=True)
+  with checkpointing.WorkdirLock(workdir):
+    return _train(cfg, workdir, stop_at_step, devices)
+
+
+def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, Any]:
   from tqdm import tqdm
 
-  os.makedirs(workdir, exist_ok=True)
   run = build(cfg, devices)
   t = cfg.train
   train_docs = pipeline.open_split(cfg, "train")
@@ -289,19 +274,13 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
   eval_batches, eval_tokens = run.eval_batches()
   data_iter = iter(pipeline.train_dataset(train_docs, run.tokenizer, run.spec))
 
-  mngr = checkpoint_manager(workdir, cfg)
-  start = mngr.latest_step()
-  if start is not None:
-    saved_cfg = mngr.restore(start, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    check_compatible(saved_cfg, cfg, workdir)
-    restored = mngr.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(run.abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    state = restored["state"]
+  mngr = checkpointing.manager(workdir, t.keep_checkpoints)
+  restored = checkpointing.restore_latest_intact(mngr, run.abstract_state, data_iter, cfg, workdir)
+  if restored is not None:
+    start, state = restored
     print(f"resumed from step {start} in {workdir}", file=sys.stderr, flush=True)
   else:
-    state = run.init_state()
-    start = 0
+    state, start = run.init_state(), 0
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=1))
@@ -314,12 +293,8 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
                       in_shardings=(run.state_shardings["params"], sharding.replicated(run.mesh),
                                     run.batch_sharding))
 
-  def save(step: int, wait: bool = False) -> None:
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(cfg.to_dict())), force=True)
-    if wait:
-      mngr.wait_until_finished()
+  def save(step: int) -> None:
+    checkpointing.save(mngr, step, state, data_iter, cfg)
 
   def check_finite(step: int) -> None:
     bad = int(state["bad_steps"])
@@ -331,7 +306,7 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
           f"{'step ' + str(last) if last is not None else 'none'} in {workdir}. Lower the lr, check "
           f"the data, or set train.skip_nonfinite=True to skip such batches")
 
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start)
   tokens_per_step = t.batch_size * t.seq_len
   final: dict[str, Any] = {}
   bar = tqdm(total=t.steps, initial=start, unit="step", disable=jax.process_index() != 0,

@@ -1,0 +1,219 @@
+"""Checkpoints that survive being killed, truncated or corrupted, and the workdir lock.
+
+* Saves go through orbax's ``CheckpointManager``: asynchronous, written to a
+  temporary directory and renamed when complete, so a process killed mid-save
+  leaves no half checkpoint under a step name (leftover temporary directories
+  are removed at start-up).
+* Each checkpoint also stores an integrity record: an exact checksum of every
+  array of the train state (the sum, modulo 2^32, of its bits) and the config.
+  A restore recomputes the checksums; a checkpoint that fails to read or whose
+  checksums differ is reported and the next older one is tried.
+* A workdir holding checkpoints of which none is intact is an error: training
+  never restarts from scratch over it silently.
+* ``WorkdirLock``: an exclusive ``flock`` on ``workdir/.lock``, so a second run
+  on the same workdir is refused. The OS drops it when the holder dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from elas_jax.errors import ConfigError, UserError
+
+ITEMS = ("state", "data", "config", "integrity")
+# Fields that may change between a run and its resumption without breaking it.
+RESUMABLE_CHANGES = {"model": {"kernel"}, "optimizer": set(), "train": None, "data": None, "mesh": None}
+
+
+class CheckpointError(UserError):
+  """No usable checkpoint where one is needed."""
+
+
+def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                         create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options, item_names=ITEMS)
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(state) -> list[jax.Array]:
+  return [jnp.sum(_as_uint32(x), dtype=jnp.uint32) for x in jax.tree.leaves(state)]
+
+
+def checksums(state) -> list[int]:
+  """Exact, order-independent checksum of every array (bits summed mod 2^32)."""
+  return [int(c) for c in jax.device_get(_checksums(state))]
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg) -> None:
+  integrity = {"checksums": checksums(state), "n_arrays": len(jax.tree.leaves(state))}
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(cfg.to_dict()), integrity=ocp.args.JsonSave(integrity)), force=True)
+
+
+def check_compatible(saved: dict, cfg, where: str) -> None:
+  """Model and optimizer structure must match the checkpoint's."""
+  now = cfg.to_dict()
+  for section, allowed in RESUMABLE_CHANGES.items():
+    if allowed is None:
+      continue
+    for key, value in saved.get(section, {}).items():
+      if key in allowed or now.get(section, {}).get(key) == value:
+        continue
+      raise ConfigError(
+          f"config.{section}.{key} = {now.get(section, {}).get(key)!r} but the checkpoint in {where} "
+          f"was written with {value!r}; resume with the checkpoint's value or use another --workdir")
+
+
+def _warn(msg: str) -> None:
+  print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def restore_latest_intact(mngr: ocp.CheckpointManager, abstract_state, data_iter, cfg, workdir: str
+                          ) -> tuple[int, Any] | None:
+  """``(step, state)`` of the newest intact checkpoint (restoring ``data_iter``), or None.
+
+  Raises :class:`CheckpointError` when checkpoints exist but none is intact,
+  and :class:`ConfigError` when the config does not fit the checkpoint.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None
+  damaged = []
+  for step in steps:
+    where = os.path.join(workdir, "checkpoints", str(step))
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                        integrity=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
+      damaged.append(step)
+      _warn(f"checkpoint {where} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "trying an older one")
+      continue
+    check_compatible(meta["config"], cfg, where)
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+      state = restored["state"]
+      if checksums(state) != meta["integrity"]["checksums"]:
+        raise ValueError("array checksums do not match the ones recorded at save time")
+    except Exception as e:  # noqa: BLE001
+      damaged.append(step)
+      _warn(f"checkpoint {where} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "trying an older one")
+      continue
+    if damaged:
+      _warn(f"resuming from step {step}, the newest intact checkpoint (damaged: {damaged})")
+    return step, state
+  raise CheckpointError(
+      f"{os.path.join(workdir, 'checkpoints')} holds checkpoints (steps {sorted(steps)}) but none is "
+      "intact; refusing to start from scratch over them. Move them away or use another --workdir")
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+  """Drop metric records after ``step`` (they belong to progress that was lost)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path) or jax.process_index() != 0:
+    return
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a kill
+        dropped += 1
+        continue
+      if record.get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for the lifetime of a run (process 0)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._f = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self._f = open(self.path, "a+")
+    try:
+      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._f.seek(0)
+      holder = self._f.read().strip() or "another process"
+      self._f.close()
+      raise UserError(f"{os.path.dirname(self.path)} is in use by a running training ({holder}); "
+                      "wait for it, stop it, or use another --workdir") from None
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.write(f"pid {os.getpid()}\n")
+    self._f.flush()
+    return self
+
+  def __exit__(self, *exc):
+    if self._f is not None:
+      fcntl.flock(self._f, fcntl.LOCK_UN)
+      self._f.close()
+
+
+def load_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """The config saved with a checkpoint (the latest by default)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise CheckpointError(f"{workdir}: no checkpoints directory (is this a training --workdir?)")
+  mngr = manager(workdir)
+  try:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise CheckpointError(f"{workdir}/checkpoints: no checkpoint found")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointError(f"{workdir}/checkpoints: no checkpoint for step {step} (have {steps})")
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    mngr.close()
+  return ml_collections.ConfigDict(saved), step
+
+
+def restore_state(workdir: str, step: int, abstract_state) -> Any:
+  """The train state of checkpoint ``step``, checked against its recorded checksums."""
+  mngr = manager(workdir)
+  try:
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                     integrity=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"{workdir}/checkpoints/{step} cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from None
+  finally:
+    mngr.close()
+  if checksums(got["state"]) != got["integrity"]["checksums"]:
+    raise CheckpointError(f"{workdir}/checkpoints/{step} is damaged: array checksums do not match")
+  return got["state"]
+
