@@ -19,7 +19,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sys
+import time
 from typing import Any
 
 import grain
@@ -121,7 +123,16 @@ def restore_latest_intact(mngr: ocp.CheckpointManager, abstract_state, data_iter
             "trying an older one")
       continue
     if damaged:
-      _warn(f"resuming from step {step}, the newest intact checkpoint (damaged: {damaged})")
+      # Newer damaged checkpoints would block saving those steps again: move
+      # them aside (kept for inspection, never deleted).
+      aside = os.path.join(workdir, "damaged_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for bad in damaged:
+        target = os.path.join(aside, f"{bad}-{int(time.time())}")
+        shutil.move(os.path.join(workdir, "checkpoints", str(bad)), target)
+      mngr.reload()
+      _warn(f"resuming from step {step}, the newest intact checkpoint; damaged checkpoints "
+            f"{damaged} moved to {aside}")
     return step, state
   raise CheckpointError(
       f"{os.path.join(workdir, 'checkpoints')} holds checkpoints (steps {sorted(steps)}) but none is "

@@ -31,12 +31,8 @@ def fail(message: str, status: int = 2):
   sys.exit(status)
 
 
-def _unknown_override(argv: list[str]) -> str | None:
-  """The first ``--config.a.b=v`` override naming a field the config lacks."""
-  try:
-    cfg = flags.FLAGS["config"].value
-  except Exception:  # the config file itself did not load
-    return None
+def _unknown_override(argv: list[str], cfg) -> str | None:
+  """The first ``--config.a.b=v`` override naming a field ``cfg`` lacks."""
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
@@ -50,21 +46,23 @@ def _unknown_override(argv: list[str]) -> str | None:
 
 
 def _config_spec(argv: list[str]) -> str | None:
+  spec = None  # the last --config wins, as in absl
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      spec = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
 
 
 def _parse(argv: list[str]) -> list[str]:
   # Load the config file ourselves first: config_flags defers load errors and
   # wraps them in tracebacks; this way the user sees the cause in one line.
   spec = _config_spec(argv) or (DEFAULT_CONFIG if "config" in flags.FLAGS else None)
+  base = None
   if spec is not None:
     try:
-      config_lib.load(spec)
+      base = config_lib.load(spec)
     except config_lib.ConfigError as e:
       fail(str(e))
     except Exception as e:  # a config file that itself fails to import or run
@@ -79,7 +77,7 @@ def _parse(argv: list[str]) -> list[str]:
       fail(str(cause))
     fail(str(e).splitlines()[0])
   except (AttributeError, KeyError) as e:
-    path = _unknown_override(argv)
+    path = _unknown_override(argv, base) if base is not None else None
     if path is not None:
       fail(f"config.{path}: no such config field (check the spelling; see the config file)")
     fail(f"bad config override: {e}")
