@@ -50,3 +50,12 @@ def step_losses(workdir: str) -> dict[int, float]:
       assert m["step"] not in out, f"step {m['step']} logged twice"
       out[m["step"]] = m["loss"]
   return out
+
+
+# train.py flags for the same shrunken model as tiny_train_config (subprocess tests).
+TINY_TRAIN_FLAGS = [
+    "--config.model.d_model=64", "--config.model.n_heads=4", "--config.model.n_layers=2",
+    "--config.model.rank=16", "--config.model.ffn_dim=256", "--config.train.batch_size=8",
+    "--config.train.seq_len=32", "--config.optimizer.warmup_steps=2", "--config.train.eval_tokens=2048",
+    "--config.train.log_every=1", "--config.model.sparsity.dense_warmup_steps=3",
+    "--config.optimizer.exact_every=5"]

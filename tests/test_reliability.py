@@ -13,13 +13,9 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, step_losses
+from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses
 
-TINY = ["--config=configs/tiny.py:elas", "--config.model.d_model=64", "--config.model.n_heads=4",
-        "--config.model.n_layers=2", "--config.model.rank=16", "--config.model.ffn_dim=256",
-        "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.optimizer.warmup_steps=2",
-        "--config.train.eval_tokens=2048", "--config.train.log_every=1", "--config.data.read_threads=1",
-        "--config.model.sparsity.dense_warmup_steps=3", "--config.optimizer.exact_every=5"]
+TINY = ["--config=configs/tiny.py:elas", *TINY_TRAIN_FLAGS, "--config.data.read_threads=1"]
 
 
 def train_cmd(workdir, steps=16, ckpt_every=2, extra=()):
