@@ -109,6 +109,13 @@ def make_eval_step(graphdef, cfg) -> Callable:
 # --------------------------------------------------------------- the run
 
 
+def new_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """The train state at step 0 for ``params``."""
+  return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params),
+          "rng": jax.random.key_data(jax.random.key(seed)),
+          "bad_steps": jnp.zeros([], jnp.int32), "first_bad_step": jnp.full([], -1, jnp.int32)}
+
+
 @dataclasses.dataclass
 class Run:
   """Everything built from a config, shared by training and evaluation."""
@@ -125,13 +132,11 @@ class Run:
   abstract_state: Any
 
   def init_state(self) -> TrainState:
-    cfg, tx = self.cfg, self.tx
+    cfg = self.cfg
 
     def init():
       params = nnx.state(model_lib.build_model(cfg.model, seed=cfg.seed), nnx.Param)
-      return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params),
-              "rng": jax.random.key_data(jax.random.key(cfg.seed)),
-              "bad_steps": jnp.zeros([], jnp.int32), "first_bad_step": jnp.full([], -1, jnp.int32)}
+      return new_state(params, self.tx, cfg.seed)
 
     return jax.jit(init, out_shardings=self.state_shardings)()
 
@@ -162,13 +167,8 @@ def build(cfg, devices=None) -> Run:
   p_sh = sharding.param_shardings(abstract_params, mesh)
   rep = sharding.replicated(mesh)
 
-  def abstract_init():
-    params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_params)
-    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.key_data(jax.random.key(0)),
-            "bad_steps": jnp.zeros([], jnp.int32), "first_bad_step": jnp.zeros([], jnp.int32)}
-
-  abstract_state = jax.eval_shape(abstract_init)
+  abstract_state = jax.eval_shape(lambda: new_state(
+      jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_params), tx, cfg.seed))
   # Optimizer moments mirror their parameter's sharding; counters are replicated.
   flat_p = {tuple(map(str, path)): s for path, s in
             jax.tree_util.tree_flatten_with_path(p_sh, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}

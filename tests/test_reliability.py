@@ -87,6 +87,16 @@ def test_sigkill_anywhere_loses_nothing(tmp_path, reference):
   assert losses == reference["losses"]  # bitwise: float equality
   assert final_json(p.stdout) == {**reference["final"], "workdir": str(workdir)}
   assert not glob.glob(str(workdir / "checkpoints" / "*orbax-checkpoint-tmp*"))
+  # final parameters and optimizer state: bitwise equal to the uninterrupted run's
+  import jax
+  import numpy as np
+  from elas_jax import checkpointing, trainer
+  cfg, step = checkpointing.load_config(str(workdir))
+  abstract = trainer.build(cfg).abstract_state
+  killed = checkpointing.restore_state(str(workdir), step, abstract)
+  straight = checkpointing.restore_state(str(reference["dir"]), step, abstract)
+  for a, b in zip(jax.tree.leaves(killed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _copy_run(reference, tmp_path):
