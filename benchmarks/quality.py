@@ -1,0 +1,196 @@
+"""Quality study: variants and ablations trained on identical data, table + loss curves.
+
+    python benchmarks/quality.py --preset cpu --out results/quality_cpu
+    python benchmarks/quality.py --preset smoke --out /tmp/q          # a few minutes
+    python benchmarks/quality.py --size llama_60m --steps 10000 --seeds 0 \\
+        --set data.train_files='c4/*.json.gz' --set data.eval_files='c4v/*.json.gz' \\
+        --set data.tokenizer=t5.model --out results/60m           # the paper's scale, on GPUs
+
+Every run is a normal training run (``elas_jax.trainer``) in its own workdir
+under ``--out``, so an interrupted study resumes where it stopped. All runs of
+one seed see the same data in the same order (the data order depends only on
+the seed). Writes ``results.json``, ``results.md`` and ``loss_curves.png``.
+
+Runs: the main comparison (``--variants``), and with ``--ablations``:
+``warmup`` (ELAS with 0, a short and the normal dense warm-up) and
+``backward`` (ELAS with the masked, ste and split backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from elas_jax import config_lib  # noqa: E402
+
+PRESETS = {
+    # Tiny model on the sample corpus, sized for the 2-core CPU machine.
+    "cpu": {"size": "tiny", "steps": 600, "overrides": {"train.eval_every": 100, "train.log_every": 10,
+                                                        "train.ckpt_every": 200}},
+    # A shrunken tiny model for tests: a few minutes for everything.
+    "smoke": {"size": "tiny", "steps": 24, "overrides": {
+        "model.d_model": 64, "model.n_heads": 4, "model.n_layers": 2, "model.rank": 16,
+        "train.batch_size": 8, "train.seq_len": 32, "train.eval_tokens": 2048, "train.eval_every": 12,
+        "train.log_every": 1, "train.ckpt_every": 12, "optimizer.exact_every": 8,
+        "model.sparsity.dense_warmup_steps": 6, "data.read_threads": 1}},
+}
+
+
+def _set(cfg, key: str, value) -> None:
+  node = cfg
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else \
+      (value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes"))
+
+
+def make_config(size: str, variant: str, steps: int, seed: int, overrides: dict):
+  cfg = config_lib.load(os.path.join("configs", f"{size}.py") + f":{variant}")
+  cfg.train.steps = steps
+  cfg.seed = seed
+  # Keep warm-up phases proportionate when a study shortens the run.
+  cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, max(1, steps // 10))
+  for key, value in overrides.items():
+    _set(cfg, key, value)
+  if "model.d_model" in overrides:  # shrunken widths: FFN 4 x d (ReLU² 1.5 x that)
+    swiglu = 4 * cfg.model.d_model
+    cfg.model.ffn_dim = int(1.5 * swiglu) if cfg.model.ffn_kind == "relu2" else swiglu
+  cfg.model.sparsity.dense_warmup_steps = min(cfg.model.sparsity.dense_warmup_steps, steps)
+  config_lib.validate(cfg)
+  return cfg
+
+
+def runs_to_do(variants, ablations, normal_warmup: int):
+  """(name, variant, {override}) of every run of the study."""
+  out = [(v, v, {}) for v in variants]
+  if "warmup" in ablations:
+    short = max(1, normal_warmup // 4)
+    for w in (0, short):
+      out.append((f"elas_warmup{w}", "elas", {"model.sparsity.dense_warmup_steps": w}))
+  if "backward" in ablations:
+    for mode in ("ste", "split"):
+      out.append((f"elas_{mode}", "elas", {"model.sparsity.backward": mode}))
+  return out
+
+
+def ffn_bytes_per_token(cfg) -> float:
+  from flax import nnx
+
+  from elas_jax import model as model_lib, summary
+
+  model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model))
+  return summary.activation_bytes(cfg, model, cfg.train.seq_len)["ffn"]
+
+
+def run_one(cfg, workdir: str) -> dict:
+  from flax import nnx
+
+  from elas_jax import model as model_lib, summary, trainer
+
+  final = trainer.train_and_evaluate(cfg, workdir)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [float("nan")]
+  model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model))
+  return {"eval_loss": final["eval_loss"], "eval_ppl": final["eval_ppl"],
+          "params": summary.count_params(model), "tokens_per_s": float(np.median(tps)),
+          "ffn_bytes_per_token": ffn_bytes_per_token(cfg), "train_curve": train, "eval_curve": evals,
+          "nonfinite_steps": max((r.get("skipped_nonfinite", 0) for r in records), default=0)}
+
+
+def write_report(results: dict, out: str, title: str) -> None:
+  names = list(results)
+  seeds = sorted({s for r in results.values() for s in r})
+  rows = ["| run | " + " | ".join(f"val ppl (seed {s})" for s in seeds) +
+          " | mean | params | tokens/s | FFN act. bytes/token |",
+          "|---|" + "---:|" * (len(seeds) + 4)]
+  summary = {}
+  for name in names:
+    per_seed = results[name]
+    ppls = [per_seed[s]["eval_ppl"] if s in per_seed else float("nan") for s in seeds]
+    first = next(iter(per_seed.values()))
+    summary[name] = float(np.mean(ppls))
+    rows.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in ppls) +
+                f" | {np.mean(ppls):.2f} | {first['params']:,} | {first['tokens_per_s']:,.0f} | "
+                f"{first['ffn_bytes_per_token']:,.0f} |")
+  ranking = {s: sorted(names, key=lambda n: results[n][s]["eval_ppl"]) for s in seeds
+             if all(s in results[n] for n in names)}
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(f"# {title}\n\n" + "\n".join(rows) + "\n\n")
+    for s, order in ranking.items():
+      f.write(f"Ranking, seed {s}: {' < '.join(order)}\n\n")
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"title": title, "runs": results, "mean_ppl": summary, "ranking": ranking}, f, indent=1)
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+  for name in names:
+    for s, r in results[name].items():
+      style = "-" if s == seeds[0] else ":"
+      steps, loss = zip(*r["train_curve"])
+      window = max(1, len(loss) // 30)
+      smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+      axes[0].plot(steps[window - 1:], smooth, style, label=f"{name} s{s}")
+      if r["eval_curve"]:
+        es, el = zip(*r["eval_curve"])
+        axes[1].plot(es, np.exp(el), style + "o", label=f"{name} s{s}", markersize=3)
+  axes[0].set(xlabel="step", ylabel="train loss (smoothed)", title="training loss")
+  axes[1].set(xlabel="step", ylabel="validation perplexity", title="validation perplexity", yscale="log")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
+  plt.close(fig)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
+  ap.add_argument("--size", default=None, help="config file name in configs/: tiny, llama_60m, ...")
+  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--variants", default=",".join(config_lib.VARIANTS))
+  ap.add_argument("--ablations", default="warmup,backward", help="comma list of warmup, backward; '' for none")
+  ap.add_argument("--seeds", default="0")
+  ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args()
+
+  preset = PRESETS.get(args.preset, {"size": "llama_60m", "steps": None, "overrides": {}})
+  size = args.size or preset["size"]
+  overrides = dict(preset["overrides"])
+  for item in args.set:
+    key, _, value = item.partition("=")
+    overrides[key] = value
+  os.makedirs(args.out, exist_ok=True)
+  probe = config_lib.load(os.path.join("configs", f"{size}.py") + ":elas")
+  steps = args.steps or preset["steps"] or probe.train.steps
+  normal_warmup = int(overrides.get("model.sparsity.dense_warmup_steps",
+                                    probe.model.sparsity.dense_warmup_steps))
+  ablations = [a for a in args.ablations.split(",") if a]
+  plan = runs_to_do(args.variants.split(","), ablations, normal_warmup)
+  results: dict = {}
+  for seed in (int(s) for s in args.seeds.split(",")):
+    for name, variant, extra in plan:
+      cfg = make_config(size, variant, steps, seed, {**overrides, **extra})
+      print(f"=== {name} seed {seed}", file=sys.stderr, flush=True)
+      results.setdefault(name, {})[seed] = run_one(cfg, os.path.join(args.out, f"{name}-s{seed}"))
+  title = f"{size}, {steps} steps, seeds {args.seeds}"
+  write_report(results, args.out, title)
+  print(json.dumps({n: {s: r[s]["eval_ppl"] for s in r} for n, r in results.items()}))
+
+
+if __name__ == "__main__":
+  main()
