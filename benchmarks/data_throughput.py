@@ -11,6 +11,7 @@ tokens/s for each and their ratio. The pipeline must outrun the step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from elas_jax.data import pipeline, tokenizer as tokenizer_lib  # noqa: E402
 
 def pipeline_tokens_per_s(cfg, tok, docs, packing: str, n_batches: int) -> float:
   spec = pipeline.Spec.from_config(cfg)
-  spec = pipeline.Spec(**{**spec.__dict__, "packing": packing})
+  spec = dataclasses.replace(spec, packing=packing)
   it = iter(pipeline.train_dataset(docs, tok, spec, 0, 1))
   for _ in range(5):  # thread start-up, first reads
     next(it)

@@ -121,11 +121,15 @@ def _err(field: str, value, why: str) -> ConfigError:
   return ConfigError(f"config.{field} = {value!r}: {why}")
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(c, field: str) -> None:
   value = c
   for part in field.split("."):
     value = value[part]
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+  if not _is_int(value) or value <= 0:
     raise _err(field, value, "must be a positive integer")
 
 
@@ -143,7 +147,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"train.{f}")
   for axis in ("data", "fsdp", "tensor"):
     size = c.mesh[axis]
-    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+    if not _is_int(size) or (size < 1 and size != -1):
       raise _err(f"mesh.{axis}", size, "must be a positive integer or -1 (the rest)")
   _choice(m.linear_kind, "model.linear_kind", LINEAR_KINDS)
   _choice(m.ffn_kind, "model.ffn_kind", FFN_KINDS)
@@ -162,8 +166,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise _err("model.sparsity.enabled", True, "2:4 activation sparsity needs model.ffn_kind = relu2")
     if m.ffn_dim < 4:
       raise _err("model.ffn_dim", m.ffn_dim, "has no complete group of 4 features for 2:4 sparsity")
-  if isinstance(s.dense_warmup_steps, bool) or not isinstance(s.dense_warmup_steps, int) \
-      or s.dense_warmup_steps < 0:
+  if not _is_int(s.dense_warmup_steps) or s.dense_warmup_steps < 0:
     raise _err("model.sparsity.dense_warmup_steps", s.dense_warmup_steps,
                "must be an integer >= 0")
   if not 0.0 <= s.split_dense_fraction < 1.0:
@@ -202,7 +205,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(d.packing, "data.packing", ("concat", "truncate_pad"))
   for f in ("read_threads", "prefetch_buffer"):
     _positive_int(c, f"data.{f}")
-  if isinstance(d.worker_count, bool) or not isinstance(d.worker_count, int) or d.worker_count < 0:
+  if not _is_int(d.worker_count) or d.worker_count < 0:
     raise _err("data.worker_count", d.worker_count, "must be an integer >= 0")
   _positive_int(c, "train.eval_tokens")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):

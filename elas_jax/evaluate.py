@@ -25,20 +25,15 @@ _MESH = flags.DEFINE_string("mesh", None, "Override the saved mesh as data,fsdp,
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None,
                         devices=None) -> dict:
-  import jax
-
-  from elas_jax import sharding, trainer
+  from elas_jax import trainer
 
   cfg, step = checkpointing.load_config(workdir, step)
   if mesh is not None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
   run = trainer.build(cfg, devices)
   state = checkpointing.restore_state(workdir, step, run.abstract_state)
-  eval_step = jax.jit(trainer.make_eval_step(run.graphdef, cfg),
-                      in_shardings=(run.state_shardings["params"], sharding.replicated(run.mesh),
-                                    run.batch_sharding))
   batches, _ = run.eval_batches()
-  result = run.evaluate(eval_step, state["params"], state["step"], batches)
+  result = run.evaluate(run.jit_eval_step(), state["params"], state["step"], batches)
   return {"step": int(state["step"]), **result}
 
 

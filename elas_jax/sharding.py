@@ -33,10 +33,7 @@ RULES = {
 
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
   """Sizes of (data, fsdp, tensor); one of them may be -1 (= the rest)."""
-  sizes = [mesh_cfg[a] for a in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
-      raise ConfigError(f"config.mesh.{axis} = {size!r}: must be a positive integer or -1")
+  sizes = [mesh_cfg[a] for a in MESH_AXES]  # each a positive int or -1 (config_lib.validate)
   if sizes.count(-1) > 1:
     raise ConfigError("config.mesh: at most one of data, fsdp, tensor may be -1")
   fixed = math.prod(s for s in sizes if s != -1)

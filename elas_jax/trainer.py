@@ -140,6 +140,11 @@ class Run:
 
     return jax.jit(init, out_shardings=self.state_shardings)()
 
+  def jit_eval_step(self) -> Callable:
+    return jax.jit(make_eval_step(self.graphdef, self.cfg),
+                   in_shardings=(self.state_shardings["params"], sharding.replicated(self.mesh),
+                                 self.batch_sharding))
+
   def eval_batches(self):
     docs = pipeline.open_split(self.cfg, "validation")
     pipeline.check_prepared(docs, self.tokenizer)
@@ -289,9 +294,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
                        in_shardings=(run.state_shardings, run.batch_sharding),
                        out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
                        donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(run.graphdef, cfg),
-                      in_shardings=(run.state_shardings["params"], sharding.replicated(run.mesh),
-                                    run.batch_sharding))
+  eval_step = run.jit_eval_step()
 
   def save(step: int) -> None:
     checkpointing.save(mngr, step, state, data_iter, cfg)

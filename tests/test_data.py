@@ -1,5 +1,6 @@
 """Data pipeline: sources, tokenizers, packing, determinism, sharding, checkpointing, errors."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -223,7 +224,7 @@ def test_deterministic_by_seed_and_reshuffled_each_epoch(word_tokenizer):
   assert sorted(epoch1) == sorted(epoch2) == list(range(40))  # each epoch: every document once
   assert epoch1 != epoch2 and epoch1 != list(range(40))  # shuffled, differently per epoch
   c = take(iter(pipeline.train_dataset(docs, word_tokenizer,
-                                       pipeline.Spec(**{**s.__dict__, "seed": 1}), 0, 1)), 10)
+                                       dataclasses.replace(s, seed=1), 0, 1)), 10)
   assert [i for batch in c for i in first_words(batch, word_tokenizer)] != ids[:40]
 
 
@@ -394,7 +395,7 @@ def test_config_data_fields_validate():
 def test_worker_processes_give_the_same_batches(tmp_path, word_tokenizer):
   # grain worker processes (data.worker_count > 0) must not change the stream.
   code = f"""
-import json, numpy as np
+import dataclasses, json, numpy as np
 from absl import flags
 from elas_jax.data import pipeline, sources, tokenizer
 if __name__ == "__main__":
@@ -402,7 +403,7 @@ if __name__ == "__main__":
   tok = tokenizer.load({word_tokenizer.path!r})
   docs = sources.TextDocuments([" ".join(f"w{{(i * 7 + k) % 200}}" for k in range(3 + i % 9)) for i in range(60)])
   s0 = pipeline.Spec(seq_len=8, global_batch=4, read_threads=1, prefetch_buffer=4)
-  s1 = pipeline.Spec(**{{**s0.__dict__, "worker_count": 1}})
+  s1 = dataclasses.replace(s0, worker_count=1)
   a, b = iter(pipeline.train_dataset(docs, tok, s0, 0, 1)), iter(pipeline.train_dataset(docs, tok, s1, 0, 1))
   for _ in range(12):
     assert (next(a)["inputs"] == next(b)["inputs"]).all()
