@@ -276,7 +276,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
   t = cfg.train
   train_docs = pipeline.open_split(cfg, "train")
   pipeline.check_prepared(train_docs, run.tokenizer)
-  eval_batches, eval_tokens = run.eval_batches()
+  eval_batches, _ = run.eval_batches()
   data_iter = iter(pipeline.train_dataset(train_docs, run.tokenizer, run.spec))
 
   mngr = checkpointing.manager(workdir, t.keep_checkpoints)
