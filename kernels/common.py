@@ -1,0 +1,224 @@
+"""Shared pieces of the 2:4 kernels: the plane layout, block checks, in-register 2:4.
+
+Plane layout. A Triton program cannot gather or interleave the lanes of a
+register tile, so the kernels never regroup features in registers. Instead the
+wrapper reorders the (small) weights so that feature ``8g + j`` lands in
+*plane* ``j``, row ``g``:
+
+    w_FxK  ->  w_8xGxK   (G = F / 8; plane j holds features j, 8 + j, 16 + j, ...)
+
+One dot per plane then yields ``y_j [T, G]`` and the two 2:4 groups of every 8
+consecutive features are planes 0-3 and 4-7: selection, compression and
+decompression are element-wise across planes. The compressed activation is
+stored the same way:
+
+    vals_4xTxG  plane p holds ``compress_24`` values ``[:, 4g + p]``
+    meta_TxG    uint8, identical to ``elas_jax.sparsity.compress_24``'s metadata
+
+i.e. exactly the bytes of ``compress_24`` (9/16 of the dense bf16 activation),
+only the values are stored plane-major. :func:`to_planes` / :func:`from_planes`
+convert between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+PLANES = 8  # features per metadata byte: two 2:4 groups
+GROUP = 4
+
+
+# --------------------------------------------------------------------------
+# Layout conversion (XLA, outside the kernels).
+# --------------------------------------------------------------------------
+
+
+def weight_planes(w_FxK: jax.Array) -> jax.Array:
+  """``[F, K] -> [8, F/8, K]``: plane ``j`` row ``g`` is feature ``8g + j``."""
+  f, k = w_FxK.shape
+  return w_FxK.reshape(f // PLANES, PLANES, k).transpose(1, 0, 2)
+
+
+def weight_unplanes(w_8xGxK: jax.Array) -> jax.Array:
+  """Inverse of :func:`weight_planes`."""
+  p, g, k = w_8xGxK.shape
+  return w_8xGxK.transpose(1, 0, 2).reshape(g * p, k)
+
+
+def out_weight_planes(w_NxF: jax.Array) -> jax.Array:
+  """``[N, F] -> [8, N, F/8]`` for a weight that consumes the features."""
+  n, f = w_NxF.shape
+  return w_NxF.reshape(n, f // PLANES, PLANES).transpose(2, 0, 1)
+
+
+def out_weight_unplanes(w_8xNxG: jax.Array) -> jax.Array:
+  p, n, g = w_8xNxG.shape
+  return w_8xNxG.transpose(1, 2, 0).reshape(n, g * p)
+
+
+def to_planes(values_TxF2: jax.Array) -> jax.Array:
+  """``compress_24`` values ``[T, F/2]`` -> kernel values ``[4, T, F/8]``."""
+  t, f2 = values_TxF2.shape
+  return values_TxF2.reshape(t, f2 // 4, 4).transpose(2, 0, 1)
+
+
+def from_planes(vals_4xTxG: jax.Array) -> jax.Array:
+  """Kernel values ``[4, T, F/8]`` -> ``compress_24`` values ``[T, F/2]``."""
+  _, t, g = vals_4xTxG.shape
+  return vals_4xTxG.transpose(1, 2, 0).reshape(t, 4 * g)
+
+
+# --------------------------------------------------------------------------
+# Blocks.
+# --------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+  """Tile sizes.
+
+  ``block_t`` tokens x ``block_f`` features (``block_f / 8`` rows per plane)
+  per program; the weight-gradient kernels also tile the ranks: ``block_k``
+  columns of ``h`` (``w_in``'s gradient) and ``block_n`` of the output side.
+  """
+
+  block_t: int
+  block_f: int
+  block_k: int = 64
+  block_n: int = 64
+
+  def check(self, what: str) -> None:
+    """Triton tiles must be powers of two; a plane needs at least one row."""
+    for name, lo in (("block_t", 1), ("block_f", PLANES), ("block_k", 1), ("block_n", 1)):
+      v = getattr(self, name)
+      if not _pow2(v) or v < lo:
+        raise ValueError(f"{what}: {name}={v} must be a power of two >= {lo}")
+
+
+def default_blocks(t: int, f: int, k: int, n: int, *, interpret: bool) -> Blocks:
+  """Tiles by shape.
+
+  GPU: 128 features (16 rows per plane: Triton dots need >= 16 per side) and
+  as many tokens as keep the fp32 ``[block_t, max(K, N)]`` accumulator at
+  ~16K elements (64 KiB over the program's registers): 128 at rank 128, 32 at
+  rank 512. Interpret mode (CPU tests) uses small tiles so that several blocks
+  and loop trips are exercised. Never larger than the (padded) problem.
+  """
+  widest = _next_pow2(max(k, n))
+  if interpret:
+    bt, bf, bk = 16, 32, 16
+  else:
+    bt, bf, bk = max(16, min(128, 16384 // widest)), 128, 64
+  bt = min(bt, max(4, _next_pow2(t)))
+  bf = min(bf, max(PLANES, _next_pow2(f)))
+  return Blocks(bt, bf, min(bk, widest), min(bk, widest))
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  """Zero-pad ``axis`` up to a multiple (zeros flow through every kernel exactly)."""
+  extra = -x.shape[axis] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def check_divides(size: int, block: int, what: str, name: str) -> None:
+  """Pallas grids that do not cover the array give silent garbage: refuse them."""
+  if size % block:
+    raise ValueError(f"{what}: {name}={size} is not a multiple of the block size {block}; "
+                     "pad the input (the public wrappers do) or choose another block")
+
+
+def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
+  """Triton lowering parameters (Pallas' default GPU lowering may be Mosaic GPU)."""
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as pltriton
+
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# --------------------------------------------------------------------------
+# In-register 2:4 on planes (element-wise; used inside and outside kernels).
+# --------------------------------------------------------------------------
+
+
+def keep_24(a: list[jax.Array]) -> list[jax.Array]:
+  """Keep-masks of the 2 largest of 4 planes; ties go to the lower plane.
+
+  Same rule as ``elas_jax.sparsity.mask_24`` with ``a`` already magnitudes.
+  """
+  keep = []
+  for i in range(GROUP):
+    beats = jnp.zeros(a[i].shape, jnp.int32)
+    for j in range(GROUP):
+      if j == i:
+        continue
+      win = (a[j] > a[i]) | (a[j] == a[i]) if j < i else a[j] > a[i]
+      beats = beats + win.astype(jnp.int32)
+    keep.append(beats < 2)
+  return keep
+
+
+def compress_group(x: list[jax.Array], keep: list[jax.Array]):
+  """Values ``(v0, v1)`` at the first and last kept plane and the 4-bit index pair."""
+  k0, k1, k2, k3 = keep
+  v0 = jnp.where(k0, x[0], jnp.where(k1, x[1], x[2]))
+  v1 = jnp.where(k3, x[3], jnp.where(k2, x[2], x[1]))
+  i0 = jnp.where(k0, 0, jnp.where(k1, 1, 2)).astype(jnp.int32)
+  i1 = jnp.where(k3, 3, jnp.where(k2, 2, 1)).astype(jnp.int32)
+  return v0, v1, i0 | (i1 << 2)
+
+
+def pack_meta(nib_a: jax.Array, nib_b: jax.Array) -> jax.Array:
+  """Two groups' nibbles -> one uint8 (group 2g low, group 2g+1 high)."""
+  return (nib_a | (nib_b << 4)).astype(jnp.uint8)
+
+
+def unpack_meta(meta: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """uint8 metadata -> int32 nibbles of the low and high group."""
+  m = meta.astype(jnp.int32)
+  return m & 0xF, (m >> 4) & 0xF
+
+
+def decompress_group(v0: jax.Array, v1: jax.Array, nib: jax.Array) -> list[jax.Array]:
+  """The 4 dense planes of one group (zeros at dropped positions)."""
+  i0 = nib & 0x3
+  i1 = nib >> 2
+  zero = jnp.zeros((), v0.dtype)
+  return [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(GROUP)]
+
+
+def kept_planes(nib: jax.Array) -> list[jax.Array]:
+  """Keep-masks of the 4 planes of one group from its nibble."""
+  i0 = nib & 0x3
+  i1 = nib >> 2
+  return [(i0 == j) | (i1 == j) for j in range(GROUP)]
+
+
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ bᵀ`` accumulated in fp32."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ b`` accumulated in fp32."""
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``aᵀ @ b`` accumulated in fp32."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
