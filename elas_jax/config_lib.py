@@ -17,7 +17,7 @@ VARIANTS = ("full", "loro", "loro_relu2", "elas", "cola")
 LINEAR_KINDS = ("full", "lowrank", "cola")
 FFN_KINDS = ("swiglu", "relu2")
 DTYPE_NAMES = ("float32", "bfloat16")
-KERNELS = ("xla",)
+KERNELS = ("auto", "xla", "pallas")
 OPTIMIZERS = ("adamw", "loro_adamw")
 SCHEDULES = ("cosine", "cosine_restart")
 BACKWARD_MODES = ("masked", "ste", "split")
@@ -55,7 +55,9 @@ def llama_config(
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"  # parameter (and optimizer state) dtype: float32 | bfloat16
-  m.kernel = "xla"  # FFN implementation: xla (pure JAX)
+  # 2:4 FFN implementation: xla (pure JAX) | pallas (kernels/; interpreted on CPU)
+  # | auto (pallas on GPUs, xla elsewhere)
+  m.kernel = "auto"
   s = m.sparsity = ml_collections.ConfigDict()
   s.enabled = variant == "elas"  # 2:4 activation sparsity in the ReLU² FFN
   s.dense_warmup_steps = dense_warmup_steps  # optimizer steps of dense ReLU² before 2:4 starts
@@ -166,6 +168,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise _err("model.sparsity.enabled", True, "2:4 activation sparsity needs model.ffn_kind = relu2")
     if m.ffn_dim < 4:
       raise _err("model.ffn_dim", m.ffn_dim, "has no complete group of 4 features for 2:4 sparsity")
+  elif m.kernel == "pallas":
+    raise _err("model.kernel", "pallas", "the Pallas kernels implement the 2:4-sparse FFN; "
+               "set model.sparsity.enabled = True (variant elas) or use kernel = xla / auto")
   if not _is_int(s.dense_warmup_steps) or s.dense_warmup_steps < 0:
     raise _err("model.sparsity.dense_warmup_steps", s.dense_warmup_steps,
                "must be an integer >= 0")

@@ -15,7 +15,7 @@ import json
 
 from absl import flags
 
-from elas_jax import checkpointing, cli, distributed
+from elas_jax import checkpointing, cli, distributed, sharding
 from elas_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
@@ -33,7 +33,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, 
   run = trainer.build(cfg, devices)
   state = checkpointing.restore_state(workdir, step, run.abstract_state)
   batches, _ = run.eval_batches()
-  result = run.evaluate(run.jit_eval_step(), state["params"], state["step"], batches)
+  with sharding.kernel_mesh(run.mesh, cfg.model):
+    result = run.evaluate(run.jit_eval_step(), state["params"], state["step"], batches)
   return {"step": int(state["step"]), **result}
 
 

@@ -131,6 +131,7 @@ class FFN(nnx.Module):
     self.sparse = bool(cfg.sparsity.enabled)
     self.backward = cfg.sparsity.backward
     self.dense_fraction = cfg.sparsity.split_dense_fraction
+    self.kernel = resolve_kernel(cfg) if self.sparse else "xla"
     if self.kind == "swiglu":
       self.gate = Linear(d, f, axes=("mlp", "embed"), **lin)
     self.up = Linear(d, f, axes=("mlp", "embed"), **lin)
@@ -145,10 +146,46 @@ class FFN(nnx.Module):
       r = jnp.maximum(self.up(x), 0)
       return self.down(r * r), None
     h = self.up.pre_last(x.astype(self.up.dtype))
-    u, stats = sparsity.relu2_sparse_ffn(
-        h, self.up.last_weight(), self.down.first_weight(), sparse_on,
-        mode=self.backward, dense_fraction=self.dense_fraction)
+    op = sparsity.relu2_sparse_ffn if self.kernel == "xla" else pallas_sparse_ffn
+    u, stats = op(h, self.up.last_weight(), self.down.first_weight(), sparse_on,
+                  mode=self.backward, dense_fraction=self.dense_fraction)
     return self.down.post_first(u), stats
+
+
+def resolve_kernel(model_cfg) -> str:
+  """``model.kernel``: ``auto`` is ``pallas`` on GPUs and ``xla`` elsewhere."""
+  if model_cfg.kernel != "auto":
+    return model_cfg.kernel
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def pallas_sparse_ffn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
+  """The Pallas kernels (``kernels.elas_ffn``), one call per device's tokens.
+
+  A ``pallas_call`` is opaque to XLA's SPMD partitioner, which would gather
+  the whole batch onto every device; under a mesh (``jax.set_mesh``, entered
+  by the trainer) the op runs in ``shard_map`` over the batch axes instead,
+  with the (small, low-rank) weights whole on every device. Statistics are
+  averaged over the shards; split mode permutes tokens within a shard.
+  """
+  from kernels import elas_ffn  # the repository's kernels package (see kernels/__init__.py)
+
+  def local(h, w_in, w_out, sparse_on):
+    return elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = tuple(a for a in ("data", "fsdp")
+                if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+  if not batch:
+    return local(h, w_in, w_out, sparse_on)
+
+  def sharded(h, w_in, w_out, sparse_on):
+    out, stats = local(h, w_in, w_out, sparse_on)
+    return out, jax.tree.map(lambda s: jax.lax.pmean(s, batch), stats)
+
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(sharded, mesh=mesh, in_specs=(P(batch), P(), P(), P()),
+                       out_specs=(P(batch), P()), check_vma=False)(h, w_in, w_out, sparse_on)
 
 
 class Block(nnx.Module):

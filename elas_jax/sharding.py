@@ -11,6 +11,7 @@ replicated along it (e.g. the 1B FFN width 8191). Batches are split over
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -93,3 +94,16 @@ def check_batch(global_batch: int, mesh: jax.sharding.Mesh) -> None:
   if global_batch % ways:
     raise ConfigError(f"config.train.batch_size = {global_batch} is not divisible by the "
                       f"{ways}-way data x fsdp split of the mesh")
+
+
+def kernel_mesh(mesh: jax.sharding.Mesh, model_cfg):
+  """Context for tracing the model: the Pallas FFN reads the mesh to run per shard.
+
+  Entered only when the Pallas kernels are in use, so the XLA path is traced
+  exactly as before.
+  """
+  from elas_jax import model
+
+  if model_cfg.sparsity.enabled and model.resolve_kernel(model_cfg) == "pallas":
+    return jax.set_mesh(mesh)
+  return contextlib.nullcontext()

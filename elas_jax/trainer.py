@@ -316,7 +316,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
              dynamic_ncols=True)
   last_time, last_step = time.perf_counter(), start
   try:
-    with StopRequested() as stop:
+    with StopRequested() as stop, sharding.kernel_mesh(run.mesh, cfg.model):
       step = start
       while step < t.steps:
         batch = pipeline.global_batch(next(data_iter), run.batch_sharding)
