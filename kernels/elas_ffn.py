@@ -403,7 +403,8 @@ def _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on)
     total = total + jnp.sum(y2t)
   stats = {"zero_frac": zeros / (t * f),
            "dropped_mass": dropped / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)}
-  nnz = outs[4] if mode == "split" else None
+  # split: per-feature non-zero counts, reduced now so the residual is [8, G] (not per token)
+  nnz = jnp.sum(outs[4], axis=0) if mode == "split" else None
   return out.astype(h.dtype), stats, (lay, vals, meta, r_tail, nnz)
 
 
@@ -434,7 +435,7 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
   # Split mode: the dense_fraction features with the most non-zeros keep all tokens.
   dense_all = None
   if mode == "split":
-    nnz_f = cm.weight_unplanes(jnp.sum(nnz, axis=0)[..., None])[: lay.f_main, 0]
+    nnz_f = cm.weight_unplanes(nnz[..., None])[: lay.f_main, 0]
     if r_tail is not None:
       nnz_f = jnp.concatenate([nnz_f, jnp.sum(r_tail * r_tail != 0, axis=0, dtype=jnp.int32)])
     n_dense = int(np.ceil(dense_fraction * f))

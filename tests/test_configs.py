@@ -66,6 +66,8 @@ def _modified(path, variant, **changes):
     ({"optimizer.lr": 0.0}, "optimizer.lr"),
     ({"optimizer.warmup_steps": 10**9}, "optimizer.warmup_steps"),
     ({"data.source": "c5"}, "data.source"),
+    ({"model.kernel": "triton"}, "model.kernel"),
+    ({"model.kernel": "pallas", "model.sparsity.enabled": False}, "model.kernel"),  # 2:4 only
 ])
 def test_impossible_config_names_the_field(changes, field):
   c = _modified("configs/llama_60m.py", "elas", **changes)

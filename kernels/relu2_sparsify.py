@@ -1,0 +1,194 @@
+"""Fused ``z @ wᵀ -> ReLU² -> 2:4 select -> compress`` (y1 never reaches memory).
+
+    vals_4xTxG, meta_TxG = relu2_sparsify(z_TxK, w_FxK)     # G = F / 8
+
+returns the 2:4-compressed ``sparsify_24(relu(z wᵀ)²)`` in the plane layout of
+``kernels/common.py`` (the bytes of ``elas_jax.sparsity.compress_24``, values
+plane-major). With ``z`` the rank-r code and ``w = B_up`` this is the first
+half of the ELAS FFN; its cost is reading ``z`` and writing 9/16 of the dense
+activation, so it should run near copy bandwidth.
+
+Forward: one program per (token block, feature block), no loop. Backward
+(``custom_vjp``; the metadata gets no gradient): ``dy1 = unpack(d_vals) ·
+2 relu(y1)`` with ``y1`` recomputed per tile (only ``z`` and ``w`` are kept),
+then ``dz`` (per token block, loop over features) and ``dw`` (per feature
+block and rank block, loop over tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from elas_jax import sparsity
+from kernels import common as cm
+from kernels.common import PLANES
+
+
+def reference(z_TxK: jax.Array, w_FxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Pure jnp: ``compress_24(sparsify_24(relu(z wᵀ)²))`` in the plane layout."""
+  y1 = jnp.einsum("tk,fk->tf", z_TxK, w_FxK, preferred_element_type=jnp.float32).astype(z_TxK.dtype)
+  r = jnp.maximum(y1, 0)
+  values, meta = sparsity.compress_24(r * r)
+  return cm.to_planes(values), meta
+
+
+def _planes(z, w_ref, gs, dtype):
+  """relu(y1) and y2 for the 8 planes of one feature block."""
+  r = [jnp.maximum(cm.dot_nt(z, w_ref[j, gs, :]).astype(dtype), 0) for j in range(PLANES)]
+  return r, [x * x for x in r]
+
+
+def _fwd_kernel(z_ref, w_ref, vals_ref, meta_ref):
+  gb = meta_ref.shape[1]
+  _, y2 = _planes(z_ref[...], w_ref, pl.ds(0, gb), z_ref.dtype)
+  keep = cm.keep_24(y2[:4]) + cm.keep_24(y2[4:])
+  a0, a1, nib_a = cm.compress_group(y2[:4], keep[:4])
+  b0, b1, nib_b = cm.compress_group(y2[4:], keep[4:])
+  for p, v in enumerate((a0, a1, b0, b1)):
+    vals_ref[p] = v
+  meta_ref[...] = cm.pack_meta(nib_a, nib_b)
+
+
+def _dy1(z, w_ref, dv_ref, rows, gs, dtype):
+  """dy1 planes of one tile from the compressed cotangent (zero where 2:4 dropped)."""
+  r, y2 = _planes(z, w_ref, gs, dtype)
+  d = []
+  for half in (0, 1):
+    planes = slice(4 * half, 4 * half + 4)
+    _, _, nib = cm.compress_group(y2[planes], cm.keep_24(y2[planes]))
+    d += cm.decompress_group(dv_ref[2 * half, rows, gs], dv_ref[2 * half + 1, rows, gs], nib)
+  return [(d[j].astype(jnp.float32) * (2 * r[j]).astype(jnp.float32)).astype(dtype)
+          for j in range(PLANES)]
+
+
+def _dz_kernel(z_ref, w_ref, dv_ref, dz_ref, *, gb: int, n_fblocks: int):
+  z = z_ref[...]
+  rows = pl.ds(0, z.shape[0])
+
+  def body(fi, acc):
+    gs = pl.ds(pl.multiple_of(fi * gb, gb), gb)
+    dy1 = _dy1(z, w_ref, dv_ref, rows, gs, z.dtype)
+    for j in range(PLANES):
+      acc = acc + cm.dot_nn(dy1[j], w_ref[j, gs, :])
+    return acc
+
+  dz_ref[...] = jax.lax.fori_loop(0, n_fblocks, body, jnp.zeros(dz_ref.shape, jnp.float32))
+
+
+def _dw_kernel(z_ref, w_ref, dv_ref, dw_ref, *, block_t: int, n_tblocks: int):
+  gb, kb = dw_ref.shape[1], dw_ref.shape[2]
+  ks = pl.ds(pl.program_id(1) * kb, kb)
+
+  def body(ti, acc):
+    rows = pl.ds(pl.multiple_of(ti * block_t, block_t), block_t)
+    dy1 = _dy1(z_ref[rows, :], w_ref, dv_ref, rows, pl.ds(0, gb), z_ref.dtype)
+    z_k = z_ref[rows, ks]
+    return tuple(acc[j] + cm.dot_tn(dy1[j], z_k) for j in range(PLANES))
+
+  acc = jax.lax.fori_loop(0, n_tblocks, body,
+                          tuple(jnp.zeros((gb, kb), jnp.float32) for _ in range(PLANES)))
+  for j in range(PLANES):
+    dw_ref[j] = acc[j]
+
+
+def _operands(z, w, blocks: cm.Blocks):
+  """Tokens padded to whole blocks, ranks to a power of two, weight in planes."""
+  zk = cm.pad_to(z, 0, blocks.block_t)
+  k = z.shape[1]
+  kp = cm._next_pow2(k)
+  return cm.pad_to(zk, 1, kp), cm.weight_planes(cm.pad_to(w, 1, kp))
+
+
+def _forward(blocks, interpret, z, w):
+  t, k = z.shape
+  f = w.shape[0]
+  zk, w_p = _operands(z, w, blocks)
+  tp, kp = zk.shape
+  g, gb = f // PLANES, blocks.block_f // PLANES
+  cm.check_divides(f, blocks.block_f, "relu2_sparsify", "features")
+  vals, meta = pl.pallas_call(
+      _fwd_kernel,
+      out_shape=[jax.ShapeDtypeStruct((4, tp, g), z.dtype), jax.ShapeDtypeStruct((tp, g), jnp.uint8)],
+      grid=(tp // blocks.block_t, g // gb),
+      in_specs=[pl.BlockSpec((blocks.block_t, kp), lambda i, c: (i, 0)),
+                pl.BlockSpec((PLANES, gb, kp), lambda i, c: (0, c, 0))],
+      out_specs=[pl.BlockSpec((4, blocks.block_t, gb), lambda i, c: (0, i, c)),
+                 pl.BlockSpec((blocks.block_t, gb), lambda i, c: (i, c))],
+      interpret=interpret, compiler_params=cm.compiler_params(interpret),
+      name="relu2_sparsify_fwd")(zk, w_p)
+  return vals[:, :t], meta[:t]
+
+
+def _bwd(blocks, interpret, res, cot):
+  z, w = res
+  d_vals = cot[0].astype(z.dtype)
+  t, k = z.shape
+  f = w.shape[0]
+  zk, w_p = _operands(z, w, blocks)
+  tp, kp = zk.shape
+  dv = cm.pad_to(d_vals, 1, blocks.block_t)
+  bt, g, gb = blocks.block_t, f // PLANES, blocks.block_f // PLANES
+  bk = min(blocks.block_k, kp)
+  params = cm.compiler_params(interpret)
+  dz = pl.pallas_call(
+      functools.partial(_dz_kernel, gb=gb, n_fblocks=g // gb),
+      out_shape=jax.ShapeDtypeStruct((tp, kp), jnp.float32), grid=(tp // bt,),
+      in_specs=[pl.BlockSpec((bt, kp), lambda i: (i, 0)),
+                pl.BlockSpec((PLANES, g, kp), lambda i: (0, 0, 0)),
+                pl.BlockSpec((4, bt, g), lambda i: (0, i, 0))],
+      out_specs=pl.BlockSpec((bt, kp), lambda i: (i, 0)),
+      interpret=interpret, compiler_params=params, name="relu2_sparsify_dz")(zk, w_p, dv)
+  dw = pl.pallas_call(
+      functools.partial(_dw_kernel, block_t=bt, n_tblocks=tp // bt),
+      out_shape=jax.ShapeDtypeStruct((PLANES, g, kp), jnp.float32), grid=(g // gb, kp // bk),
+      in_specs=[pl.BlockSpec((tp, kp), lambda c, q: (0, 0)),
+                pl.BlockSpec((PLANES, gb, kp), lambda c, q: (0, c, 0)),
+                pl.BlockSpec((4, tp, gb), lambda c, q: (0, 0, c))],
+      out_specs=pl.BlockSpec((PLANES, gb, bk), lambda c, q: (0, c, q)),
+      interpret=interpret, compiler_params=params, name="relu2_sparsify_dw")(zk, w_p, dv)
+  d_w = cm.weight_unplanes(dw)[:, :k]
+  return dz[:t, :k].astype(z.dtype), d_w.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _core(blocks, interpret, z, w):
+  return _forward(blocks, interpret, z, w)
+
+
+_core.defvjp(lambda blocks, interpret, z, w: (_forward(blocks, interpret, z, w), (z, w)), _bwd)
+
+
+def relu2_sparsify(
+    z_TxK: jax.Array,
+    w_FxK: jax.Array,
+    *,
+    block_t: int | None = None,
+    block_f: int | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """2:4-compressed ``relu(z wᵀ)²``: values ``[4, T, F/8]`` and uint8 metadata ``[T, F/8]``.
+
+  ``F`` must be a multiple of 8 (two 2:4 groups per metadata byte); ``T`` may
+  be anything (padded). ``interpret`` defaults to True off GPUs.
+  """
+  if z_TxK.ndim != 2 or w_FxK.ndim != 2 or z_TxK.shape[1] != w_FxK.shape[1]:
+    raise ValueError(f"relu2_sparsify: expected z [T, K] and w [F, K]; got {z_TxK.shape}, "
+                     f"{w_FxK.shape}")
+  t, k = z_TxK.shape
+  f = w_FxK.shape[0]
+  if f % PLANES:
+    raise ValueError(f"relu2_sparsify: F={f} is not a multiple of 8 (two 2:4 groups per "
+                     "metadata byte); split off the tail and handle it densely")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  d = cm.default_blocks(t, f, k, k, interpret=interpret)
+  bf = block_f or d.block_f
+  while block_f is None and f % bf:  # default: the largest power-of-two block dividing F
+    bf //= 2
+  blocks = cm.Blocks(block_t or d.block_t, bf, d.block_k, d.block_n)
+  blocks.check("relu2_sparsify")
+  return _core(blocks, bool(interpret), z_TxK, w_FxK.astype(z_TxK.dtype))

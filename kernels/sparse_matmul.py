@@ -1,0 +1,177 @@
+"""Compressed 2:4 x dense matmul: decompress in registers, dense MMA.
+
+    out_TxN = decompress_24(vals_4xTxG, meta_TxG) @ w_NxFᵀ        # G = F / 8
+
+reads only the compressed activation (9/16 of the dense bf16 bytes). With the
+compressed ReLU² activation and ``w = A_down`` this is the second half of the
+ELAS FFN; ``y2s`` is never materialised dense in memory.
+
+Forward: one program per (token block, output block), a loop over feature
+blocks. Backward (``custom_vjp``; metadata gets no gradient): ``d_vals`` is
+``g @ w`` gathered at the kept positions (per token and feature block: the
+dense product lives only in registers), ``dw = gᵀ decompress(vals)`` per
+(output block, feature block) with a loop over tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from elas_jax import sparsity
+from kernels import common as cm
+from kernels.common import PLANES
+
+
+def reference(vals_4xTxG: jax.Array, meta_TxG: jax.Array, w_NxF: jax.Array) -> jax.Array:
+  """Pure jnp: ``decompress_24(vals, meta) @ wᵀ`` (fp32 accumulation)."""
+  dense = sparsity.decompress_24(cm.from_planes(vals_4xTxG), meta_TxG)
+  return jnp.einsum("tf,nf->tn", dense, w_NxF,
+                    preferred_element_type=jnp.float32).astype(vals_4xTxG.dtype)
+
+
+def _dense_planes(vals_ref, meta_ref, rows, gs):
+  nib_a, nib_b = cm.unpack_meta(meta_ref[rows, gs])
+  v = [vals_ref[p, rows, gs] for p in range(4)]
+  return cm.decompress_group(v[0], v[1], nib_a) + cm.decompress_group(v[2], v[3], nib_b)
+
+
+def _fwd_kernel(vals_ref, meta_ref, w_ref, out_ref, *, gb: int, n_fblocks: int):
+  rows = pl.ds(0, out_ref.shape[0])
+
+  def body(fi, acc):
+    gs = pl.ds(pl.multiple_of(fi * gb, gb), gb)
+    d = _dense_planes(vals_ref, meta_ref, rows, gs)
+    for j in range(PLANES):
+      acc = acc + cm.dot_nt(d[j], w_ref[j, :, gs])
+    return acc
+
+  acc = jax.lax.fori_loop(0, n_fblocks, body, jnp.zeros(out_ref.shape, jnp.float32))
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _dvals_kernel(g_ref, w_ref, meta_ref, dv_ref):
+  g = g_ref[...]
+  nibs = cm.unpack_meta(meta_ref[...])
+  for half, nib in enumerate(nibs):
+    dense = [cm.dot_nn(g, w_ref[4 * half + j]).astype(dv_ref.dtype) for j in range(4)]
+    v0, v1, _ = cm.compress_group(dense, cm.kept_planes(nib))
+    dv_ref[2 * half] = v0
+    dv_ref[2 * half + 1] = v1
+
+
+def _dw_kernel(g_ref, vals_ref, meta_ref, dw_ref, *, block_t: int, n_tblocks: int):
+  nb, gb = dw_ref.shape[1], dw_ref.shape[2]
+  ns = pl.ds(pl.program_id(0) * nb, nb)
+
+  def body(ti, acc):
+    rows = pl.ds(pl.multiple_of(ti * block_t, block_t), block_t)
+    d = _dense_planes(vals_ref, meta_ref, rows, pl.ds(0, gb))
+    g = g_ref[rows, ns]
+    return tuple(acc[j] + cm.dot_tn(g, d[j]) for j in range(PLANES))
+
+  acc = jax.lax.fori_loop(0, n_tblocks, body,
+                          tuple(jnp.zeros((nb, gb), jnp.float32) for _ in range(PLANES)))
+  for j in range(PLANES):
+    dw_ref[j] = acc[j]
+
+
+def _operands(vals, meta, w, blocks: cm.Blocks):
+  v = cm.pad_to(vals, 1, blocks.block_t)
+  m = cm.pad_to(meta, 0, blocks.block_t)
+  np_ = cm._next_pow2(w.shape[0])
+  return v, m, cm.out_weight_planes(cm.pad_to(w, 0, np_))
+
+
+def _forward(blocks, interpret, vals, meta, w):
+  t, n = vals.shape[1], w.shape[0]
+  v, m, w_p = _operands(vals, meta, w, blocks)
+  tp, g, np_ = v.shape[1], v.shape[2], w_p.shape[1]
+  bt, gb = blocks.block_t, blocks.block_f // PLANES
+  bn = min(blocks.block_n, np_)
+  cm.check_divides(g * PLANES, blocks.block_f, "sparse24_matmul", "features")
+  out = pl.pallas_call(
+      functools.partial(_fwd_kernel, gb=gb, n_fblocks=g // gb),
+      out_shape=jax.ShapeDtypeStruct((tp, np_), vals.dtype), grid=(tp // bt, np_ // bn),
+      in_specs=[pl.BlockSpec((4, bt, g), lambda i, c: (0, i, 0)),
+                pl.BlockSpec((bt, g), lambda i, c: (i, 0)),
+                pl.BlockSpec((PLANES, bn, g), lambda i, c: (0, c, 0))],
+      out_specs=pl.BlockSpec((bt, bn), lambda i, c: (i, c)),
+      interpret=interpret, compiler_params=cm.compiler_params(interpret),
+      name="sparse24_matmul_fwd")(v, m, w_p)
+  return out[:t, :n]
+
+
+def _bwd(blocks, interpret, res, g_out):
+  vals, meta, w = res
+  t, n = vals.shape[1], w.shape[0]
+  v, m, w_p = _operands(vals, meta, w, blocks)
+  tp, g, np_ = v.shape[1], v.shape[2], w_p.shape[1]
+  bt, gb = blocks.block_t, blocks.block_f // PLANES
+  bn = min(blocks.block_n, np_)
+  gk = cm.pad_to(cm.pad_to(g_out.astype(vals.dtype), 0, bt), 1, np_)
+  params = cm.compiler_params(interpret)
+  d_vals = pl.pallas_call(
+      _dvals_kernel,
+      out_shape=jax.ShapeDtypeStruct((4, tp, g), vals.dtype), grid=(tp // bt, g // gb),
+      in_specs=[pl.BlockSpec((bt, np_), lambda i, c: (i, 0)),
+                pl.BlockSpec((PLANES, np_, gb), lambda i, c: (0, 0, c)),
+                pl.BlockSpec((bt, gb), lambda i, c: (i, c))],
+      out_specs=pl.BlockSpec((4, bt, gb), lambda i, c: (0, i, c)),
+      interpret=interpret, compiler_params=params, name="sparse24_matmul_dvals")(gk, w_p, m)
+  dw = pl.pallas_call(
+      functools.partial(_dw_kernel, block_t=bt, n_tblocks=tp // bt),
+      out_shape=jax.ShapeDtypeStruct((PLANES, np_, g), jnp.float32), grid=(np_ // bn, g // gb),
+      in_specs=[pl.BlockSpec((tp, np_), lambda c, i: (0, 0)),
+                pl.BlockSpec((4, tp, gb), lambda c, i: (0, 0, i)),
+                pl.BlockSpec((tp, gb), lambda c, i: (0, i))],
+      out_specs=pl.BlockSpec((PLANES, bn, gb), lambda c, i: (0, c, i)),
+      interpret=interpret, compiler_params=params, name="sparse24_matmul_dw")(gk, v, m)
+  d_w = cm.out_weight_unplanes(dw)[:n].astype(w.dtype)
+  return d_vals[:, :t], None, d_w
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _core(blocks, interpret, vals, meta, w):
+  return _forward(blocks, interpret, vals, meta, w)
+
+
+_core.defvjp(lambda blocks, interpret, vals, meta, w:
+             (_forward(blocks, interpret, vals, meta, w), (vals, meta, w)), _bwd)
+
+
+def sparse24_matmul(
+    vals_4xTxG: jax.Array,
+    meta_TxG: jax.Array,
+    w_NxF: jax.Array,
+    *,
+    block_t: int | None = None,
+    block_f: int | None = None,
+    block_n: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """``decompress_24(vals, meta) @ wᵀ`` from the compressed plane layout; ``[T, N]``.
+
+  Differentiable in ``vals`` (gradient at the kept positions) and ``w``.
+  """
+  if vals_4xTxG.ndim != 3 or vals_4xTxG.shape[0] != 4:
+    raise ValueError(f"sparse24_matmul: vals must be [4, T, F/8], got {vals_4xTxG.shape}")
+  _, t, g = vals_4xTxG.shape
+  if meta_TxG.shape != (t, g) or meta_TxG.dtype != jnp.uint8:
+    raise ValueError(f"sparse24_matmul: meta {meta_TxG.dtype}{list(meta_TxG.shape)} does not "
+                     f"match vals {list(vals_4xTxG.shape)} (expected uint8[{t}, {g}])")
+  if w_NxF.ndim != 2 or w_NxF.shape[1] != g * PLANES:
+    raise ValueError(f"sparse24_matmul: w must be [N, {g * PLANES}], got {w_NxF.shape}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  f, n = g * PLANES, w_NxF.shape[0]
+  d = cm.default_blocks(t, f, n, n, interpret=interpret)
+  bf = block_f or d.block_f
+  while block_f is None and f % bf:  # default: the largest power-of-two block dividing F
+    bf //= 2
+  blocks = cm.Blocks(block_t or d.block_t, bf, d.block_k, block_n or d.block_n)
+  blocks.check("sparse24_matmul")
+  return _core(blocks, bool(interpret), vals_4xTxG, meta_TxG, w_NxF.astype(vals_4xTxG.dtype))
