@@ -304,3 +304,20 @@ def test_pallas_ffn_runs_per_shard_under_a_mesh():
   assert p.returncode == 0, p.stderr[-3000:]
   manual, err = p.stdout.split()
   assert manual == "True" and float(err) < 1e-5
+
+
+def test_kernel_benchmark_cpu_smoke(tmp_path):
+  # The benchmark's interpret-mode smoke preset runs every section; each Pallas
+  # row agrees with the XLA op it is timed against.
+  p = subprocess.run([sys.executable, "benchmarks/ffn_kernels.py", "--preset", "cpu", "--modes",
+                      "masked", "--repeats", "1", "--out", str(tmp_path)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  import json
+
+  rows = json.load(open(tmp_path / "results.json"))["rows"]
+  assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+  pallas = [r for r in rows if r["impl"] == "pallas"]
+  assert len(pallas) >= 4  # elas_ffn fwd, fwd+bwd, relu2_sparsify, sparse24_matmul
+  assert all(r["max_rel_err"] is not None and r["max_rel_err"] < 2e-2 for r in pallas)
+  assert (tmp_path / "results.md").read_text().count("pallas") >= 4
