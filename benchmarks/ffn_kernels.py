@@ -186,9 +186,22 @@ def xla_sparse_ffn(mode: str) -> Callable:
   return lambda h, w_in, w_out, on: sparsity.relu2_sparse_ffn(h, w_in, w_out, on, mode=mode)
 
 
-def pallas_ffn(mode: str, interpret: bool) -> Callable:
+def pallas_ffn(mode: str, interpret: bool, blocks: tuple[int, int] | None = None) -> Callable:
   elas = importlib.import_module("kernels.elas_ffn")
-  return lambda h, w_in, w_out, on: elas.elas_ffn(h, w_in, w_out, on, mode=mode, interpret=interpret)
+  bt, bf = blocks or (None, None)
+  return lambda h, w_in, w_out, on: elas.elas_ffn(h, w_in, w_out, on, mode=mode, interpret=interpret,
+                                                  block_t=bt, block_f=bf)
+
+
+def parse_blocks(spec: str | None) -> list[tuple[int, int] | None]:
+  """``"32x128,64x256"`` -> [(32, 128), (64, 256)]; None: the kernel's defaults only."""
+  if not spec:
+    return [None]
+  out = []
+  for item in spec.split(","):
+    bt, _, bf = item.partition("x")
+    out.append((int(bt), int(bf)))
+  return out
 
 
 def fwd_only(ffn: Callable) -> Callable:
@@ -366,24 +379,28 @@ def copy_bandwidth(bench: Bench, mib: int) -> float | None:
   return row.gbps
 
 
-def ffn_rows(bench: Bench, shape: Shape, t: int, x: dict, modes: list[str], interpret: bool) -> None:
-  """The whole FFN core, fwd and fwd+bwd: XLA dense, XLA sparse, Pallas, per mode."""
+def ffn_rows(bench: Bench, shape: Shape, t: int, x: dict, modes: list[str], interpret: bool,
+             block_list: list[tuple[int, int] | None] = (None,)) -> None:
+  """The whole FFN core, fwd and fwd+bwd: XLA dense, XLA sparse, Pallas, per mode (and tiles)."""
   args = (x["h"], x["w_in"], x["w_out"], x["ct"], x["on"])
   for pass_, wrap in (("fwd", fwd_only), ("fwd+bwd", fwd_bwd)):
     bench.run(Row(shape.size, t, "ffn", "xla_dense", "xla dense ffn", pass_), wrap(dense_ffn), args)
     for mode in modes:
       ref = bench.run(Row(shape.size, t, "ffn", "xla_sparse", f"xla sparse ffn/{mode}", pass_, mode),
                       wrap(xla_sparse_ffn(mode)), args)
-      row = Row(shape.size, t, "ffn", "pallas", f"pallas elas_ffn/{mode}", pass_, mode)
-      try:
-        fn = wrap(pallas_ffn(mode, interpret))
-      except Exception as e:
-        bench.rows.append(row)
-        row.status = "error: " + short_error(e)
-        continue
-      out = bench.run(row, fn, args)
-      row.max_rel_err = rel_err(out, ref, bench.dry_run)
-      del out, ref
+      for blocks in block_list:
+        tiles = f" {blocks[0]}x{blocks[1]}" if blocks else ""
+        row = Row(shape.size, t, "ffn", "pallas", f"pallas elas_ffn/{mode}{tiles}", pass_, mode)
+        try:
+          fn = wrap(pallas_ffn(mode, interpret, blocks))
+        except Exception as e:
+          bench.rows.append(row)
+          row.status = "error: " + short_error(e)
+          continue
+        out = bench.run(row, fn, args)
+        row.max_rel_err = rel_err(out, ref, bench.dry_run)
+        del out
+      del ref
 
 
 def kernel_rows(bench: Bench, shape: Shape, t: int, x: dict, interpret: bool) -> None:
@@ -657,6 +674,9 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--min_time_ms", type=float,
                   help="each measurement repeats the call back to back until it lasts this long")
   ap.add_argument("--timer", choices=("wall", "do_bench"), default="wall")
+  ap.add_argument("--blocks", default=None,
+                  help="tile sweep for the Pallas FFN rows: comma list of block_t x block_f, "
+                       "e.g. 32x128,64x128,64x256 (default: the kernel's per-shape defaults)")
   ap.add_argument("--copy_mib", type=int, help="size of the copy-bandwidth array")
   ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
   ap.add_argument("--interpret", choices=("auto", "true", "false"), default="auto",
@@ -720,7 +740,7 @@ def main() -> None:
         print(f"  skip {size} T={t}: inputs: {why}")
         bench.rows.append(Row(size, t, "ffn", "-", "inputs", status="skipped: " + why))
         continue
-      ffn_rows(bench, shape, t, x, modes, interpret)
+      ffn_rows(bench, shape, t, x, modes, interpret, parse_blocks(args.blocks))
       kernel_rows(bench, shape, t, x, interpret)
       del x
       if args.peak_memory and not args.dry_run:
