@@ -64,8 +64,12 @@ def _keep_planes(y2):
   return cm.keep_24(y2[:4]) + cm.keep_24(y2[4:])
 
 
-def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, vals_ref, meta_ref, stats_ref,
-                *maybe_nnz_ref, block_f: int, n_fblocks: int):
+def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_refs, store: bool,
+                want_nnz: bool, block_f: int, n_fblocks: int):
+  """``more_refs``: the compressed activation (vals, meta) when ``store`` (training with
+  masked / split), then the per-feature non-zero counts when ``want_nnz`` (split)."""
+  vals_ref, meta_ref = more_refs[:2] if store else (None, None)
+  nnz_ref = more_refs[-1] if want_nnz else None
   gb = block_f // PLANES
   sparse = flag_ref[0] != 0
   h = h_ref[...]
@@ -87,15 +91,16 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, vals_ref, meta_ref,
       zeros = zeros + jnp.sum((y2f == 0).astype(jnp.float32), axis=1)
       total = total + jnp.sum(y2f, axis=1)
       dropped = dropped + jnp.sum(jnp.where(keep[j], 0.0, y2f), axis=1)
-      if maybe_nnz_ref:  # split mode: per-feature non-zeros of y2s for the dense 5%
-        maybe_nnz_ref[0][0, j, gs] = jnp.sum((y2s != 0).astype(jnp.int32), axis=0)
-    # Store relu(y1) (not y2) at the kept positions: backward rebuilds y2s = v·v
-    # bit-exactly and uses 2v as d(y2)/d(y1), like the reference.
-    a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
-    b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
-    for p, v in enumerate((a0, a1, b0, b1)):
-      vals_ref[p, :, gs] = v
-    meta_ref[:, gs] = cm.pack_meta(nib_a, nib_b)
+      if want_nnz:  # split mode: per-feature non-zeros of y2s for the dense 5%
+        nnz_ref[0, j, gs] = jnp.sum((y2s != 0).astype(jnp.int32), axis=0)
+    if store:
+      # Store relu(y1) (not y2) at the kept positions: backward rebuilds y2s = v·v
+      # bit-exactly and uses 2v as d(y2)/d(y1), like the reference.
+      a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
+      b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
+      for p, v in enumerate((a0, a1, b0, b1)):
+        vals_ref[p, :, gs] = v
+      meta_ref[:, gs] = cm.pack_meta(nib_a, nib_b)
     return acc, zeros, total, dropped
 
   n = out_ref.shape[1]
@@ -222,7 +227,9 @@ def _full(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, want_nnz: bool):
+def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, store: bool,
+              want_nnz: bool):
+  """[out fp32 [T, N], per-row stats [4, T]] + [vals, meta] if store + [nnz] if want_nnz."""
   t, k = h.shape
   _, g, _ = win_p.shape
   n = wout_p.shape[1]
@@ -230,18 +237,16 @@ def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, want_n
   cm.check_divides(t, bt, "elas_ffn forward", "tokens")
   cm.check_divides(g * PLANES, bf, "elas_ffn forward", "features")
   nt = t // bt
-  out_shape = [jax.ShapeDtypeStruct((t, n), jnp.float32),
-               jax.ShapeDtypeStruct((4, t, g), h.dtype),
-               jax.ShapeDtypeStruct((t, g), jnp.uint8),
-               jax.ShapeDtypeStruct((4, t), jnp.float32)]
-  out_specs = [pl.BlockSpec((bt, n), lambda i: (i, 0)),
-               pl.BlockSpec((4, bt, g), lambda i: (0, i, 0)),
-               pl.BlockSpec((bt, g), lambda i: (i, 0)),
-               pl.BlockSpec((4, bt), lambda i: (0, i))]
+  out_shape = [jax.ShapeDtypeStruct((t, n), jnp.float32), jax.ShapeDtypeStruct((4, t), jnp.float32)]
+  out_specs = [pl.BlockSpec((bt, n), lambda i: (i, 0)), pl.BlockSpec((4, bt), lambda i: (0, i))]
+  if store:
+    out_shape += [jax.ShapeDtypeStruct((4, t, g), h.dtype), jax.ShapeDtypeStruct((t, g), jnp.uint8)]
+    out_specs += [pl.BlockSpec((4, bt, g), lambda i: (0, i, 0)), pl.BlockSpec((bt, g), lambda i: (i, 0))]
   if want_nnz:
     out_shape.append(jax.ShapeDtypeStruct((nt, PLANES, g), jnp.int32))
     out_specs.append(pl.BlockSpec((1, PLANES, g), lambda i: (i, 0, 0)))
-  kernel = functools.partial(_fwd_kernel, block_f=bf, n_fblocks=g * PLANES // bf)
+  kernel = functools.partial(_fwd_kernel, store=store, want_nnz=want_nnz, block_f=bf,
+                             n_fblocks=g * PLANES // bf)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(nt,),
       in_specs=[_full((1,)), pl.BlockSpec((bt, k), lambda i: (i, 0)), _full(win_p.shape),
@@ -379,14 +384,17 @@ def _prep(h, w_in, w_out, lay: _Layout):
   return hk, cm.weight_planes(win), cm.out_weight_planes(wout)
 
 
-def _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on):
+def _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on, store=False):
+  """Output, statistics and what backward needs; ``store``: write the compressed activation."""
   t, k = h.shape
   f, n = w_in.shape[0], w_out.shape[0]
   lay = _Layout(t, f, blocks, mode)
   hk, win_p, wout_p = _prep(h, w_in, w_out, lay)
   flag = jnp.asarray(sparse_on, jnp.int32).reshape(1)
-  outs = _fwd_call(flag, hk, win_p, wout_p, blocks, interpret, want_nnz=mode == "split")
-  out_k, vals, meta, stats_rows = outs[:4]
+  want_nnz = store and mode == "split"
+  outs = _fwd_call(flag, hk, win_p, wout_p, blocks, interpret, store, want_nnz)
+  out_k, stats_rows = outs[:2]
+  vals, meta = outs[2:4] if store else (None, None)
   out = lay.rows_out(out_k)[:, :n]
   stats_rows = lay.rows_out(stats_rows.T)  # [t, 4], padded tokens dropped
   zeros = jnp.sum(stats_rows[:, 0]) - t * (lay.f_pad - lay.f_main)  # padded features are zeros
@@ -404,15 +412,14 @@ def _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on)
   stats = {"zero_frac": zeros / (t * f),
            "dropped_mass": dropped / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)}
   # split: per-feature non-zero counts, reduced now so the residual is [8, G] (not per token)
-  nnz = jnp.sum(outs[4], axis=0) if mode == "split" else None
+  nnz = jnp.sum(outs[-1], axis=0) if want_nnz else None
   return out.astype(h.dtype), stats, (lay, vals, meta, r_tail, nnz)
 
 
 def _ffn_fwd(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on):
+  # ste recomputes relu(y1) from h in backward: it stores (and keeps) nothing f-wide.
   out, stats, (lay, vals, meta, r_tail, nnz) = _forward(
-      mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on)
-  if mode == "ste":  # ste recomputes relu(y1) from h: keep nothing f-wide
-    vals = meta = None
+      mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on, store=mode != "ste")
   return (out, stats), (h, w_in, w_out, sparse_on, vals, meta, r_tail, nnz)
 
 

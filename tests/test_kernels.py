@@ -159,7 +159,7 @@ def test_bad_blocks_and_shapes_fail_clearly():
   # The raw pallas_call builders refuse a grid that would not cover the array.
   with pytest.raises(ValueError, match="tokens=16 is not a multiple of the block size 32"):
     elas_ffn._fwd_call(jnp.ones((1,), jnp.int32), h, cm.weight_planes(w_in),
-                       cm.out_weight_planes(w_out), cm.Blocks(32, 32), True, False)
+                       cm.out_weight_planes(w_out), cm.Blocks(32, 32), True, True, False)
 
 
 @pytest.mark.parametrize("t,f,k,dtype,blocks", [
