@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 PLANES = 8  # features per metadata byte: two 2:4 groups
 GROUP = 4
+MIN_DOT = 16  # Triton's MMAs need at least 16 along every dot dimension
 
 
 # --------------------------------------------------------------------------
@@ -94,35 +95,59 @@ class Blocks:
   block_k: int = 64
   block_n: int = 64
 
-  def check(self, what: str) -> None:
-    """Triton tiles must be powers of two; a plane needs at least one row."""
+  def check(self, what: str, *, interpret: bool, split: bool = False) -> None:
+    """Triton tiles must be powers of two, and its dots need >= 16 along every side."""
     for name, lo in (("block_t", 1), ("block_f", PLANES), ("block_k", 1), ("block_n", 1)):
       v = getattr(self, name)
       if not _pow2(v) or v < lo:
         raise ValueError(f"{what}: {name}={v} must be a power of two >= {lo}")
+    if split and self.block_t < 4:
+      raise ValueError(f"{what} split mode: block_t={self.block_t} must be >= 4 (token groups)")
+    if interpret:
+      return
+    # Compiled for a GPU: plane dots are (block_f / 8) wide, split-mode row planes block_t / 4.
+    need = {"block_t": MIN_DOT * (4 if split else 1), "block_f": MIN_DOT * PLANES,
+            "block_k": MIN_DOT, "block_n": MIN_DOT}
+    for name, lo in need.items():
+      if getattr(self, name) < lo:
+        raise ValueError(f"{what}: {name}={getattr(self, name)} is too small for the GPU "
+                         f"kernels (Triton dots need >= {MIN_DOT} per side): use >= {lo}")
 
 
-def default_blocks(t: int, f: int, k: int, n: int, *, interpret: bool) -> Blocks:
+def default_blocks(t: int, f: int, k: int, n: int, *, interpret: bool, split: bool = False
+                   ) -> Blocks:
   """Tiles by shape.
 
   GPU: 128 features (16 rows per plane: Triton dots need >= 16 per side) and
   as many tokens as keep the fp32 ``[block_t, max(K, N)]`` accumulator at
   ~16K elements (64 KiB over the program's registers): 128 at rank 128, 32 at
-  rank 512. Interpret mode (CPU tests) uses small tiles so that several blocks
-  and loop trips are exercised. Never larger than the (padded) problem.
+  rank 512; split mode needs 64 (4 row planes of 16). Interpret mode (CPU
+  tests) uses small tiles so that several blocks and loop trips are
+  exercised. Tokens: never more than the (padded) problem.
   """
-  widest = _next_pow2(max(k, n))
+  widest = rank_size(max(k, n))
   if interpret:
     bt, bf, bk = 16, 32, 16
+    bt = min(bt, max(4, _next_pow2(t)))
+    bf = min(bf, max(PLANES, _next_pow2(f)))
   else:
-    bt, bf, bk = max(16, min(128, 16384 // widest)), 128, 64
-  bt = min(bt, max(4, _next_pow2(t)))
-  bf = min(bf, max(PLANES, _next_pow2(f)))
+    bt = max(4 * MIN_DOT if split else MIN_DOT, min(128, 16384 // widest))
+    bf, bk = MIN_DOT * PLANES, 64
   return Blocks(bt, bf, min(bk, widest), min(bk, widest))
 
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
+
+
+def rank_size(n: int) -> int:
+  """Padded size of a rank (``K``/``N``) dimension: a power of two, at least 16."""
+  return max(MIN_DOT, _next_pow2(n))
+
+
+def pad_rank(x: jax.Array, axis: int) -> jax.Array:
+  """Zero-pad a rank dimension to :func:`rank_size` (zeros add nothing to any dot)."""
+  return pad_to(x, axis, rank_size(x.shape[axis]))
 
 
 def pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:

@@ -318,11 +318,6 @@ def _dw_call(h, g_out, win_p, wout_p, vals, meta, dense_f, tok_dense, source, dw
 # --------------------------------------------------------------------------
 
 
-def _pow2_pad(x: jax.Array, axis: int) -> jax.Array:
-  n = x.shape[axis]
-  return cm.pad_to(x, axis, cm._next_pow2(n)) if n & (n - 1) else x
-
-
 class _Layout:
   """Static facts of one call (Python ints / numpy, fixed at trace time)."""
 
@@ -378,9 +373,9 @@ def _split_order(t: int, t_pad: int, bt: int):
 
 def _prep(h, w_in, w_out, lay: _Layout):
   """Kernel operands: padded tokens, features and ranks (powers of two), weights in planes."""
-  hk = _pow2_pad(lay.rows_in(h), 1)
-  win = _pow2_pad(cm.pad_to(w_in[: lay.f_main], 0, lay.blocks.block_f), 1)
-  wout = _pow2_pad(cm.pad_to(w_out[:, : lay.f_main], 1, lay.blocks.block_f), 0)
+  hk = cm.pad_rank(lay.rows_in(h), 1)
+  win = cm.pad_rank(cm.pad_to(w_in[: lay.f_main], 0, lay.blocks.block_f), 1)
+  wout = cm.pad_rank(cm.pad_to(w_out[:, : lay.f_main], 1, lay.blocks.block_f), 0)
   return hk, cm.weight_planes(win), cm.out_weight_planes(wout)
 
 
@@ -430,7 +425,7 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
   f, n = w_in.shape[0], w_out.shape[0]
   lay = _Layout(t, f, blocks, mode)
   hk, win_p, wout_p = _prep(h, w_in, w_out, lay)
-  gk = _pow2_pad(lay.rows_in(g_out), 1)
+  gk = cm.pad_rank(lay.rows_in(g_out), 1)
   g_pl = win_p.shape[1]
   tk = hk.shape[0]
   if vals is None:  # ste: the kernels recompute; give them correctly shaped placeholders
@@ -545,11 +540,10 @@ def elas_ffn(
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, k)
   t = h_TxK.shape[0]
-  d = cm.default_blocks(t, f, k, w_out_NxF.shape[0], interpret=interpret)
+  split = mode == "split"
+  d = cm.default_blocks(t, f, k, w_out_NxF.shape[0], interpret=interpret, split=split)
   blocks = cm.Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, d.block_n)
-  blocks.check("elas_ffn")
-  if mode == "split" and blocks.block_t < 4:
-    raise ValueError(f"elas_ffn split mode: block_t={blocks.block_t} must be >= 4")
+  blocks.check("elas_ffn", interpret=interpret, split=split)
   sparse_on = jnp.asarray(sparse_on, dtype=bool)
   out, stats = _ffn_core(mode, float(dense_fraction), blocks, bool(interpret), h_TxK, w_in_FxK,
                          w_out_NxF, sparse_on)

@@ -96,11 +96,10 @@ def _dw_kernel(z_ref, w_ref, dv_ref, dw_ref, *, block_t: int, n_tblocks: int):
 
 
 def _operands(z, w, blocks: cm.Blocks):
-  """Tokens padded to whole blocks, ranks to a power of two, weight in planes."""
-  zk = cm.pad_to(z, 0, blocks.block_t)
-  k = z.shape[1]
-  kp = cm._next_pow2(k)
-  return cm.pad_to(zk, 1, kp), cm.weight_planes(cm.pad_to(w, 1, kp))
+  """Tokens and features padded to whole blocks, the rank to :func:`cm.rank_size`,
+  the weight in planes (zero rows: zero activations, trimmed from the outputs)."""
+  zk = cm.pad_rank(cm.pad_to(z, 0, blocks.block_t), 1)
+  return zk, cm.weight_planes(cm.pad_rank(cm.pad_to(w, 0, blocks.block_f), 1))
 
 
 def _forward(blocks, interpret, z, w):
@@ -108,8 +107,7 @@ def _forward(blocks, interpret, z, w):
   f = w.shape[0]
   zk, w_p = _operands(z, w, blocks)
   tp, kp = zk.shape
-  g, gb = f // PLANES, blocks.block_f // PLANES
-  cm.check_divides(f, blocks.block_f, "relu2_sparsify", "features")
+  g, gb = w_p.shape[1], blocks.block_f // PLANES
   vals, meta = pl.pallas_call(
       _fwd_kernel,
       out_shape=[jax.ShapeDtypeStruct((4, tp, g), z.dtype), jax.ShapeDtypeStruct((tp, g), jnp.uint8)],
@@ -120,7 +118,7 @@ def _forward(blocks, interpret, z, w):
                  pl.BlockSpec((blocks.block_t, gb), lambda i, c: (i, c))],
       interpret=interpret, compiler_params=cm.compiler_params(interpret),
       name="relu2_sparsify_fwd")(zk, w_p)
-  return vals[:, :t], meta[:t]
+  return vals[:, :t, : f // PLANES], meta[:t, : f // PLANES]
 
 
 def _bwd(blocks, interpret, res, cot):
@@ -130,8 +128,8 @@ def _bwd(blocks, interpret, res, cot):
   f = w.shape[0]
   zk, w_p = _operands(z, w, blocks)
   tp, kp = zk.shape
-  dv = cm.pad_to(d_vals, 1, blocks.block_t)
-  bt, g, gb = blocks.block_t, f // PLANES, blocks.block_f // PLANES
+  dv = cm.pad_to(cm.pad_to(d_vals, 1, blocks.block_t), 2, blocks.block_f // PLANES)
+  bt, g, gb = blocks.block_t, w_p.shape[1], blocks.block_f // PLANES
   bk = min(blocks.block_k, kp)
   params = cm.compiler_params(interpret)
   dz = pl.pallas_call(
@@ -150,7 +148,7 @@ def _bwd(blocks, interpret, res, cot):
                 pl.BlockSpec((4, tp, gb), lambda c, q: (0, 0, c))],
       out_specs=pl.BlockSpec((PLANES, gb, bk), lambda c, q: (0, c, q)),
       interpret=interpret, compiler_params=params, name="relu2_sparsify_dw")(zk, w_p, dv)
-  d_w = cm.weight_unplanes(dw)[:, :k]
+  d_w = cm.weight_unplanes(dw)[:f, :k]
   return dz[:t, :k].astype(z.dtype), d_w.astype(w.dtype)
 
 
@@ -172,8 +170,9 @@ def relu2_sparsify(
 ) -> tuple[jax.Array, jax.Array]:
   """2:4-compressed ``relu(z wᵀ)²``: values ``[4, T, F/8]`` and uint8 metadata ``[T, F/8]``.
 
-  ``F`` must be a multiple of 8 (two 2:4 groups per metadata byte); ``T`` may
-  be anything (padded). ``interpret`` defaults to True off GPUs.
+  ``F`` must be a multiple of 8 (two 2:4 groups per metadata byte); ``T``
+  and ``F`` need not divide the blocks (padded). ``interpret`` defaults to
+  True off GPUs.
   """
   if z_TxK.ndim != 2 or w_FxK.ndim != 2 or z_TxK.shape[1] != w_FxK.shape[1]:
     raise ValueError(f"relu2_sparsify: expected z [T, K] and w [F, K]; got {z_TxK.shape}, "
@@ -186,9 +185,6 @@ def relu2_sparsify(
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   d = cm.default_blocks(t, f, k, k, interpret=interpret)
-  bf = block_f or d.block_f
-  while block_f is None and f % bf:  # default: the largest power-of-two block dividing F
-    bf //= 2
-  blocks = cm.Blocks(block_t or d.block_t, bf, d.block_k, d.block_n)
-  blocks.check("relu2_sparsify")
+  blocks = cm.Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, d.block_n)
+  blocks.check("relu2_sparsify", interpret=interpret)
   return _core(blocks, bool(interpret), z_TxK, w_FxK.astype(z_TxK.dtype))

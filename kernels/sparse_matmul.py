@@ -80,10 +80,12 @@ def _dw_kernel(g_ref, vals_ref, meta_ref, dw_ref, *, block_t: int, n_tblocks: in
 
 
 def _operands(vals, meta, w, blocks: cm.Blocks):
-  v = cm.pad_to(vals, 1, blocks.block_t)
-  m = cm.pad_to(meta, 0, blocks.block_t)
-  np_ = cm._next_pow2(w.shape[0])
-  return v, m, cm.out_weight_planes(cm.pad_to(w, 0, np_))
+  """Tokens and features padded to whole blocks (zero values decompress to
+  zeros), the output size to :func:`cm.rank_size`, the weight in planes."""
+  gb = blocks.block_f // PLANES
+  v = cm.pad_to(cm.pad_to(vals, 1, blocks.block_t), 2, gb)
+  m = cm.pad_to(cm.pad_to(meta, 0, blocks.block_t), 1, gb)
+  return v, m, cm.out_weight_planes(cm.pad_rank(cm.pad_to(w, 1, blocks.block_f), 0))
 
 
 def _forward(blocks, interpret, vals, meta, w):
@@ -92,7 +94,6 @@ def _forward(blocks, interpret, vals, meta, w):
   tp, g, np_ = v.shape[1], v.shape[2], w_p.shape[1]
   bt, gb = blocks.block_t, blocks.block_f // PLANES
   bn = min(blocks.block_n, np_)
-  cm.check_divides(g * PLANES, blocks.block_f, "sparse24_matmul", "features")
   out = pl.pallas_call(
       functools.partial(_fwd_kernel, gb=gb, n_fblocks=g // gb),
       out_shape=jax.ShapeDtypeStruct((tp, np_), vals.dtype), grid=(tp // bt, np_ // bn),
@@ -130,8 +131,8 @@ def _bwd(blocks, interpret, res, g_out):
                 pl.BlockSpec((tp, gb), lambda c, i: (0, i))],
       out_specs=pl.BlockSpec((PLANES, bn, gb), lambda c, i: (0, c, i)),
       interpret=interpret, compiler_params=params, name="sparse24_matmul_dw")(gk, v, m)
-  d_w = cm.out_weight_unplanes(dw)[:n].astype(w.dtype)
-  return d_vals[:, :t], None, d_w
+  d_w = cm.out_weight_unplanes(dw)[:n, : w.shape[1]].astype(w.dtype)
+  return d_vals[:, :t, : vals.shape[2]], None, d_w
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -169,9 +170,6 @@ def sparse24_matmul(
     interpret = jax.default_backend() != "gpu"
   f, n = g * PLANES, w_NxF.shape[0]
   d = cm.default_blocks(t, f, n, n, interpret=interpret)
-  bf = block_f or d.block_f
-  while block_f is None and f % bf:  # default: the largest power-of-two block dividing F
-    bf //= 2
-  blocks = cm.Blocks(block_t or d.block_t, bf, d.block_k, block_n or d.block_n)
-  blocks.check("sparse24_matmul")
+  blocks = cm.Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, block_n or d.block_n)
+  blocks.check("sparse24_matmul", interpret=interpret)
   return _core(blocks, bool(interpret), vals_4xTxG, meta_TxG, w_NxF.astype(vals_4xTxG.dtype))

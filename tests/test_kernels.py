@@ -156,6 +156,11 @@ def test_bad_blocks_and_shapes_fail_clearly():
     elas_ffn.elas_ffn(h, w_in[:, :8], w_out, True)
   with pytest.raises(ValueError, match="unknown 2:4 backward mode"):
     elas_ffn.elas_ffn(h, w_in, w_out, True, mode="mvue")
+  # Compiled for a GPU, tiles too small for Triton's dots are refused up front.
+  with pytest.raises(ValueError, match="block_f=64 is too small for the GPU kernels"):
+    elas_ffn.elas_ffn(h, w_in, w_out, True, block_f=64, interpret=False)
+  with pytest.raises(ValueError, match="block_t=32 is too small .* use >= 64"):
+    elas_ffn.elas_ffn(h, w_in, w_out, True, mode="split", block_t=32, interpret=False)
   # The raw pallas_call builders refuse a grid that would not cover the array.
   with pytest.raises(ValueError, match="tokens=16 is not a multiple of the block size 32"):
     elas_ffn._fwd_call(jnp.ones((1,), jnp.int32), h, cm.weight_planes(w_in),
@@ -197,9 +202,10 @@ def test_standalone_kernels_refuse_bad_shapes():
   z, w = jnp.ones((8, 16)), jnp.ones((20, 16))
   with pytest.raises(ValueError, match="F=20 is not a multiple of 8"):
     relu2_sparsify.relu2_sparsify(z, w)
-  with pytest.raises(ValueError, match="features=32 is not a multiple of the block size 64"):
-    relu2_sparsify.relu2_sparsify(z, jnp.ones((32, 16)), block_f=64)
   vals, meta = relu2_sparsify.reference(z, jnp.ones((32, 16)))
+  # a block wider than F is padded, not refused, and gives the same result
+  np.testing.assert_array_equal(relu2_sparsify.relu2_sparsify(z, jnp.ones((32, 16)), block_f=64)[1],
+                                meta)
   with pytest.raises(ValueError, match="w must be"):
     sparse_matmul.sparse24_matmul(vals, meta, jnp.ones((4, 24)))
   with pytest.raises(ValueError, match="does not match"):
