@@ -227,6 +227,12 @@ def _full(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def _wide_params(interpret: bool, width: int):
+  """8 warps when a program's fp32 accumulator row is wide (rank >= 256): spreads
+  the [block_t, width] accumulator over more registers. Untuned guess (no GPU yet)."""
+  return cm.compiler_params(interpret, num_warps=8 if width >= 256 else 4)
+
+
 def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, store: bool,
               want_nnz: bool):
   """[out fp32 [T, N], per-row stats [4, T]] + [vals, meta] if store + [nnz] if want_nnz."""
@@ -251,7 +257,7 @@ def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, store:
       kernel, out_shape=out_shape, grid=(nt,),
       in_specs=[_full((1,)), pl.BlockSpec((bt, k), lambda i: (i, 0)), _full(win_p.shape),
                 _full(wout_p.shape)],
-      out_specs=out_specs, interpret=interpret, compiler_params=cm.compiler_params(interpret),
+      out_specs=out_specs, interpret=interpret, compiler_params=_wide_params(interpret, n),
       name="elas_ffn_fwd")(flag, h, win_p, wout_p)
 
 
@@ -267,7 +273,7 @@ def _dh_call(h, g_out, win_p, wout_p, vals, meta, source, blocks, interpret):
                 _full(win_p.shape), _full(wout_p.shape),
                 pl.BlockSpec((4, bt, g), lambda i: (0, i, 0)), pl.BlockSpec((bt, g), lambda i: (i, 0))],
       out_specs=pl.BlockSpec((bt, k), lambda i: (i, 0)), interpret=interpret,
-      compiler_params=cm.compiler_params(interpret), name="elas_ffn_dh")(
+      compiler_params=_wide_params(interpret, k), name="elas_ffn_dh")(
           h, g_out, win_p, wout_p, vals, meta)
 
 
