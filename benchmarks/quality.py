@@ -89,12 +89,27 @@ def ffn_bytes_per_token(cfg) -> float:
   return summary.activation_bytes(cfg, model, cfg.train.seq_len)["ffn"]
 
 
+def finished_run(workdir: str, steps: int) -> dict | None:
+  """The final evaluation of a run that already completed ``steps``, else None.
+
+  Lets a re-invoked study (more seeds, more ablations) skip finished runs
+  instead of rebuilding and re-evaluating each of them.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  done = [r for r in map(json.loads, open(path)) if r.get("step") == steps and "eval_loss" in r]
+  return {"eval_loss": done[-1]["eval_loss"], "eval_ppl": done[-1]["eval_ppl"]} if done else None
+
+
 def run_one(cfg, workdir: str) -> dict:
   from flax import nnx
 
   from elas_jax import model as model_lib, summary, trainer
 
-  final = trainer.train_and_evaluate(cfg, workdir)
+  final = finished_run(workdir, cfg.train.steps)
+  if final is None:  # new, or interrupted: train (resuming from its last checkpoint)
+    final = trainer.train_and_evaluate(cfg, workdir)
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]

@@ -30,8 +30,10 @@ def test_quality_smoke_preset_writes_table_and_curves(tmp_path):
   table = open(tmp_path / "results.md").read()
   assert "| elas_warmup0 |" in table and "Ranking, seed 0:" in table
   assert os.path.getsize(tmp_path / "loss_curves.png") > 10_000
-  # rerunning resumes every run (nothing is trained again) and rewrites the same table
+  # rerunning skips every finished run (nothing is trained or evaluated again) and
+  # rewrites the same table
   again = subprocess.run([sys.executable, "benchmarks/quality.py", "--preset", "smoke", "--variants",
                           "loro_relu2,elas", "--ablations", "warmup", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and json.load(open(tmp_path / "results.json"))["mean_ppl"] == results["mean_ppl"]
+  assert "resumed from step" not in again.stderr  # finished runs are read, not rebuilt
