@@ -124,17 +124,26 @@ def run_one(cfg, workdir: str) -> dict:
 def write_report(results: dict, out: str, title: str) -> None:
   names = list(results)
   seeds = sorted({s for r in results.values() for s in r})
+  base = "loro_relu2" if "loro_relu2" in results else None  # ELAS's dense twin
   rows = ["| run | " + " | ".join(f"val ppl (seed {s})" for s in seeds) +
-          " | mean | params | tokens/s | FFN act. bytes/token |",
-          "|---|" + "---:|" * (len(seeds) + 4)]
+          " | mean | std | vs loro_relu2, same seed | params | tokens/s | FFN act. bytes/token |",
+          "|---|" + "---:|" * (len(seeds) + 6)]
   summary = {}
   for name in names:
     per_seed = results[name]
     ppls = [per_seed[s]["eval_ppl"] if s in per_seed else float("nan") for s in seeds]
     first = next(iter(per_seed.values()))
     summary[name] = float(np.mean(ppls))
+    # Paired by seed (same data order and initial weights): the seed-to-seed
+    # spread of one variant can be larger than the gap between variants.
+    paired = "-"
+    if base and name != base:
+      d = [100 * (per_seed[s]["eval_ppl"] / results[base][s]["eval_ppl"] - 1)
+           for s in seeds if s in per_seed and s in results[base]]
+      paired = " / ".join(f"{x:+.1f}%" for x in d) if d else "-"
     rows.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in ppls) +
-                f" | {np.mean(ppls):.2f} | {first['params']:,} | {first['tokens_per_s']:,.0f} | "
+                f" | {np.mean(ppls):.2f} | {np.std(ppls, ddof=1) if len(ppls) > 1 else 0:.2f} | "
+                f"{paired} | {first['params']:,} | {first['tokens_per_s']:,.0f} | "
                 f"{first['ffn_bytes_per_token']:,.0f} |")
   ranking = {s: sorted(names, key=lambda n: results[n][s]["eval_ppl"]) for s in seeds
              if all(s in results[n] for n in names)}
