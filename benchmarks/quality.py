@@ -158,23 +158,36 @@ def write_report(results: dict, out: str, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-  for name in names:
-    for s, r in results[name].items():
-      style = "-" if s == seeds[0] else ":"
-      steps, loss = zip(*r["train_curve"])
-      window = max(1, len(loss) // 30)
-      smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-      axes[0].plot(steps[window - 1:], smooth, style, label=f"{name} s{s}")
-      if r["eval_curve"]:
-        es, el = zip(*r["eval_curve"])
-        axes[1].plot(es, np.exp(el), style + "o", label=f"{name} s{s}", markersize=3)
-  axes[0].set(xlabel="step", ylabel="train loss (smoothed)", title="training loss")
-  axes[1].set(xlabel="step", ylabel="validation perplexity", title="validation perplexity", yscale="log")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.suptitle(title)
+  # Top row: the main comparison; bottom row (if any): the ablations next to elas.
+  # One colour per run, one line style per seed.
+  main_runs = [n for n in names if n in config_lib.VARIANTS]
+  ablation_runs = [n for n in names if n not in config_lib.VARIANTS]
+  groups = [g for g in (main_runs, (["elas"] if "elas" in names else []) + ablation_runs)
+            if g and (g is main_runs or ablation_runs)]
+  styles = ["-", "--", ":", "-."]
+  colours = {n: f"C{i % 10}" for i, n in enumerate(names)}
+  fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.5 * len(groups)), squeeze=False)
+  for row, group in zip(axes, groups):
+    for name in group:
+      for s, r in results[name].items():
+        style = styles[seeds.index(s) % len(styles)]
+        label = name if s == seeds[0] else None
+        steps, loss = zip(*r["train_curve"])
+        window = max(1, len(loss) // 30)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        row[0].plot(steps[window - 1:], smooth, style, color=colours[name], label=label)
+        if r["eval_curve"]:
+          es, el = zip(*r["eval_curve"])
+          row[1].plot(es, np.exp(el), style, marker="o", color=colours[name], label=label,
+                      markersize=3)
+    row[0].set(xlabel="step", ylabel="train loss (smoothed)", title="training loss")
+    row[1].set(xlabel="step", ylabel="validation perplexity", title="validation perplexity",
+               yscale="log")
+    for ax in row:
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
+  seed_key = ", ".join(f"seed {s}: '{styles[i % len(styles)]}'" for i, s in enumerate(seeds))
+  fig.suptitle(f"{title} (line style by seed: {seed_key})")
   fig.tight_layout()
   fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
   plt.close(fig)
