@@ -168,24 +168,35 @@ def _forward(h, w_in, w_out, sparse_on):
   return out, _stats(y2, keep24), r, keep24
 
 
-def _token_mask_24(y_TxF: jax.Array, dense_fraction: float) -> jax.Array:
-  """Split mode: token-wise 2:4 mask for the weight gradient (Haziza et al.).
+def split_token_order(t: int) -> np.ndarray:
+  """Split mode's fixed token order: groups of 4 for token-wise 2:4 are
+  consecutive in it, so a group does not hold neighbouring, correlated tokens.
+  A trace-time constant per token count (the Pallas kernels use the same one)."""
+  return np.random.RandomState(0).permutation(t)
 
-  Rows are taken in a fixed pseudo-random token order (so a group of 4 does
-  not hold neighbouring, correlated tokens), and the ``dense_fraction`` of
-  features with the most non-zeros keep all their tokens.
-  """
-  t, f = y_TxF.shape
-  perm = np.random.RandomState(0).permutation(t)  # fixed per shape, trace-time constant
-  inv = np.argsort(perm)
-  tok_keep = mask_24(y_TxF[perm].T).T[inv]
+
+def densest_features(nnz_F: jax.Array, dense_fraction: float) -> jax.Array:
+  """Bool ``[F]``: the ``ceil(dense_fraction · F)`` features with most non-zeros
+  (ties to the lower index), which split mode keeps dense."""
+  f = nnz_F.shape[0]
+  dense_F = jnp.zeros((f,), bool)
   n_dense = int(np.ceil(dense_fraction * f))
   if n_dense == 0:
-    return tok_keep
-  nnz_F = jnp.sum(y_TxF != 0, axis=0)
-  _, dense_idx = jax.lax.top_k(nnz_F, n_dense)
-  dense_F = jnp.zeros((f,), bool).at[dense_idx].set(True)
+    return dense_F
+  return dense_F.at[jax.lax.top_k(nnz_F, n_dense)[1]].set(True)
+
+
+def token_keep_24(y_TxF: jax.Array, dense_F: jax.Array) -> jax.Array:
+  """Token-wise 2:4 keep-mask in :func:`split_token_order`; ``dense_F`` columns keep all."""
+  perm = split_token_order(y_TxF.shape[0])
+  tok_keep = mask_24(y_TxF[perm].T).T[np.argsort(perm)]
   return tok_keep | dense_F[None, :]
+
+
+def _token_mask_24(y_TxF: jax.Array, dense_fraction: float) -> jax.Array:
+  """Split mode: token-wise 2:4 mask for the weight gradient (Haziza et al.),
+  all tokens kept for the ``dense_fraction`` features with the most non-zeros."""
+  return token_keep_24(y_TxF, densest_features(jnp.sum(y_TxF != 0, axis=0), dense_fraction))
 
 
 def _ffn_fwd(mode, dense_fraction, h, w_in, w_out, sparse_on):
@@ -249,6 +260,14 @@ _ffn_core = jax.custom_vjp(
 _ffn_core.defvjp(_ffn_fwd, _ffn_bwd)
 
 
+def check_ffn_options(mode: str, dense_fraction: float) -> None:
+  """The backward-mode options of the 2:4 FFN op (XLA and Pallas alike)."""
+  if mode not in BACKWARD_MODES:
+    raise ValueError(f"unknown 2:4 backward mode {mode!r}; expected one of {BACKWARD_MODES}")
+  if not 0.0 <= dense_fraction < 1.0:
+    raise ValueError(f"dense_fraction must be in [0, 1), got {dense_fraction}")
+
+
 def relu2_sparse_ffn(
     h: jax.Array,
     w_in_FxK: jax.Array,
@@ -277,10 +296,7 @@ def relu2_sparse_ffn(
   Returns:
     ``([..., N] output, {"zero_frac", "dropped_mass"} fp32 scalars)``.
   """
-  if mode not in BACKWARD_MODES:
-    raise ValueError(f"unknown 2:4 backward mode {mode!r}; expected one of {BACKWARD_MODES}")
-  if not 0.0 <= dense_fraction < 1.0:
-    raise ValueError(f"dense_fraction must be in [0, 1), got {dense_fraction}")
+  check_ffn_options(mode, dense_fraction)
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, h.shape[-1])
   sparse_on = jnp.asarray(sparse_on, dtype=bool)

@@ -41,7 +41,6 @@ from elas_jax import sparsity
 from kernels import common as cm
 from kernels.common import PLANES
 
-MODES = sparsity.BACKWARD_MODES
 
 
 def reference(h, w_in_FxK, w_out_NxF, sparse_on, *, mode="masked", dense_fraction=0.05):
@@ -328,7 +327,7 @@ class _Layout:
   """Static facts of one call (Python ints / numpy, fixed at trace time)."""
 
   def __init__(self, t: int, f: int, blocks: cm.Blocks, mode: str):
-    self.t, self.f, self.blocks = t, f, blocks
+    self.t, self.blocks = t, blocks
     self.f_main = f - f % 4  # the f % 4 tail forms no 2:4 group: dense, in XLA
     self.t_pad = t + (-t % blocks.block_t)
     self.f_pad = self.f_main + (-self.f_main % blocks.block_f)
@@ -350,14 +349,13 @@ class _Layout:
 def _split_order(t: int, t_pad: int, bt: int):
   """Kernel token order for split mode, and which rows keep all tokens.
 
-  The reference groups tokens ``perm[4m .. 4m+3]`` (``perm`` fixed by
-  RandomState(0), as in ``sparsity._token_mask_24``); the dw kernel groups the
+  The reference groups tokens ``perm[4m .. 4m+3]`` (``perm`` =
+  ``sparsity.split_token_order(t)``); the dw kernel groups the
   rows ``i, i + bt/4, i + bt/2, i + 3bt/4`` of each token block, so sequence
   position ``4m + j`` goes to row ``b·bt + j·bt/4 + i`` with ``m = b·bt/4 + i``.
   The ``t % 4`` tokens of an incomplete group stay dense, as in the reference.
   """
-  perm = np.random.RandomState(0).permutation(t)
-  seq = np.concatenate([perm, np.arange(t, t_pad)])
+  seq = np.concatenate([sparsity.split_token_order(t), np.arange(t, t_pad)])
   full = t - t % 4
   dense_seq = np.zeros(t_pad, np.int32)
   dense_seq[full:] = 1
@@ -440,38 +438,29 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
   no_dense_f = jnp.zeros((PLANES, g_pl), jnp.int32)
   no_tok_dense = jnp.zeros((tk,), jnp.int32)
 
-  # Split mode: the dense_fraction features with the most non-zeros keep all tokens.
-  dense_all = None
+  # Split mode: the dense_fraction features with the most non-zeros keep all
+  # tokens, and the rows of an incomplete token group too.
+  dense_f, tok_dense, dense_all = no_dense_f, no_tok_dense, None
   if mode == "split":
     nnz_f = cm.weight_unplanes(nnz[..., None])[: lay.f_main, 0]
     if r_tail is not None:
       nnz_f = jnp.concatenate([nnz_f, jnp.sum(r_tail * r_tail != 0, axis=0, dtype=jnp.int32)])
-    n_dense = int(np.ceil(dense_fraction * f))
-    dense_all = jnp.zeros((f,), jnp.int32)
-    if n_dense:
-      dense_all = dense_all.at[jax.lax.top_k(nnz_f, n_dense)[1]].set(1)
-    dense_main = cm.pad_to(dense_all[: lay.f_main], 0, lay.f_pad) if lay.f_pad != lay.f_main \
-        else dense_all[: lay.f_main]
-    dense_p = cm.weight_planes(dense_main[:, None])[..., 0]
+    dense_all = sparsity.densest_features(nnz_f, dense_fraction)
+    dense_main = cm.pad_to(dense_all[: lay.f_main], 0, blocks.block_f).astype(jnp.int32)
+    dense_f = cm.weight_planes(dense_main[:, None])[..., 0]
     tok_dense = jnp.asarray(lay.tok_dense)
 
-  def sparse_grads():
-    source = "recompute" if mode == "ste" else "compressed"
-    dw_mask, df, td = {"ste": ("ste", no_dense_f, no_tok_dense),
-                       "masked": ("none", no_dense_f, no_tok_dense),
-                       "split": ("tokens", dense_p if mode == "split" else None,
-                                 tok_dense if mode == "split" else None)}[mode]
+  def grads(source, dw_mask, dense_f, tok_dense):
     dh = _dh_call(hk, gk, win_p, wout_p, vals, meta, source, blocks, interpret)
-    dwin, dwout = _dw_call(hk, gk, win_p, wout_p, vals, meta, df, td, source, dw_mask, blocks,
-                           interpret)
+    dwin, dwout = _dw_call(hk, gk, win_p, wout_p, vals, meta, dense_f, tok_dense, source, dw_mask,
+                           blocks, interpret)
     return dh, dwin, dwout
 
-  def dense_grads():  # dense warm-up: exact gradient of the dense FFN, recomputed from h
-    dh = _dh_call(hk, gk, win_p, wout_p, vals, meta, "recompute", blocks, interpret)
-    dwin, dwout = _dw_call(hk, gk, win_p, wout_p, vals, meta, no_dense_f, no_tok_dense,
-                           "recompute", "none", blocks, interpret)
-    return dh, dwin, dwout
-
+  sparse_grads = functools.partial(grads, "recompute" if mode == "ste" else "compressed",
+                                   {"masked": "none", "ste": "ste", "split": "tokens"}[mode],
+                                   dense_f, tok_dense)
+  # dense warm-up: the exact gradient of the dense FFN, recomputed from h
+  dense_grads = functools.partial(grads, "recompute", "none", no_dense_f, no_tok_dense)
   dh, dwin_p, dwout_p = jax.lax.cond(sparse_on, sparse_grads, dense_grads)
   d_h = lay.rows_out(dh)[:, :k]
   d_w_in = cm.weight_unplanes(dwin_p)[: lay.f_main, :k]
@@ -481,8 +470,7 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
            * (2 * r_tail).astype(jnp.float32)).astype(h.dtype)
     y2_tail = r_tail * r_tail
     if mode == "split":
-      keep = sparsity.mask_24(y2_tail[_perm(t)].T).T[np.argsort(_perm(t))]
-      keep = keep | (dense_all[lay.f_main:] != 0)[None, :]
+      keep = sparsity.token_keep_24(y2_tail, dense_all[lay.f_main:])
       y2_tail = jax.lax.select(sparse_on, jnp.where(keep, y2_tail, 0), y2_tail)
     d_h = d_h + jnp.einsum("tf,fk->tk", dy1, w_in[lay.f_main:], preferred_element_type=jnp.float32)
     d_w_in = jnp.concatenate(
@@ -491,10 +479,6 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
         [d_w_out, jnp.einsum("tn,tf->nf", g_out, y2_tail, preferred_element_type=jnp.float32)],
         axis=1)
   return d_h.astype(h.dtype), d_w_in.astype(w_in.dtype), d_w_out.astype(w_out.dtype), None
-
-
-def _perm(t: int) -> np.ndarray:
-  return np.random.RandomState(0).permutation(t)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -527,10 +511,7 @@ def elas_ffn(
     interpret: run the kernels in the Pallas interpreter (CPU); default: True
       unless the default backend is a GPU.
   """
-  if mode not in MODES:
-    raise ValueError(f"unknown 2:4 backward mode {mode!r}; expected one of {MODES}")
-  if not 0.0 <= dense_fraction < 1.0:
-    raise ValueError(f"dense_fraction must be in [0, 1), got {dense_fraction}")
+  sparsity.check_ffn_options(mode, dense_fraction)
   if h.ndim < 1 or w_in_FxK.ndim != 2 or w_out_NxF.ndim != 2:
     raise ValueError(f"elas_ffn: expected h [..., K], w_in [F, K], w_out [N, F]; got "
                      f"{h.shape}, {w_in_FxK.shape}, {w_out_NxF.shape}")
