@@ -8,6 +8,7 @@ exit status 2, not a traceback, before anything is compiled.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -17,7 +18,12 @@ from ml_collections import config_flags
 from elas_jax import config_lib
 from elas_jax.errors import UserError  # re-exported
 
+# The embedded default: configs/tiny.py of the current directory, else of the
+# checkout this package runs from (an editable install's `elas-train`).
 DEFAULT_CONFIG = "configs/tiny.py"
+if not os.path.isfile(DEFAULT_CONFIG):
+  _here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_CONFIG)
+  DEFAULT_CONFIG = _here if os.path.isfile(_here) else DEFAULT_CONFIG
 
 
 def define_config_flag(default: str = DEFAULT_CONFIG):

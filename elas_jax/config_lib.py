@@ -9,6 +9,8 @@ again after command-line overrides.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from elas_jax.errors import ConfigError  # re-exported
@@ -215,6 +217,42 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "train.eval_tokens")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     _positive_int(c, f"train.{f}")
+
+
+def override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place (``{"train.steps": 6}``) and returns ``cfg``.
+
+  A string value for a non-string field is parsed as that field's type, the
+  way ``--config.train.steps=6`` is on the command line. An unknown field is a
+  :class:`ConfigError` naming it.
+  """
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for part in parents:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"config.{key}: no such config field")
+      node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ConfigError(f"config.{key}: no such config field")
+    old = node[leaf]
+    if isinstance(value, str) and not isinstance(old, str) and old is not None:
+      value = _parse_as(value, old, key)
+    node[leaf] = value
+  return cfg
+
+
+def _parse_as(text: str, like: Any, key: str) -> Any:
+  if isinstance(like, bool):
+    if text.lower() in ("1", "true", "yes"):
+      return True
+    if text.lower() in ("0", "false", "no"):
+      return False
+    raise ConfigError(f"config.{key} = {text!r}: expected true or false")
+  try:
+    return type(like)(text)
+  except ValueError:
+    raise ConfigError(f"config.{key} = {text!r}: expected a {type(like).__name__}") from None
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

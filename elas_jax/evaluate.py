@@ -45,12 +45,18 @@ def main(argv) -> None:
   if _MESH.value:
     try:
       mesh = tuple(int(x) for x in _MESH.value.split(","))
-      assert len(mesh) == 3
-    except (ValueError, AssertionError):
-      raise UserError(f"--mesh={_MESH.value!r}: expected three integers data,fsdp,tensor") from None
+    except ValueError:
+      mesh = ()
+    if len(mesh) != 3:
+      raise UserError(f"--mesh={_MESH.value!r}: expected three integers data,fsdp,tensor")
   print(json.dumps(evaluate_checkpoint(_WORKDIR.value, _STEP.value, mesh)))
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console-script entry point (``elas-eval``)."""
   distributed.define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -26,12 +26,7 @@ def tiny_train_config(variant: str = "elas", **overrides):
   c.train.log_every, c.train.eval_every, c.train.ckpt_every = 1, 6, 3
   c.train.eval_tokens = 2048
   c.data.read_threads = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config_lib.override(c, overrides)
   config_lib.validate(c)
   return c
 

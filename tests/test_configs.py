@@ -41,14 +41,7 @@ def test_paper_shapes():
 
 
 def _modified(path, variant, **changes):
-  c = load_config(path, variant)
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.override(load_config(path, variant), changes)
 
 
 @pytest.mark.parametrize("changes,field", [
