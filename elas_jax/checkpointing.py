@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -70,6 +71,26 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg) -> None:
       config=ocp.args.JsonSave(cfg.to_dict()), integrity=ocp.args.JsonSave(integrity)), force=True)
 
 
+def _restore_target(abstract_state, integrity: dict):
+  """The abstract tree to restore a checkpoint into.
+
+  Checkpoints written before the train state was a dataclass hold one more
+  array: an unused ``rng`` key. Such a checkpoint (recognised by its recorded
+  array count) is restored with that key, checked, and the key dropped by
+  :func:`_as_state`.
+  """
+  if integrity["n_arrays"] == len(jax.tree.leaves(abstract_state)) + 1:
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    return {**fields, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=abstract_state.step.sharding)}
+  return abstract_state
+
+
+def _as_state(restored, abstract_state):
+  if isinstance(restored, dict):  # a checkpoint from before TrainState
+    return abstract_state.replace(**{k: v for k, v in restored.items() if k != "rng"})
+  return restored
+
+
 def check_compatible(saved: dict, cfg, where: str) -> None:
   """Model and optimizer structure must match the checkpoint's."""
   now = cfg.to_dict()
@@ -112,11 +133,11 @@ def restore_latest_intact(mngr: ocp.CheckpointManager, abstract_state, data_iter
     check_compatible(meta["config"], cfg, where)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
+          state=ocp.args.StandardRestore(_restore_target(abstract_state, meta["integrity"])),
           data=grain.checkpoint.CheckpointRestore(data_iter)))
-      state = restored["state"]
-      if checksums(state) != meta["integrity"]["checksums"]:
+      if checksums(restored["state"]) != meta["integrity"]["checksums"]:
         raise ValueError("array checksums do not match the ones recorded at save time")
+      state = _as_state(restored["state"], abstract_state)
     except Exception as e:  # noqa: BLE001
       damaged.append(step)
       _warn(f"checkpoint {where} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -217,14 +238,15 @@ def restore_state(workdir: str, step: int, abstract_state) -> Any:
   """The train state of checkpoint ``step``, checked against its recorded checksums."""
   mngr = manager(workdir)
   try:
-    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     integrity=ocp.args.JsonRestore()))
+    integrity = mngr.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+        _restore_target(abstract_state, integrity))))["state"]
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"{workdir}/checkpoints/{step} cannot be read ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]})") from None
   finally:
     mngr.close()
-  if checksums(got["state"]) != got["integrity"]["checksums"]:
+  if checksums(state) != integrity["checksums"]:
     raise CheckpointError(f"{workdir}/checkpoints/{step} is damaged: array checksums do not match")
-  return got["state"]
+  return _as_state(state, abstract_state)
 

@@ -13,7 +13,11 @@ from typing import Any
 
 import ml_collections
 
+from elas_jax.data.pipeline import PACKING_MODES
+from elas_jax.data.sources import FORMATS
 from elas_jax.errors import ConfigError  # re-exported
+from elas_jax.sharding import MESH_AXES
+from elas_jax.sparsity import BACKWARD_MODES
 
 VARIANTS = ("full", "loro", "loro_relu2", "elas", "cola")
 LINEAR_KINDS = ("full", "lowrank", "cola")
@@ -22,7 +26,6 @@ DTYPE_NAMES = ("float32", "bfloat16")
 KERNELS = ("auto", "xla", "pallas")
 OPTIMIZERS = ("adamw", "loro_adamw")
 SCHEDULES = ("cosine", "cosine_restart")
-BACKWARD_MODES = ("masked", "ste", "split")
 RELU2_WIDTH_FACTOR = 1.5  # ReLU² FFN width = int(1.5 x SwiGLU width): same parameter count
 
 
@@ -149,7 +152,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"model.{f}")
   for f in ("steps", "batch_size", "seq_len"):
     _positive_int(c, f"train.{f}")
-  for axis in ("data", "fsdp", "tensor"):
+  for axis in MESH_AXES:
     size = c.mesh[axis]
     if not _is_int(size) or (size < 1 and size != -1):
       raise _err(f"mesh.{axis}", size, "must be a positive integer or -1 (the rest)")
@@ -207,9 +210,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "optimizer.exact_every")
   d = c.data
   _choice(d.source, "data.source", ("sample", "files"))
-  _choice(d.format, "data.format", ("auto", "jsonl", "txt", "parquet", "arrayrecord"))
+  _choice(d.format, "data.format", FORMATS)
   _choice(d.txt_split, "data.txt_split", ("blank_line", "file"))
-  _choice(d.packing, "data.packing", ("concat", "truncate_pad"))
+  _choice(d.packing, "data.packing", PACKING_MODES)
   for f in ("read_threads", "prefetch_buffer"):
     _positive_int(c, f"data.{f}")
   if not _is_int(d.worker_count) or d.worker_count < 0:

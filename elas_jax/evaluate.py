@@ -34,8 +34,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, 
   state = checkpointing.restore_state(workdir, step, run.abstract_state)
   batches, _ = run.eval_batches()
   with sharding.kernel_mesh(run.mesh, cfg.model):
-    result = run.evaluate(run.jit_eval_step(), state["params"], state["step"], batches)
-  return {"step": int(state["step"]), **result}
+    result = run.evaluate(run.jit_eval_step(), state.params, state.step, batches)
+  return {"step": int(state.step), **result}
 
 
 def main(argv) -> None:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elas_jax import sparsity
+from elas_jax import sharding, sparsity
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -174,7 +174,7 @@ def pallas_sparse_ffn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
     return elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction)
 
   mesh = jax.sharding.get_abstract_mesh()
-  batch = tuple(a for a in ("data", "fsdp")
+  batch = tuple(a for a in sharding.BATCH_AXES
                 if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
   if not batch:
     return local(h, w_in, w_out, sparse_on)
@@ -249,6 +249,12 @@ def sparsity_active(step: jax.Array | int, dense_warmup_steps: jax.Array | int) 
   is baked into a compiled function.
   """
   return jnp.asarray(step) >= jnp.asarray(dense_warmup_steps)
+
+
+def sparse_phase(model_cfg, step: jax.Array | int) -> jax.Array:
+  """Whether the model runs its 2:4 FFN at optimizer step ``step``: training and
+  evaluation both use this, so an evaluation follows the training phase."""
+  return sparsity_active(step, model_cfg.sparsity.dense_warmup_steps) & bool(model_cfg.sparsity.enabled)
 
 
 def build_model(model_cfg, seed: int = 0) -> Transformer:

@@ -69,16 +69,25 @@ def spec_for(shape: tuple[int, ...], logical_axes, mesh: jax.sharding.Mesh) -> P
   return P(*parts)
 
 
-def param_shardings(params_state: nnx.State, mesh: jax.sharding.Mesh):
-  """NamedShardings for a (possibly abstract) parameter state, same structure."""
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh):
+  """NamedShardings for a (possibly abstract) train state or parameter state, same structure.
 
-  def one(var):
-    axes = getattr(var, "logical_axes", None)
-    shape = jax.tree.leaves(var)[0].shape
-    # Keep the Variable wrapper so the result flattens exactly like the params.
-    return var.replace(value=NamedSharding(mesh, spec_for(tuple(shape), axes, mesh)))
+  Every array inside an ``nnx.Variable`` (the parameters, and the optimizer
+  moments, which optax builds by mapping over the parameters and so carry the
+  same logical-axis metadata) is sharded by :data:`RULES`; everything else
+  (step counters, Adam counts) is replicated.
+  """
+  rep = replicated(mesh)
 
-  return jax.tree.map(one, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  def one(leaf):
+    if not isinstance(leaf, nnx.Variable):
+      return rep
+    shape = jax.tree.leaves(leaf)[0].shape
+    spec = spec_for(tuple(shape), getattr(leaf, "logical_axes", None), mesh)
+    # Keep the Variable wrapper so the result flattens exactly like the state.
+    return leaf.replace(value=NamedSharding(mesh, spec))
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

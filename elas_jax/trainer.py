@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,7 +36,27 @@ from elas_jax import checkpointing, config_lib, model as model_lib, optim, shard
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 from elas_jax.errors import UserError
 
-TrainState = dict  # {"step", "params", "opt_state", "rng", "bad_steps", "first_bad_step"}
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; what a checkpoint holds (with the data iterator).
+
+  Saved on disk as a mapping of these field names. Checkpoints written before
+  this class (a dict with an extra, unused ``rng``) still restore: see
+  :func:`checkpointing.restore_state`.
+  """
+
+  step: jax.Array  # optimizer steps taken (int32 scalar)
+  params: nnx.State  # model parameters (nnx.Param variables with logical-axis metadata)
+  opt_state: optax.OptState
+  bad_steps: jax.Array  # non-finite steps skipped so far (int32)
+  first_bad_step: jax.Array  # step of the first non-finite step, -1 if none (int32)
+
+  @classmethod
+  def create(cls, params: nnx.State, tx: optax.GradientTransformation) -> "TrainState":
+    """The state at step 0 for ``params``."""
+    return cls(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+               bad_steps=jnp.zeros([], jnp.int32), first_bad_step=jnp.full([], -1, jnp.int32))
 
 
 class NonFiniteError(UserError):
@@ -53,35 +74,32 @@ def cross_entropy(logits, targets, mask):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg) -> Callable:
-  sparse_cfg = cfg.model.sparsity
-  warmup = sparse_cfg.dense_warmup_steps
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    sparse_on = model_lib.sparsity_active(state["step"], warmup) & bool(sparse_cfg.enabled)
+    sparse_on = model_lib.sparse_phase(cfg.model, state.step)
 
     def loss_fn(params):
       logits, stats = nnx.merge(graphdef, params)(batch["inputs"], sparse_on)
       total, count = cross_entropy(logits, batch["targets"], batch["mask"])
       return total / jnp.maximum(count, 1.0), (stats, count)
 
-    (loss, (stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    (loss, (stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step is not applied: the state stays the last good one.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": keep(params, state["params"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
-        "rng": state["rng"],
-        "bad_steps": state["bad_steps"] + jnp.where(finite, 0, 1),
-        "first_bad_step": jnp.where((state["first_bad_step"] < 0) & ~finite, state["step"],
-                                    state["first_bad_step"]),
-    }
+    next_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_steps=state.bad_steps + jnp.where(finite, 0, 1),
+        first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
+                                 state.first_bad_step),
+    )
     metrics = {
-        "loss": loss, "lr": schedule(state["step"]), "grad_norm": grad_norm,
+        "loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
         "tokens": count, "sparse_on": sparse_on.astype(jnp.float32),
     }
@@ -89,17 +107,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg) -
       metrics[f"{name}_mean"] = jnp.mean(per_layer)
       for i in range(per_layer.shape[0]):
         metrics[f"{name}/layer{i}"] = per_layer[i]
-    return new_state, metrics
+    return next_state, metrics
 
   return train_step
 
 
 def make_eval_step(graphdef, cfg) -> Callable:
-  sparse_cfg = cfg.model.sparsity
 
   def eval_step(params, step, batch):
     # Evaluation follows the training phase: 2:4 after the dense warm-up.
-    sparse_on = model_lib.sparsity_active(step, sparse_cfg.dense_warmup_steps) & bool(sparse_cfg.enabled)
+    sparse_on = model_lib.sparse_phase(cfg.model, step)
     logits, _ = nnx.merge(graphdef, params)(batch["inputs"], sparse_on)
     return cross_entropy(logits, batch["targets"], batch["mask"])
 
@@ -107,13 +124,6 @@ def make_eval_step(graphdef, cfg) -> Callable:
 
 
 # --------------------------------------------------------------- the run
-
-
-def new_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """The train state at step 0 for ``params``."""
-  return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params),
-          "rng": jax.random.key_data(jax.random.key(seed)),
-          "bad_steps": jnp.zeros([], jnp.int32), "first_bad_step": jnp.full([], -1, jnp.int32)}
 
 
 @dataclasses.dataclass
@@ -127,22 +137,22 @@ class Run:
   spec: pipeline.Spec
   tx: optax.GradientTransformation
   schedule: Callable
-  state_shardings: Any
+  state_shardings: TrainState  # a NamedSharding per leaf
   batch_sharding: NamedSharding
-  abstract_state: Any
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
 
   def init_state(self) -> TrainState:
     cfg = self.cfg
 
     def init():
       params = nnx.state(model_lib.build_model(cfg.model, seed=cfg.seed), nnx.Param)
-      return new_state(params, self.tx, cfg.seed)
+      return TrainState.create(params, self.tx)
 
     return jax.jit(init, out_shardings=self.state_shardings)()
 
   def jit_eval_step(self) -> Callable:
     return jax.jit(make_eval_step(self.graphdef, self.cfg),
-                   in_shardings=(self.state_shardings["params"], sharding.replicated(self.mesh),
+                   in_shardings=(self.state_shardings.params, sharding.replicated(self.mesh),
                                  self.batch_sharding))
 
   def eval_batches(self):
@@ -169,28 +179,8 @@ def build(cfg, devices=None) -> Run:
   abstract_model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   tx, schedule = optim.make_optimizer(cfg)
-  p_sh = sharding.param_shardings(abstract_params, mesh)
-  rep = sharding.replicated(mesh)
-
-  abstract_state = jax.eval_shape(lambda: new_state(
-      jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_params), tx, cfg.seed))
-  # Optimizer moments mirror their parameter's sharding; counters are replicated.
-  flat_p = {tuple(map(str, path)): s for path, s in
-            jax.tree_util.tree_flatten_with_path(p_sh, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
-
-  def opt_sharding(path, leaf):
-    keys = tuple(map(str, path))
-    for n in range(len(keys)):
-      s = flat_p.get(keys[n:])
-      if s is not None and s.spec and len(s.spec) == len(leaf.shape):
-        return s
-    return rep
-
-  opt_sh = jax.tree_util.tree_map_with_path(opt_sharding, abstract_state["opt_state"])
-  state_sh = {"step": rep, "params": p_sh, "opt_state": opt_sh, "rng": rep, "bad_steps": rep,
-              "first_bad_step": rep}
-  state_sh = jax.tree.map(lambda s, _: s, state_sh, abstract_state,
-                          is_leaf=lambda x: isinstance(x, NamedSharding))
+  abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
+  state_sh = sharding.state_shardings(abstract_state, mesh)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_sh)
   return Run(cfg, mesh, graphdef, tok, spec, tx, schedule, state_sh, sharding.batch_sharding(mesh),
@@ -300,11 +290,11 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
     checkpointing.save(mngr, step, state, data_iter, cfg)
 
   def check_finite(step: int) -> None:
-    bad = int(state["bad_steps"])
+    bad = int(state.bad_steps)
     if bad and not t.skip_nonfinite:
       last = mngr.latest_step()
       raise NonFiniteError(
-          f"non-finite loss or gradients at step {int(state['first_bad_step'])}: training stopped "
+          f"non-finite loss or gradients at step {int(state.first_bad_step)}: training stopped "
           f"(that update was not applied). Last good checkpoint: "
           f"{'step ' + str(last) if last is not None else 'none'} in {workdir}. Lower the lr, check "
           f"the data, or set train.skip_nonfinite=True to skip such batches")
@@ -331,10 +321,10 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           dt = (now - last_time) / max(step - last_step, 1)
           m.update(ppl=float(np.exp(min(m["loss"], 50.0))), step_time=dt,
-                   tokens_per_s=tokens_per_step / dt, skipped_nonfinite=int(state["bad_steps"]))
+                   tokens_per_s=tokens_per_step / dt, skipped_nonfinite=int(state.bad_steps))
           bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", refresh=False)
           if do_eval:
-            ev = run.evaluate(eval_step, state["params"], state["step"], eval_batches)
+            ev = run.evaluate(eval_step, state.params, state.step, eval_batches)
             m.update(ev)
             final.update(ev)
             bar.write(f"step {step}: loss {m['loss']:.4f}  eval_loss {ev['eval_loss']:.4f}  "
@@ -352,11 +342,11 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
                     "command to resume", file=sys.stderr)
           break
       if start >= t.steps:  # already finished: report the final evaluation again
-        final.update(run.evaluate(eval_step, state["params"], state["step"], eval_batches))
+        final.update(run.evaluate(eval_step, state.params, state.step, eval_batches))
     mngr.wait_until_finished()
   finally:
     bar.close()
     writer.close()
     mngr.close()
-  final["step"] = int(state["step"])
+  final["step"] = int(state.step)
   return final

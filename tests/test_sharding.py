@@ -27,7 +27,7 @@ for name, (d, f, t) in meshes.items():
   devices = jax.devices()[: d * f * t]
   if name == "fsdp":  # parameters and their Adam moments are really sharded
     sh = trainer.build(cfg, devices).state_shardings
-    specs = [x.spec for x in jax.tree.leaves(sh["params"]) + jax.tree.leaves(sh["opt_state"])]
+    specs = [x.spec for x in jax.tree.leaves(sh.params) + jax.tree.leaves(sh.opt_state)]
     assert sum("fsdp" in str(sp) for sp in specs) >= 3 * 2 * 6, specs
   final = trainer.train_and_evaluate(cfg, f"{root}/{name}", devices=devices)
   out[name] = {"losses": step_losses(f"{root}/{name}"), "eval_loss": final["eval_loss"]}

@@ -68,8 +68,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   import jax
   from elas_jax import checkpointing
   state = checkpointing.restore_state(str(tmp_path), max(steps), trainer.build(cfg).abstract_state)
-  assert int(state["step"]) == max(steps) and int(state["bad_steps"]) == 0
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+  assert int(state.step) == max(steps) and int(state.bad_steps) == 0
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
   cfg.train.skip_nonfinite = True
   skipped = tmp_path / "skip"
   trainer.train_and_evaluate(cfg, str(skipped))
