@@ -92,7 +92,10 @@ def llama_config(
 
   t = c.train = ml_collections.ConfigDict()
   t.steps = steps  # optimizer steps
-  t.batch_size = batch_size  # global batch, in sequences
+  t.batch_size = batch_size  # global batch, in sequences (per optimizer step)
+  # sequences per forward/backward pass; gradients of batch_size / micro_batch
+  # micro-batches are accumulated into one update. 0 = batch_size (no accumulation)
+  t.micro_batch = 0
   t.seq_len = seq_len  # tokens per sequence
   t.log_every = 50  # steps between metric logs
   t.eval_every = 1000  # steps between evaluations
@@ -217,6 +220,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"data.{f}")
   if not _is_int(d.worker_count) or d.worker_count < 0:
     raise _err("data.worker_count", d.worker_count, "must be an integer >= 0")
+  mb = c.train.micro_batch
+  if not _is_int(mb) or mb < 0 or (mb and c.train.batch_size % mb):
+    raise _err("train.micro_batch", mb, f"must be 0 (= batch_size) or a divisor of train.batch_size = "
+               f"{c.train.batch_size}")
   _positive_int(c, "train.eval_tokens")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     _positive_int(c, f"train.{f}")

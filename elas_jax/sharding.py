@@ -98,11 +98,21 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch(global_batch: int, mesh: jax.sharding.Mesh) -> None:
+def micro_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """``[k, B/k, ...]`` micro-batches: each one split over data x fsdp like a batch."""
+  return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
+def check_batch(train_cfg, mesh: jax.sharding.Mesh) -> None:
+  """The global batch and each micro-batch must split evenly over data x fsdp."""
   ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-  if global_batch % ways:
-    raise ConfigError(f"config.train.batch_size = {global_batch} is not divisible by the "
+  if train_cfg.batch_size % ways:
+    raise ConfigError(f"config.train.batch_size = {train_cfg.batch_size} is not divisible by the "
                       f"{ways}-way data x fsdp split of the mesh")
+  micro = train_cfg.micro_batch or train_cfg.batch_size
+  if micro % ways:
+    raise ConfigError(f"config.train.micro_batch = {micro} is not divisible by the {ways}-way "
+                      f"data x fsdp split of the mesh; use a multiple of {ways}")
 
 
 def kernel_mesh(mesh: jax.sharding.Mesh, model_cfg):

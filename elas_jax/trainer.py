@@ -73,17 +73,89 @@ def cross_entropy(logits, targets, mask):
   return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg) -> Callable:
+def micro_batches(batch: dict[str, jax.Array], k: int, mesh: jax.sharding.Mesh | None = None
+                  ) -> dict[str, jax.Array]:
+  """``[B, ...]`` -> ``[k, B/k, ...]``: micro-batch ``i`` holds rows ``i, i+k, i+2k, ...``.
+
+  Strided, not contiguous, so that each micro-batch is spread over all the
+  devices of the data x fsdp split exactly like the global batch (every device
+  holds ``B/(k·n)`` rows of every micro-batch) and no rows move between devices.
+  """
+
+  def split(x):
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(x, sharding.micro_batch_sharding(mesh))
+    return x
+
+  return jax.tree.map(split, batch)
+
+
+def make_grad_fn(graphdef, cfg, mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """``(params, batch, sparse_on) -> (loss, stats, count, grads)`` of one optimizer step.
+
+  The forward/backward runs over ``train.micro_batch``-sized micro-batches
+  (:func:`micro_batches`) under ``lax.scan``, gradients accumulated in fp32;
+  the loss is the mean over the batch's real (unmasked) tokens and the
+  gradient is that loss's, exactly as for one big batch. Split backward mode
+  permutes tokens within each micro-batch (its 2:4 groups along tokens are
+  formed per micro-batch, as they are per device shard).
+  """
+  k = cfg.train.batch_size // (cfg.train.micro_batch or cfg.train.batch_size)
+
+  def loss_sum(params, mb, sparse_on):
+    """Summed per-token loss of one (micro-)batch, its per-layer stats and token count."""
+    logits, stats = nnx.merge(graphdef, params)(mb["inputs"], sparse_on)
+    total, count = cross_entropy(logits, mb["targets"], mb["mask"])
+    return total, (stats, count)
+
+  def grad_fn(params, batch, sparse_on):
+    if k == 1:
+      def loss_fn(params):
+        total, (stats, count) = loss_sum(params, batch, sparse_on)
+        return total / jnp.maximum(count, 1.0), (stats, count)
+
+      (loss, (stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return loss, stats, count, grads
+
+    # Gradients of the summed loss, accumulated in fp32 over the micro-batches
+    # and divided once by the real-token count of the whole batch: the same
+    # weighting as one big batch, whatever each micro-batch's padding.
+    grad_sum = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def accumulate(carry, mb):
+      g_acc, total_acc, count_acc, stats_acc = carry
+      (total, (stats, count)), g = grad_sum(params, mb, sparse_on)
+      g_acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), g_acc, g)
+      stats_acc = jax.tree.map(jnp.add, stats_acc, stats)
+      return (g_acc, total_acc + total, count_acc + count, stats_acc), None
+
+    mbs = micro_batches(batch, k, mesh)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    stats_shape = jax.eval_shape(lambda p: loss_sum(p, first, sparse_on)[1][0], params)
+    zeros = lambda tree, dtype=None: jax.tree.map(lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
+    init = (zeros(params, jnp.float32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
+            zeros(stats_shape))
+    (g_sum, total, count, stats_sum), _ = jax.lax.scan(accumulate, init, mbs)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
+    # Equal-sized micro-batches: the mean of means is the batch mean (zero_frac);
+    # ratios (dropped_mass) are logged as the mean of the micro-batches' ratios.
+    stats = jax.tree.map(lambda x: x / k, stats_sum)
+    return total / denom, stats, count, grads
+
+  return grad_fn
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """The step to jit: gradients (:func:`make_grad_fn`), one optimizer update,
+  the non-finite guard, metrics."""
+  grad_fn = make_grad_fn(graphdef, cfg, mesh)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     sparse_on = model_lib.sparse_phase(cfg.model, state.step)
-
-    def loss_fn(params):
-      logits, stats = nnx.merge(graphdef, params)(batch["inputs"], sparse_on)
-      total, count = cross_entropy(logits, batch["targets"], batch["mask"])
-      return total / jnp.maximum(count, 1.0), (stats, count)
-
-    (loss, (stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, stats, count, grads = grad_fn(state.params, batch, sparse_on)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -173,7 +245,7 @@ def build(cfg, devices=None) -> Run:
   """Mesh, tokenizer, model structure, optimizer and shardings for ``cfg``."""
   config_lib.validate(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  sharding.check_batch(cfg.train.batch_size, mesh)
+  sharding.check_batch(cfg.train, mesh)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   spec = pipeline.Spec.from_config(cfg)
   abstract_model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed))
@@ -280,7 +352,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=1))
 
-  train_step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg),
+  train_step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg, run.mesh),
                        in_shardings=(run.state_shardings, run.batch_sharding),
                        out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
                        donate_argnums=0)
