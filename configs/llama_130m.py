@@ -23,4 +23,6 @@ def get_config(variant: str = "elas"):
       warmup_steps=2000,  # lr warm-up steps (LORO and full)
       cola_lr=0.003,  # peak lr of the CoLA variant
       cola_warmup_steps=2000,  # lr warm-up steps of the CoLA variant
+      lr_adjust_steps=-2000,  # LORO lr clock shift (official llama_130m.sh: -warmup)
+      cola_only_lr_act=False,  # CoLA: no SiLU on the gate (official only_lr_act: false)
   )

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from elas_jax import profiling
 from elas_jax.data.pipeline import PACKING_MODES
 from elas_jax.data.sources import FORMATS
 from elas_jax.errors import ConfigError  # re-exported
@@ -34,7 +35,8 @@ def llama_config(
     *, size: str, variant: str, d_model: int, n_layers: int, n_heads: int, swiglu_ffn: int,
     rank: int, exact_every: int, lr: float, steps: int, warmup_steps: int, cola_lr: float,
     cola_warmup_steps: int, vocab_size: int = 32000, seq_len: int = 256, batch_size: int = 512,
-    dense_warmup_steps: int = 1000, full_lr: float = 1e-3,
+    dense_warmup_steps: int = 1000, full_lr: float = 1e-3, lr_adjust_steps: int = 0,
+    cola_only_lr_act: bool = False,
 ) -> ml_collections.ConfigDict:
   """The config of one model size in one variant (see :data:`VARIANTS`)."""
   if variant not in VARIANTS:
@@ -56,6 +58,9 @@ def llama_config(
   m.ffn_dim = int(RELU2_WIDTH_FACTOR * swiglu_ffn) if relu2 else swiglu_ffn
   m.linear_kind = {"full": "full", "cola": "cola"}.get(variant, "lowrank")  # full | lowrank | cola
   m.rank = rank  # rank r of every low-rank / CoLA linear (unused for full)
+  # CoLA SwiGLU without SiLU on the gate path, down(gate x · up x), as the official CoLA
+  # configs leave it at 350M/1B (their only_lr_act default True); False = down(silu(gate x) · up x)
+  m.cola_only_lr_act = bool(cola_only_lr_act) and variant == "cola"
   m.rope_theta = 10000.0  # rotary embedding base
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
@@ -89,6 +94,9 @@ def llama_config(
   o.eps = 1e-6  # Adam epsilon (added to the uncorrected sqrt(v) in LORO)
   o.exact_every = exact_every  # LORO: exact Riemannian step every K updates
   o.restart_warmup = 5  # cosine_restart: updates to ramp back after each exact step
+  # cosine_restart: shift of the cycle clock after warm-up, as LORO's --lr_adjust_steps
+  # (the paper's scripts: -warmup, or -6000 at 350M); 0 = unshifted. docs/optimizer.md
+  o.lr_adjust_steps = lr_adjust_steps if o.schedule == "cosine_restart" else 0
 
   t = c.train = ml_collections.ConfigDict()
   t.steps = steps  # optimizer steps
@@ -103,6 +111,9 @@ def llama_config(
   t.ckpt_every = 1000  # steps between checkpoints
   t.keep_checkpoints = 3  # most recent checkpoints kept
   t.skip_nonfinite = False  # skip (and count) NaN/Inf steps instead of stopping the run
+  t.peak_tflops = 0.0  # per-device peak TFLOP/s for the MFU metric; 0 = from flops.DEVICE_PEAK_TFLOPS
+  # jax.profiler trace of steps a <= step < b (0-based) into <workdir>/profile, "a:b"; "" = off
+  t.profile_steps = ""
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel ways; -1 = all devices left over
@@ -211,6 +222,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if o.grad_clip < 0:
     raise _err("optimizer.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
   _positive_int(c, "optimizer.exact_every")
+  if not _is_int(o.restart_warmup) or o.restart_warmup < 0:
+    raise _err("optimizer.restart_warmup", o.restart_warmup, "must be an integer >= 0")
+  if not _is_int(o.lr_adjust_steps):
+    raise _err("optimizer.lr_adjust_steps", o.lr_adjust_steps, "must be an integer")
+  if o.lr_adjust_steps and o.schedule != "cosine_restart":
+    raise _err("optimizer.lr_adjust_steps", o.lr_adjust_steps,
+               "is only defined for optimizer.schedule = cosine_restart (0 otherwise)")
+  if o.schedule == "cosine_restart" and o.warmup_steps + o.lr_adjust_steps >= c.train.steps:
+    raise _err("optimizer.lr_adjust_steps", o.lr_adjust_steps,
+               f"plus optimizer.warmup_steps = {o.warmup_steps} must be < train.steps = {c.train.steps}")
+  if not isinstance(m.cola_only_lr_act, bool):
+    raise _err("model.cola_only_lr_act", m.cola_only_lr_act, "must be true or false")
+  if m.cola_only_lr_act and (m.linear_kind != "cola" or m.ffn_kind != "swiglu"):
+    raise _err("model.cola_only_lr_act", True, "needs model.linear_kind = cola and model.ffn_kind = swiglu")
+  if isinstance(c.train.peak_tflops, bool) or not isinstance(c.train.peak_tflops, (int, float)) \
+      or not c.train.peak_tflops >= 0:
+    raise _err("train.peak_tflops", c.train.peak_tflops, "must be a number >= 0 (0 = from the device table)")
+  profiling.parse_profile_steps(c.train.profile_steps)
   d = c.data
   _choice(d.source, "data.source", ("sample", "files"))
   _choice(d.format, "data.format", FORMATS)

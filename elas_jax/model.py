@@ -4,7 +4,8 @@ Linear kinds (every attention and FFN projection):
   ``full``     y = x Wᵀ                       W: [out, in], N(0, 0.02²)
   ``lowrank``  y = x Aᵀ Bᵀ  (W = BA, LORO)     B: [out, r], A: [r, in], Xavier-normal
   ``cola``     y = σ(x Aᵀ) Bᵀ  (σ = SiLU)      CoLA init N(0,1)·r^-1/4·(in+out)^-1/4
-FFN kinds: ``swiglu`` (down(silu(gate x) · up x)) and ``relu2`` (down(relu(up x)²)),
+FFN kinds: ``swiglu`` (down(silu(gate x) · up x); down(gate x · up x) with
+``model.cola_only_lr_act``, CoLA's ``only_lr_act``) and ``relu2`` (down(relu(up x)²)),
 the latter optionally 2:4-sparse (ELAS) through :func:`sparsity.relu2_sparse_ffn`.
 
 Weights are stored as ``[out, in]`` (the brief's math orientation, which the
@@ -134,12 +135,15 @@ class FFN(nnx.Module):
     self.kernel = resolve_kernel(cfg) if self.sparse else "xla"
     if self.kind == "swiglu":
       self.gate = Linear(d, f, axes=("mlp", "embed"), **lin)
+      # CoLA's only_lr_act: no SiLU on the gate (each CoLA linear has its own inner SiLU)
+      self.gate_act = not getattr(cfg, "cola_only_lr_act", False)
     self.up = Linear(d, f, axes=("mlp", "embed"), **lin)
     self.down = Linear(f, d, axes=("embed", "mlp"), **lin)
 
   def __call__(self, x: jax.Array, sparse_on: jax.Array) -> tuple[jax.Array, dict | None]:
     if self.kind == "swiglu":
-      return self.down(jax.nn.silu(self.gate(x)) * self.up(x)), None
+      g = self.gate(x)
+      return self.down((jax.nn.silu(g) if self.gate_act else g) * self.up(x)), None
     if not self.sparse:
       # Of the plain-JAX spellings of ReLU², maximum + r * r keeps the fewest
       # f-wide arrays for backward (3; relu/where/square keep an extra mask).

@@ -7,12 +7,15 @@
   factor-sized matrices only; then every Adam moment and counter is reset.
   Full-size parameters (embeddings, lm_head, norms) take plain Adam steps.
 * Schedules: linear warm-up + cosine to a floor (``cosine``), and LORO's
-  ``cosine_restart`` (warm-up from 0.1·lr, cosine to the floor, and after every
-  exact step the lr restarts from ~0 and ramps back over a few updates).
+  ``cosine_restart`` as the official LORO code computes it (warm-up from
+  ``min_lr_ratio·lr``, cosine to the floor, optionally shifted by
+  ``lr_adjust_steps``; after every exact step the lr restarts from 1e-6·lr and
+  ramps back over a few updates). docs/optimizer.md lists what still differs.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -38,22 +41,49 @@ def cosine_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: f
 
 
 def cosine_restart_schedule(lr: float, warmup_steps: int, total_steps: int, min_ratio: float,
-                            cycle: int, restart_warmup: int) -> Callable[[jax.Array], jax.Array]:
-  """LORO's schedule: ``cosine`` (warm-up from 0.1·lr) times a restart ramp.
+                            cycle: int, restart_warmup: int, lr_adjust_steps: int = 0,
+                            ramp_floor: float = 1e-6) -> Callable[[jax.Array], jax.Array]:
+  """LORO's ``cosine_restart`` schedule as the official code computes it.
 
-  Updates ``u`` with ``u >= cycle`` and ``j = u mod cycle < restart_warmup``
-  (the first ones after an exact step at ``u ≡ cycle - 1``) get the factor
-  ``j / restart_warmup``: 0 right after the exact step, back to 1 after
-  ``restart_warmup`` updates.
+  The multiplier of ``lr`` at update ``u`` (0-based; see docs/optimizer.md for
+  the source it follows, LORO-main ``_get_cosine_schedule_with_multiple_warmups_lambda``),
+  with ``W`` warm-up steps, ``T`` total, ``m`` = ``min_ratio``, ``c`` = ``cycle``
+  (= the exact-step period K), ``a`` = ``lr_adjust_steps``:
+
+  * warm-up (``u < W``): linear from ``m`` to ``peak_w = ½(1 + cos(π·(−a)/(T−W)))``
+    (1 for ``a = 0``); the cycle clock is ``s = u``;
+  * after (``u >= W``): the cosine ``m + (1−m)·½(1 + cos(π·(s−W)/(T−W)))`` of the
+    shifted clock ``s = u + a`` (no clipping: a negative ``a`` moves the peak to
+    ``W − a`` and makes the first part rise again);
+  * restart ramp: where ``j = s mod c < restart_warmup`` and ``s // c >= 1``
+    (floor division, so a negative clock never ramps), the multiplier is
+    ``j/restart_warmup · (target − floor) + floor``: it starts at ``floor``
+    (1e-6) right after an exact step and climbs towards ``target``, the value
+    of the active branch's formula at the cycle's start ``s − j``.
   """
-  base = cosine_schedule(lr, warmup_steps, total_steps, min_ratio, warmup_from=0.1)
+  w, t, a = int(warmup_steps), int(total_steps), int(lr_adjust_steps)
+  span = max(1, t - w)
+  peak_w = 0.5 * (1.0 + math.cos(math.pi * -a / span))
+  f = lambda x: x.astype(jnp.float32)
+
+  def warm(s):  # linear warm-up multiplier at (int) clock s
+    return f(s) / max(1, w) * (peak_w - min_ratio) + min_ratio
+
+  def cosine(s):  # cosine multiplier at (int) clock s
+    # cos(π·x/span) has period 2·span in x: reduce x exactly in integers so the
+    # fp32 argument stays in [0, 2π) however far a negative shift moves the clock.
+    x = (s - w) % (2 * span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * f(x) / span))
 
   def schedule(step):
     step = jnp.asarray(step, jnp.int32)
-    j = step % cycle
-    ramp = jnp.where((step >= cycle) & (j < restart_warmup),
-                     j.astype(jnp.float32) / max(restart_warmup, 1), 1.0)
-    return base(step) * ramp
+    in_warm = step < w
+    clock = jnp.where(in_warm, step, step + a)
+    j, n = clock % cycle, clock // cycle  # floor semantics, as Python's % and //
+    base = jnp.where(in_warm, warm(clock), cosine(clock))
+    target = jnp.where(in_warm, warm(clock - j), cosine(clock - j))
+    ramp = f(j) / max(1, restart_warmup) * (target - ramp_floor) + ramp_floor
+    return lr * jnp.where((j < restart_warmup) & (n > 0), ramp, base)
 
   return schedule
 
@@ -61,7 +91,8 @@ def cosine_restart_schedule(lr: float, warmup_steps: int, total_steps: int, min_
 def make_schedule(opt_cfg, total_steps: int) -> Callable[[jax.Array], jax.Array]:
   if opt_cfg.schedule == "cosine_restart":
     return cosine_restart_schedule(opt_cfg.lr, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio,
-                                   opt_cfg.exact_every, opt_cfg.restart_warmup)
+                                   opt_cfg.exact_every, opt_cfg.restart_warmup,
+                                   lr_adjust_steps=opt_cfg.get("lr_adjust_steps", 0))
   return cosine_schedule(opt_cfg.lr, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio)
 
 
@@ -166,13 +197,17 @@ def loro_adamw(learning_rate: Callable[[jax.Array], jax.Array], *, rank_ratio: f
     v_new = [b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)) for v, g in zip(v_leaves, g_leaves)]
     direction = [m / (jnp.sqrt(v) + eps) for m, v in zip(m_new, v_new)]
 
-    def adam(i, scale):
-      p = p_leaves[i].astype(jnp.float32)
-      return (-alpha * scale * direction[i] - alpha * weight_decay * p).astype(p_leaves[i].dtype)
+    def adam(i, scale, decay_lr):
+      # As the official LOROAdamW: decay applies to the Adam-updated value, with
+      # the scheduled lr for full-size parameters and the bias-corrected step
+      # size for factors (``decay_lr``); no decay in the exact step.
+      step = -alpha * scale * direction[i]
+      stepped = p_leaves[i].astype(jnp.float32) + step
+      return (step - decay_lr * weight_decay * stepped).astype(p_leaves[i].dtype)
 
     updates: list[Any] = [None] * len(p_leaves)
     for i in others:
-      updates[i] = adam(i, 1.0)
+      updates[i] = adam(i, 1.0, lr)
     is_exact = (state.step + 1) % exact_every == 0
 
     def exact_pairs():
@@ -183,7 +218,7 @@ def loro_adamw(learning_rate: Callable[[jax.Array], jax.Array], *, rank_ratio: f
       return out
 
     def approx_pairs():
-      return [u for ib, ia in pairs for u in (adam(ib, rank_ratio), adam(ia, rank_ratio))]
+      return [u for ib, ia in pairs for u in (adam(ib, rank_ratio, alpha), adam(ia, rank_ratio, alpha))]
 
     pair_updates = jax.lax.cond(is_exact, exact_pairs, approx_pairs) if pairs else []
     for (ib, ia), j in zip(pairs, range(0, len(pair_updates), 2)):

@@ -134,8 +134,8 @@ def test_cosine_restart_formula():
   assert float(s(0)) == pytest.approx(0.1)  # warm-up starts at 0.1·lr
   assert float(s(5)) == pytest.approx(0.1 + 0.9 * 0.5)
   assert float(s(19)) == pytest.approx(base(19))  # the exact step itself: full lr
-  assert float(s(20)) == 0.0  # right after the exact step
-  assert float(s(22)) == pytest.approx(base(22) * 2 / 5)
+  assert float(s(20)) == pytest.approx(1e-6)  # right after the exact step (official LORO floor)
+  assert float(s(22)) == pytest.approx((base(20) - 1e-6) * 2 / 5 + 1e-6)  # towards the cycle-start lr
   assert float(s(25)) == pytest.approx(base(25))
   assert float(s(3)) == pytest.approx(0.1 + 0.9 * 0.3)  # no restart ramp in the first cycle
 
