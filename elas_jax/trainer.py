@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from elas_jax import checkpointing, config_lib, model as model_lib, optim, sharding
+from elas_jax import checkpointing, config_lib, flops, model as model_lib, optim, profiling, sharding
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 from elas_jax.errors import UserError
 
@@ -262,6 +262,21 @@ def build(cfg, devices=None) -> Run:
 # ------------------------------------------------------------- metrics
 
 
+def throughput_metrics(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None
+                       ) -> dict[str, float]:
+  """``tflops_per_s`` (model FLOPs, :mod:`elas_jax.flops`), ``mfu`` where the device
+  peak is known, and the first local device's peak memory where it reports it."""
+  out = {"tflops_per_s": tokens_per_s * flops_per_token / 1e12}
+  util = flops.mfu(tokens_per_s, flops_per_token, peak_tflops)
+  if util is not None:
+    out["mfu"] = util
+  peak = flops.peak_memory_bytes()
+  if peak is not None:
+    out["peak_memory_bytes"] = peak
+    out["peak_memory_gb"] = peak / 1e9
+  return out
+
+
 class MetricWriter:
   """``metrics.jsonl`` (one object per logged step) and TensorBoard, on process 0."""
 
@@ -373,16 +388,27 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
 
   writer = MetricWriter(workdir, start)
   tokens_per_step = t.batch_size * t.seq_len
+  flops_per_token = flops.flops_per_token(cfg.model, t.seq_len)["total"]
+  peak_tflops = flops.peak_tflops(cfg, run.mesh.size)  # None where unknown (CPU)
+  profiler = profiling.StepProfiler(t.profile_steps, workdir)
   final: dict[str, Any] = {}
   bar = tqdm(total=t.steps, initial=start, unit="step", disable=jax.process_index() != 0,
              dynamic_ncols=True)
-  last_time, last_step = time.perf_counter(), start
+  compiled, compile_s = None, None
   try:
     with StopRequested() as stop, sharding.kernel_mesh(run.mesh, cfg.model):
       step = start
       while step < t.steps:
         batch = pipeline.global_batch(next(data_iter), run.batch_sharding)
-        state, metrics = train_step(state, batch)
+        if compiled is None:  # compile explicitly, to report its time apart from step time
+          t0 = time.perf_counter()
+          compiled = train_step.lower(state, batch).compile()
+          compile_s = time.perf_counter() - t0
+          bar.write(f"train step compiled in {compile_s:.1f} s", file=sys.stderr)
+          last_time, last_step = time.perf_counter(), step
+        profiler.maybe_start(step)
+        state, metrics = compiled(state, batch)
+        profiler.maybe_stop(step, metrics)
         step += 1
         bar.update(1)
         do_log = step % t.log_every == 0 or step == t.steps
@@ -394,7 +420,15 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
           dt = (now - last_time) / max(step - last_step, 1)
           m.update(ppl=float(np.exp(min(m["loss"], 50.0))), step_time=dt,
                    tokens_per_s=tokens_per_step / dt, skipped_nonfinite=int(state.bad_steps))
-          bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:,.0f}", refresh=False)
+          m.update(throughput_metrics(m["tokens_per_s"], flops_per_token, peak_tflops))
+          if compile_s is not None:  # in the first record after (re)starting
+            m["compile_s"], compile_s = compile_s, None
+          postfix = {"loss": f"{m['loss']:.3f}", "tok_s": f"{m['tokens_per_s']:,.0f}"}
+          if "mfu" in m:
+            postfix["mfu"] = f"{100 * m['mfu']:.1f}%"
+          if "peak_memory_gb" in m:
+            postfix["mem"] = f"{m['peak_memory_gb']:.1f}GB"
+          bar.set_postfix(postfix, refresh=False)
           if do_eval:
             ev = run.evaluate(eval_step, state.params, state.step, eval_batches)
             m.update(ev)
@@ -417,6 +451,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
         final.update(run.evaluate(eval_step, state.params, state.step, eval_batches))
     mngr.wait_until_finished()
   finally:
+    profiler.close()
     bar.close()
     writer.close()
     mngr.close()
