@@ -253,7 +253,7 @@ def _card(cfg, step: int, dtype: str, record: dict | None, files: list[str]) -> 
               "perplexity differs from the 2:4 evaluation below (see docs/export.md of ELAS-JAX)."]
   lines += ["", "## Evaluation", ""]
   if record is not None:
-    how = "2:4-sparse FFN" if m.sparsity.enabled and record["step"] > m.sparsity.dense_warmup_steps else "as trained"
+    how = "2:4-sparse FFN" if m.sparsity.enabled and record["step"] >= m.sparsity.dense_warmup_steps else "as trained"
     lines.append(f"Validation perplexity {record['eval_ppl']:.3f} (loss {record['eval_loss']:.4f}, "
                  f"{record.get('eval_tokens', 0):,} tokens) at step {record['step']}, evaluated by "
                  f"ELAS-JAX ({how}).")
