@@ -66,3 +66,15 @@ def test_checkpoint_written_before_the_dataclass_resumes_identically(tmp_path):
   trainer.train_and_evaluate(cfg, str(old))
   want = {s: x for s, x in step_losses(str(straight)).items() if s > 5}
   assert step_losses(str(old)) == want
+
+
+def test_reading_checkpoints_leaves_a_save_in_progress_alone(tmp_path):
+  """evaluate / export / generate on a workdir that is still training must not
+  remove orbax's temporary directory of a save in progress."""
+  cfg = tiny_train_config("elas", **{"train.steps": 3, "train.eval_every": 3})
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  in_progress = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
+  in_progress.mkdir()
+  _, step = checkpointing.load_config(str(tmp_path))
+  checkpointing.restore_state(str(tmp_path), step, trainer.build(cfg).abstract_state)
+  assert step == 3 and in_progress.is_dir()
