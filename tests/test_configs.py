@@ -12,6 +12,10 @@ from elas_jax import config_lib
 from tests.helpers import ROOT, load_config
 
 CONFIG_FILES = ["configs/tiny.py"] + [f"configs/llama_{s}.py" for s in ("60m", "130m", "350m", "1b")]
+# SwiGLU FFN width and ReLU² (1.5x) width per size: brief section 2, and the
+# tiny model's as its docstring states them.
+FFN_WIDTHS = {"60m": (1376, 2064), "130m": (2048, 3072), "350m": (2736, 4104), "1b": (5461, 8191),
+              "tiny": (344, 516)}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)
@@ -24,9 +28,8 @@ def test_every_size_and_variant_loads(path, variant):
   assert m.ffn_kind == ("relu2" if variant in ("loro_relu2", "elas") else "swiglu")
   assert m.linear_kind == {"full": "full", "cola": "cola"}.get(variant, "lowrank")
   assert c.optimizer.name == ("loro_adamw" if m.linear_kind == "lowrank" else "adamw")
-  if m.ffn_kind == "relu2":
-    swiglu = load_config(path, "loro").model.ffn_dim
-    assert m.ffn_dim == int(1.5 * swiglu)
+  swiglu, relu2 = FFN_WIDTHS[c.size]  # literal widths, not a restated formula
+  assert m.ffn_dim == (relu2 if m.ffn_kind == "relu2" else swiglu)
 
 
 def test_paper_shapes():
