@@ -61,6 +61,7 @@ def _modified(path, variant, **changes):
     ({"train.batch_size": -4}, "train.batch_size"),
     ({"optimizer.lr": 0.0}, "optimizer.lr"),
     ({"optimizer.warmup_steps": 10**9}, "optimizer.warmup_steps"),
+    ({"model.sparsity.dense_warmup_steps": 10_001}, "model.sparsity.dense_warmup_steps"),  # > steps
     ({"data.source": "c5"}, "data.source"),
     ({"model.kernel": "triton"}, "model.kernel"),
     ({"model.kernel": "pallas", "model.sparsity.enabled": False}, "model.kernel"),  # 2:4 only
@@ -113,6 +114,32 @@ def test_cli_reports_bad_config_in_one_line(args, needle):
   assert "Traceback" not in p.stderr, p.stderr
   errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and needle in errors[0], p.stderr
+
+
+def test_short_run_errors_name_the_fix():
+  # `--config.train.steps=30` on the tiny config: each warm-up longer than the
+  # run is refused in one line that names the flag fixing it; applying the
+  # fixes one by one ends in a config that loads.
+  base = ["--config", "configs/tiny.py:elas", "--config.train.steps=30"]
+  fixes = []
+  for field in ("optimizer.warmup_steps", "model.sparsity.dense_warmup_steps"):
+    p = _run(*base, *fixes)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr
+    assert errors[0].startswith(f"error: config.{field} = ") and "train.steps = 30" in errors[0], errors[0]
+    assert f"pass --config.{field}=N with " in errors[0], errors[0]
+    fixes.append(f"--config.{field}=29")
+  p = _run(*base, *fixes)
+  assert p.returncode == 0, p.stderr
+  assert json.loads(p.stdout.strip().splitlines()[-1])["variant"] == "elas"
+
+
+def test_dense_warmup_bound_applies_only_to_sparse_variants():
+  for variant in ("loro_relu2", "loro"):  # no 2:4 step: the dense warm-up does nothing
+    config_lib.validate(_modified("configs/tiny.py", variant, **{"train.steps": 30, "optimizer.warmup_steps": 3}))
+  # A warm-up as long as the run is a fully dense ELAS run: allowed.
+  config_lib.validate(_modified("configs/tiny.py", "elas", **{
+      "train.steps": 30, "optimizer.warmup_steps": 3, "model.sparsity.dense_warmup_steps": 30}))
 
 
 def test_summary_cli_last_line_is_json():
