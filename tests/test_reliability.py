@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses
 
-TINY = ["--config=configs/tiny.py:elas", *TINY_TRAIN_FLAGS, "--config.data.read_threads=1"]
+TINY = ["--config=configs/tiny.py:elas", *TINY_TRAIN_FLAGS]
 
 
 def train_cmd(workdir, steps=16, ckpt_every=2, extra=()):
