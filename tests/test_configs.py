@@ -116,6 +116,7 @@ def test_cli_reports_bad_config_in_one_line(args, needle):
   assert len(errors) == 1 and needle in errors[0], p.stderr
 
 
+@pytest.mark.slow
 def test_short_run_errors_name_the_fix():
   # `--config.train.steps=30` on the tiny config: each warm-up longer than the
   # run is refused in one line that names the flag fixing it; applying the
@@ -142,6 +143,7 @@ def test_dense_warmup_bound_applies_only_to_sparse_variants():
       "train.steps": 30, "optimizer.warmup_steps": 3, "model.sparsity.dense_warmup_steps": 30}))
 
 
+@pytest.mark.slow
 def test_summary_cli_last_line_is_json():
   p = _run("--config", "configs/llama_60m.py:elas")
   assert p.returncode == 0, p.stderr

@@ -328,6 +328,7 @@ def _run_prepare(cfg, out):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_prepare_cli_then_train_from_arrayrecord(tmp_path, word_tokenizer):
   cfg = _files_config(tmp_path, word_tokenizer)
   p = _run_prepare(cfg, tmp_path / "prep")
@@ -392,6 +393,7 @@ def test_config_data_fields_validate():
     config_lib.validate(cfg)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(tmp_path, word_tokenizer):
   # grain worker processes (data.worker_count > 0) must not change the stream.
   code = f"""

@@ -36,7 +36,8 @@ def count(model):
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", [s if s in ("60m", "130m") else pytest.param(s, marks=pytest.mark.slow)
+                                  for s in SIZES])
 def test_parameter_counts_match_the_shapes_and_the_brief(size):
   counts = {}
   for variant in config_lib.VARIANTS:
@@ -97,6 +98,7 @@ def test_jit_matches_eager_and_logits_are_finite(tiny_models, variant):
   np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32():
   c = load_config("configs/tiny.py", "elas")
   c.model.vocab_size = 256
@@ -126,6 +128,7 @@ def _loss_and_grads(model, tokens, sparse_on):
   return value, stats, grads
 
 
+@pytest.mark.slow
 def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
   # Same seed -> the same parameters (identical module structure); in the dense
   # warm-up the ELAS model is exactly the ReLU² model, loss and gradients.
@@ -150,6 +153,7 @@ def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
   assert (np.asarray(stats_s["dropped_mass"]) > 0).all()
 
 
+@pytest.mark.slow
 def test_initialisation_scales():
   c = load_config("configs/llama_60m.py", "loro")
   m = model_lib.build_model(c.model)

@@ -15,6 +15,9 @@ import pytest
 
 from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses
 
+# Every test here starts train.py (most of them several times).
+pytestmark = pytest.mark.slow
+
 TINY = ["--config=configs/tiny.py:elas", *TINY_TRAIN_FLAGS]
 
 

@@ -14,6 +14,7 @@ from elas_jax import evaluate, trainer
 from tests.helpers import ROOT, TINY_TRAIN_FLAGS, read_metrics, step_losses, tiny_train_config
 
 
+@pytest.mark.slow
 def test_tiny_run_trains_checkpoints_and_evaluates(tmp_path):
   cfg = tiny_train_config()
   final = trainer.train_and_evaluate(cfg, str(tmp_path))
@@ -40,6 +41,7 @@ def test_tiny_run_trains_checkpoints_and_evaluates(tmp_path):
   assert earlier["step"] == 9 and earlier["eval_loss"] != final["eval_loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["elas", "full"])
 def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, variant):
   # elas covers LORO (exact steps at 5 and 10) and the 2:4 switch at step 4.
@@ -56,6 +58,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, variant):
   assert final == evaluate.evaluate_checkpoint(str(straight))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   cfg = tiny_train_config("full", **{"optimizer.lr": 1e9, "optimizer.warmup_steps": 0,
                                      "train.ckpt_every": 1, "train.log_every": 1})
