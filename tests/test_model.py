@@ -1,5 +1,7 @@
 """The LLaMA model family: parameter counts, causality, dtypes, the 2:4 switch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +44,7 @@ def test_parameter_counts_match_the_shapes_and_the_brief(size):
   counts = {}
   for variant in config_lib.VARIANTS:
     c = load_config(f"configs/llama_{size}.py", variant)
-    abstract = nnx.eval_shape(lambda: model_lib.build_model(c.model))
+    abstract = nnx.eval_shape(functools.partial(model_lib.build_model, c.model))
     counts[variant] = count(abstract)
     assert counts[variant] == expected_params(c), variant
   full, loro, elas = BRIEF_M[size]
@@ -68,7 +70,7 @@ def tiny_models():
 def test_causal_through_gradients(tiny_models, variant):
   # Distinct tokens per position: the gradient of logits at position t with
   # respect to the embedding row of a later token must be exactly zero.
-  c, model = tiny_models[variant]
+  _, model = tiny_models[variant]
   seq = 12
   tokens = jnp.arange(3, 3 + seq)[None]
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -136,7 +138,7 @@ def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
   cr = load_config("configs/tiny.py", "loro_relu2")
   me, mr = model_lib.build_model(ce.model, seed=4), model_lib.build_model(cr.model, seed=4)
   tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, ce.model.vocab_size)
-  le, stats, ge = _loss_and_grads(me, tokens, False)
+  le, _, ge = _loss_and_grads(me, tokens, False)
   lr, none_stats, gr = _loss_and_grads(mr, tokens, False)
   assert none_stats == {}
   np.testing.assert_allclose(float(le), float(lr), rtol=1e-6)

@@ -253,13 +253,14 @@ def test_adamw_variants_match_optax_adamw(variant):
   params = {"embed": rng.normal(size=(6, 4)), "norm": 1.0 + 0.1 * rng.normal(size=(4,)),
             "blk": {"a": rng.normal(size=(4, 2)), "b": rng.normal(size=(2, 4))}}
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  leaves, treedef = jax.tree.flatten(params)
   p, p_ref = params, params
   state, state_ref = tx.init(p), ref.init(p_ref)
   clipped = 0
   for t in range(10):
     # Gradient norms from ~0.1 to ~3: clipping at 0.5 acts on some steps only.
-    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.5 * 1.5 ** (t - 5), jnp.float32),
-                     params)
+    scale = 0.5 * 1.5 ** (t - 5)
+    g = treedef.unflatten([jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32) for x in leaves])
     clipped += np.sqrt(sum(float(jnp.sum(x * x)) for x in jax.tree.leaves(g))) > 0.5
     upd, state = tx.update(g, state, p)
     upd_ref, state_ref = ref.update(g, state_ref, p_ref)
