@@ -211,7 +211,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not o.lr > 0:
     raise _err("optimizer.lr", o.lr, "must be > 0")
   if not 0 <= o.warmup_steps <= c.train.steps:
-    raise _err("optimizer.warmup_steps", o.warmup_steps, f"must be in [0, train.steps = {c.train.steps}]")
+    raise _err("optimizer.warmup_steps", o.warmup_steps,
+               f"must be in [0, train.steps = {c.train.steps}]; "
+               f"pass --config.optimizer.warmup_steps=N with 0 <= N <= {c.train.steps}")
+  if s.enabled and s.dense_warmup_steps > c.train.steps:
+    # A short run (--config.train.steps=N) would stay dense throughout: refuse, naming the fix.
+    # Equal to train.steps is allowed (a fully dense run, as benchmarks/quality.py clamps to).
+    raise _err("model.sparsity.dense_warmup_steps", s.dense_warmup_steps,
+               f"exceeds train.steps = {c.train.steps}, so 2:4 sparsity would never start; "
+               f"pass --config.model.sparsity.dense_warmup_steps=N with N < {c.train.steps}")
   if not 0.0 <= o.min_lr_ratio <= 1.0:
     raise _err("optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
   for f in ("b1", "b2"):

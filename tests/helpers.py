@@ -12,20 +12,30 @@ def load_config(path: str, variant: str):
   return config_lib.load(f"{os.path.join(ROOT, path)}:{variant}")
 
 
+# The shrunken tiny model (d=64, 2 layers, 4 heads, rank 16, FFN 258 = ReLU² with
+# a dense tail of 2 features, or SwiGLU 172), its optimizer and batch, shared by
+# the in-process tests (tiny_train_config) and the train.py subprocess tests
+# (TINY_TRAIN_FLAGS), so both train the same model.
+TINY_OVERRIDES = {
+    "model.d_model": 64, "model.n_heads": 4, "model.n_layers": 2, "model.rank": 16,
+    "model.sparsity.dense_warmup_steps": 4, "optimizer.warmup_steps": 2, "optimizer.exact_every": 5,
+    "train.batch_size": 8, "train.seq_len": 32, "train.log_every": 1, "train.eval_tokens": 2048,
+    "data.read_threads": 1,
+}
+
+
+def tiny_ffn_dim(ffn_kind: str) -> int:
+  return 258 if ffn_kind == "relu2" else 172
+
+
 def tiny_train_config(variant: str = "elas", **overrides):
-  """A shrunken tiny config that trains a step in well under a second on CPU.
+  """The shrunken tiny model: 12 steps of well under a second each on CPU.
 
   ``overrides`` are dotted paths: ``tiny_train_config(**{"train.steps": 6})``.
   """
-  c = load_config("configs/tiny.py", variant)
-  c.model.d_model, c.model.n_heads, c.model.n_layers, c.model.rank = 64, 4, 2, 16
-  c.model.ffn_dim = 258 if c.model.ffn_kind == "relu2" else 172  # 258: a dense tail of 2 features
-  c.model.sparsity.dense_warmup_steps = 4
-  c.optimizer.warmup_steps, c.optimizer.exact_every = 2, 5
-  c.train.steps, c.train.batch_size, c.train.seq_len = 12, 8, 32
-  c.train.log_every, c.train.eval_every, c.train.ckpt_every = 1, 6, 3
-  c.train.eval_tokens = 2048
-  c.data.read_threads = 1
+  c = config_lib.override(load_config("configs/tiny.py", variant), TINY_OVERRIDES)
+  c.model.ffn_dim = tiny_ffn_dim(c.model.ffn_kind)
+  c.train.steps, c.train.eval_every, c.train.ckpt_every = 12, 6, 3
   config_lib.override(c, overrides)
   config_lib.validate(c)
   return c
@@ -47,10 +57,8 @@ def step_losses(workdir: str) -> dict[int, float]:
   return out
 
 
-# train.py flags for the same shrunken model as tiny_train_config (subprocess tests).
-TINY_TRAIN_FLAGS = [
-    "--config.model.d_model=64", "--config.model.n_heads=4", "--config.model.n_layers=2",
-    "--config.model.rank=16", "--config.model.ffn_dim=256", "--config.train.batch_size=8",
-    "--config.train.seq_len=32", "--config.optimizer.warmup_steps=2", "--config.train.eval_tokens=2048",
-    "--config.train.log_every=1", "--config.model.sparsity.dense_warmup_steps=3",
-    "--config.optimizer.exact_every=5"]
+# train.py flags for tiny_train_config("elas")'s model, optimizer and batch (the
+# tiny config's default variant); train.steps, eval_every and ckpt_every stay the
+# caller's choice (the tiny config's 600 / 200 / 200 otherwise).
+TINY_TRAIN_FLAGS = ([f"--config.{key}={value}" for key, value in TINY_OVERRIDES.items()]
+                    + [f"--config.model.ffn_dim={tiny_ffn_dim('relu2')}"])

@@ -12,6 +12,10 @@ from elas_jax import config_lib
 from tests.helpers import ROOT, load_config
 
 CONFIG_FILES = ["configs/tiny.py"] + [f"configs/llama_{s}.py" for s in ("60m", "130m", "350m", "1b")]
+# SwiGLU FFN width and ReLU² (1.5x) width per size: brief section 2, and the
+# tiny model's as its docstring states them.
+FFN_WIDTHS = {"60m": (1376, 2064), "130m": (2048, 3072), "350m": (2736, 4104), "1b": (5461, 8191),
+              "tiny": (344, 516)}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)
@@ -24,9 +28,8 @@ def test_every_size_and_variant_loads(path, variant):
   assert m.ffn_kind == ("relu2" if variant in ("loro_relu2", "elas") else "swiglu")
   assert m.linear_kind == {"full": "full", "cola": "cola"}.get(variant, "lowrank")
   assert c.optimizer.name == ("loro_adamw" if m.linear_kind == "lowrank" else "adamw")
-  if m.ffn_kind == "relu2":
-    swiglu = load_config(path, "loro").model.ffn_dim
-    assert m.ffn_dim == int(1.5 * swiglu)
+  swiglu, relu2 = FFN_WIDTHS[c.size]  # literal widths, not a restated formula
+  assert m.ffn_dim == (relu2 if m.ffn_kind == "relu2" else swiglu)
 
 
 def test_paper_shapes():
@@ -58,6 +61,7 @@ def _modified(path, variant, **changes):
     ({"train.batch_size": -4}, "train.batch_size"),
     ({"optimizer.lr": 0.0}, "optimizer.lr"),
     ({"optimizer.warmup_steps": 10**9}, "optimizer.warmup_steps"),
+    ({"model.sparsity.dense_warmup_steps": 10_001}, "model.sparsity.dense_warmup_steps"),  # > steps
     ({"data.source": "c5"}, "data.source"),
     ({"model.kernel": "triton"}, "model.kernel"),
     ({"model.kernel": "pallas", "model.sparsity.enabled": False}, "model.kernel"),  # 2:4 only
@@ -112,6 +116,34 @@ def test_cli_reports_bad_config_in_one_line(args, needle):
   assert len(errors) == 1 and needle in errors[0], p.stderr
 
 
+@pytest.mark.slow
+def test_short_run_errors_name_the_fix():
+  # `--config.train.steps=30` on the tiny config: each warm-up longer than the
+  # run is refused in one line that names the flag fixing it; applying the
+  # fixes one by one ends in a config that loads.
+  base = ["--config", "configs/tiny.py:elas", "--config.train.steps=30"]
+  fixes = []
+  for field in ("optimizer.warmup_steps", "model.sparsity.dense_warmup_steps"):
+    p = _run(*base, *fixes)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr
+    assert errors[0].startswith(f"error: config.{field} = ") and "train.steps = 30" in errors[0], errors[0]
+    assert f"pass --config.{field}=N with " in errors[0], errors[0]
+    fixes.append(f"--config.{field}=29")
+  p = _run(*base, *fixes)
+  assert p.returncode == 0, p.stderr
+  assert json.loads(p.stdout.strip().splitlines()[-1])["variant"] == "elas"
+
+
+def test_dense_warmup_bound_applies_only_to_sparse_variants():
+  for variant in ("loro_relu2", "loro"):  # no 2:4 step: the dense warm-up does nothing
+    config_lib.validate(_modified("configs/tiny.py", variant, **{"train.steps": 30, "optimizer.warmup_steps": 3}))
+  # A warm-up as long as the run is a fully dense ELAS run: allowed.
+  config_lib.validate(_modified("configs/tiny.py", "elas", **{
+      "train.steps": 30, "optimizer.warmup_steps": 3, "model.sparsity.dense_warmup_steps": 30}))
+
+
+@pytest.mark.slow
 def test_summary_cli_last_line_is_json():
   p = _run("--config", "configs/llama_60m.py:elas")
   assert p.returncode == 0, p.stderr

@@ -1,5 +1,7 @@
 """The LLaMA model family: parameter counts, causality, dtypes, the 2:4 switch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,12 +38,13 @@ def count(model):
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", [s if s in ("60m", "130m") else pytest.param(s, marks=pytest.mark.slow)
+                                  for s in SIZES])
 def test_parameter_counts_match_the_shapes_and_the_brief(size):
   counts = {}
   for variant in config_lib.VARIANTS:
     c = load_config(f"configs/llama_{size}.py", variant)
-    abstract = nnx.eval_shape(lambda: model_lib.build_model(c.model))
+    abstract = nnx.eval_shape(functools.partial(model_lib.build_model, c.model))
     counts[variant] = count(abstract)
     assert counts[variant] == expected_params(c), variant
   full, loro, elas = BRIEF_M[size]
@@ -67,7 +70,7 @@ def tiny_models():
 def test_causal_through_gradients(tiny_models, variant):
   # Distinct tokens per position: the gradient of logits at position t with
   # respect to the embedding row of a later token must be exactly zero.
-  c, model = tiny_models[variant]
+  _, model = tiny_models[variant]
   seq = 12
   tokens = jnp.arange(3, 3 + seq)[None]
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -97,6 +100,7 @@ def test_jit_matches_eager_and_logits_are_finite(tiny_models, variant):
   np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32():
   c = load_config("configs/tiny.py", "elas")
   c.model.vocab_size = 256
@@ -126,6 +130,7 @@ def _loss_and_grads(model, tokens, sparse_on):
   return value, stats, grads
 
 
+@pytest.mark.slow
 def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
   # Same seed -> the same parameters (identical module structure); in the dense
   # warm-up the ELAS model is exactly the ReLU² model, loss and gradients.
@@ -133,7 +138,7 @@ def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
   cr = load_config("configs/tiny.py", "loro_relu2")
   me, mr = model_lib.build_model(ce.model, seed=4), model_lib.build_model(cr.model, seed=4)
   tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, ce.model.vocab_size)
-  le, stats, ge = _loss_and_grads(me, tokens, False)
+  le, _, ge = _loss_and_grads(me, tokens, False)
   lr, none_stats, gr = _loss_and_grads(mr, tokens, False)
   assert none_stats == {}
   np.testing.assert_allclose(float(le), float(lr), rtol=1e-6)
@@ -150,6 +155,7 @@ def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
   assert (np.asarray(stats_s["dropped_mass"]) > 0).all()
 
 
+@pytest.mark.slow
 def test_initialisation_scales():
   c = load_config("configs/llama_60m.py", "loro")
   m = model_lib.build_model(c.model)

@@ -15,7 +15,10 @@ import pytest
 
 from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses
 
-TINY = ["--config=configs/tiny.py:elas", *TINY_TRAIN_FLAGS, "--config.data.read_threads=1"]
+# Every test here starts train.py (most of them several times).
+pytestmark = pytest.mark.slow
+
+TINY = ["--config=configs/tiny.py:elas", *TINY_TRAIN_FLAGS]
 
 
 def train_cmd(workdir, steps=16, ckpt_every=2, extra=()):

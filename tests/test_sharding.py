@@ -39,6 +39,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_meshes_match_one_device_and_checkpoints_reshard(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path), json.dumps(MESHES)], cwd=ROOT,

@@ -28,7 +28,7 @@ import numpy as np
 from grain import experimental as grain_exp
 
 from elas_jax.data import corpus, sources, tokenizer as tokenizer_lib
-from elas_jax.data.errors import DataError
+from elas_jax.errors import DataError
 
 PACKING_MODES = ("concat", "truncate_pad")
 

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from elas_jax.data.errors import DataError
+from elas_jax.errors import DataError
 
 FORMATS = ("auto", "jsonl", "txt", "parquet", "arrayrecord")
 PREPARED_MANIFEST = "elas_prepared.json"

@@ -15,7 +15,7 @@ import os
 from typing import Iterable, Protocol
 
 from elas_jax.data import corpus
-from elas_jax.data.errors import DataError
+from elas_jax.errors import DataError
 
 
 class Tokenizer(Protocol):
