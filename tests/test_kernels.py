@@ -1,4 +1,4 @@
-"""Pallas kernels against their pure-jnp references (interpret mode on CPU).
+"""Pallas kernels against their plain-jnp references (interpret mode on CPU).
 
 Every kernel's output and ``jax.grad`` are compared with the reference on fresh
 random inputs over several shapes, including token counts and widths that do
