@@ -16,6 +16,7 @@ overhead does not dominate small kernels. ``kind="do_bench"`` uses
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import time
@@ -219,3 +220,21 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align:
       raise ValueError(f"markdown_table: row {list(row)} has {len(row)} cells, not {len(headers)}")
     lines.append("| " + " | ".join(str(c) for c in row) + " |")
   return lines
+
+
+def config_overrides(ap: argparse.ArgumentParser, args: list[str]) -> dict[str, str]:
+  """``--config.a.b=v`` (or ``--config.a.b v``) -> ``{"a.b": "v"}``, the CLI's override
+  form, for :func:`elas_jax.config_lib.override`; anything else is an error."""
+  out, i = {}, 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith("--config."):
+      ap.error(f"unrecognized argument {arg!r} (config fields go as --config.<field>=<value>)")
+    key, eq, value = arg[len("--config."):].partition("=")
+    if not eq:
+      if i + 1 == len(args):
+        ap.error(f"{arg}: no value (use --config.{key}=<value>)")
+      i, value = i + 1, args[i + 1]
+    out[key] = value
+    i += 1
+  return out

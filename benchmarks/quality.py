@@ -29,6 +29,7 @@ import sys
 
 import numpy as np
 
+from benchmarks import harness
 from elas_jax import config_lib
 
 PRESETS = {
@@ -185,23 +186,6 @@ def write_report(results: dict, out: str, title: str) -> None:
   plt.close(fig)
 
 
-def config_overrides(ap: argparse.ArgumentParser, args: list[str]) -> dict[str, str]:
-  """``--config.a.b=v`` (or ``--config.a.b v``) -> ``{"a.b": "v"}``; anything else is an error."""
-  out, i = {}, 0
-  while i < len(args):
-    arg = args[i]
-    if not arg.startswith("--config."):
-      ap.error(f"unrecognized argument {arg!r} (config fields go as --config.<field>=<value>)")
-    key, eq, value = arg[len("--config."):].partition("=")
-    if not eq:
-      if i + 1 == len(args):
-        ap.error(f"{arg}: no value (use --config.{key}=<value>)")
-      i, value = i + 1, args[i + 1]
-    out[key] = value
-    i += 1
-  return out
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
@@ -213,7 +197,7 @@ def main() -> None:
   ap.add_argument("--out", required=True)
   ap.epilog = "--config.<field>=<value>: config override for every run (repeatable)"
   args, rest = ap.parse_known_args()
-  cli_overrides = config_overrides(ap, rest)
+  cli_overrides = harness.config_overrides(ap, rest)
 
   preset = PRESETS.get(args.preset, {"size": "llama_60m", "steps": None, "overrides": {}})
   size = args.size or preset["size"]

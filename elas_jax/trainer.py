@@ -241,12 +241,16 @@ class Run:
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss)), "eval_tokens": int(count)}
 
 
-def build(cfg, devices=None) -> Run:
-  """Mesh, tokenizer, model structure, optimizer and shardings for ``cfg``."""
+def build(cfg, devices=None, *, with_tokenizer: bool = True) -> Run:
+  """Mesh, tokenizer, model structure, optimizer and shardings for ``cfg``.
+
+  ``with_tokenizer=False`` skips the tokenizer (``Run.tokenizer`` is None), for
+  benchmarks and tools that feed synthetic token ids.
+  """
   config_lib.validate(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.train, mesh)
-  tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
+  tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size) if with_tokenizer else None
   spec = pipeline.Spec.from_config(cfg)
   abstract_model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks import quality
+from benchmarks import harness, quality
 from elas_jax import config_lib
 from tests.helpers import ROOT
 
@@ -17,7 +17,7 @@ def test_config_overrides_are_the_cli_form(monkeypatch):
   # --config.<field>=<value> (or a separate value), parsed as the field's type
   monkeypatch.chdir(ROOT)
   ap = argparse.ArgumentParser()
-  over = quality.config_overrides(ap, ["--config.train.batch_size=4", "--config.model.sparsity.backward",
+  over = harness.config_overrides(ap, ["--config.train.batch_size=4", "--config.model.sparsity.backward",
                                        "ste", "--config.model.sparsity.enabled=false"])
   assert over == {"train.batch_size": "4", "model.sparsity.backward": "ste",
                   "model.sparsity.enabled": "false"}
@@ -27,7 +27,7 @@ def test_config_overrides_are_the_cli_form(monkeypatch):
   with pytest.raises(config_lib.ConfigError, match="config.train.no_such_field"):
     quality.make_config("tiny", "elas", 10, 0, {"train.no_such_field": "1"})
   with pytest.raises(SystemExit):  # not a config field: refused, not ignored
-    quality.config_overrides(ap, ["--set", "train.steps=3"])
+    harness.config_overrides(ap, ["--set", "train.steps=3"])
 
 
 def test_quality_smoke_preset_writes_table_and_curves(tmp_path):
