@@ -96,34 +96,35 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-class _Stream:
-  """Prints a row's text as its tokens arrive (decoding the whole continuation
-  each time, since a token's text can depend on its neighbours)."""
+def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
+  """Text of ``new_ids`` after the prompt (decoded together: a token's text,
+  e.g. a leading space, depends on what precedes it)."""
+  new_ids = [t for t in new_ids if t != tok.eos_id]
+  return tok.decode(prompt_ids + new_ids)[len(tok.decode(prompt_ids)):]
 
-  def __init__(self, tok):
-    self.tok, self.ids, self.shown = tok, [], ""
+
+class _Stream:
+  """Prints one row's continuation as its tokens arrive."""
+
+  def __init__(self, tok, prompt_ids: list[int]):
+    self.tok, self.prompt_ids, self.ids, self.shown = tok, prompt_ids, [], ""
 
   def __call__(self, new: list[int | None]) -> None:
     if new[0] is None or new[0] == self.tok.eos_id:
       return
     self.ids.append(new[0])
-    text = self.tok.decode(self.ids)
+    text = continuation(self.tok, self.prompt_ids, self.ids)
     if text.startswith(self.shown) and not text.endswith("\ufffd"):  # wait for whole characters
       sys.stdout.write(text[len(self.shown):])
       sys.stdout.flush()
       self.shown = text
 
   def finish(self) -> None:
-    text = self.tok.decode(self.ids)
+    text = continuation(self.tok, self.prompt_ids, self.ids)
     if text.startswith(self.shown):
       sys.stdout.write(text[len(self.shown):])
     sys.stdout.write("\n")
     sys.stdout.flush()
-
-
-def completion(tok, result: decode.Result) -> str:
-  ids = [t for t in result.tokens if t != tok.eos_id]
-  return tok.decode(ids)
 
 
 def main(argv) -> None:
@@ -160,11 +161,11 @@ def main(argv) -> None:
     if _PROMPT.value is not None:
       sys.stdout.write(_PROMPT.value)
       sys.stdout.flush()
-      stream = _Stream(tok)
+      stream = _Stream(tok, prompts[0])
       results = gen.generate(prompts, _MAX_NEW.value, _SEED.value, on_step=stream)
       stream.finish()
       if out_f:
-        _write(out_f, texts[0], tok, results[0])
+        _write(out_f, texts[0], prompts[0], tok, results[0])
       return
     from tqdm import tqdm
 
@@ -172,8 +173,8 @@ def main(argv) -> None:
       for lo in range(0, len(prompts), gen.batch):
         chunk = prompts[lo:lo + gen.batch]
         results = gen.generate(chunk, _MAX_NEW.value, _SEED.value + lo)
-        for text, res in zip(texts[lo:lo + gen.batch], results):
-          _write(out_f or sys.stdout, text, tok, res)
+        for text, ids, res in zip(texts[lo:lo + gen.batch], chunk, results):
+          _write(out_f or sys.stdout, text, ids, tok, res)
         bar.update(len(chunk))
   finally:
     if out_f:
@@ -182,8 +183,8 @@ def main(argv) -> None:
     print(f"wrote {len(prompts)} completions to {_OUT.value}", file=sys.stderr)
 
 
-def _write(f, prompt: str, tok, res: decode.Result) -> None:
-  f.write(json.dumps({"prompt": prompt, "completion": completion(tok, res),
+def _write(f, prompt: str, prompt_ids: list[int], tok, res: decode.Result) -> None:
+  f.write(json.dumps({"prompt": prompt, "completion": continuation(tok, prompt_ids, res.tokens),
                       "tokens": len(res.tokens), "stop": res.stop}, ensure_ascii=False) + "\n")
   f.flush()
 
