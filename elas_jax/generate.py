@@ -44,6 +44,8 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "KV cache length (prompt + gene
 _DENSE = flags.DEFINE_bool("dense", False, "Decode an ELAS model with the dense ReLU² FFN.")
 _OUT = flags.DEFINE_string("out", None, "Write results as JSON lines to this file.")
 _MESH = flags.DEFINE_string("mesh", None, "Override the saved mesh as data,fsdp,tensor (e.g. -1,1,1).")
+_KERNEL = flags.DEFINE_enum("kernel", None, ["auto", "xla", "pallas"],
+                            "Override config.model.kernel (the 2:4 FFN implementation of ELAS models).")
 
 
 def _parse_mesh(text: str | None) -> tuple[int, int, int] | None:
@@ -59,13 +61,15 @@ def _parse_mesh(text: str | None) -> tuple[int, int, int] | None:
 
 
 def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
-         devices=None):
+         kernel: str | None = None, devices=None):
   """``(run, params, step)`` of a checkpoint, restored onto the local mesh as evaluation does."""
   from elas_jax import trainer
 
   cfg, step = checkpointing.load_config(workdir, step)
   if mesh is not None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  if kernel is not None:
+    cfg.model.kernel = kernel
   decode.check_supported(cfg.model)
   run = trainer.build(cfg, devices)
   state = checkpointing.restore_state(workdir, step, run.abstract_state)
@@ -140,7 +144,8 @@ def main(argv) -> None:
     raise UserError(f"--batch_size={_BATCH.value}: must be positive")
   texts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
 
-  run, params, step = load(_WORKDIR.value, _STEP.value, mesh=_parse_mesh(_MESH.value))
+  run, params, step = load(_WORKDIR.value, _STEP.value, mesh=_parse_mesh(_MESH.value),
+                           kernel=_KERNEL.value)
   cfg, tok = run.cfg, run.tokenizer
   max_len = _MAX_LEN.value or cfg.train.seq_len
   prompts = [encode(tok, cfg, t) for t in texts]

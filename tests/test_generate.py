@@ -211,11 +211,11 @@ def test_cli_errors(workdir, tmp_path):
   assert "KV cache holds --max_len=16" in line
 
 
-def test_cli_generates_the_same_greedy_text_on_a_mesh(workdir, tmp_path):
+def test_cli_generates_the_same_greedy_text_on_a_mesh_and_with_pallas(workdir, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("The history of\n\nIn 1990 the\nA\n")
   outs = []
-  for devices, mesh in ((1, []), (2, ["--mesh", "2,1,1"])):
+  for devices, mesh in ((1, []), (2, ["--mesh", "2,1,1", "--kernel", "pallas"])):
     out = tmp_path / f"out{devices}.jsonl"
     p = _generate("--workdir", workdir, "--prompts_file", str(prompts), "--temperature", "0",
                   "--max_new_tokens", "5", "--batch_size", "2", "--out", str(out), *mesh,
@@ -232,3 +232,15 @@ def test_cli_streams_a_single_prompt(workdir):
                 "--seed", "1")
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.startswith("The history of") and len(p.stdout.strip()) > len("The history of")
+
+
+def test_inference_benchmark_smoke(tmp_path):
+  p = subprocess.run([sys.executable, "-m", "benchmarks.inference", "--preset", "smoke", "--out",
+                      str(tmp_path)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert {r["variant"] for r in res["generation"]} == {"full", "loro", "loro_relu2", "elas"}
+  assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in res["generation"])
+  assert len(res["ffn"]) == 1 and res["recompute"]["speedup"] > 0
+  assert "| ELAS vs full |" in (tmp_path / "results.md").read_text()
