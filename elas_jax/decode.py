@@ -169,13 +169,13 @@ class Generator:
     jit = dict(donate_argnums=(1,))
     if mesh is not None:
       rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
-      self._cache_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
+      layer_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
       rep = sharding.replicated(mesh)
       p_sh = jax.tree.map(lambda a: a.sharding, params)
-      cache_sh = KVCache(self._cache_sh, self._cache_sh)
+      cache_sh = KVCache(layer_sh, layer_sh)
       jit.update(in_shardings=(p_sh, cache_sh, rows, rows, rep, rep), out_shardings=(rows, cache_sh))
-    else:
-      self._cache_sh = None
+    make = lambda: init_cache(model_cfg, self.batch, max_len)
+    self._new_cache = jax.jit(make, **({} if mesh is None else {"out_shardings": cache_sh}))
     self._prefill = jax.jit(prefill, **jit)
     self._decode = jax.jit(decode, **jit)
 
@@ -184,10 +184,8 @@ class Generator:
             else contextlib.nullcontext())
 
   def new_cache(self) -> KVCache:
-    make = lambda: init_cache(self.model_cfg, self.batch, self.max_len)
-    if self._cache_sh is None:
-      return jax.jit(make)()
-    return jax.jit(make, out_shardings=KVCache(self._cache_sh, self._cache_sh))()
+    """A zero cache for this generator's batch (compiled once, placed on the mesh)."""
+    return self._new_cache()
 
   def check_prompts(self, prompts: list[list[int]]) -> None:
     if not prompts:
