@@ -87,13 +87,20 @@ class Linear(nnx.Module):
     return self.post_first(x.astype(self.dtype) @ self.first_weight().T)
 
 
-def rotary(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half convention), computed in fp32."""
+def rotary(x_BxLxNxH: jax.Array, theta: float, positions: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding (rotate-half convention), computed in fp32.
+
+  ``positions`` (int ``[B, L]`` or ``[L]``) are the tokens' positions; the
+  default ``0 .. L-1`` is the training layout. Cached decoding passes each
+  row's own positions (:mod:`elas_jax.decode`).
+  """
   _, l, _, h = x_BxLxNxH.shape
   inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  ang_LxH2 = jnp.arange(l, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  cos = jnp.cos(ang_LxH2)[None, :, None, :]
-  sin = jnp.sin(ang_LxH2)[None, :, None, :]
+  pos = jnp.arange(l) if positions is None else positions
+  pos_BxL = pos[None, :] if pos.ndim == 1 else pos  # [1, L] broadcasts over the batch
+  ang_BxLxH2 = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(ang_BxLxH2)[:, :, None, :]
+  sin = jnp.sin(ang_BxLxH2)[:, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
   x1, x2 = x[..., : h // 2], x[..., h // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
