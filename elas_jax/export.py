@@ -283,7 +283,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1  # the export gathers every weight anyway
   run = trainer.build(cfg)
   state = checkpointing.restore_state(workdir, step, run.abstract_state)
-  params = jax.tree.map(np.asarray, nnx.to_pure_dict(jax.device_get(state["params"])))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(jax.device_get(state.params)))
   tensors = hf_tensors(cfg.model, params, dtype)
   os.makedirs(out, exist_ok=True)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
@@ -481,7 +481,7 @@ def import_hf(hf_dir: str, workdir: str, base_cfg) -> dict:
   abstract = nnx.state(nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed)), nnx.Param)
   param_dtype = model_lib.DTYPES[cfg.model.param_dtype]
   nnx.replace_by_pure_dict(abstract, jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), pure))
-  state = jax.jit(lambda p: trainer.new_state(p, run.tx, cfg.seed),
+  state = jax.jit(lambda p: trainer.TrainState.create(p, run.tx),
                   out_shardings=run.state_shardings)(abstract)
   train_docs = pipeline.open_split(cfg, "train")
   pipeline.check_prepared(train_docs, run.tokenizer)
