@@ -237,7 +237,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if o.lr_adjust_steps and o.schedule != "cosine_restart":
     raise _err("optimizer.lr_adjust_steps", o.lr_adjust_steps,
                "is only defined for optimizer.schedule = cosine_restart (0 otherwise)")
-  if o.schedule == "cosine_restart" and o.warmup_steps + o.lr_adjust_steps >= c.train.steps:
+  if o.lr_adjust_steps and o.warmup_steps + o.lr_adjust_steps >= c.train.steps:
     raise _err("optimizer.lr_adjust_steps", o.lr_adjust_steps,
                f"plus optimizer.warmup_steps = {o.warmup_steps} must be < train.steps = {c.train.steps}")
   if not isinstance(m.cola_only_lr_act, bool):
