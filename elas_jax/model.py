@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from elas_jax import sparsity
+from elas_jax import attention, sparsity
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -106,6 +106,8 @@ class Attention(nnx.Module):
     d = cfg.d_model
     lin = dict(kind=cfg.linear_kind, rank=cfg.rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
+    self.impl = attention.resolve(cfg)  # model.attention, auto resolved for this backend
+    self.block = getattr(cfg, "attention_block", attention.DEFAULT_BLOCK)
     self.q = Linear(d, d, axes=("heads", "embed"), **lin)
     self.k = Linear(d, d, axes=("heads", "embed"), **lin)
     self.v = Linear(d, d, axes=("heads", "embed"), **lin)
@@ -117,7 +119,7 @@ class Attention(nnx.Module):
     q = rotary(split(self.q(x_BxLxD)), self.theta)
     k = rotary(split(self.k(x_BxLxD)), self.theta)
     v = split(self.v(x_BxLxD))
-    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    o_BxLxNxH = attention.attend(q, k, v, impl=self.impl, block=self.block)
     return self.o(o_BxLxNxH.reshape(b, l, d))
 
 
@@ -230,6 +232,16 @@ class Transformer(nnx.Module):
     dense warm-up and 2:4; models without sparsity ignore it. Statistics are
     ``{name: [n_layers]}``, empty when no layer is sparse.
     """
+    x, stats = self.hidden_states(tokens_BxL, sparse_on)
+    return self.lm_head(x).astype(jnp.float32), stats
+
+  def hidden_states(self, tokens_BxL: jax.Array, sparse_on: jax.Array | bool = True
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The final-normed hidden states ``[B, L, d]`` (compute dtype) and the statistics.
+
+    What :meth:`__call__` feeds to ``lm_head``; the chunked loss
+    (:mod:`elas_jax.loss`) applies ``lm_head`` itself, chunk by chunk.
+    """
     sparse_on = jnp.asarray(sparse_on, dtype=bool)
     x = self.embed(tokens_BxL)
     per_layer = []
@@ -237,9 +249,8 @@ class Transformer(nnx.Module):
       x, stats = block(x, sparse_on)
       if stats is not None:
         per_layer.append(stats)
-    logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
     stats = {k: jnp.stack([s[k] for s in per_layer]) for k in per_layer[0]} if per_layer else {}
-    return logits, stats
+    return self.final_norm(x), stats
 
 
 def sparsity_active(step: jax.Array | int, dense_warmup_steps: jax.Array | int) -> jax.Array:
