@@ -243,23 +243,35 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def _stack(values):
+  if isinstance(values[0], jax.ShapeDtypeStruct):  # abstract (nnx.eval_shape) models
+    return jax.ShapeDtypeStruct((len(values), *values[0].shape), values[0].dtype)
+  return jnp.stack(values)
+
+
+def _take(value, i: int):
+  if isinstance(value, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+  return value[i]
+
+
 def _stack_vars(*layers):
   """One stacked leaf from the same leaf of every layer; Variables gain a ``layers`` axis."""
   first = layers[0]
   if not _is_var(first):
-    return jnp.stack(layers)
-  value = jnp.stack([v.get_value() for v in layers])
+    return _stack(layers)
+  value = _stack([v.get_value() for v in layers])
   axes = first.get_metadata().get("logical_axes")
   return first.replace(value, **({"logical_axes": ("layers", *axes)} if axes else {}))
 
 
 def _unstack_var(x, i: int):
   if not _is_var(x):
-    return x[i]
+    return _take(x, i)
   axes = x.get_metadata().get("logical_axes")
   if axes and axes[0] == "layers":
-    return x.replace(x.get_value()[i], logical_axes=tuple(axes[1:]))
-  return x.replace(x.get_value()[i])
+    return x.replace(_take(x.get_value(), i), logical_axes=tuple(axes[1:]))
+  return x.replace(_take(x.get_value(), i))
 
 
 def _with_blocks(params, blocks):
