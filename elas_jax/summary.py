@@ -29,7 +29,10 @@ def _path_str(path) -> str:
 def param_table(model: nnx.Module) -> "OrderedDict[str, list[tuple[str, tuple[int, ...]]]]":
   """Module path -> [(param name, shape)], in definition order."""
   table: OrderedDict = OrderedDict()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
+  params = nnx.state(model, nnx.Param)
+  if getattr(model, "scan_layers", False):  # list stacked blocks per layer, as unscanned
+    params = model_lib.unstack_layers(params)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     *mod, name = _path_str(path).split(".")
     if name == "value":  # tree paths may end in the Variable's value field
       *mod, name = mod
@@ -59,7 +62,7 @@ def activation_bytes(cfg, model: nnx.Module, seq_len: int) -> dict[str, float]:
     return memory.total_bytes_per_token(memory.token_residuals(
         lambda b: (state, jax.ShapeDtypeStruct((b, seq_len, d), dtype)), fn, seq_len))
 
-  block = model.blocks[0]
+  block = model_lib.layer(model, 0)
   ffn = measure(block.ffn, lambda m, x: m(x, True)[0])
   blk = measure(block, lambda m, x: m(x, True)[0])
 

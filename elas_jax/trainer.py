@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from elas_jax import checkpointing, config_lib, model as model_lib, optim, sharding
+from elas_jax import attention, loss as loss_lib
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 from elas_jax.errors import UserError
 
@@ -45,13 +46,6 @@ class NonFiniteError(UserError):
 # ---------------------------------------------------------------- the steps
 
 
-def cross_entropy(logits, targets, mask):
-  """Sum of per-token losses over unmasked targets, and their count."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(ce * mask), jnp.sum(mask)
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg) -> Callable:
   sparse_cfg = cfg.model.sparsity
   warmup = sparse_cfg.dense_warmup_steps
@@ -60,8 +54,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg) -
     sparse_on = model_lib.sparsity_active(state["step"], warmup) & bool(sparse_cfg.enabled)
 
     def loss_fn(params):
-      logits, stats = nnx.merge(graphdef, params)(batch["inputs"], sparse_on)
-      total, count = cross_entropy(logits, batch["targets"], batch["mask"])
+      total, count, stats = loss_lib.lm_loss(nnx.merge(graphdef, params), batch, sparse_on, cfg.model)
       return total / jnp.maximum(count, 1.0), (stats, count)
 
     (loss, (stats, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -100,8 +93,8 @@ def make_eval_step(graphdef, cfg) -> Callable:
   def eval_step(params, step, batch):
     # Evaluation follows the training phase: 2:4 after the dense warm-up.
     sparse_on = model_lib.sparsity_active(step, sparse_cfg.dense_warmup_steps) & bool(sparse_cfg.enabled)
-    logits, _ = nnx.merge(graphdef, params)(batch["inputs"], sparse_on)
-    return cross_entropy(logits, batch["targets"], batch["mask"])
+    total, count, _ = loss_lib.lm_loss(nnx.merge(graphdef, params), batch, sparse_on, cfg.model)
+    return total, count
 
   return eval_step
 
@@ -162,6 +155,7 @@ class Run:
 def build(cfg, devices=None) -> Run:
   """Mesh, tokenizer, model structure, optimizer and shardings for ``cfg``."""
   config_lib.validate(cfg)
+  attention.check_backend(cfg.model)  # needs the target backend, so here rather than in validate
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.train.batch_size, mesh)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
