@@ -72,7 +72,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"60m": "configs/llama_60m.py", "350m": "configs/llama_350m.py", "1b": "configs/llama_1b.py"}
 VARIANTS = ("full", "loro", "loro_relu2", "elas")
 CAPACITIES_GB = {"H200": 141, "80GB": 80}
-LOSS_CHUNK = 2048  # tokens per chunk of the chunked loss (8 sequences of 256)
+LOSS_CHUNK = 512  # tokens per chunk of the chunked loss: live logits [512, V] fp32 (65 MB at V = 32000)
 TODAY = {"model.attention": "xla", "model.loss_chunk": 0, "model.remat": "none"}
 
 
@@ -80,12 +80,12 @@ def _attn() -> str:
   return "cudnn" if jax.default_backend() == "gpu" else "chunked"
 
 
-def settings() -> dict[str, dict[str, Any]]:
+def settings(loss_chunk: int = LOSS_CHUNK) -> dict[str, dict[str, Any]]:
   """Setting name -> config overrides (``default`` = today's step)."""
-  both = {"model.loss_chunk": LOSS_CHUNK, "model.attention": _attn()}
+  both = {"model.loss_chunk": loss_chunk, "model.attention": _attn()}
   return {
       "default": dict(TODAY),
-      "loss": {**TODAY, "model.loss_chunk": LOSS_CHUNK},
+      "loss": {**TODAY, "model.loss_chunk": loss_chunk},
       "attn": {**TODAY, "model.attention": _attn()},
       "loss+attn": {**TODAY, **both},
       "remat_block": {**both, "model.remat": "block"},
@@ -342,9 +342,10 @@ def check_depth(spec: str, variant: str, overrides, batch: int, depths, n_check:
 
 PRESETS = {
     # Tiny shapes (d 64, 2 blocks, vocab 4096, seq 64) and two settings, a few
-    # seconds per compile: used by tests/test_step_memory.py.
+    # seconds per compile: used by tests/test_step_memory.py. Loss chunks of 32
+    # tokens: several per micro-batch, as 512 are at the paper shapes.
     "smoke": dict(sizes={"tiny": "configs/tiny.py"}, variants=("elas",), settings=("default", "loss"),
-                  batches=(2, 4), depths=None, seq_len=64,
+                  batches=(2, 4), depths=None, seq_len=64, loss_chunk=32,
                   base={"model.d_model": 64, "model.n_heads": 4, "model.n_layers": 2,
                         "model.rank": 16, "model.ffn_dim": 256}),
 }
@@ -371,12 +372,13 @@ def load_rows(paths: list[str]) -> list[Row]:
 
 
 def run(sizes: dict[str, str], variants, setting_names, batches, depths, seq_len=None,
-        log=print, base: dict[str, Any] | None = None) -> tuple[list[Row], list[str]]:
+        log=print, base: dict[str, Any] | None = None, loss_chunk: int = LOSS_CHUNK
+        ) -> tuple[list[Row], list[str]]:
   """Measures every row; returns (rows, notes on skipped settings).
 
   ``base``: config overrides applied to every row before the setting's.
   """
-  all_settings = settings()
+  all_settings = settings(loss_chunk)
   rows, notes = [], []
   for size, path in sizes.items():
     spec = path if os.path.isabs(path) else os.path.join(ROOT, path)
@@ -414,11 +416,12 @@ def main(argv=None) -> None:
     for line in summary(rows):
       print(f"- {line}")
     return
-  base = None
+  base, loss_chunk = None, LOSS_CHUNK
   if a.preset:
     p = PRESETS[a.preset]
     sizes, variants, names = p["sizes"], p["variants"], p["settings"]
     batches, depths, seq_len, base = p["batches"], p["depths"], p["seq_len"], p["base"]
+    loss_chunk = p["loss_chunk"]
   else:
     sizes = {s: SIZES[s] for s in a.sizes.split(",")}
     variants, names = a.variants.split(","), a.settings.split(",")
@@ -430,10 +433,10 @@ def main(argv=None) -> None:
     raise SystemExit(f"--settings: unknown {unknown}; choose from {', '.join(settings())}")
   log = lambda s: print(s, file=sys.stderr, flush=True)
   t0 = time.perf_counter()
-  rows, notes = run(sizes, variants, names, batches, depths, seq_len, log, base)
+  rows, notes = run(sizes, variants, names, batches, depths, seq_len, log, base, loss_chunk)
   first_spec = next(iter(sizes.values()))
   first_spec = first_spec if os.path.isabs(first_spec) else os.path.join(ROOT, first_spec)
-  over = lambda r: {**(base or {}), **settings()[r.setting]}
+  over = lambda r: {**(base or {}), **settings(loss_chunk)[r.setting]}
   checks = []
   if rows and a.check_fit:
     r = rows[0]

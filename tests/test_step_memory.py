@@ -15,7 +15,7 @@ from benchmarks import step_memory
 def smoke():
   p = step_memory.PRESETS["smoke"]
   rows, notes = step_memory.run(p["sizes"], p["variants"], p["settings"], p["batches"], p["depths"],
-                                p["seq_len"], log=lambda s: None, base=p["base"])
+                                p["seq_len"], log=lambda s: None, base=p["base"], loss_chunk=p["loss_chunk"])
   cfg = step_memory.make_config(f"{step_memory.ROOT}/{p['sizes']['tiny']}:elas", p["base"], layers=None,
                                 batch=p["batches"][0], seq_len=p["seq_len"])
   return {r.setting: r for r in rows}, notes, cfg
