@@ -419,10 +419,10 @@ def main(argv=None) -> None:
   ap.add_argument("--check-depth", type=int, default=0, help="depth to verify the extrapolation (first row)")
   ap.add_argument("--gpu-peak", action="store_true", help="GPU: allocator peak of a real step per row")
   ap.add_argument("--json", default="", help="write the rows here")
-  ap.add_argument("--from-json", default="", help="comma-separated --json files: print their table, no compiling")
+  ap.add_argument("--from-json", nargs="+", default=[], help="--json files: print their table, no compiling")
   a = ap.parse_args(argv)
   if a.from_json:
-    rows = sort_rows(load_rows(a.from_json.split(",")), SIZES, settings())
+    rows = sort_rows(load_rows(a.from_json), SIZES, settings())
     print(table(rows) + "\n")
     for line in summary(rows):
       print(f"- {line}")
