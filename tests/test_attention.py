@@ -114,13 +114,17 @@ def test_model_with_chunked_attention_matches_xla():
   assert rel_err(out["chunked"], out["xla"]) < 1e-5
 
 
-def test_auto_resolves_to_xla_without_cudnn():
+def test_auto_resolution():
   mc = _tiny_model_cfg(**{"model.attention": "auto"})
-  expect = "cudnn" if attention.cudnn_unsupported(mc) is None else "xla"
-  assert attention.resolve(mc) == expect
-  if jax.default_backend() == "cpu":
-    assert attention.resolve(mc) == "xla"
+  if attention.cudnn_unsupported(mc) is None:
+    assert attention.resolve(mc) == "cudnn"
+  elif jax.default_backend() == "cpu":
     assert "backend here is 'cpu'" in attention.cudnn_unsupported(mc)
+    assert attention.resolve(mc) == "chunked"
+  else:
+    assert attention.resolve(mc) == "xla"
+  for impl in ("xla", "cudnn", "chunked"):
+    assert attention.resolve(_tiny_model_cfg(**{"model.attention": impl})) == impl
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN may be available here")
