@@ -9,7 +9,10 @@
                (query/key blocks, online softmax, custom VJP keeping only the
                output and the per-row logsumexp), on any backend.
   ``auto``     ``cudnn`` where :func:`cudnn_unsupported` finds nothing against
-               it (a CUDA GPU, half-precision compute), else ``xla``.
+               it (a CUDA GPU, bf16 compute); else ``chunked`` on CPU (measured
+               faster than ``xla`` there, and 4-6x fewer residual bytes: see
+               ``benchmarks/attention_loss.py`` and the README); else ``xla``
+               (other backends: not measured).
 
 All take and return ``[B, L, N, H]`` (``jax.nn.dot_product_attention``'s
 layout) and scale the logits by ``1/sqrt(H)``.
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from elas_jax.errors import ConfigError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
-DEFAULT_BLOCK = 128  # query/key positions per block of the chunked attention
+DEFAULT_BLOCK = 64  # query/key positions per block of the chunked attention (fastest on CPU at seq 256)
 
 
 # ------------------------------------------------------------- selection
@@ -57,7 +60,9 @@ def resolve(model_cfg) -> str:
   """The implementation ``config.model.attention`` runs here (``auto`` resolved)."""
   impl = getattr(model_cfg, "attention", "xla")  # configs saved before the field: xla
   if impl == "auto":
-    return "cudnn" if cudnn_unsupported(model_cfg) is None else "xla"
+    if cudnn_unsupported(model_cfg) is None:
+      return "cudnn"
+    return "chunked" if jax.default_backend() == "cpu" else "xla"
   return impl
 
 

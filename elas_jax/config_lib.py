@@ -63,9 +63,10 @@ def llama_config(
   # | auto (pallas on GPUs, xla elsewhere)
   m.kernel = "auto"
   # causal attention: xla (jax.nn.dot_product_attention) | cudnn (flash, CUDA GPUs, bf16)
-  # | chunked (pure-JAX flash-style, any backend) | auto (cudnn where it can run, else xla)
+  # | chunked (pure-JAX flash-style, any backend) | auto (cudnn where it can run, else
+  # chunked on CPU, xla elsewhere)
   m.attention = "xla"
-  m.attention_block = 128  # attention = chunked: query/key positions per block
+  m.attention_block = 64  # attention = chunked: query/key positions per block
   m.loss_chunk = 0  # tokens per chunk of the chunked lm_head + cross-entropy; 0 = full logits
   # activation rematerialisation: none | block (keep each block's input, recompute the rest)
   # | lowrank (also keep the rank-r codes, attention output and compressed 2:4 activation)

@@ -14,11 +14,10 @@ from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import flags
 from flax import nnx
 
-from elas_jax import cli, memory, model as model_lib
+from elas_jax import cli, loss as loss_lib, memory, model as model_lib
 
 
 def _path_str(path) -> str:
@@ -69,9 +68,10 @@ def activation_bytes(cfg, model: nnx.Module, seq_len: int) -> dict[str, float]:
   graphdef, state = nnx.split(model)
   state = _abstract(state)
 
-  def loss(state, tokens):
-    logits, _ = nnx.merge(graphdef, state)(tokens, True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+  def loss(state, tokens):  # the train step's loss (model.loss_chunk applies)
+    batch = {"inputs": tokens, "targets": tokens, "mask": jnp.ones(tokens.shape, jnp.float32)}
+    total, count, _ = loss_lib.lm_loss(nnx.merge(graphdef, state), batch, True, cfg.model)
+    return total / count
 
   total = memory.total_bytes_per_token(memory.token_residuals(
       lambda b: (state, jax.ShapeDtypeStruct((b, seq_len), jnp.int32)), loss, seq_len))

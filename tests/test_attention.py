@@ -111,16 +111,23 @@ def test_model_with_chunked_attention_matches_xla():
                               seed=1)
     assert m.blocks[0].attn.impl == impl
     out[impl] = m(tokens, False)[0]
+    # The model really runs the chunked op (its custom VJP shows in the jaxpr).
+    uses_custom_vjp = "custom_vjp_call" in str(jax.make_jaxpr(lambda t: m(t, False)[0])(tokens))
+    assert uses_custom_vjp == (impl == "chunked")
   assert rel_err(out["chunked"], out["xla"]) < 1e-5
 
 
-def test_auto_resolves_to_xla_without_cudnn():
+def test_auto_resolution():
   mc = _tiny_model_cfg(**{"model.attention": "auto"})
-  expect = "cudnn" if attention.cudnn_unsupported(mc) is None else "xla"
-  assert attention.resolve(mc) == expect
-  if jax.default_backend() == "cpu":
-    assert attention.resolve(mc) == "xla"
+  if attention.cudnn_unsupported(mc) is None:
+    assert attention.resolve(mc) == "cudnn"
+  elif jax.default_backend() == "cpu":
     assert "backend here is 'cpu'" in attention.cudnn_unsupported(mc)
+    assert attention.resolve(mc) == "chunked"
+  else:
+    assert attention.resolve(mc) == "xla"
+  for impl in ("xla", "cudnn", "chunked"):
+    assert attention.resolve(_tiny_model_cfg(**{"model.attention": impl})) == impl
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN may be available here")
