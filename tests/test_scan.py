@@ -103,6 +103,30 @@ def test_loro_pairs_stacked_factors_and_steps_each_layer_exactly():
     np.testing.assert_allclose(got_a[i], want_a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["loro", "cola"])
+def test_optimizer_updates_of_stacked_params_are_the_stacked_updates(variant):
+  # loro: an Adam step with the r/d scaling, then an exact step (K = 2);
+  # cola: AdamW whose weight decay skips the norm scales, stacked or not.
+  cfg = tiny_train_config(variant, **{"optimizer.exact_every": 2})
+  tx, _ = optim.make_optimizer(cfg)
+  params = _split(cfg)[1]
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), 2 * len(leaves))
+  grads = [treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys[i::2], leaves)])
+           for i in range(2)]
+  out = {}
+  for scanned in (False, True):
+    conv = model_lib.stack_layers if scanned else (lambda t: t)
+    p, opt_state = conv(params), tx.init(conv(params))
+    for g in grads:
+      updates, opt_state = tx.update(conv(g), opt_state, p)
+      p = optax.apply_updates(p, updates)
+    out[scanned] = _flat(p if scanned else model_lib.stack_layers(p))
+  assert out[True].keys() == out[False].keys()
+  for k in out[False]:
+    np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_layers_axis_is_never_sharded():
   mesh = jax.sharding.AbstractMesh((1, 2, 2), sharding.MESH_AXES)
   assert sharding.spec_for((2, 64, 8), ("layers", "heads", "rank"), mesh) == P(None, "tensor", None)
