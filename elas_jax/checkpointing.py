@@ -220,7 +220,12 @@ def load_config(workdir: str, step: int | None = None) -> tuple[ml_collections.C
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   finally:
     mngr.close()
-  return ml_collections.ConfigDict(saved), step
+  cfg = ml_collections.ConfigDict(saved)
+  for section, fields in FIELD_DEFAULTS.items():  # checkpoints older than these fields
+    for key, value in fields.items():
+      if key not in cfg[section]:
+        cfg[section][key] = value
+  return cfg, step
 
 
 def restore_state(workdir: str, step: int, abstract_state) -> Any:
