@@ -1,6 +1,6 @@
 """Input-pipeline throughput vs. what the tiny training step consumes, in one process.
 
-    python benchmarks/data_throughput.py [--config configs/tiny.py:elas] [--batches 200]
+    python -m benchmarks.data_throughput [--config configs/tiny.py:elas] [--batches 200]
 
 Times the grain pipeline on the sample corpus (tokenisation included: the
 sample is raw text) in both packing modes, then a jitted forward + backward +
@@ -14,18 +14,16 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from elas_jax import config_lib, model as model_lib  # noqa: E402
-from elas_jax.data import pipeline, tokenizer as tokenizer_lib  # noqa: E402
+from benchmarks import harness
+from elas_jax import config_lib, model as model_lib
+from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 
 
 def pipeline_tokens_per_s(cfg, tok, docs, packing: str, n_batches: int) -> float:
@@ -62,11 +60,13 @@ def step_tokens_per_s(cfg, batch, n_steps: int) -> float:
   batch = jax.tree.map(jnp.asarray, batch)
   state, loss = step(state, batch)
   loss.block_until_ready()
-  start = time.perf_counter()
-  for _ in range(n_steps):
+
+  def one_step():
+    nonlocal state
     state, loss = step(state, batch)
-  loss.block_until_ready()
-  return n_steps * batch["inputs"].size / (time.perf_counter() - start)
+    return loss
+
+  return batch["inputs"].size / harness.seconds_per_call(one_step, n_steps)
 
 
 def main() -> None:

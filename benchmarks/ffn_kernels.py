@@ -1,9 +1,9 @@
 """Kernel benchmark: the Pallas 2:4 FFN kernels against XLA, time, bandwidth and memory.
 
-    python benchmarks/ffn_kernels.py --preset gpu --out results/ffn_kernels      # H200
-    python benchmarks/ffn_kernels.py --preset cpu --out /tmp/ffnk_smoke          # CPU smoke
-    python benchmarks/ffn_kernels.py --sizes 1b --tokens 65536 --modes masked --repeats 50
-    python benchmarks/ffn_kernels.py --preset gpu --interpret false --dry_run    # trace only
+    python -m benchmarks.ffn_kernels --preset gpu --out results/ffn_kernels      # H200
+    python -m benchmarks.ffn_kernels --preset cpu --out /tmp/ffnk_smoke          # CPU smoke
+    python -m benchmarks.ffn_kernels --sizes 1b --tokens 65536 --modes masked --repeats 50
+    python -m benchmarks.ffn_kernels --preset gpu --interpret false --dry_run    # trace only
 
 Times, in one process and side by side, on the low-rank FFN core of each model
 size (brief section 6; ``h [T, r]`` is the rank-r code, ``w_in = B_up [F, r]``,
@@ -20,11 +20,10 @@ size (brief section 6; ``h [T, r]`` is the rank-r code, ``w_in = B_up [F, r]``,
     against an XLA dense matmul of the same (sparsified) activation and XLA
     ``decompress_24`` + matmul.
 
-Timing: compiled once (``jit(...).lower().compile()``), warm-up calls, then the
-median of ``--repeats`` device-synchronised measurements (``jax.block_until_ready``);
-each measurement runs enough back-to-back calls to last ``--min_time_ms`` so
-that dispatch overhead does not dominate small kernels. ``--timer do_bench``
-uses ``triton.testing.do_bench`` when importable (falls back to wall clock).
+Timing (``benchmarks/harness.py``): compiled once, warm-up calls, then the
+median of ``--repeats`` device-synchronised measurements, each lasting at
+least ``--min_time_ms``; ``--timer do_bench`` uses ``triton.testing.do_bench``
+when importable.
 
 Bandwidth: kernel rows report bytes of their inputs + outputs (the compulsory
 traffic; each array read or written once) / time, and that as a percentage of
@@ -39,7 +38,7 @@ forward+backward step (``compiled.memory_analysis()``: arguments + outputs +
 temporaries) and, with ``--peak_memory`` (default on a GPU), the allocator's
 ``peak_bytes_in_use`` of one step measured in a fresh child process per (size, T).
 
-Every row is guarded: a missing kernel module, a failing kernel or a config
+Every row is guarded: a failing kernel or a config
 that does not fit in memory is reported in the row's status, never a crash.
 Writes ``results.json`` and ``results.md`` to ``--out`` and prints the tables.
 No timed assertions: the goals are reported, not enforced.
@@ -51,26 +50,27 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import importlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 # One step's peak memory is measured in child processes; with XLA's default
 # preallocation of 75% of the GPU in this process, they would find the GPU full.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.harness import Bench, Row, Timer, fmt, is_oom, markdown_table, short_error  # noqa: E402
 from elas_jax import memory, sparsity  # noqa: E402
+from kernels import common as cm  # noqa: E402
+from kernels import elas_ffn, relu2_sparsify, sparse_matmul  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 F32 = jnp.float32
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -99,29 +99,6 @@ class Shape:
   f: int
   r: int
   source: str  # where the numbers came from
-
-
-@dataclasses.dataclass
-class Row:
-  size: str
-  tokens: int
-  group: str  # ffn | sparsify | spmm | copy
-  impl: str  # pallas | xla_dense | xla_sparse | xla
-  op: str
-  pass_: str = ""  # fwd | fwd+bwd | "" (kernels)
-  mode: str = ""
-  status: str = "ok"
-  time_ms: float | None = None
-  min_ms: float | None = None
-  samples_ms: list[float] = dataclasses.field(default_factory=list)
-  compile_s: float | None = None
-  bytes: int | None = None  # compulsory traffic (kernel rows)
-  gbps: float | None = None
-  pct_copy: float | None = None
-  vs_dense: float | None = None  # time(XLA dense) / time(this)
-  vs_sparse: float | None = None  # time(XLA sparse) / time(this)
-  max_rel_err: float | None = None  # pallas vs XLA sparse: max |Δ| / max |ref|
-  xla_buffers: dict[str, int] | None = None  # compiled.memory_analysis()
 
 
 # --------------------------------------------------------------------------
@@ -164,11 +141,6 @@ def build_inputs(fn: Callable, *args, dry_run: bool):
   return jax.eval_shape(fn, *args) if dry_run else jax.jit(fn)(*args)
 
 
-def nbytes(tree) -> int:
-  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
-
-
 # --------------------------------------------------------------------------
 # The functions compared.
 # --------------------------------------------------------------------------
@@ -187,9 +159,8 @@ def xla_sparse_ffn(mode: str) -> Callable:
 
 
 def pallas_ffn(mode: str, interpret: bool, blocks: tuple[int, int] | None = None) -> Callable:
-  elas = importlib.import_module("kernels.elas_ffn")
   bt, bf = blocks or (None, None)
-  return lambda h, w_in, w_out, on: elas.elas_ffn(h, w_in, w_out, on, mode=mode, interpret=interpret,
+  return lambda h, w_in, w_out, on: elas_ffn.elas_ffn(h, w_in, w_out, on, mode=mode, interpret=interpret,
                                                   block_t=bt, block_f=bf)
 
 
@@ -232,129 +203,17 @@ def relu2_dense(z, w):
 
 def relu2_compress_xla(z, w):
   """XLA: relu(z wᵀ)² -> 2:4 -> compress, in the kernels' plane layout."""
-  cm = importlib.import_module("kernels.common")
   vals, meta = sparsity.compress_24(relu2_dense(z, w))
   return cm.to_planes(vals), meta
 
 
 def decompress_matmul_xla(vals, meta, w):
-  cm = importlib.import_module("kernels.common")
   y = sparsity.decompress_24(cm.from_planes(vals), meta)
   return jnp.einsum("tf,nf->tn", y, w, preferred_element_type=F32).astype(y.dtype)
 
 
 def dense_matmul_xla(y, w):
   return jnp.einsum("tf,nf->tn", y, w, preferred_element_type=F32).astype(y.dtype)
-
-
-# --------------------------------------------------------------------------
-# Timing.
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Timer:
-  repeats: int
-  warmup: int
-  min_time_s: float
-  kind: str = "wall"  # wall | do_bench
-
-  def __post_init__(self):
-    if self.kind == "do_bench":
-      try:
-        from triton.testing import do_bench  # noqa: F401
-      except Exception as e:  # not on the H200 image (no jax-triton / torch): wall clock
-        print(f"note: triton.testing.do_bench unavailable ({type(e).__name__}); timing by wall clock")
-        self.kind = "wall"
-
-  def measure(self, call: Callable[[], Any]) -> tuple[list[float], Any]:
-    """Seconds per call (one or more samples) and the last output."""
-    out = None
-    for _ in range(self.warmup):
-      out = call()
-    jax.block_until_ready(out)
-    if self.kind == "do_bench":
-      try:
-        return self._do_bench(call), out
-      except Exception as e:  # e.g. triton without torch: its events need a torch stream
-        print(f"note: do_bench failed ({short_error(e)}); timing by wall clock from here on")
-        self.kind = "wall"
-    one = self._seconds(call, 1)
-    inner = int(min(1000, max(1, round(self.min_time_s / max(one, 1e-9)))))
-    return [self._seconds(call, inner) for _ in range(self.repeats)], out
-
-  @staticmethod
-  def _seconds(call, n: int) -> float:
-    """Wall time of n back-to-back asynchronous calls, synchronised once at the end."""
-    start = time.perf_counter()
-    out = None
-    for _ in range(n):
-      out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n
-
-  def _do_bench(self, call) -> list[float]:
-    from triton.testing import do_bench
-
-    # The block inside makes the measurement synchronous whatever stream JAX uses.
-    fn = lambda: jax.block_until_ready(call())
-    try:
-      ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except TypeError:  # older triton: quantiles instead of return_mode
-      ms = do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
-      ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-    return [ms / 1e3]
-
-
-def is_oom(e: BaseException) -> bool:
-  msg = str(e)
-  return "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
-
-
-def short_error(e: BaseException) -> str:
-  first = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {first[:160]}"
-
-
-def memory_analysis(compiled) -> dict[str, int] | None:
-  try:
-    m = compiled.memory_analysis()
-    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
-  except Exception:  # not every backend / jax version reports it
-    return None
-
-
-class Bench:
-  """Runs and records the rows of one process."""
-
-  def __init__(self, timer: Timer, dry_run: bool):
-    self.timer, self.dry_run = timer, dry_run
-    self.rows: list[Row] = []
-
-  def run(self, row: Row, fn: Callable, args: tuple, io_bytes: bool = False) -> Any:
-    """Compile, time and record ``fn(*args)``; returns its output (None on failure)."""
-    self.rows.append(row)
-    try:
-      if self.dry_run:  # trace only: checks shapes and plumbing, allocates nothing
-        out = jax.eval_shape(fn, *args)
-        row.status = "traced"
-      else:
-        start = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
-        row.compile_s = time.perf_counter() - start
-        row.xla_buffers = memory_analysis(compiled)
-        samples, out = self.timer.measure(lambda: compiled(*args))
-        row.samples_ms = [s * 1e3 for s in samples]
-        row.time_ms, row.min_ms = statistics.median(row.samples_ms), min(row.samples_ms)
-      if io_bytes:
-        row.bytes = nbytes(args) + nbytes(out)
-      return out
-    except Exception as e:  # a missing module, a kernel that fails, an OOM: report, go on
-      row.status = ("skipped: out of memory " if is_oom(e) else "error: ") + short_error(e)
-      print(f"  {row.size} T={row.tokens} {row.op} {row.pass_}: {row.status}")
-      return None
 
 
 # --------------------------------------------------------------------------
@@ -391,14 +250,8 @@ def ffn_rows(bench: Bench, shape: Shape, t: int, x: dict, modes: list[str], inte
       for blocks in block_list:
         tiles = f" {blocks[0]}x{blocks[1]}" if blocks else ""
         row = Row(shape.size, t, "ffn", "pallas", f"pallas elas_ffn/{mode}{tiles}", pass_, mode)
-        try:
-          fn = wrap(pallas_ffn(mode, interpret, blocks))
-        except Exception as e:
-          bench.rows.append(row)
-          row.status = "error: " + short_error(e)
-          continue
-        out = bench.run(row, fn, args)
-        row.max_rel_err = rel_err(out, ref, bench.dry_run)
+        out = bench.run(row, wrap(pallas_ffn(mode, interpret, blocks)), args)
+        row.max_rel_err = bench.error(out, ref)
         del out
       del ref
 
@@ -421,16 +274,10 @@ def kernel_rows(bench: Bench, shape: Shape, t: int, x: dict, interpret: bool) ->
   ref = bench.run(Row(shape.size, t, "sparsify", "xla_sparse", "xla relu2+compress_24" + tag),
                   relu2_compress_xla, (z, w_up), io_bytes=True)
   row = Row(shape.size, t, "sparsify", "pallas", "pallas relu2_sparsify" + tag)
-  try:
-    rs = importlib.import_module("kernels.relu2_sparsify")
-    fn = lambda z, w: rs.relu2_sparsify(z, w, interpret=interpret)
-  except Exception as e:
-    bench.rows.append(row)
-    row.status = "error: " + short_error(e)
-  else:
-    out = bench.run(row, fn, (z, w_up), io_bytes=True)
-    row.max_rel_err = rel_err(out, ref, bench.dry_run)
-    del out
+  out = bench.run(row, lambda z, w: relu2_sparsify.relu2_sparsify(z, w, interpret=interpret),
+                  (z, w_up), io_bytes=True)
+  row.max_rel_err = bench.error(out, ref)
+  del out
 
   # Compressed 2:4 x dense. Inputs come from XLA so this row does not depend on the
   # sparsify kernel; the dense baseline multiplies the same activation, 2:4-zeroed.
@@ -447,32 +294,9 @@ def kernel_rows(bench: Bench, shape: Shape, t: int, x: dict, interpret: bool) ->
   ref = bench.run(Row(shape.size, t, "spmm", "xla_sparse", "xla decompress_24+matmul" + tag),
                   decompress_matmul_xla, (vals, meta, w_down), io_bytes=True)
   row = Row(shape.size, t, "spmm", "pallas", "pallas sparse24_matmul" + tag)
-  try:
-    sm = importlib.import_module("kernels.sparse_matmul")
-    fn = lambda v, m, w: sm.sparse24_matmul(v, m, w, interpret=interpret)
-  except Exception as e:
-    bench.rows.append(row)
-    row.status = "error: " + short_error(e)
-  else:
-    out = bench.run(row, fn, (vals, meta, w_down), io_bytes=True)
-    row.max_rel_err = rel_err(out, ref, bench.dry_run)
-
-
-def rel_err(out, ref, dry_run: bool) -> float | None:
-  """max |out - ref| / max |ref| over matching leaves: a wrong kernel's speed means nothing."""
-  if dry_run or out is None or ref is None:
-    return None
-  try:
-    worst = 0.0
-    for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-      if o.shape != r.shape or o.dtype == jnp.uint8:  # metadata: compared through the values
-        continue
-      o, r = o.astype(F32), r.astype(F32)
-      scale = float(jnp.max(jnp.abs(r)))
-      worst = max(worst, float(jnp.max(jnp.abs(o - r))) / max(scale, 1e-30))
-    return worst
-  except Exception:
-    return None
+  out = bench.run(row, lambda v, m, w: sparse_matmul.sparse24_matmul(v, m, w, interpret=interpret),
+                  (vals, meta, w_down), io_bytes=True)
+  row.max_rel_err = bench.error(out, ref)
 
 
 def residual_memory(shape: Shape, modes: list[str], dtype, interpret: bool,
@@ -543,10 +367,10 @@ def step_peak(size: str, t: int, dtype_name: str, interpret: bool, mode: str) ->
 
 
 def peak_in_child(args, size: str, t: int, mode: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--_peak_child", f"{size}:{t}:{mode}",
+  cmd = [sys.executable, "-m", "benchmarks.ffn_kernels", "--_peak_child", f"{size}:{t}:{mode}",
          "--dtype", args.dtype, "--interpret", args.interpret]
   try:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peak_timeout_s,
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.peak_timeout_s,
                        env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:
@@ -576,38 +400,31 @@ def add_ratios(rows: list[Row], copy_gbps: float | None) -> None:
     r.vs_sparse = sparse / r.time_ms if sparse and r.impl == "pallas" else None
 
 
-def fmt(v, spec: str = ".3f", suffix: str = "") -> str:
-  return "-" if v is None else f"{v:{spec}}{suffix}"
-
-
 def markdown(meta: dict, rows: list[Row], resid: list[dict], steps: list[dict]) -> str:
   lines = [f"# ELAS FFN kernel benchmark ({meta['date']})", "",
            f"jax {meta['jax']}, backend {meta['backend']}, device {meta['device_kind']}, "
            f"{meta['dtype']}, interpret={meta['interpret']}, timer {meta['timer']}, "
            f"median of {meta['repeats']}; copy bandwidth {fmt(meta['copy_gbps'], '.1f')} GB/s"
-           + (" (dry run: traced only)" if meta["dry_run"] else ""), "",
-           "| size | T | op | pass | ms | GB/s | % copy BW | x XLA dense | x XLA sparse "
-           "| max rel err | status |",
-           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
-  for r in rows:
-    lines.append(f"| {r.size} | {r.tokens or '-'} | {r.op} | {r.pass_ or '-'} | {fmt(r.time_ms)} | "
-                 f"{fmt(r.gbps, '.1f')} | {fmt(r.pct_copy, '.0f', '%')} | {fmt(r.vs_dense, '.2f', 'x')} | "
-                 f"{fmt(r.vs_sparse, '.2f', 'x')} | {fmt(r.max_rel_err, '.1e')} | {r.status} |")
-  lines += ["", "## Kept for backward, bytes per token (traced; activation excludes the input h)", "",
-            "| size | op | all | activation | vs XLA dense | vs one dense f-wide copy | status |",
-            "|---|---|---:|---:|---:|---:|---|"]
-  for e in resid:
-    lines.append(f"| {e['size']} | {e['op']} | {fmt(e.get('all'), '.0f')} | "
-                 f"{fmt(e.get('activation'), '.0f')} | {fmt(e.get('vs_dense'), '.4f')} | "
-                 f"{fmt(e.get('vs_one_dense_copy'), '.4f')} | {e.get('status', 'ok')} |")
-  lines += ["", "## One fwd+bwd step, device memory (MiB)", "",
-            "| size | T | op | XLA buffers (args+outs+temps) | allocator peak "
-            "| ratio to dense (buffers / peak) |",
-            "|---|---:|---|---:|---:|---:|"]
-  for s in steps:
-    lines.append(f"| {s['size']} | {s['tokens']} | {s['op']} | {fmt(s.get('buffers_mib'), ',.1f')} | "
-                 f"{fmt(s.get('peak_mib'), ',.1f')} | {fmt(s.get('buffers_ratio'), '.3f')} / "
-                 f"{fmt(s.get('peak_ratio'), '.3f')} |")
+           + (" (dry run: traced only)" if meta["dry_run"] else ""), ""]
+  lines += markdown_table(
+      ["size", "T", "op", "pass", "ms", "GB/s", "% copy BW", "x XLA dense", "x XLA sparse",
+       "max rel err", "status"],
+      [[r.size, r.tokens or "-", r.op, r.pass_ or "-", fmt(r.time_ms), fmt(r.gbps, ".1f"),
+        fmt(r.pct_copy, ".0f", "%"), fmt(r.vs_dense, ".2f", "x"), fmt(r.vs_sparse, ".2f", "x"),
+        fmt(r.max_rel_err, ".1e"), r.status] for r in rows], "lrllrrrrrrl")
+  lines += ["", "## Kept for backward, bytes per token (traced; activation excludes the input h)", ""]
+  lines += markdown_table(
+      ["size", "op", "all", "activation", "vs XLA dense", "vs one dense f-wide copy", "status"],
+      [[e["size"], e["op"], fmt(e.get("all"), ".0f"), fmt(e.get("activation"), ".0f"),
+        fmt(e.get("vs_dense"), ".4f"), fmt(e.get("vs_one_dense_copy"), ".4f"), e.get("status", "ok")]
+       for e in resid], "llrrrrl")
+  lines += ["", "## One fwd+bwd step, device memory (MiB)", ""]
+  lines += markdown_table(
+      ["size", "T", "op", "XLA buffers (args+outs+temps)", "allocator peak",
+       "ratio to dense (buffers / peak)"],
+      [[s["size"], s["tokens"], s["op"], fmt(s.get("buffers_mib"), ",.1f"), fmt(s.get("peak_mib"), ",.1f"),
+        f"{fmt(s.get('buffers_ratio'), '.3f')} / {fmt(s.get('peak_ratio'), '.3f')}"] for s in steps],
+      "lrlrrr")
   notes = dict.fromkeys(f"{s['size']} T={s['tokens']}: {s['peak_status']}" for s in steps if s["peak_status"])
   lines += [f"\nallocator peak: {n}" for n in notes]
   lines += ["", "## Goals (reported, not enforced)", ""] + [f"- {g}" for g in meta["goals"]]

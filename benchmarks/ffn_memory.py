@@ -1,6 +1,6 @@
 """Activation memory of one FFN block: dense ReLU² (loro_relu2) vs ELAS 2:4.
 
-    python benchmarks/ffn_memory.py [--config configs/llama_1b.py] [--dtype bfloat16]
+    python -m benchmarks.ffn_memory [--config configs/llama_1b.py] [--dtype bfloat16]
 
 Traces forward+backward of one low-rank FFN block (nothing is allocated, so
 the 1B shapes run on a laptop) and lists every array autodiff keeps for the
@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from elas_jax import config_lib, memory, model as model_lib  # noqa: E402
+from benchmarks import harness
+from elas_jax import config_lib, memory, model as model_lib
 
 
 def ffn_residuals(cfg, dtype: str, seq_len: int) -> list[memory.Residual]:
@@ -72,12 +69,13 @@ def main() -> None:
       print(f"    {x.dtype:>9}{list(x.shape)!s:<16} {x.bytes_per_token:>9.1f}  {x.source}")
   dense = rows["loro_relu2"]
   one_copy = f * jnp.dtype(args.dtype).itemsize  # one dense f-wide activation, per token
-  print("\n| FFN | block bytes/token | ratio | intermediate bytes/token | ratio | vs one dense copy of y2 |")
-  print("|---|---:|---:|---:|---:|---:|")
-  for name, row in rows.items():
-    print(f"| {name} | {row['block']:.0f} | {row['block'] / dense['block']:.3f} | "
-          f"{row['intermediate']:.0f} | {row['intermediate'] / dense['intermediate']:.3f} | "
-          f"{row['intermediate'] / one_copy:.4f} |")
+  print()
+  print("\n".join(harness.markdown_table(
+      ["FFN", "block bytes/token", "ratio", "intermediate bytes/token", "ratio",
+       "vs one dense copy of y2"],
+      [[name, f"{row['block']:.0f}", f"{row['block'] / dense['block']:.3f}",
+        f"{row['intermediate']:.0f}", f"{row['intermediate'] / dense['intermediate']:.3f}",
+        f"{row['intermediate'] / one_copy:.4f}"] for name, row in rows.items()], "lrrrrr")))
   print(json.dumps({name: {k: v for k, v in row.items() if k != "residuals"} for name, row in rows.items()}))
 
 

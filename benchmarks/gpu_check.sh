@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=.
 python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/env.txt"
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu 2>&1 | tail -25 | tee "$OUT/tests.txt"
-timeout 240 python benchmarks/ffn_kernels.py --preset gpu --sizes 1b --tokens 65536 --modes masked \
+timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+timeout 240 python -m benchmarks.ffn_kernels --preset gpu --sizes 1b --tokens 65536 --modes masked \
   --blocks 32x128,64x128,32x256,64x256 --no-peak_memory --out "$OUT/1b_64k" 2>&1 | tail -40
-timeout 300 python benchmarks/ffn_kernels.py --preset gpu --modes masked,split --out "$OUT/all" 2>&1 | tail -60
+timeout 300 python -m benchmarks.ffn_kernels --preset gpu --modes masked,split --out "$OUT/all" 2>&1 | tail -60

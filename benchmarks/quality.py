@@ -1,10 +1,14 @@
 """Quality study: variants and ablations trained on identical data, table + loss curves.
 
-    python benchmarks/quality.py --preset cpu --out results/quality_cpu
-    python benchmarks/quality.py --preset smoke --out /tmp/q          # a few minutes
-    python benchmarks/quality.py --size llama_60m --steps 10000 --seeds 0 \\
-        --set data.train_files='c4/*.json.gz' --set data.eval_files='c4v/*.json.gz' \\
-        --set data.tokenizer=t5.model --out results/60m           # the paper's scale, on GPUs
+    python -m benchmarks.quality --preset cpu --out results/quality_cpu
+    python -m benchmarks.quality --preset smoke --out /tmp/q          # a few minutes
+    python -m benchmarks.quality --size llama_60m --steps 10000 --seeds 0 \\
+        --config.data.train_files='c4/*.json.gz' --config.data.eval_files='c4v/*.json.gz' \\
+        --config.data.tokenizer=t5.model --out results/60m       # the paper's scale, on GPUs
+
+``--config.<field>=<value>`` sets a config field of every run, as on the
+training command line (``elas_jax.config_lib.override``: the value is parsed
+as the field's type; an unknown field is an error).
 
 Every run is a normal training run (``elas_jax.trainer``) in its own workdir
 under ``--out``, so an interrupted study resumes where it stopped. All runs of
@@ -23,11 +27,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from elas_jax import config_lib  # noqa: E402
+from elas_jax import config_lib
 
 PRESETS = {
     # Tiny model on the sample corpus, sized for the 2-core CPU machine.
@@ -42,23 +44,13 @@ PRESETS = {
 }
 
 
-def _set(cfg, key: str, value) -> None:
-  node = cfg
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else \
-      (value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes"))
-
-
 def make_config(size: str, variant: str, steps: int, seed: int, overrides: dict):
   cfg = config_lib.load(os.path.join("configs", f"{size}.py") + f":{variant}")
   cfg.train.steps = steps
   cfg.seed = seed
   # Keep warm-up phases proportionate when a study shortens the run.
   cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, max(1, steps // 10))
-  for key, value in overrides.items():
-    _set(cfg, key, value)
+  config_lib.override(cfg, overrides)
   if "model.d_model" in overrides:  # shrunken widths: FFN 4 x d (ReLU² 1.5 x that)
     swiglu = 4 * cfg.model.d_model
     cfg.model.ffn_dim = int(1.5 * swiglu) if cfg.model.ffn_kind == "relu2" else swiglu
@@ -193,6 +185,23 @@ def write_report(results: dict, out: str, title: str) -> None:
   plt.close(fig)
 
 
+def config_overrides(ap: argparse.ArgumentParser, args: list[str]) -> dict[str, str]:
+  """``--config.a.b=v`` (or ``--config.a.b v``) -> ``{"a.b": "v"}``; anything else is an error."""
+  out, i = {}, 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith("--config."):
+      ap.error(f"unrecognized argument {arg!r} (config fields go as --config.<field>=<value>)")
+    key, eq, value = arg[len("--config."):].partition("=")
+    if not eq:
+      if i + 1 == len(args):
+        ap.error(f"{arg}: no value (use --config.{key}=<value>)")
+      i, value = i + 1, args[i + 1]
+    out[key] = value
+    i += 1
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", choices=sorted(PRESETS), default=None)
@@ -201,16 +210,14 @@ def main() -> None:
   ap.add_argument("--variants", default=",".join(config_lib.VARIANTS))
   ap.add_argument("--ablations", default="warmup,backward", help="comma list of warmup, backward; '' for none")
   ap.add_argument("--seeds", default="0")
-  ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
   ap.add_argument("--out", required=True)
-  args = ap.parse_args()
+  ap.epilog = "--config.<field>=<value>: config override for every run (repeatable)"
+  args, rest = ap.parse_known_args()
+  cli_overrides = config_overrides(ap, rest)
 
   preset = PRESETS.get(args.preset, {"size": "llama_60m", "steps": None, "overrides": {}})
   size = args.size or preset["size"]
-  overrides = dict(preset["overrides"])
-  for item in args.set:
-    key, _, value = item.partition("=")
-    overrides[key] = value
+  overrides = {**preset["overrides"], **cli_overrides}
   os.makedirs(args.out, exist_ok=True)
   probe = config_lib.load(os.path.join("configs", f"{size}.py") + ":elas")
   steps = args.steps or preset["steps"] or probe.train.steps

@@ -1,6 +1,6 @@
 """Training throughput of several variants side by side, in one process.
 
-    python benchmarks/train_throughput.py [--config configs/tiny.py] \\
+    python -m benchmarks.train_throughput [--config configs/tiny.py] \\
         [--variants full,loro_relu2,elas] [--steps 30] [--repeats 3]
 
 Builds each variant with the real trainer (sharded jitted step, optimizer,
@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from elas_jax import config_lib, trainer  # noqa: E402
-from elas_jax.data import pipeline  # noqa: E402
+from benchmarks import harness
+from elas_jax import config_lib, trainer
+from elas_jax.data import pipeline
 
 
 def prepare(spec_path: str, variant: str):
@@ -43,14 +39,15 @@ def prepare(spec_path: str, variant: str):
 
 
 def time_steps(v, n: int) -> float:
-  state = v["state"]
-  start = time.perf_counter()
-  for i in range(n):
-    state, m = v["step"](state, v["batches"][i % len(v["batches"])])
-  jax.block_until_ready(m)
-  v["state"] = state
+  """Tokens/s of ``n`` steps (the state carries over from call to call)."""
+  count = iter(range(n))
+
+  def one_step():
+    v["state"], m = v["step"](v["state"], v["batches"][next(count) % len(v["batches"])])
+    return m
+
   cfg = v["cfg"]
-  return n * cfg.train.batch_size * cfg.train.seq_len / (time.perf_counter() - start)
+  return cfg.train.batch_size * cfg.train.seq_len / harness.seconds_per_call(one_step, n)
 
 
 def main() -> None:
@@ -68,9 +65,8 @@ def main() -> None:
   cfg = next(iter(variants.values()))["cfg"]
   print(f"# {args.config}: batch {cfg.train.batch_size} x {cfg.train.seq_len}, {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s), jax {jax.__version__}")
-  print("| variant | tokens/s |\n|---|---:|")
-  for name, tps in best.items():
-    print(f"| {name} | {tps:,.0f} |")
+  print("\n".join(harness.markdown_table(["variant", "tokens/s"],
+                                        [[name, f"{tps:,.0f}"] for name, tps in best.items()], "lr")))
   result = {"tokens_per_s": best}
   if "elas" in best and "loro_relu2" in best:
     result["elas_over_loro_relu2"] = best["elas"] / best["loro_relu2"]

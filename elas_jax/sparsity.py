@@ -245,19 +245,33 @@ def _ffn_bwd(mode, dense_fraction, res, g):
     y2s = r * r
     d_r_factor = 2 * r  # zero at dropped entries: the exact masked gradient
 
-  dy2 = jnp.einsum("tn,nf->tf", g_out, w_out, preferred_element_type=jnp.float32)
-  dy1 = (dy2 * d_r_factor.astype(jnp.float32)).astype(h.dtype)
-
   y2_for_dw = y2s
   if mode == "split":
     tok_keep = _token_mask_24(y2s, dense_fraction)
     y2_tok = jnp.where(tok_keep, y2s, jnp.zeros((), y2s.dtype))
     y2_for_dw = jax.lax.select(sparse_on, y2_tok, y2s)
 
-  d_w_out = jnp.einsum("tn,tf->nf", g_out, y2_for_dw, preferred_element_type=jnp.float32)
-  d_w_in = jnp.einsum("tf,tk->fk", dy1, h, preferred_element_type=jnp.float32)
-  d_h = jnp.einsum("tf,fk->tk", dy1, w_in, preferred_element_type=jnp.float32)
+  d_h, d_w_in, d_w_out = ffn_grads(g_out, h, w_in, w_out, d_r_factor, y2_for_dw)
   return (d_h.astype(h.dtype), d_w_in.astype(w_in.dtype), d_w_out.astype(w_out.dtype), None)
+
+
+def ffn_grads(g_TxN: jax.Array, h_TxK: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array,
+              dy2_dy1_TxF: jax.Array, y2_dw_TxF: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """fp32 gradients ``(d_h, d_w_in, d_w_out)`` of ``out = y2 @ w_outᵀ``, ``y1 = h @ w_inᵀ``.
+
+  ``dy2_dy1`` is ``d(y2)/d(y1)`` as the backward mode defines it (``2 relu(y1)``,
+  zero where 2:4 dropped for the exact masked gradient) and ``y2_dw`` the
+  activation ``w_out``'s gradient sees. ``dy1`` is rounded to ``h``'s dtype,
+  as the forward rounds ``y1``. Shared by this op's backward and the dense
+  ``F % 4`` tail of the Pallas kernel's.
+  """
+  dy2 = jnp.einsum("tn,nf->tf", g_TxN, w_out_NxF, preferred_element_type=jnp.float32)
+  dy1 = (dy2 * dy2_dy1_TxF.astype(jnp.float32)).astype(h_TxK.dtype)
+  d_w_out = jnp.einsum("tn,tf->nf", g_TxN, y2_dw_TxF, preferred_element_type=jnp.float32)
+  d_w_in = jnp.einsum("tf,tk->fk", dy1, h_TxK, preferred_element_type=jnp.float32)
+  d_h = jnp.einsum("tf,fk->tk", dy1, w_in_FxK, preferred_element_type=jnp.float32)
+  return d_h, d_w_in, d_w_out
 
 
 _ffn_core = jax.custom_vjp(

@@ -23,9 +23,11 @@ convert between the two.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 PLANES = 8  # features per metadata byte: two 2:4 groups
 GROUP = 4
@@ -78,7 +80,7 @@ def from_planes(vals_4xTxG: jax.Array) -> jax.Array:
 
 
 def _pow2(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
+  return n > 0 and pl.next_power_of_2(n) == n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,21 +130,30 @@ def default_blocks(t: int, f: int, k: int, n: int, *, interpret: bool, split: bo
   widest = rank_size(max(k, n))
   if interpret:
     bt, bf, bk = 16, 32, 16
-    bt = min(bt, max(4, _next_pow2(t)))
-    bf = min(bf, max(PLANES, _next_pow2(f)))
+    bt = min(bt, max(4, pl.next_power_of_2(t)))
+    bf = min(bf, max(PLANES, pl.next_power_of_2(f)))
   else:
     bt = max(4 * MIN_DOT if split else MIN_DOT, min(128, 16384 // widest))
     bf, bk = MIN_DOT * PLANES, 64
   return Blocks(bt, bf, min(bk, widest), min(bk, widest))
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+def resolve_blocks(what: str, t: int, f: int, k: int, n: int, *, block_t: int | None,
+                   block_f: int | None, block_n: int | None = None, interpret: bool | None,
+                   split: bool = False) -> tuple[Blocks, bool]:
+  """The public wrappers' prologue: ``interpret`` defaults to True off GPUs, unset
+  tiles to :func:`default_blocks`, and the tiles are checked (``what`` names the op)."""
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  d = default_blocks(t, f, k, n, interpret=interpret, split=split)
+  blocks = Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, block_n or d.block_n)
+  blocks.check(what, interpret=interpret, split=split)
+  return blocks, bool(interpret)
 
 
 def rank_size(n: int) -> int:
   """Padded size of a rank (``K``/``N``) dimension: a power of two, at least 16."""
-  return max(MIN_DOT, _next_pow2(n))
+  return max(MIN_DOT, pl.next_power_of_2(n))
 
 
 def pad_rank(x: jax.Array, axis: int) -> jax.Array:
@@ -150,9 +161,14 @@ def pad_rank(x: jax.Array, axis: int) -> jax.Array:
   return pad_to(x, axis, rank_size(x.shape[axis]))
 
 
+def padded(size: int, multiple: int) -> int:
+  """``size`` rounded up to a multiple (the length :func:`pad_to` gives)."""
+  return pl.cdiv(size, multiple) * multiple
+
+
 def pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   """Zero-pad ``axis`` up to a multiple (zeros flow through every kernel exactly)."""
-  extra = -x.shape[axis] % multiple
+  extra = padded(x.shape[axis], multiple) - x.shape[axis]
   if not extra:
     return x
   widths = [(0, 0)] * x.ndim
@@ -232,6 +248,56 @@ def kept_planes(nib: jax.Array) -> list[jax.Array]:
   i0 = nib & 0x3
   i1 = nib >> 2
   return [(i0 == j) | (i1 == j) for j in range(GROUP)]
+
+
+def keep_planes(y_8: Sequence[jax.Array]) -> list[jax.Array]:
+  """Keep-masks of the 8 planes of a feature block: 2:4 within planes 0-3 and 4-7."""
+  return keep_24(list(y_8[:4])) + keep_24(list(y_8[4:]))
+
+
+def compress_planes(x_8: Sequence[jax.Array], keep_8: Sequence[jax.Array]
+                    ) -> tuple[list[jax.Array], jax.Array]:
+  """The 4 value planes (``vals_4xTxG`` order) and the uint8 metadata of 8 planes."""
+  a0, a1, nib_a = compress_group(list(x_8[:4]), list(keep_8[:4]))
+  b0, b1, nib_b = compress_group(list(x_8[4:]), list(keep_8[4:]))
+  return [a0, a1, b0, b1], pack_meta(nib_a, nib_b)
+
+
+def decompress_planes(vals_ref, meta_ref, rows, gs) -> list[jax.Array]:
+  """The 8 dense planes of the tile ``[rows, gs]`` of a compressed activation
+  (``vals_4xTxG``, ``meta_TxG`` refs); zeros at the dropped positions."""
+  nib_a, nib_b = unpack_meta(meta_ref[rows, gs])
+  v = [vals_ref[p, rows, gs] for p in range(4)]
+  return decompress_group(v[0], v[1], nib_a) + decompress_group(v[2], v[3], nib_b)
+
+
+def relu_planes(x: jax.Array, w_ref, gs, dtype) -> list[jax.Array]:
+  """``relu(x @ wᵀ)`` for the 8 planes of the feature rows ``gs`` of a planed
+  ``w_8xGxK`` ref, rounded to ``dtype`` before the ReLU (as the XLA op rounds y1)."""
+  return [jnp.maximum(dot_nt(x, w_ref[j, gs, :]).astype(dtype), 0) for j in range(PLANES)]
+
+
+def accumulate_planes_over_tokens(
+    dw_ref, *, block_t: int, n_tblocks: int,
+    products: Callable[[jax.Array], list[list[tuple[jax.Array, jax.Array]]]]) -> None:
+  """The weight-gradient loop: ``dw_ref[j] = Σ_token blocks Σ_terms aᵀ b`` for the 8 planes.
+
+  ``products(t0)`` gives, for the token block starting at row ``t0``, a list
+  of terms, each a list over the 8 planes of ``(a, b)`` with ``a`` ``[rows, M]``
+  and ``b`` ``[rows, N]`` (``dw_ref`` is ``[8, M, N]``); the terms are added in
+  order, in fp32 registers, and stored once.
+  """
+
+  def body(ti, acc):
+    out = list(acc)
+    for term in products(pl.multiple_of(ti * block_t, block_t)):
+      out = [out[j] + dot_tn(*term[j]) for j in range(PLANES)]
+    return tuple(out)
+
+  zeros = tuple(jnp.zeros(dw_ref.shape[1:], jnp.float32) for _ in range(PLANES))
+  acc = jax.lax.fori_loop(0, n_tblocks, body, zeros)
+  for j in range(PLANES):
+    dw_ref[j] = acc[j]
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:

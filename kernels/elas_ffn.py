@@ -43,11 +43,45 @@ from kernels import common as cm
 from kernels.common import PLANES
 
 
+def reference(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_on, *,
+              mode: str = "masked", dense_fraction: float = 0.05
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Plain jnp, no ``custom_vjp``: what ``relu2_sparse_ffn`` computes, differentiated
+  by ``jax.grad`` itself, so the tests' gradients do not share the code under test.
 
-def reference(h, w_in_FxK, w_out_NxF, sparse_on, *, mode="masked", dense_fraction=0.05):
-  """Pure-jnp reference: the XLA op the model uses with ``kernel="xla"``."""
-  return sparsity.relu2_sparse_ffn(h, w_in_FxK, w_out_NxF, sparse_on, mode=mode,
-                                   dense_fraction=dense_fraction)
+  Each backward mode is written as the forward whose autodiff is that mode:
+  ``masked`` is autodiff of the 2:4-masked forward; ``ste`` adds the mask as a
+  constant (``y2 + stop_gradient(y2s - y2)``: the value is ``y2s``, the gradient
+  passes the mask); ``split`` feeds ``w_out`` a zero-valued term whose
+  gradient is the token-wise 2:4 activation. Only the selection rules
+  (``mask_24``, ``token_keep_24``, ``densest_features``) come from
+  ``elas_jax.sparsity``; they are plain jnp and tested there against numpy.
+  """
+  lead = h.shape[:-1]
+  h_TxK = h.reshape(-1, h.shape[-1])
+  sparse_on = jnp.asarray(sparse_on, bool)
+  y1 = jnp.einsum("tk,fk->tf", h_TxK, w_in_FxK, preferred_element_type=jnp.float32)
+  r = jnp.maximum(y1.astype(h.dtype), 0)
+  y2 = r * r
+  keep24 = sparsity.mask_24(y2)
+  y2s = jnp.where(keep24 | ~sparse_on, y2, jnp.zeros((), y2.dtype))
+  if mode == "ste":
+    y2s = y2 + jax.lax.stop_gradient(y2s - y2)
+  if mode != "split":
+    out = jnp.einsum("tf,nf->tn", y2s, w_out_NxF, preferred_element_type=jnp.float32)
+  else:  # w_out's gradient from a zero-valued term: gᵀ y2_dw
+    y2c = jax.lax.stop_gradient(y2s)
+    dense_F = sparsity.densest_features(jnp.sum(y2c != 0, axis=0), dense_fraction)
+    y2_dw = jnp.where(sparsity.token_keep_24(y2c, dense_F) | ~sparse_on, y2c, 0)
+    w_const = jax.lax.stop_gradient(w_out_NxF)
+    out = (jnp.einsum("tf,nf->tn", y2s, w_const, preferred_element_type=jnp.float32)
+           + jnp.einsum("tf,nf->tn", y2_dw, w_out_NxF - w_const, preferred_element_type=jnp.float32))
+  y2f = jax.lax.stop_gradient(y2).astype(jnp.float32)
+  total = jnp.sum(y2f)
+  stats = {"zero_frac": jnp.mean((y2f == 0).astype(jnp.float32)),
+           "dropped_mass": jnp.sum(jnp.where(keep24, 0.0, y2f))
+           / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)}
+  return out.astype(h.dtype).reshape(*lead, -1), stats
 
 
 # --------------------------------------------------------------------------
@@ -55,18 +89,10 @@ def reference(h, w_in_FxK, w_out_NxF, sparse_on, *, mode="masked", dense_fractio
 # --------------------------------------------------------------------------
 
 
-def _relu_planes(h, win_ref, gs, dtype):
-  """relu(h @ w_inᵀ) for the 8 planes of one feature block, in the compute dtype."""
-  return [jnp.maximum(cm.dot_nt(h, win_ref[j, gs, :]).astype(dtype), 0) for j in range(PLANES)]
-
-
-def _keep_planes(y2):
-  return cm.keep_24(y2[:4]) + cm.keep_24(y2[4:])
-
-
 def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_refs, store: bool,
                 want_nnz: bool, block_f: int, n_fblocks: int):
-  """``more_refs``: the compressed activation (vals, meta) when ``store`` (training with
+  """``stats_ref`` rows: per token, the zeros, the sum and the 2:4-dropped sum of y2.
+  ``more_refs``: the compressed activation (vals, meta) when ``store`` (training with
   masked / split), then the per-feature non-zero counts when ``want_nnz`` (split)."""
   vals_ref, meta_ref = more_refs[:2] if store else (None, None)
   nnz_ref = more_refs[-1] if want_nnz else None
@@ -78,11 +104,10 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_re
 
   def body(fi, carry):
     acc, zeros, total, dropped = carry
-    g0 = pl.multiple_of(fi * gb, gb)
-    gs = pl.ds(g0, gb)
-    r = _relu_planes(h, win_ref, gs, dtype)
+    gs = pl.ds(pl.multiple_of(fi * gb, gb), gb)
+    r = cm.relu_planes(h, win_ref, gs, dtype)
     y2 = [x * x for x in r]
-    keep = _keep_planes(y2)
+    keep = cm.keep_planes(y2)
     zero = jnp.zeros((), dtype)
     for j in range(PLANES):
       y2s = jnp.where(keep[j] | ~sparse, y2[j], zero)
@@ -96,11 +121,10 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_re
     if store:
       # Store relu(y1) (not y2) at the kept positions: backward rebuilds y2s = v·v
       # bit-exactly and uses 2v as d(y2)/d(y1), like the reference.
-      a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
-      b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
-      for p, v in enumerate((a0, a1, b0, b1)):
+      vals, meta = cm.compress_planes(r, keep)
+      for p, v in enumerate(vals):
         vals_ref[p, :, gs] = v
-      meta_ref[:, gs] = cm.pack_meta(nib_a, nib_b)
+      meta_ref[:, gs] = meta
     return acc, zeros, total, dropped
 
   n = out_ref.shape[1]
@@ -111,16 +135,13 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_re
   stats_ref[0, :] = zeros
   stats_ref[1, :] = total
   stats_ref[2, :] = dropped
-  stats_ref[3, :] = z
 
 
 def _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, gs, dtype):
   """relu(y1) planes of one tile: decompressed (kept entries only) or recomputed."""
   if source == "recompute":
-    return _relu_planes(h, win_ref, gs, dtype)
-  nib_a, nib_b = cm.unpack_meta(meta_ref[rows, gs])
-  v = [vals_ref[p, rows, gs] for p in range(4)]
-  return cm.decompress_group(v[0], v[1], nib_a) + cm.decompress_group(v[2], v[3], nib_b)
+    return cm.relu_planes(h, win_ref, gs, dtype)
+  return cm.decompress_planes(vals_ref, meta_ref, rows, gs)
 
 
 def _dh_kernel(h_ref, g_ref, win_ref, wout_ref, vals_ref, meta_ref, dh_ref, *,
@@ -151,22 +172,18 @@ def _dwin_kernel(h_ref, g_ref, win_ref, wout_ref, vals_ref, meta_ref, dwin_ref, 
   all_g = pl.ds(0, gb)
   ks = pl.ds(pl.program_id(1) * kb, kb)  # this program's rank block of h
 
-  def body(ti, acc):
-    rows = pl.ds(pl.multiple_of(ti * block_t, block_t), block_t)
+  def products(t0):
+    rows = pl.ds(t0, block_t)
     g = g_ref[rows, :]
     h = h_ref[rows, :] if source == "recompute" else None  # all ranks, to recompute y1
     r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, all_g, dtype)
     h_k = h_ref[rows, ks]
-    out = []
-    for j in range(PLANES):
-      dy1 = (cm.dot_nn(g, wout_ref[j]) * (2 * r[j]).astype(jnp.float32)).astype(dtype)
-      out.append(acc[j] + cm.dot_tn(dy1, h_k))
-    return tuple(out)
+    dy1 = [(cm.dot_nn(g, wout_ref[j]) * (2 * r[j]).astype(jnp.float32)).astype(dtype)
+           for j in range(PLANES)]
+    return [[(dy1[j], h_k) for j in range(PLANES)]]
 
-  acc = jax.lax.fori_loop(0, n_tblocks, body,
-                          tuple(jnp.zeros((gb, kb), jnp.float32) for _ in range(PLANES)))
-  for j in range(PLANES):
-    dwin_ref[j] = acc[j]
+  cm.accumulate_planes_over_tokens(dwin_ref, block_t=block_t, n_tblocks=n_tblocks,
+                                   products=products)
 
 
 def _dwout_kernel(h_ref, g_ref, win_ref, vals_ref, meta_ref, densef_ref, tokdense_ref, dwout_ref,
@@ -184,8 +201,7 @@ def _dwout_kernel(h_ref, g_ref, win_ref, vals_ref, meta_ref, densef_ref, tokdens
   rb = block_t // n_rp
   n0 = pl.program_id(0) * nb
 
-  def body(ti, acc):
-    t0 = pl.multiple_of(ti * block_t, block_t)
+  def products(t0):
     gs, y2s = [], []
     for p in range(n_rp):
       rows = pl.ds(t0 + p * rb, rb)
@@ -193,7 +209,7 @@ def _dwout_kernel(h_ref, g_ref, win_ref, vals_ref, meta_ref, densef_ref, tokdens
       r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, all_g, dtype)
       y2 = [x * x for x in r]
       if dw_mask == "ste":  # straight-through: w_out sees the 2:4 forward activation
-        keep = _keep_planes(y2)
+        keep = cm.keep_planes(y2)
         y2 = [jnp.where(keep[j], y2[j], jnp.zeros((), dtype)) for j in range(PLANES)]
       gs.append(g_ref[rows, pl.ds(n0, nb)])
       y2s.append(y2)
@@ -206,16 +222,10 @@ def _dwout_kernel(h_ref, g_ref, win_ref, vals_ref, meta_ref, densef_ref, tokdens
         for p in range(4):
           keep_pj = keep[p] | dense_f[None, :] | tok_dense[p][:, None]
           y2s[p][j] = jnp.where(keep_pj, y2s[p][j], zero)
-    out = list(acc)
-    for p in range(n_rp):
-      for j in range(PLANES):
-        out[j] = out[j] + cm.dot_tn(gs[p], y2s[p][j])
-    return tuple(out)
+    return [[(gs[p], y2s[p][j]) for j in range(PLANES)] for p in range(n_rp)]
 
-  acc = jax.lax.fori_loop(0, n_tblocks, body,
-                          tuple(jnp.zeros((nb, gb), jnp.float32) for _ in range(PLANES)))
-  for j in range(PLANES):
-    dwout_ref[j] = acc[j]
+  cm.accumulate_planes_over_tokens(dwout_ref, block_t=block_t, n_tblocks=n_tblocks,
+                                   products=products)
 
 
 # --------------------------------------------------------------------------
@@ -235,7 +245,7 @@ def _wide_params(interpret: bool, width: int):
 
 def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, store: bool,
               want_nnz: bool):
-  """[out fp32 [T, N], per-row stats [4, T]] + [vals, meta] if store + [nnz] if want_nnz."""
+  """[out fp32 [T, N], per-row stats [3, T]] + [vals, meta] if store + [nnz] if want_nnz."""
   t, k = h.shape
   _, g, _ = win_p.shape
   n = wout_p.shape[1]
@@ -243,8 +253,8 @@ def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, store:
   cm.check_divides(t, bt, "elas_ffn forward", "tokens")
   cm.check_divides(g * PLANES, bf, "elas_ffn forward", "features")
   nt = t // bt
-  out_shape = [jax.ShapeDtypeStruct((t, n), jnp.float32), jax.ShapeDtypeStruct((4, t), jnp.float32)]
-  out_specs = [pl.BlockSpec((bt, n), lambda i: (i, 0)), pl.BlockSpec((4, bt), lambda i: (0, i))]
+  out_shape = [jax.ShapeDtypeStruct((t, n), jnp.float32), jax.ShapeDtypeStruct((3, t), jnp.float32)]
+  out_specs = [pl.BlockSpec((bt, n), lambda i: (i, 0)), pl.BlockSpec((3, bt), lambda i: (0, i))]
   if store:
     out_shape += [jax.ShapeDtypeStruct((4, t, g), h.dtype), jax.ShapeDtypeStruct((t, g), jnp.uint8)]
     out_specs += [pl.BlockSpec((4, bt, g), lambda i: (0, i, 0)), pl.BlockSpec((bt, g), lambda i: (i, 0))]
@@ -330,8 +340,8 @@ class _Layout:
   def __init__(self, t: int, f: int, blocks: cm.Blocks, mode: str):
     self.t, self.blocks = t, blocks
     self.f_main = f - f % 4  # the f % 4 tail forms no 2:4 group: dense, in XLA
-    self.t_pad = t + (-t % blocks.block_t)
-    self.f_pad = self.f_main + (-self.f_main % blocks.block_f)
+    self.t_pad = cm.padded(t, blocks.block_t)
+    self.f_pad = cm.padded(self.f_main, blocks.block_f)
     self.order = self.tok_dense = None
     if mode == "split":
       self.order, self.tok_dense = _split_order(t, self.t_pad, blocks.block_t)
@@ -384,9 +394,9 @@ def _prep(h, w_in, w_out, lay: _Layout):
   return hk, cm.weight_planes(win), cm.out_weight_planes(wout)
 
 
-def _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on, store=False):
+def _forward(mode, blocks, interpret, h, w_in, w_out, sparse_on, store=False):
   """Output, statistics and what backward needs; ``store``: write the compressed activation."""
-  t, k = h.shape
+  t = h.shape[0]
   f, n = w_in.shape[0], w_out.shape[0]
   lay = _Layout(t, f, blocks, mode)
   hk, win_p, wout_p = _prep(h, w_in, w_out, lay)
@@ -396,7 +406,7 @@ def _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on,
   out_k, stats_rows = outs[:2]
   vals, meta = outs[2:4] if store else (None, None)
   out = lay.rows_out(out_k)[:, :n]
-  stats_rows = lay.rows_out(stats_rows.T)  # [t, 4], padded tokens dropped
+  stats_rows = lay.rows_out(stats_rows.T)  # [t, 3], padded tokens dropped
   zeros = jnp.sum(stats_rows[:, 0]) - t * (lay.f_pad - lay.f_main)  # padded features are zeros
   total = jnp.sum(stats_rows[:, 1])
   dropped = jnp.sum(stats_rows[:, 2])
@@ -418,8 +428,8 @@ def _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on,
 
 def _ffn_fwd(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on):
   # ste recomputes relu(y1) from h in backward: it stores (and keeps) nothing f-wide.
-  out, stats, (lay, vals, meta, r_tail, nnz) = _forward(
-      mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on, store=mode != "ste")
+  out, stats, (_, vals, meta, r_tail, nnz) = _forward(
+      mode, blocks, interpret, h, w_in, w_out, sparse_on, store=mode != "ste")
   # Named so that a remat policy saving sparsity.SAVED_24_NAME keeps them (remat = lowrank).
   vals, meta, r_tail, nnz = (None if x is None else checkpoint_name(x, sparsity.SAVED_24_NAME)
                              for x in (vals, meta, r_tail, nnz))
@@ -469,25 +479,22 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
   d_h = lay.rows_out(dh)[:, :k]
   d_w_in = cm.weight_unplanes(dwin_p)[: lay.f_main, :k]
   d_w_out = cm.out_weight_unplanes(dwout_p)[:n, : lay.f_main]
-  if r_tail is not None:  # the dense tail, in XLA as in the reference
-    dy1 = (jnp.einsum("tn,nf->tf", g_out, w_out[:, lay.f_main:], preferred_element_type=jnp.float32)
-           * (2 * r_tail).astype(jnp.float32)).astype(h.dtype)
+  if r_tail is not None:  # the dense tail, in XLA with the XLA op's backward
     y2_tail = r_tail * r_tail
     if mode == "split":
       keep = sparsity.token_keep_24(y2_tail, dense_all[lay.f_main:])
       y2_tail = jax.lax.select(sparse_on, jnp.where(keep, y2_tail, 0), y2_tail)
-    d_h = d_h + jnp.einsum("tf,fk->tk", dy1, w_in[lay.f_main:], preferred_element_type=jnp.float32)
-    d_w_in = jnp.concatenate(
-        [d_w_in, jnp.einsum("tf,tk->fk", dy1, h, preferred_element_type=jnp.float32)], axis=0)
-    d_w_out = jnp.concatenate(
-        [d_w_out, jnp.einsum("tn,tf->nf", g_out, y2_tail, preferred_element_type=jnp.float32)],
-        axis=1)
+    dh_tail, dwin_tail, dwout_tail = sparsity.ffn_grads(
+        g_out, h, w_in[lay.f_main:], w_out[:, lay.f_main:], 2 * r_tail, y2_tail)
+    d_h = d_h + dh_tail
+    d_w_in = jnp.concatenate([d_w_in, dwin_tail], axis=0)
+    d_w_out = jnp.concatenate([d_w_out, dwout_tail], axis=1)
   return d_h.astype(h.dtype), d_w_in.astype(w_in.dtype), d_w_out.astype(w_out.dtype), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _ffn_core(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on):
-  out, stats, _ = _forward(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on)
+  out, stats, _ = _forward(mode, blocks, interpret, h, w_in, w_out, sparse_on)
   return out, stats
 
 
@@ -526,16 +533,12 @@ def elas_ffn(
                      f"w_out {w_out_NxF.shape}")
   if f < 4:
     raise ValueError(f"elas_ffn: {f} features form no 2:4 group")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, k)
-  t = h_TxK.shape[0]
-  split = mode == "split"
-  d = cm.default_blocks(t, f, k, w_out_NxF.shape[0], interpret=interpret, split=split)
-  blocks = cm.Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, d.block_n)
-  blocks.check("elas_ffn", interpret=interpret, split=split)
+  blocks, interpret = cm.resolve_blocks(
+      "elas_ffn", h_TxK.shape[0], f, k, w_out_NxF.shape[0], block_t=block_t, block_f=block_f,
+      interpret=interpret, split=mode == "split")
   sparse_on = jnp.asarray(sparse_on, dtype=bool)
-  out, stats = _ffn_core(mode, float(dense_fraction), blocks, bool(interpret), h_TxK, w_in_FxK,
+  out, stats = _ffn_core(mode, float(dense_fraction), blocks, interpret, h_TxK, w_in_FxK,
                          w_out_NxF, sparse_on)
   return out.reshape(*lead, -1), stats

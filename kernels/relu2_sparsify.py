@@ -36,26 +36,19 @@ def reference(z_TxK: jax.Array, w_FxK: jax.Array) -> tuple[jax.Array, jax.Array]
   return cm.to_planes(values), meta
 
 
-def _planes(z, w_ref, gs, dtype):
-  """relu(y1) and y2 for the 8 planes of one feature block."""
-  r = [jnp.maximum(cm.dot_nt(z, w_ref[j, gs, :]).astype(dtype), 0) for j in range(PLANES)]
-  return r, [x * x for x in r]
-
-
 def _fwd_kernel(z_ref, w_ref, vals_ref, meta_ref):
   gb = meta_ref.shape[1]
-  _, y2 = _planes(z_ref[...], w_ref, pl.ds(0, gb), z_ref.dtype)
-  keep = cm.keep_24(y2[:4]) + cm.keep_24(y2[4:])
-  a0, a1, nib_a = cm.compress_group(y2[:4], keep[:4])
-  b0, b1, nib_b = cm.compress_group(y2[4:], keep[4:])
-  for p, v in enumerate((a0, a1, b0, b1)):
+  y2 = [x * x for x in cm.relu_planes(z_ref[...], w_ref, pl.ds(0, gb), z_ref.dtype)]
+  vals, meta = cm.compress_planes(y2, cm.keep_planes(y2))
+  for p, v in enumerate(vals):
     vals_ref[p] = v
-  meta_ref[...] = cm.pack_meta(nib_a, nib_b)
+  meta_ref[...] = meta
 
 
 def _dy1(z, w_ref, dv_ref, rows, gs, dtype):
   """dy1 planes of one tile from the compressed cotangent (zero where 2:4 dropped)."""
-  r, y2 = _planes(z, w_ref, gs, dtype)
+  r = cm.relu_planes(z, w_ref, gs, dtype)
+  y2 = [x * x for x in r]
   d = []
   for half in (0, 1):
     planes = slice(4 * half, 4 * half + 4)
@@ -83,16 +76,13 @@ def _dw_kernel(z_ref, w_ref, dv_ref, dw_ref, *, block_t: int, n_tblocks: int):
   gb, kb = dw_ref.shape[1], dw_ref.shape[2]
   ks = pl.ds(pl.program_id(1) * kb, kb)
 
-  def body(ti, acc):
-    rows = pl.ds(pl.multiple_of(ti * block_t, block_t), block_t)
+  def products(t0):
+    rows = pl.ds(t0, block_t)
     dy1 = _dy1(z_ref[rows, :], w_ref, dv_ref, rows, pl.ds(0, gb), z_ref.dtype)
     z_k = z_ref[rows, ks]
-    return tuple(acc[j] + cm.dot_tn(dy1[j], z_k) for j in range(PLANES))
+    return [[(dy1[j], z_k) for j in range(PLANES)]]
 
-  acc = jax.lax.fori_loop(0, n_tblocks, body,
-                          tuple(jnp.zeros((gb, kb), jnp.float32) for _ in range(PLANES)))
-  for j in range(PLANES):
-    dw_ref[j] = acc[j]
+  cm.accumulate_planes_over_tokens(dw_ref, block_t=block_t, n_tblocks=n_tblocks, products=products)
 
 
 def _operands(z, w, blocks: cm.Blocks):
@@ -103,7 +93,7 @@ def _operands(z, w, blocks: cm.Blocks):
 
 
 def _forward(blocks, interpret, z, w):
-  t, k = z.shape
+  t = z.shape[0]
   f = w.shape[0]
   zk, w_p = _operands(z, w, blocks)
   tp, kp = zk.shape
@@ -182,9 +172,6 @@ def relu2_sparsify(
   if f % PLANES:
     raise ValueError(f"relu2_sparsify: F={f} is not a multiple of 8 (two 2:4 groups per "
                      "metadata byte); split off the tail and handle it densely")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  d = cm.default_blocks(t, f, k, k, interpret=interpret)
-  blocks = cm.Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, d.block_n)
-  blocks.check("relu2_sparsify", interpret=interpret)
-  return _core(blocks, bool(interpret), z_TxK, w_FxK.astype(z_TxK.dtype))
+  blocks, interpret = cm.resolve_blocks("relu2_sparsify", t, f, k, k, block_t=block_t,
+                                        block_f=block_f, interpret=interpret)
+  return _core(blocks, interpret, z_TxK, w_FxK.astype(z_TxK.dtype))

@@ -33,18 +33,12 @@ def reference(vals_4xTxG: jax.Array, meta_TxG: jax.Array, w_NxF: jax.Array) -> j
                     preferred_element_type=jnp.float32).astype(vals_4xTxG.dtype)
 
 
-def _dense_planes(vals_ref, meta_ref, rows, gs):
-  nib_a, nib_b = cm.unpack_meta(meta_ref[rows, gs])
-  v = [vals_ref[p, rows, gs] for p in range(4)]
-  return cm.decompress_group(v[0], v[1], nib_a) + cm.decompress_group(v[2], v[3], nib_b)
-
-
 def _fwd_kernel(vals_ref, meta_ref, w_ref, out_ref, *, gb: int, n_fblocks: int):
   rows = pl.ds(0, out_ref.shape[0])
 
   def body(fi, acc):
     gs = pl.ds(pl.multiple_of(fi * gb, gb), gb)
-    d = _dense_planes(vals_ref, meta_ref, rows, gs)
+    d = cm.decompress_planes(vals_ref, meta_ref, rows, gs)
     for j in range(PLANES):
       acc = acc + cm.dot_nt(d[j], w_ref[j, :, gs])
     return acc
@@ -67,16 +61,13 @@ def _dw_kernel(g_ref, vals_ref, meta_ref, dw_ref, *, block_t: int, n_tblocks: in
   nb, gb = dw_ref.shape[1], dw_ref.shape[2]
   ns = pl.ds(pl.program_id(0) * nb, nb)
 
-  def body(ti, acc):
-    rows = pl.ds(pl.multiple_of(ti * block_t, block_t), block_t)
-    d = _dense_planes(vals_ref, meta_ref, rows, pl.ds(0, gb))
+  def products(t0):
+    rows = pl.ds(t0, block_t)
+    d = cm.decompress_planes(vals_ref, meta_ref, rows, pl.ds(0, gb))
     g = g_ref[rows, ns]
-    return tuple(acc[j] + cm.dot_tn(g, d[j]) for j in range(PLANES))
+    return [[(g, d[j]) for j in range(PLANES)]]
 
-  acc = jax.lax.fori_loop(0, n_tblocks, body,
-                          tuple(jnp.zeros((nb, gb), jnp.float32) for _ in range(PLANES)))
-  for j in range(PLANES):
-    dw_ref[j] = acc[j]
+  cm.accumulate_planes_over_tokens(dw_ref, block_t=block_t, n_tblocks=n_tblocks, products=products)
 
 
 def _operands(vals, meta, w, blocks: cm.Blocks):
@@ -166,10 +157,7 @@ def sparse24_matmul(
                      f"match vals {list(vals_4xTxG.shape)} (expected uint8[{t}, {g}])")
   if w_NxF.ndim != 2 or w_NxF.shape[1] != g * PLANES:
     raise ValueError(f"sparse24_matmul: w must be [N, {g * PLANES}], got {w_NxF.shape}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  f, n = g * PLANES, w_NxF.shape[0]
-  d = cm.default_blocks(t, f, n, n, interpret=interpret)
-  blocks = cm.Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, block_n or d.block_n)
-  blocks.check("sparse24_matmul", interpret=interpret)
-  return _core(blocks, bool(interpret), vals_4xTxG, meta_TxG, w_NxF.astype(vals_4xTxG.dtype))
+  n = w_NxF.shape[0]
+  blocks, interpret = cm.resolve_blocks("sparse24_matmul", t, g * PLANES, n, n, block_t=block_t,
+                                        block_f=block_f, block_n=block_n, interpret=interpret)
+  return _core(blocks, interpret, vals_4xTxG, meta_TxG, w_NxF.astype(vals_4xTxG.dtype))

@@ -1,13 +1,15 @@
-"""Pallas kernels against their pure-jnp references (interpret mode on CPU).
+"""Pallas kernels against their plain-jnp references (interpret mode on CPU).
 
 Every kernel's output and ``jax.grad`` are compared with the reference on fresh
 random inputs over several shapes, including token counts and widths that do
 not divide the blocks (padded path) and widths with a dense ``F % 4`` tail.
 fp32 must agree to rounding (the kernels accumulate in fp32 in another order);
 bf16 within the tolerance documented in docs/kernels.md. The ``gpu`` tests run
-the same cases compiled for a GPU and are skipped elsewhere.
+the same cases compiled for a GPU (``pytest -m gpu`` selects them) and are
+skipped elsewhere; ``slow`` marks the tests that train or run subprocesses.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -17,21 +19,52 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.harness import rel_err
 from kernels import common as cm
 from kernels import elas_ffn, relu2_sparsify, sparse_matmul
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ON_GPU = jax.default_backend() == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the kernels compile for Triton there)")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the kernels compile for Triton there)")
 
 # bf16: outputs and gradients within 2% of their largest magnitude (one bf16
 # rounding of y1 can flip a near-tie in 2:4 selection; the rest is summation order).
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+def kernel_launches(jaxpr) -> int:
+  """Pallas kernels one evaluation of ``jaxpr`` launches, counted through its
+  sub-jaxprs (jit, shard_map, custom_vjp, ...); of a ``cond``'s branches, the
+  one that launches most (one branch runs)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      total += 1
+      continue
+    subs = [kernel_launches(j) for j in _sub_jaxprs(eqn.params.values())]
+    total += (max(subs, default=0) if eqn.primitive.name == "cond" else sum(subs))
+  return total
+
+
+def pallas_out_shapes(jaxpr) -> list[str]:
+  """Output shapes of every ``pallas_call`` in ``jaxpr`` and its sub-jaxprs, sorted."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      out.append(" ".join(str(v.aval) for v in eqn.outvars))
+    for j in _sub_jaxprs(eqn.params.values()):
+      out += pallas_out_shapes(j)
+  return sorted(out)
+
+
+def _sub_jaxprs(params):
+  for v in params:
+    if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns"):
+      yield v
+    elif isinstance(v, (tuple, list)):
+      yield from _sub_jaxprs(v)
 
 
 def ffn_inputs(seed, t, f, k, n, dtype):
@@ -127,6 +160,26 @@ def test_sparse_on_is_data_not_a_recompile():
   dense, sparse = f(jnp.asarray(False)), f(jnp.asarray(True))
   assert len(traces) == 1
   assert rel_err(sparse, dense) > 1e-3  # and the flag does change the result
+
+
+@pytest.mark.parametrize("mode", ["masked", "ste", "split"])
+def test_each_kernel_launches_once_per_call(mode):
+  # Forward: the one fused kernel. Forward + backward: that and dh, dw_in, dw_out
+  # (the warm-up switch is a cond: one branch runs). The stand-alone ops: one
+  # forward kernel each, two backward kernels each.
+  h, w_in, w_out, cot = ffn_inputs(0, 40, 130, 16, 16, jnp.float32)
+  fwd = lambda h, wi, wo: elas_ffn.elas_ffn(h, wi, wo, True, mode=mode)[0]
+  assert kernel_launches(jax.make_jaxpr(fwd)(h, w_in, w_out)) == 1
+  vg = jax.value_and_grad(lambda h, wi, wo: jnp.sum(fwd(h, wi, wo) * cot), argnums=(0, 1, 2))
+  assert kernel_launches(jax.make_jaxpr(vg)(h, w_in, w_out)) == 4
+
+  def both(z, wi, wo):
+    vals, meta = relu2_sparsify.relu2_sparsify(z, wi)
+    return jnp.sum(sparse_matmul.sparse24_matmul(vals, meta, wo))
+
+  wi, wo = w_in[:128], w_out[:, :128]
+  assert kernel_launches(jax.make_jaxpr(both)(h, wi, wo)) == 2
+  assert kernel_launches(jax.make_jaxpr(jax.value_and_grad(both, (0, 1, 2)))(h, wi, wo)) == 6
 
 
 def test_plane_layout_round_trips_compress_24():
@@ -248,6 +301,7 @@ print("ops", ",".join(sorted(set(re.findall(r"(relu2_sparsify_[a-z]+|sparse24_ma
 """
 
 
+@pytest.mark.slow
 def test_kernels_lower_to_triton():
   # Lowering for CUDA (an abstract H200) on this CPU machine runs Pallas' Triton
   # lowering: every primitive must have a Triton rule and every tile a
@@ -264,18 +318,21 @@ def test_kernels_lower_to_triton():
   assert p.stdout.split() == ["masked", ffn, "ste", ffn, "split", ffn, "ops", ops]
 
 
-@gpu
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("mode", ["masked", "ste", "split"])
 def test_elas_ffn_on_gpu_matches_reference(mode):
   check_ffn(mode, True, 1000, 2064, 128, 128, jnp.bfloat16, seed=7, interpret=False)
   check_ffn(mode, True, 512, 1030, 64, 64, jnp.float32, seed=8, interpret=False)
 
 
-@gpu
+@pytest.mark.gpu
+@needs_gpu
 def test_standalone_kernels_on_gpu():
   test_relu2_sparsify_and_sparse_matmul_match_references(1000, 2048, 128, jnp.bfloat16, {})
 
 
+@pytest.mark.slow
 def test_tiny_training_with_pallas_kernel_matches_xla(tmp_path):
   # config.model.kernel=pallas (interpreted on CPU) trains like the XLA op:
   # dense warm-up, the 2:4 switch at step 4, a LORO exact step at 5, evaluation.
@@ -295,49 +352,68 @@ def test_tiny_training_with_pallas_kernel_matches_xla(tmp_path):
 
 
 _MESH_SCRIPT = r"""
-import jax, jax.numpy as jnp, numpy as np
-from elas_jax import model, sparsity
+import json, jax, jax.numpy as jnp, numpy as np
+from elas_jax import model
+from kernels import elas_ffn
+from tests.test_kernels import kernel_launches, pallas_out_shapes
 mesh = jax.make_mesh((2, 2, 1), ("data", "fsdp", "tensor"),
                      axis_types=(jax.sharding.AxisType.Auto,) * 3)
 ks = jax.random.split(jax.random.PRNGKey(0), 3)
 h = jax.random.normal(ks[0], (8, 6, 16))
 wi = jax.random.normal(ks[1], (66, 16)) / 4
 wo = jax.random.normal(ks[2], (16, 66)) / 8
-loss = lambda fn: jax.jit(jax.grad(lambda h, wi, wo: jnp.sum(
-    fn(h, wi, wo, True, mode="masked", dense_fraction=0.05)[0] ** 2), argnums=(0, 1, 2)))
+def value_and_grads(fn):
+  return jax.value_and_grad(lambda h, wi, wo: jnp.sum(
+      fn(h, wi, wo, True, mode="masked", dense_fraction=0.05)[0] ** 2), argnums=(0, 1, 2))
 hs = jax.device_put(h, jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))))
 with jax.set_mesh(mesh):
-  lowered = loss(model.pallas_sparse_ffn).lower(hs, wi, wo).as_text()
-  g_k = loss(model.pallas_sparse_ffn)(hs, wi, wo)
-g_r = loss(sparsity.relu2_sparse_ffn)(h, wi, wo)
-print("manual" in lowered or "shard_map" in lowered,
-      max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(g_k, g_r)))
+  meshed = jax.jit(value_and_grads(model.pallas_sparse_ffn))(hs, wi, wo)
+  jaxpr = jax.make_jaxpr(value_and_grads(model.pallas_sparse_ffn))(hs, wi, wo)
+# one device, no mesh: the whole batch, and one device's share of it (8 / 4 sequences)
+one = jax.jit(value_and_grads(elas_ffn.elas_ffn))(h, wi, wo)
+local = jax.make_jaxpr(value_and_grads(elas_ffn.elas_ffn))(h[:2], wi, wo)
+print(json.dumps({
+    "loss": [float(meshed[0]), float(one[0])],
+    "grad_err": max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                    for a, b in zip(meshed[1], one[1])),
+    "devices": len(hs.sharding.device_set),
+    "launches": kernel_launches(jaxpr), "shapes": pallas_out_shapes(jaxpr),
+    "local_shapes": pallas_out_shapes(local)}))
 """
 
 
-def test_pallas_ffn_runs_per_shard_under_a_mesh():
-  # Under a 4-device data x fsdp mesh the kernel runs in shard_map on each
-  # device's tokens; gradients (weights summed over shards) equal one device's.
+@pytest.mark.slow
+def test_pallas_ffn_under_a_mesh_equals_one_device():
+  # Under a 4-device data x fsdp mesh: the loss and gradients (weights summed
+  # over shards) equal a one-device run; the op launches each of its 4 kernels
+  # once, on one device's share of the tokens (shard_map), not on the gathered batch.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, capture_output=True, text=True,
                      env=env, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
-  manual, err = p.stdout.split()
-  assert manual == "True" and float(err) < 1e-5
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  assert r["devices"] == 4
+  np.testing.assert_allclose(*r["loss"], rtol=1e-5)
+  assert r["grad_err"] < 1e-5
+  assert r["launches"] == 4  # fused forward, dh, dw_in, dw_out
+  assert r["shapes"] == r["local_shapes"]
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_cpu_smoke(tmp_path):
-  # The benchmark's interpret-mode smoke preset runs every section; each Pallas
+  # The benchmark's interpret-mode smoke preset runs every section, and each Pallas
   # row agrees with the XLA op it is timed against.
-  p = subprocess.run([sys.executable, "benchmarks/ffn_kernels.py", "--preset", "cpu", "--modes",
+  p = subprocess.run([sys.executable, "-m", "benchmarks.ffn_kernels", "--preset", "cpu", "--modes",
                       "masked", "--repeats", "1", "--out", str(tmp_path)], cwd=ROOT,
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
-  import json
-
   rows = json.load(open(tmp_path / "results.json"))["rows"]
   assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
-  pallas = [r for r in rows if r["impl"] == "pallas"]
-  assert len(pallas) >= 4  # elas_ffn fwd, fwd+bwd, relu2_sparsify, sparse24_matmul
-  assert all(r["max_rel_err"] is not None and r["max_rel_err"] < 2e-2 for r in pallas)
-  assert (tmp_path / "results.md").read_text().count("pallas") >= 4
+  pallas = {(r["op"], r["pass_"]): r for r in rows if r["impl"] == "pallas"}
+  assert sorted(pallas) == [("pallas elas_ffn/masked", "fwd"), ("pallas elas_ffn/masked", "fwd+bwd"),
+                            ("pallas relu2_sparsify (F=256)", ""), ("pallas sparse24_matmul (F=256)", "")]
+  assert all(r["max_rel_err"] is not None and r["max_rel_err"] < 2e-2 for r in pallas.values())
+  # the markdown table has one line per row, with the same op and pass
+  table = (tmp_path / "results.md").read_text().split("\n\n## ")[0].splitlines()
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in table if line.startswith("| ")]
+  assert [(c[2], c[3]) for c in cells[1:]] == [(r["op"], r["pass_"] or "-") for r in rows]
