@@ -1,8 +1,10 @@
 """Whole-train-step memory from XLA's compiled memory analysis (issue 13, item 5).
 
     python -m benchmarks.step_memory [--sizes 60m,350m,1b] [--variants full,loro,loro_relu2,elas]
-        [--settings default,loss,attn,loss+attn,remat_block,remat_lowrank] [--batches 4,8]
-        [--depths 1,2 | --depths full] [--json out.json] [--gpu-peak]
+        [--settings default,loss,attn,loss+attn,remat_block,remat_lowrank,loss+attn+scan,
+                    remat_block+scan,remat_lowrank+scan] [--batches 4,8]
+        [--depths 1,2 | --depths full] [--check-fit B] [--check-depth N] [--json out.json] [--gpu-peak]
+    python -m benchmarks.step_memory --from-json a.json b.json ...   # table of earlier runs
     python -m benchmarks.step_memory --preset smoke
 
 For each model size x variant x memory setting, the real jitted train step
@@ -82,16 +84,16 @@ def _attn() -> str:
 
 def settings(loss_chunk: int = LOSS_CHUNK) -> dict[str, dict[str, Any]]:
   """Setting name -> config overrides (``default`` = today's step)."""
-  both = {"model.loss_chunk": loss_chunk, "model.attention": _attn()}
+  both = {**TODAY, "model.loss_chunk": loss_chunk, "model.attention": _attn()}  # every field pinned
   return {
       "default": dict(TODAY),
       "loss": {**TODAY, "model.loss_chunk": loss_chunk},
       "attn": {**TODAY, "model.attention": _attn()},
-      "loss+attn": {**TODAY, **both},
+      "loss+attn": both,
       "remat_block": {**both, "model.remat": "block"},
       "remat_lowrank": {**both, "model.remat": "lowrank"},
-      # The same with the blocks under lax.scan: a scanned step's backward runs the
-      # recomputation inside the loop, so it cannot be scheduled early (see docs).
+      # The same with the blocks under lax.scan (compiled at full depth): unscanned,
+      # XLA's schedule keeps most of each block's activations despite remat (docs).
       "loss+attn+scan": {**both, "model.scan_layers": True},
       "remat_block+scan": {**both, "model.remat": "block", "model.scan_layers": True},
       "remat_lowrank+scan": {**both, "model.remat": "lowrank", "model.scan_layers": True},
