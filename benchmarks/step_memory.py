@@ -66,8 +66,8 @@ if "jax" not in sys.modules:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from elas_jax import config_lib, trainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,10 +128,8 @@ def state_bytes(abstract_state) -> dict[str, int]:
   """
   get = (lambda k: abstract_state[k]) if isinstance(abstract_state, dict) else (
       lambda k: getattr(abstract_state, k))
-  nbytes = lambda tree: int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                                for x in jax.tree.leaves(tree)))
-  return {"params": nbytes(get("params")), "opt_state": nbytes(get("opt_state")),
-          "total": nbytes(abstract_state)}
+  return {"params": harness.nbytes(get("params")), "opt_state": harness.nbytes(get("opt_state")),
+          "total": harness.nbytes(abstract_state)}
 
 
 class UnknownSetting(Exception):
@@ -188,10 +186,12 @@ def compile_step(cfg):
 
 
 def measure(cfg) -> Point:
-  m = compile_step(cfg)[0].memory_analysis()
-  return Point(float(m.argument_size_in_bytes), float(m.output_size_in_bytes),
-               float(m.alias_size_in_bytes), float(m.temp_size_in_bytes),
-               float(m.generated_code_size_in_bytes))
+  compiled = compile_step(cfg)[0]
+  m = harness.memory_analysis(compiled)
+  if m is None:
+    raise RuntimeError(f"the {jax.default_backend()} backend reports no memory_analysis()")
+  code = compiled.memory_analysis().generated_code_size_in_bytes
+  return Point(*(float(m[k]) for k in ("argument", "output", "alias", "temp")), float(code))
 
 
 def gpu_peak(cfg) -> float:
@@ -295,9 +295,10 @@ def _metric(r: Row) -> float:
 def table(rows: list[Row]) -> str:
   """Markdown table of the rows; ``vs default`` and ``elas / loro_relu2`` compare :func:`_metric`."""
   by_key = {(r.size, r.variant, r.setting): r for r in rows}
-  out = ["| size | variant | setting | temp KB/token | act KB/token | vs default | argument GB | output GB | alias GB "
-         "| peak GB @b | fixed GB | MB/seq | max b 141 GB | max b 80 GB | elas / loro_relu2 |",
-         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  headers = ["size", "variant", "setting", "temp KB/token", "act KB/token", "vs default", "argument GB",
+             "output GB", "alias GB", "peak GB @b", "fixed GB", "MB/seq", "max b 141 GB", "max b 80 GB",
+             "elas / loro_relu2"]
+  cells = []
   for r in rows:
     p = r.at()
     base = by_key.get((r.size, r.variant, "default"))
@@ -309,10 +310,10 @@ def table(rows: list[Row]) -> str:
     if r.variant == "elas" and (r.size, "loro_relu2", r.setting) in by_key:
       ratio = f"{_metric(r) / _metric(by_key[(r.size, 'loro_relu2', r.setting)]):.3f}"
     act = f"{r.act_per_token / 1e3:.1f}" if r.fit() else ""
-    out.append(f"| {r.size} | {r.variant} | {r.setting} | {r.temp_per_token / 1e3:.1f} | {act} | {vs} | "
-               f"{_gb(p.argument)} | {_gb(p.output)} | {_gb(p.alias)} | {_gb(p.peak)} @{max(r.points)} | "
-               f"{fixed} | {per_seq} | {mb[0]} | {mb[1]} | {ratio} |")
-  return "\n".join(out)
+    cells.append([r.size, r.variant, r.setting, f"{r.temp_per_token / 1e3:.1f}", act, vs, _gb(p.argument),
+                  _gb(p.output), _gb(p.alias), f"{_gb(p.peak)} @{max(r.points)}", fixed, per_seq, mb[0], mb[1],
+                  ratio])
+  return "\n".join(harness.markdown_table(headers, cells, "lll" + "r" * 12))
 
 
 def summary(rows: list[Row]) -> list[str]:
