@@ -420,7 +420,8 @@ def main(argv=None) -> None:
   ap.add_argument("--depths", default="1,2", help="'n1,n2' blocks to compile and extrapolate, or 'full'")
   ap.add_argument("--check-fit", type=int, default=0, help="third micro-batch to verify the fit (first row)")
   ap.add_argument("--check-depth", type=int, default=0, help="depth to verify the extrapolation (first row)")
-  ap.add_argument("--gpu-peak", action="store_true", help="GPU: allocator peak of a real step per row")
+  ap.add_argument("--gpu-peak", action="store_true",
+                  help="GPU: allocator peak of a real step per row (process-wide peak: run one row per process)")
   ap.add_argument("--json", default="", help="write the rows here")
   ap.add_argument("--from-json", nargs="+", default=[], help="--json files: print their table, no compiling")
   a = ap.parse_args(argv)
