@@ -99,11 +99,15 @@ def loro_exact_step(b: jax.Array, a: jax.Array, d_b: jax.Array, d_a: jax.Array, 
 
 def stacked_exact_step(b: jax.Array, a: jax.Array, d_b: jax.Array, d_a: jax.Array, alpha
                        ) -> tuple[jax.Array, jax.Array]:
-  """:func:`loro_exact_step` per matrix pair, vmapped over any leading (stacked-layer) axes."""
-  step = loro_exact_step
-  for _ in range(b.ndim - 2):
-    step = jax.vmap(step, in_axes=(0, 0, 0, 0, None))
-  return step(b, a, d_b, d_a, alpha)
+  """:func:`loro_exact_step` per matrix pair, looped over any leading (stacked-layer) axes.
+
+  A ``lax.map`` (one compiled body, pairs one after another), not a vmap: the
+  batched QR/SVD of a vmap hung XLA:CPU multi-device steps (the ``layers``
+  axis was partitioned across devices inside the exact-step branch).
+  """
+  if b.ndim == 2:
+    return loro_exact_step(b, a, d_b, d_a, alpha)
+  return jax.lax.map(lambda x: stacked_exact_step(*x, alpha), (b, a, d_b, d_a))
 
 
 # ------------------------------------------------------------ LORO-AdamW

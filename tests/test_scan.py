@@ -5,6 +5,11 @@ blocks) and, for the optimizer, LORO's exact step applied to one layer's
 factors at a time.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from elas_jax import checkpointing, model as model_lib, optim, sharding, trainer
 from elas_jax.errors import ConfigError
-from tests.helpers import step_losses, tiny_train_config
+from tests.helpers import ROOT, step_losses, tiny_train_config
 
 SEQ = 32
 
@@ -165,3 +170,44 @@ def test_checkpoint_layout_check():
     checkpointing.check_compatible(saved, cfg, "x")
   cfg.model.scan_layers = False  # remat alone may change on resume
   checkpointing.check_compatible(saved, cfg, "x")
+
+
+_MESH_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp
+from tests.helpers import tiny_train_config
+from elas_jax import trainer
+out = {}
+for scanned, mesh in ((False, (1, 1, 1)), (True, (1, 2, 2))):
+  cfg = tiny_train_config("elas", **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
+                                     "model.scan_layers": scanned, "model.remat": "lowrank" if scanned else "none",
+                                     "optimizer.exact_every": 2})
+  run = trainer.build(cfg, jax.devices()[: mesh[0] * mesh[1] * mesh[2]])
+  if scanned:
+    specs = [str(x.spec) for x in jax.tree.leaves(run.state_shardings["params"])]
+    out["sharded_params"] = sum("fsdp" in s or "tensor" in s for s in specs)
+  step = jax.jit(trainer.make_train_step(run.graphdef, run.tx, run.schedule, cfg),
+                 in_shardings=(run.state_shardings, run.batch_sharding))
+  batch = {k: jax.device_put(jax.random.randint(jax.random.key(0), (8, 32), 0, 4096) if k != "mask"
+                             else jnp.ones((8, 32), jnp.int32), run.batch_sharding)
+           for k in ("inputs", "targets", "mask")}
+  state, losses = run.init_state(), []
+  for _ in range(3):  # the second update is LORO's exact step
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  out[str(scanned)] = losses
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_scanned_sharded_steps_equal_single_device_unscanned():
+  # fsdp x tensor mesh of 4 CPU devices, remat lowrank, LORO exact step: the
+  # stacked exact step once hung multi-device steps (vmapped QR/SVD).
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.split("RESULT ")[-1])
+  assert out["sharded_params"] >= 2 * 7  # stacked factors really sharded (layers axis aside)
+  np.testing.assert_allclose(out["True"], out["False"], rtol=2e-5)
