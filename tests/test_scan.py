@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from elas_jax import checkpointing, model as model_lib, optim, sharding, trainer
+from elas_jax import checkpointing, evaluate, model as model_lib, optim, sharding, trainer
 from elas_jax.errors import ConfigError
 from tests.helpers import ROOT, step_losses, tiny_train_config
 
@@ -143,11 +143,11 @@ def test_tiny_training_scanned_equals_unscanned(tmp_path, variant):
   # elas: LORO's exact step at step 5 and the 2:4 switch at step 4; cola:
   # AdamW with weight decay and clipping (too small an effect on 6 losses to
   # check the decay mask: test_optimizer_updates_... does that).
-  losses = {}
+  losses, finals = {}, {}
   for scanned in (False, True):
     cfg = tiny_train_config(variant, **{"model.scan_layers": scanned, "train.steps": 6,
                                         "train.eval_every": 6, "train.ckpt_every": 6})
-    trainer.train_and_evaluate(cfg, str(tmp_path / str(scanned)))
+    finals[scanned] = trainer.train_and_evaluate(cfg, str(tmp_path / str(scanned)))
     losses[scanned] = step_losses(str(tmp_path / str(scanned)))
   assert sorted(losses[True]) == list(range(1, 7))
   np.testing.assert_allclose([losses[True][s] for s in range(1, 7)],
@@ -158,6 +158,14 @@ def test_tiny_training_scanned_equals_unscanned(tmp_path, variant):
   with pytest.raises(ConfigError, match=r"^config\.model\.scan_layers = True [^\n]*stack_layers") as e:
     trainer.train_and_evaluate(cfg, str(tmp_path / "False"))
   assert "\n" not in str(e.value)
+  if variant == "elas":
+    # A checkpoint written before remat / scan_layers existed still evaluates (as unscanned).
+    meta = tmp_path / "False" / "checkpoints" / "6" / "config" / "metadata"
+    saved = json.loads(meta.read_text())
+    del saved["model"]["remat"], saved["model"]["scan_layers"]
+    meta.write_text(json.dumps(saved))
+    result = evaluate.evaluate_checkpoint(str(tmp_path / "False"))
+    np.testing.assert_allclose(result["eval_loss"], finals[False]["eval_loss"], rtol=1e-6)
 
 
 def test_checkpoint_layout_check():
