@@ -35,7 +35,12 @@ from elas_jax.errors import ConfigError, UserError
 
 ITEMS = ("state", "data", "config", "integrity")
 # Fields that may change between a run and its resumption without breaking it.
-RESUMABLE_CHANGES = {"model": {"kernel"}, "optimizer": set(), "train": None, "data": None, "mesh": None}
+# remat changes what is recomputed, never a value; scan_layers changes the
+# parameter layout, so it is not resumable (model.stack_layers converts).
+RESUMABLE_CHANGES = {"model": {"kernel", "remat"}, "optimizer": set(), "train": None, "data": None,
+                     "mesh": None}
+# Fields added after checkpoints were written: a checkpoint without them had these values.
+FIELD_DEFAULTS = {"model": {"scan_layers": False, "remat": "none"}}
 
 
 class CheckpointError(UserError):
@@ -97,9 +102,14 @@ def check_compatible(saved: dict, cfg, where: str) -> None:
   for section, allowed in RESUMABLE_CHANGES.items():
     if allowed is None:
       continue
-    for key, value in saved.get(section, {}).items():
+    for key, value in {**FIELD_DEFAULTS.get(section, {}), **saved.get(section, {})}.items():
       if key in allowed or now.get(section, {}).get(key) == value:
         continue
+      if (section, key) == ("model", "scan_layers"):
+        raise ConfigError(
+            f"config.model.scan_layers = {now['model'].get(key)!r} but the checkpoint in {where} stores "
+            f"{'stacked' if value else 'per-layer'} block parameters (scan_layers = {value!r}); resume "
+            "with the checkpoint's value or convert with model.stack_layers / model.unstack_layers")
       raise ConfigError(
           f"config.{section}.{key} = {now.get(section, {}).get(key)!r} but the checkpoint in {where} "
           f"was written with {value!r}; resume with the checkpoint's value or use another --workdir")
@@ -231,7 +241,12 @@ def load_config(workdir: str, step: int | None = None) -> tuple[ml_collections.C
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   finally:
     mngr.close()
-  return ml_collections.ConfigDict(saved), step
+  cfg = ml_collections.ConfigDict(saved)
+  for section, fields in FIELD_DEFAULTS.items():  # checkpoints older than these fields
+    for key, value in fields.items():
+      if key not in cfg[section]:
+        cfg[section][key] = value
+  return cfg, step
 
 
 def restore_state(workdir: str, step: int, abstract_state) -> Any:

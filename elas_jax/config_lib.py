@@ -25,6 +25,8 @@ LINEAR_KINDS = ("full", "lowrank", "cola")
 FFN_KINDS = ("swiglu", "relu2")
 DTYPE_NAMES = ("float32", "bfloat16")
 KERNELS = ("auto", "xla", "pallas")
+ATTENTIONS = ("auto", "xla", "cudnn", "chunked")  # elas_jax.attention.IMPLEMENTATIONS
+REMAT_MODES = ("none", "block", "lowrank")  # = model.REMAT_MODES
 OPTIMIZERS = ("adamw", "loro_adamw")
 SCHEDULES = ("cosine", "cosine_restart")
 RELU2_WIDTH_FACTOR = 1.5  # ReLU² FFN width = int(1.5 x SwiGLU width): same parameter count
@@ -68,6 +70,16 @@ def llama_config(
   # 2:4 FFN implementation: xla (pure JAX) | pallas (kernels/; interpreted on CPU)
   # | auto (pallas on GPUs, xla elsewhere)
   m.kernel = "auto"
+  # causal attention: xla (jax.nn.dot_product_attention) | cudnn (flash, CUDA GPUs, bf16)
+  # | chunked (pure-JAX flash-style, any backend) | auto (cudnn where it can run, else
+  # chunked on CPU, xla elsewhere)
+  m.attention = "xla"
+  m.attention_block = 64  # attention = chunked: query/key positions per block
+  m.loss_chunk = 0  # tokens per chunk of the chunked lm_head + cross-entropy; 0 = full logits
+  # activation rematerialisation: none | block (keep each block's input, recompute the rest)
+  # | lowrank (also keep the rank-r codes, attention output and compressed 2:4 activation)
+  m.remat = "none"
+  m.scan_layers = False  # run the blocks with lax.scan over stacked params (compile time flat in depth)
   s = m.sparsity = ml_collections.ConfigDict()
   s.enabled = variant == "elas"  # 2:4 activation sparsity in the ReLU² FFN
   s.dense_warmup_steps = dense_warmup_steps  # optimizer steps of dense ReLU² before 2:4 starts
@@ -175,6 +187,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(m.dtype, "model.dtype", DTYPE_NAMES)
   _choice(m.param_dtype, "model.param_dtype", DTYPE_NAMES)
   _choice(m.kernel, "model.kernel", KERNELS)
+  _choice(m.attention, "model.attention", ATTENTIONS)
+  _positive_int(c, "model.attention_block")
+  if not _is_int(m.loss_chunk) or m.loss_chunk < 0:
+    raise _err("model.loss_chunk", m.loss_chunk, "must be an integer >= 0 (tokens per chunk; 0 = off)")
+  _choice(m.remat, "model.remat", REMAT_MODES)
+  if not isinstance(m.scan_layers, bool):
+    raise _err("model.scan_layers", m.scan_layers, "must be true or false")
   if m.d_model % m.n_heads:
     raise _err("model.n_heads", m.n_heads, f"must divide model.d_model = {m.d_model}")
   if (m.d_model // m.n_heads) % 2:

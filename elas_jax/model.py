@@ -11,6 +11,16 @@ the latter optionally 2:4-sparse (ELAS) through :func:`sparsity.relu2_sparse_ffn
 Weights are stored as ``[out, in]`` (the brief's math orientation, which the
 LORO optimizer works in). Every parameter carries ``logical_axes`` metadata
 for sharding rules.
+
+Layer loop (``config.model``): ``remat`` = ``none`` | ``block`` (each decoder
+block under ``jax.checkpoint``, keeping only its input) | ``lowrank`` (keeping
+the block input and the arrays tagged with :data:`LOWRANK_SAVED` names: the
+rank-r codes ``x Aᵀ`` of every low-rank linear, the attention output and
+statistics, and the ELAS FFN's compressed 2:4 activation). ``scan_layers``
+stores the blocks' parameters stacked on a leading ``layers`` axis and runs
+them with ``jax.lax.scan`` (compile time flat in depth);
+:func:`stack_layers` / :func:`unstack_layers` convert parameters between the
+two layouts.
 """
 
 from __future__ import annotations
@@ -21,10 +31,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from elas_jax import sharding, sparsity
+from elas_jax import attention, sharding, sparsity
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+REMAT_MODES = ("none", "block", "lowrank")
+# checkpoint_name tags of the arrays that remat = lowrank keeps for backward.
+LOWRANK_CODE = "lowrank_code"  # x Aᵀ [T, r] of every lowrank / cola linear
+ATTN_OUT = "attn_out"  # attention output [T, d] (before the o projection)
+ATTN_STATS = "attn_stats"  # softmax statistics, where the attention implementation exposes them
+LOWRANK_SAVED = (LOWRANK_CODE, ATTN_OUT, ATTN_STATS, sparsity.SAVED_24_NAME)
 
 
 def _normal(std: float):
@@ -68,6 +86,10 @@ class Linear(nnx.Module):
   def last_weight(self) -> jax.Array:
     return self._cast(self.w if self.kind == "full" else self.b)
 
+  def tag_code(self, u: jax.Array) -> jax.Array:
+    """Names ``x @ first_weightᵀ`` as a rank-r code for remat = lowrank (full: untouched)."""
+    return u if self.kind == "full" else checkpoint_name(u, LOWRANK_CODE)
+
   def post_first(self, u: jax.Array) -> jax.Array:
     """What follows ``x @ first_weightᵀ``."""
     if self.kind == "full":
@@ -80,11 +102,11 @@ class Linear(nnx.Module):
     """The input of the final matmul (``@ last_weightᵀ``)."""
     if self.kind == "full":
       return x
-    z = x @ self._cast(self.a).T
+    z = self.tag_code(x @ self._cast(self.a).T)
     return jax.nn.silu(z) if self.kind == "cola" else z
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.post_first(x.astype(self.dtype) @ self.first_weight().T)
+    return self.post_first(self.tag_code(x.astype(self.dtype) @ self.first_weight().T))
 
 
 def rotary(x_BxLxNxH: jax.Array, theta: float, positions: jax.Array | None = None) -> jax.Array:
@@ -114,6 +136,8 @@ class Attention(nnx.Module):
     d = cfg.d_model
     lin = dict(kind=cfg.linear_kind, rank=cfg.rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
+    self.impl = attention.resolve(cfg)  # model.attention, auto resolved for this backend
+    self.block = getattr(cfg, "attention_block", attention.DEFAULT_BLOCK)
     self.q = Linear(d, d, axes=("heads", "embed"), **lin)
     self.k = Linear(d, d, axes=("heads", "embed"), **lin)
     self.v = Linear(d, d, axes=("heads", "embed"), **lin)
@@ -125,7 +149,8 @@ class Attention(nnx.Module):
     q = rotary(split(self.q(x_BxLxD)), self.theta)
     k = rotary(split(self.k(x_BxLxD)), self.theta)
     v = split(self.v(x_BxLxD))
-    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    o_BxLxNxH = attention.attend(q, k, v, impl=self.impl, block=self.block)
+    o_BxLxNxH = checkpoint_name(o_BxLxNxH, ATTN_OUT)
     return self.o(o_BxLxNxH.reshape(b, l, d))
 
 
@@ -160,7 +185,7 @@ class FFN(nnx.Module):
     op = sparsity.relu2_sparse_ffn if self.kernel == "xla" else pallas_sparse_ffn
     u, stats = op(h, self.up.last_weight(), self.down.first_weight(), sparse_on,
                   mode=self.backward, dense_fraction=self.dense_fraction)
-    return self.down.post_first(u), stats
+    return self.down.post_first(self.down.tag_code(u)), stats
 
 
 def resolve_kernel(model_cfg) -> str:
@@ -216,22 +241,160 @@ class Block(nnx.Module):
     return x + y, stats
 
 
+def remat_policy(mode: str):
+  """The ``jax.checkpoint`` policy of ``model.remat`` (None: no checkpointing)."""
+  if mode == "none":
+    return None
+  if mode == "block":
+    return jax.checkpoint_policies.nothing_saveable
+  if mode == "lowrank":
+    return jax.checkpoint_policies.save_only_these_names(*LOWRANK_SAVED)
+  raise ValueError(f"config.model.remat = {mode!r}: must be one of {', '.join(REMAT_MODES)}")
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _stack(values):
+  if isinstance(values[0], jax.ShapeDtypeStruct):  # abstract (nnx.eval_shape) models
+    return jax.ShapeDtypeStruct((len(values), *values[0].shape), values[0].dtype)
+  return jnp.stack(values)
+
+
+def _take(value, i: int):
+  if isinstance(value, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+  return value[i]
+
+
+def _stack_vars(*layers):
+  """One stacked leaf from the same leaf of every layer; Variables gain a ``layers`` axis."""
+  first = layers[0]
+  if not _is_var(first):
+    return _stack(layers)
+  value = _stack([v.get_value() for v in layers])
+  axes = first.get_metadata().get("logical_axes")
+  return first.replace(value, **({"logical_axes": ("layers", *axes)} if axes else {}))
+
+
+def _unstack_var(x, i: int):
+  if not _is_var(x):
+    return _take(x, i)
+  axes = x.get_metadata().get("logical_axes")
+  if axes and axes[0] == "layers":
+    return x.replace(_take(x.get_value(), i), logical_axes=tuple(axes[1:]))
+  return x.replace(_take(x.get_value(), i))
+
+
+def _with_blocks(params, blocks):
+  """``params`` (an nnx.State or a dict) with its ``blocks`` entry replaced."""
+  out = {k: v for k, v in params.items()}
+  out["blocks"] = blocks
+  return nnx.State(out) if isinstance(params, nnx.State) else out
+
+
+def stack_layers(params):
+  """Parameters of an unscanned model -> the ``scan_layers = True`` layout.
+
+  ``params`` is an ``nnx.State`` (or nested dict) with ``blocks`` keyed by
+  layer index; the result keys ``blocks`` by module path with every leaf
+  stacked on a new leading axis (logical axis ``layers``). Optimizer moments
+  that mirror the parameters convert the same way.
+  """
+  blocks = params["blocks"]
+  keys = list(blocks.keys())
+  if not keys or not all(str(k).isdigit() for k in keys):
+    raise ValueError(f"stack_layers: blocks are not keyed by layer index (got {keys[:4]}); "
+                     "already stacked?")
+  keys = sorted(keys, key=int)
+  stacked = jax.tree.map(_stack_vars, *[blocks[k] for k in keys], is_leaf=_is_var)
+  return _with_blocks(params, stacked)
+
+
+def unstack_layers(params):
+  """Inverse of :func:`stack_layers`: scanned parameters -> one entry per layer."""
+  blocks = params["blocks"]
+  leaves = jax.tree.leaves(blocks, is_leaf=_is_var)
+  if any(str(k).isdigit() for k in blocks.keys()):
+    raise ValueError("unstack_layers: blocks are keyed by layer index; already unstacked?")
+  n = (leaves[0].get_value() if _is_var(leaves[0]) else leaves[0]).shape[0]
+  per_layer = {i: jax.tree.map(lambda x, i=i: _unstack_var(x, i), blocks, is_leaf=_is_var)
+               for i in range(n)}
+  return _with_blocks(params, nnx.State(per_layer) if isinstance(blocks, nnx.State) else per_layer)
+
+
+def layer(model: "Transformer", i: int) -> Block:
+  """Decoder block ``i`` as a module of its own, in either layout."""
+  if not model.scan_layers:
+    return model.blocks[i]
+  graphdef, state = nnx.split(model.blocks)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: _unstack_var(x, i), state, is_leaf=_is_var))
+
+
 class Transformer(nnx.Module):
   """LLaMA decoder: embed -> blocks -> RMSNorm -> untied lm_head."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     self.dtype = dtype
+    # Configs saved before these fields existed mean the old behaviour.
+    self.remat = cfg.get("remat", "none")
+    self.scan_layers = bool(cfg.get("scan_layers", False))
+    remat_policy(self.remat)  # an unknown mode fails here, before any tracing
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=_normal(0.02), rngs=rngs,
                            embedding_metadata={"logical_axes": ("vocab", "embed")})
-    self.blocks = nnx.List([Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(cfg.n_layers)])
+    # Built one by one in both layouts, so a scanned model's parameters are
+    # exactly stack_layers of the unscanned model's with the same seed.
+    blocks = [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.n_layers)]
+    if self.scan_layers:
+      graphdef, _ = nnx.split(blocks[0])
+      states = [nnx.state(b) for b in blocks]
+      self.blocks = nnx.merge(graphdef, jax.tree.map(_stack_vars, *states, is_leaf=_is_var))
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs,
                                   scale_metadata={"logical_axes": ("embed",)})
     self.lm_head = Linear(cfg.d_model, cfg.vocab_size, kind="full", rank=0, axes=("vocab", "embed"),
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def run_blocks(self, x_BxLxD: jax.Array, sparse_on: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The decoder blocks (looped or scanned, rematerialised per ``remat``).
+
+    Returns the last block's output and the per-layer statistics ``{name: [n_layers]}``.
+    """
+    policy = remat_policy(self.remat)
+
+    def apply(graphdef, state, x):
+      return nnx.merge(graphdef, state)(x, sparse_on)
+
+    if self.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def body(x, state):
+        return apply(graphdef, state, x)
+
+      if policy is not None:
+        # prevent_cse is not needed under scan (and would block optimisations).
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      x_BxLxD, stats = jax.lax.scan(body, x_BxLxD, stacked)
+      return x_BxLxD, stats if stats is not None else {}
+
+    per_layer = []
+    for block in self.blocks:
+      if policy is None:
+        x_BxLxD, stats = block(x_BxLxD, sparse_on)
+      else:
+        graphdef, state = nnx.split(block)
+        x_BxLxD, stats = jax.checkpoint(
+            lambda state, x, g=graphdef: apply(g, state, x), policy=policy)(state, x_BxLxD)
+      if stats is not None:
+        per_layer.append(stats)
+    stats = {k: jnp.stack([s[k] for s in per_layer]) for k in per_layer[0]} if per_layer else {}
+    return x_BxLxD, stats
 
   def __call__(self, tokens_BxL: jax.Array, sparse_on: jax.Array | bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -241,16 +404,20 @@ class Transformer(nnx.Module):
     dense warm-up and 2:4; models without sparsity ignore it. Statistics are
     ``{name: [n_layers]}``, empty when no layer is sparse.
     """
+    x, stats = self.hidden_states(tokens_BxL, sparse_on)
+    return self.lm_head(x).astype(jnp.float32), stats
+
+  def hidden_states(self, tokens_BxL: jax.Array, sparse_on: jax.Array | bool = True
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The final-normed hidden states ``[B, L, d]`` (compute dtype) and the statistics.
+
+    What :meth:`__call__` feeds to ``lm_head``; the chunked loss
+    (:mod:`elas_jax.loss`) applies ``lm_head`` itself, chunk by chunk.
+    """
     sparse_on = jnp.asarray(sparse_on, dtype=bool)
     x = self.embed(tokens_BxL)
-    per_layer = []
-    for block in self.blocks:
-      x, stats = block(x, sparse_on)
-      if stats is not None:
-        per_layer.append(stats)
-    logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
-    stats = {k: jnp.stack([s[k] for s in per_layer]) for k in per_layer[0]} if per_layer else {}
-    return logits, stats
+    x, stats = self.run_blocks(x, sparse_on)
+    return self.final_norm(x), stats
 
 
 def sparsity_active(step: jax.Array | int, dense_warmup_steps: jax.Array | int) -> jax.Array:

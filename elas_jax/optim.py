@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 
 # ------------------------------------------------------------------ schedules
@@ -127,6 +128,19 @@ def loro_exact_step(b: jax.Array, a: jax.Array, d_b: jax.Array, d_a: jax.Array, 
   return new_b.astype(dt), new_a.astype(dt)
 
 
+def stacked_exact_step(b: jax.Array, a: jax.Array, d_b: jax.Array, d_a: jax.Array, alpha
+                       ) -> tuple[jax.Array, jax.Array]:
+  """:func:`loro_exact_step` per matrix pair, looped over any leading (stacked-layer) axes.
+
+  A ``lax.map`` (one compiled body, pairs one after another), not a vmap: the
+  batched QR/SVD of a vmap hung XLA:CPU multi-device steps (the ``layers``
+  axis was partitioned across devices inside the exact-step branch).
+  """
+  if b.ndim == 2:
+    return loro_exact_step(b, a, d_b, d_a, alpha)
+  return jax.lax.map(lambda x: stacked_exact_step(*x, alpha), (b, a, d_b, d_a))
+
+
 # ------------------------------------------------------------ LORO-AdamW
 
 
@@ -145,7 +159,9 @@ def factor_pairs(params) -> tuple[list[tuple[int, int]], list[int]]:
   """Leaf indices of ``(b, a)`` factor pairs and of the remaining leaves.
 
   A pair is two leaves named ``b`` and ``a`` under the same module whose
-  shapes chain as ``[d_out, r] @ [r, d_in]`` (the ``lowrank`` linear).
+  shapes chain as ``[d_out, r] @ [r, d_in]`` (the ``lowrank`` linear), or as
+  ``[..., d_out, r] @ [..., r, d_in]`` with equal leading (``layers``) axes
+  for the stacked factors of a ``scan_layers`` model.
   """
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   by_module: dict[tuple, dict[str, int]] = {}
@@ -159,7 +175,8 @@ def factor_pairs(params) -> tuple[list[tuple[int, int]], list[int]]:
   for mod in by_module.values():
     if set(mod) == {"a", "b"}:
       b, a = leaves[mod["b"]][1], leaves[mod["a"]][1]
-      if b.ndim == 2 and a.ndim == 2 and b.shape[1] == a.shape[0]:
+      if (b.ndim == a.ndim >= 2 and b.shape[:-2] == a.shape[:-2]
+          and b.shape[-1] == a.shape[-2]):
         pairs.append((mod["b"], mod["a"]))
   in_pairs = {i for p in pairs for i in p}
   return pairs, [i for i in range(len(leaves)) if i not in in_pairs]
@@ -213,7 +230,8 @@ def loro_adamw(learning_rate: Callable[[jax.Array], jax.Array], *, rank_ratio: f
     def exact_pairs():
       out = []
       for ib, ia in pairs:
-        new_b, new_a = loro_exact_step(p_leaves[ib], p_leaves[ia], direction[ib], direction[ia], alpha)
+        new_b, new_a = stacked_exact_step(p_leaves[ib], p_leaves[ia], direction[ib], direction[ia],
+                                          alpha)
         out += [new_b - p_leaves[ib], new_a - p_leaves[ia]]
       return out
 
@@ -236,7 +254,16 @@ def loro_adamw(learning_rate: Callable[[jax.Array], jax.Array], *, rank_ratio: f
 
 
 def _decay_mask(params):
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only; a stacked ``layers`` axis (scan_layers) does not count."""
+
+  def one(p):
+    if not isinstance(p, nnx.Variable):
+      return p.ndim >= 2
+    axes = p.get_metadata().get("logical_axes") or ()
+    stacked = 1 if tuple(axes[:1]) == ("layers",) else 0
+    return p.replace(p.get_value().ndim - stacked >= 2)
+
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:

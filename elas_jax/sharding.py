@@ -29,6 +29,7 @@ RULES = {
     "mlp": "tensor",     # FFN width
     "heads": "tensor",   # attention projection outputs (heads x head_dim)
     "rank": None,        # the low-rank dimension: small, kept whole
+    "layers": None,      # the stacked-layer axis of scan_layers: scanned over, never sharded
 }
 
 

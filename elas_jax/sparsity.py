@@ -21,8 +21,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 GROUP = 4
+# checkpoint_name of the compressed activation in the op's residuals: a remat
+# policy that saves this name keeps it instead of re-running the op's forward
+# (names inside a custom_vjp's fwd rule are seen by jax.checkpoint policies).
+SAVED_24_NAME = "elas_24_activation"
 BACKWARD_MODES = ("masked", "ste", "split")
 BackwardMode = Literal["masked", "ste", "split"]
 
@@ -209,6 +214,7 @@ def _ffn_fwd(mode, dense_fraction, h, w_in, w_out, sparse_on):
     # y2s = v·v bit-exactly and uses 2v as d(y2)/d(y1); same bytes as y2s.
     r_main, r_tail = _split_tail(r)
     vals, meta = _compress_masked(r_main, _split_tail(keep24)[0])
+    vals, meta, r_tail = (checkpoint_name(x, SAVED_24_NAME) for x in (vals, meta, r_tail))
     res = (h, w_in, w_out, sparse_on, vals, meta, r_tail)
   return (out, stats), res
 

@@ -14,11 +14,10 @@ from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import flags
 from flax import nnx
 
-from elas_jax import cli, memory, model as model_lib
+from elas_jax import cli, loss as loss_lib, memory, model as model_lib
 
 
 def _path_str(path) -> str:
@@ -29,7 +28,10 @@ def _path_str(path) -> str:
 def param_table(model: nnx.Module) -> "OrderedDict[str, list[tuple[str, tuple[int, ...]]]]":
   """Module path -> [(param name, shape)], in definition order."""
   table: OrderedDict = OrderedDict()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
+  params = nnx.state(model, nnx.Param)
+  if getattr(model, "scan_layers", False):  # list stacked blocks per layer, as unscanned
+    params = model_lib.unstack_layers(params)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     *mod, name = _path_str(path).split(".")
     if name == "value":  # tree paths may end in the Variable's value field
       *mod, name = mod
@@ -59,16 +61,17 @@ def activation_bytes(cfg, model: nnx.Module, seq_len: int) -> dict[str, float]:
     return memory.total_bytes_per_token(memory.token_residuals(
         lambda b: (state, jax.ShapeDtypeStruct((b, seq_len, d), dtype)), fn, seq_len))
 
-  block = model.blocks[0]
+  block = model_lib.layer(model, 0)
   ffn = measure(block.ffn, lambda m, x: m(x, True)[0])
   blk = measure(block, lambda m, x: m(x, True)[0])
 
   graphdef, state = nnx.split(model)
   state = _abstract(state)
 
-  def loss(state, tokens):
-    logits, _ = nnx.merge(graphdef, state)(tokens, True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+  def loss(state, tokens):  # the train step's loss (model.loss_chunk applies)
+    batch = {"inputs": tokens, "targets": tokens, "mask": jnp.ones(tokens.shape, jnp.float32)}
+    total, count, _ = loss_lib.lm_loss(nnx.merge(graphdef, state), batch, True, cfg.model)
+    return total / count
 
   total = memory.total_bytes_per_token(memory.token_residuals(
       lambda b: (state, jax.ShapeDtypeStruct((b, seq_len), jnp.int32)), loss, seq_len))

@@ -32,7 +32,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from elas_jax import checkpointing, config_lib, flops, model as model_lib, optim, profiling, sharding
+from elas_jax import attention, checkpointing, config_lib, flops, loss as loss_lib
+from elas_jax import model as model_lib, optim, profiling, sharding
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 from elas_jax.errors import UserError
 
@@ -64,13 +65,6 @@ class NonFiniteError(UserError):
 
 
 # ---------------------------------------------------------------- the steps
-
-
-def cross_entropy(logits, targets, mask):
-  """Sum of per-token losses over unmasked targets, and their count."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(ce * mask), jnp.sum(mask)
 
 
 def micro_batches(batch: dict[str, jax.Array], k: int, mesh: jax.sharding.Mesh | None = None
@@ -105,8 +99,7 @@ def make_grad_fn(graphdef, cfg, mesh: jax.sharding.Mesh | None = None) -> Callab
 
   def loss_sum(params, mb, sparse_on):
     """Summed per-token loss of one (micro-)batch, its per-layer stats and token count."""
-    logits, stats = nnx.merge(graphdef, params)(mb["inputs"], sparse_on)
-    total, count = cross_entropy(logits, mb["targets"], mb["mask"])
+    total, count, stats = loss_lib.lm_loss(nnx.merge(graphdef, params), mb, sparse_on, cfg.model)
     return total, (stats, count)
 
   def grad_fn(params, batch, sparse_on):
@@ -189,8 +182,8 @@ def make_eval_step(graphdef, cfg) -> Callable:
   def eval_step(params, step, batch):
     # Evaluation follows the training phase: 2:4 after the dense warm-up.
     sparse_on = model_lib.sparse_phase(cfg.model, step)
-    logits, _ = nnx.merge(graphdef, params)(batch["inputs"], sparse_on)
-    return cross_entropy(logits, batch["targets"], batch["mask"])
+    total, count, _ = loss_lib.lm_loss(nnx.merge(graphdef, params), batch, sparse_on, cfg.model)
+    return total, count
 
   return eval_step
 
@@ -248,6 +241,7 @@ def build(cfg, devices=None, *, with_tokenizer: bool = True) -> Run:
   benchmarks and tools that feed synthetic token ids.
   """
   config_lib.validate(cfg)
+  attention.check_backend(cfg.model)  # needs the target backend, so here rather than in validate
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.train, mesh)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size) if with_tokenizer else None

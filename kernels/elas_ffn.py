@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from elas_jax import sparsity
@@ -429,6 +430,9 @@ def _ffn_fwd(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on)
   # ste recomputes relu(y1) from h in backward: it stores (and keeps) nothing f-wide.
   out, stats, (_, vals, meta, r_tail, nnz) = _forward(
       mode, blocks, interpret, h, w_in, w_out, sparse_on, store=mode != "ste")
+  # Named so that a remat policy saving sparsity.SAVED_24_NAME keeps them (remat = lowrank).
+  vals, meta, r_tail, nnz = (None if x is None else checkpoint_name(x, sparsity.SAVED_24_NAME)
+                             for x in (vals, meta, r_tail, nnz))
   return (out, stats), (h, w_in, w_out, sparse_on, vals, meta, r_tail, nnz)
 
 

@@ -159,7 +159,7 @@ def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
 def test_initialisation_scales():
   c = load_config("configs/llama_60m.py", "loro")
   m = model_lib.build_model(c.model)
-  up = m.blocks[0].ffn.up  # d_in 512, d_out 1376, r 128
+  up = model_lib.layer(m, 0).ffn.up  # (any layout) d_in 512, d_out 1376, r 128
   np.testing.assert_allclose(float(jnp.std(up.b[...])), np.sqrt(2 / (1376 + 128)), rtol=0.02)
   np.testing.assert_allclose(float(jnp.std(up.a[...])), np.sqrt(2 / (512 + 128)), rtol=0.02)
   np.testing.assert_allclose(float(jnp.std(m.embed.embedding[...])), 0.02, rtol=0.02)
@@ -168,7 +168,7 @@ def test_initialisation_scales():
   cc = load_config("configs/llama_60m.py", "cola")
   mc = model_lib.build_model(cc.model)
   want = 128 ** -0.25 * (512 + 1376) ** -0.25
-  np.testing.assert_allclose(float(jnp.std(mc.blocks[0].ffn.up.a[...])), want, rtol=0.02)
+  np.testing.assert_allclose(float(jnp.std(model_lib.layer(mc, 0).ffn.up.a[...])), want, rtol=0.02)
 
 
 def test_sparsity_active_is_data():
