@@ -47,10 +47,11 @@ def init_cache(model_cfg, batch: int, max_len: int) -> KVCache:
 
 
 def check_supported(model_cfg) -> None:
-  """Layer stacks other than the plain list of blocks are not handled here."""
-  if getattr(model_cfg, "scan_layers", False):  # a field other engineers may add
-    raise UserError("config.model.scan_layers = True: cached decoding needs the unscanned blocks; "
-                    "convert the checkpoint's params to a per-layer list first")
+  """Cached decoding walks the blocks one by one: a scanned model must be converted
+  first (:func:`elas_jax.trainer.with_unscanned_layers`, as ``generate.load`` does)."""
+  if model_cfg.scan_layers:
+    raise UserError("config.model.scan_layers = True: cached decoding needs the per-layer blocks; "
+                    "convert with trainer.with_unscanned_layers (generate.load does)")
 
 
 def forward_cached(model: model_lib.Transformer, cache: KVCache, tokens_BxT: jax.Array,
@@ -247,8 +248,3 @@ class Generator:
                                   jax.random.fold_in(key, step + 1))
         pos = pos + 1
     return [Result(t, s) for t, s in zip(out, stop)]
-
-
-def params_of(state: Any):
-  """The model parameters of a restored train state (one place to change with its type)."""
-  return state.params

@@ -70,10 +70,10 @@ def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | 
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
   if kernel is not None:
     cfg.model.kernel = kernel
-  decode.check_supported(cfg.model)
   run = trainer.build(cfg, devices)
   state = checkpointing.restore_state(workdir, step, run.abstract_state)
-  return run, decode.params_of(state), step
+  run, params = trainer.with_unscanned_layers(run, state.params)
+  return run, params, step
 
 
 def sparse_on_for(cfg, step: int, dense: bool) -> bool:

@@ -234,6 +234,18 @@ class Run:
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss)), "eval_tokens": int(count)}
 
 
+def with_unscanned_layers(run: Run, params: nnx.State) -> tuple[Run, nnx.State]:
+  """A ``scan_layers`` run and its params in the per-layer layout (for decoding and
+  export, which walk the blocks one by one); other runs are returned as they are."""
+  if not run.cfg.model.scan_layers:
+    return run, params
+  cfg = run.cfg.copy_and_resolve_references()
+  cfg.model.scan_layers = False
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed)),
+                          nnx.Param)
+  return dataclasses.replace(run, cfg=cfg, graphdef=graphdef), model_lib.unstack_layers(params)
+
+
 def build(cfg, devices=None, *, with_tokenizer: bool = True) -> Run:
   """Mesh, tokenizer, model structure, optimizer and shardings for ``cfg``.
 

@@ -244,3 +244,28 @@ def test_inference_benchmark_smoke(tmp_path):
   assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in res["generation"])
   assert len(res["ffn"]) == 1 and res["recompute"]["speedup"] > 0
   assert "| ELAS vs full |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_scanned_checkpoint_generates_and_exports_in_the_per_layer_layout(tmp_path):
+  from flax import nnx
+
+  from elas_jax import checkpointing, export, generate, trainer
+
+  cfg = tiny_train_config("elas", **{"model.scan_layers": True, "train.steps": 5, "train.eval_every": 5,
+                                     "train.ckpt_every": 5})
+  trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
+  run, params, step = generate.load(str(tmp_path / "run"))
+  assert step == 5 and not run.cfg.model.scan_layers
+  scanned = trainer.build(cfg)
+  state = checkpointing.restore_state(str(tmp_path / "run"), step, scanned.abstract_state)
+  tokens = (jnp.arange(2 * 16).reshape(2, 16) * 7) % cfg.model.vocab_size
+  want, _ = nnx.merge(scanned.graphdef, state.params)(tokens, True)  # the scanned model itself
+  got, _ = nnx.merge(run.graphdef, params)(tokens, True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  gen = decode.Generator(run.graphdef, params, run.cfg.model, batch_size=1, max_len=32, sparse_on=True,
+                         eos_id=-1, pad_id=0, temperature=0.0, top_k=0, top_p=1.0)
+  (res,) = gen.generate([[5, 9, 11]], max_new_tokens=3, seed=0)
+  assert len(res.tokens) == 3
+  out = export.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), dtype="float32")
+  assert os.path.exists(tmp_path / "hf" / "model.safetensors") and out
