@@ -5,7 +5,7 @@ The cached forward (:func:`forward_cached`) calls the pieces of
 ``attn.q/k/v/o``, ``ffn_norm``, ``ffn``, then ``final_norm`` and ``lm_head``)
 in the order ``Transformer.__call__`` does, so it computes the same function;
 only the attention reads keys and values from the cache. Low-rank linears stay
-factored (``Linear``), and the ELAS FFN takes the same ``sparse_on`` switch
+factored (``Projection``), and the ELAS FFN takes the same ``sparse_on`` switch
 (2:4 after the dense warm-up) and kernel (``xla`` or ``pallas``).
 
 Layout: the cache holds ``[layers, B, max_len, heads, head_dim]`` keys and

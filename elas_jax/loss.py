@@ -58,7 +58,7 @@ def chunked_cross_entropy(h_TxD: jax.Array, w_VxD: jax.Array, targets_T: jax.Arr
   """``cross_entropy(fp32(h @ wᵀ), targets, mask)`` over token chunks, never forming ``[T, V]``.
 
   ``h`` and ``w`` are in the compute dtype (the matmul runs in it and its
-  result is upcast, as ``Linear`` + ``astype(float32)`` does); ``chunk``
+  result is upcast, as ``Projection`` + ``astype(float32)`` does); ``chunk``
   tokens per chunk, clipped to ``T``. Differentiable in ``h`` and ``w``.
   """
   t = h_TxD.shape[0]

@@ -1,6 +1,6 @@
 """Pre-norm LLaMA decoder with pluggable linear and FFN kinds (Flax NNX).
 
-Linear kinds (every attention and FFN projection):
+Projection kinds (``config.model.linear_kind``; every attention and FFN projection):
   ``full``     y = x Wᵀ                       W: [out, in], N(0, 0.02²)
   ``lowrank``  y = x Aᵀ Bᵀ  (W = BA, LORO)     B: [out, r], A: [r, in], Xavier-normal
   ``cola``     y = σ(x Aᵀ) Bᵀ  (σ = SiLU)      CoLA init N(0,1)·r^-1/4·(in+out)^-1/4
@@ -49,8 +49,9 @@ def _normal(std: float):
   return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
 
 
-class Linear(nnx.Module):
-  """One projection ``d_in -> d_out`` of kind ``full``, ``lowrank`` or ``cola``.
+class Projection(nnx.Module):
+  """One projection ``d_in -> d_out``: linear (``full``, ``lowrank`` W = BA) or
+  CoLA's non-linear ``σ(x Aᵀ) Bᵀ`` (``cola``), hence not called Linear.
 
   Written as ``post_first(x @ first_weightᵀ)`` and as ``pre_last(x) @
   last_weightᵀ`` so the sparse FFN op can fuse the matmuls on either side of
@@ -138,10 +139,10 @@ class Attention(nnx.Module):
     self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
     self.impl = attention.resolve(cfg)  # model.attention, auto resolved for this backend
     self.block = getattr(cfg, "attention_block", attention.DEFAULT_BLOCK)
-    self.q = Linear(d, d, axes=("heads", "embed"), **lin)
-    self.k = Linear(d, d, axes=("heads", "embed"), **lin)
-    self.v = Linear(d, d, axes=("heads", "embed"), **lin)
-    self.o = Linear(d, d, axes=("embed", "heads"), **lin)
+    self.q = Projection(d, d, axes=("heads", "embed"), **lin)
+    self.k = Projection(d, d, axes=("heads", "embed"), **lin)
+    self.v = Projection(d, d, axes=("heads", "embed"), **lin)
+    self.o = Projection(d, d, axes=("embed", "heads"), **lin)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     b, l, d = x_BxLxD.shape
@@ -166,11 +167,11 @@ class FFN(nnx.Module):
     self.dense_fraction = cfg.sparsity.split_dense_fraction
     self.kernel = resolve_kernel(cfg) if self.sparse else "xla"
     if self.kind == "swiglu":
-      self.gate = Linear(d, f, axes=("mlp", "embed"), **lin)
+      self.gate = Projection(d, f, axes=("mlp", "embed"), **lin)
       # CoLA's only_lr_act: no SiLU on the gate (each CoLA linear has its own inner SiLU)
       self.gate_act = not getattr(cfg, "cola_only_lr_act", False)
-    self.up = Linear(d, f, axes=("mlp", "embed"), **lin)
-    self.down = Linear(f, d, axes=("embed", "mlp"), **lin)
+    self.up = Projection(d, f, axes=("mlp", "embed"), **lin)
+    self.down = Projection(f, d, axes=("embed", "mlp"), **lin)
 
   def __call__(self, x: jax.Array, sparse_on: jax.Array) -> tuple[jax.Array, dict | None]:
     if self.kind == "swiglu":
@@ -357,7 +358,7 @@ class Transformer(nnx.Module):
     self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs,
                                   scale_metadata={"logical_axes": ("embed",)})
-    self.lm_head = Linear(cfg.d_model, cfg.vocab_size, kind="full", rank=0, axes=("vocab", "embed"),
+    self.lm_head = Projection(cfg.d_model, cfg.vocab_size, kind="full", rank=0, axes=("vocab", "embed"),
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def run_blocks(self, x_BxLxD: jax.Array, sparse_on: jax.Array
