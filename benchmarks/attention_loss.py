@@ -1,6 +1,6 @@
 """Attention implementations and the chunked loss: backward residuals per token and fwd+bwd time.
 
-    python benchmarks/attention_loss.py [--seq 256] [--heads 32] [--head-dim 64] [--batch 4] \\
+    python -m benchmarks.attention_loss [--seq 256] [--heads 32] [--head-dim 64] [--batch 4] \\
         [--vocab 32000] [--d-model 2048] [--dtype bfloat16] [--repeats 5]
 
 Residual bytes per token are what autodiff keeps between forward and backward
@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from elas_jax import attention, loss as loss_lib, memory  # noqa: E402
+from elas_jax import attention, loss as loss_lib, memory
 
 
 def best_time(fn, args, repeats: int) -> float:

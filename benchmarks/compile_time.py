@@ -1,6 +1,6 @@
 """Compile time of one train step, with the decoder blocks looped vs scanned.
 
-    python benchmarks/compile_time.py [--config configs/llama_1b.py:elas] \\
+    python -m benchmarks.compile_time [--config configs/llama_1b.py:elas] \\
         [--seq-len 256] [--micro-batch 2] [--remat none] [--layouts unscanned,scanned]
 
 The step is the trainer's (``trainer.make_train_step``: forward, backward,
@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from elas_jax import config_lib, model as model_lib, optim, trainer  # noqa: E402
+from elas_jax import config_lib, model as model_lib, optim, trainer
 
 
 def step_and_inputs(cfg):

@@ -32,18 +32,15 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from elas_jax import config_lib, decode, model as model_lib  # noqa: E402
+from elas_jax import config_lib, decode, model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"tiny": "configs/tiny.py", "60m": "configs/llama_60m.py", "130m": "configs/llama_130m.py",

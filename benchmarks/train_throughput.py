@@ -23,7 +23,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness

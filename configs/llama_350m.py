@@ -9,7 +9,7 @@ from elas_jax import config_lib
 
 def get_config(variant: str = "elas"):
   """LLaMA-350m in ``variant``."""
-  c = config_lib.llama_config(
+  return config_lib.llama_config(
       size="350m",
       variant=variant,
       d_model=1024,  # hidden size d
@@ -26,12 +26,3 @@ def get_config(variant: str = "elas"):
       lr_adjust_steps=-6000,  # LORO lr clock shift (official llama_350m.sh: -6000)
       cola_only_lr_act=True,  # CoLA: no SiLU on the gate (official only_lr_act: default True)
   )
-  # Step memory (docs/benchmarks.md, "Whole train step memory"): at 1B these cut the
-  # activation bytes per token of the step to 0.08x and fit the paper's 512-sequence
-  # batch on one H200 (micro-batch up to ~1000 instead of 79).
-  c.model.attention = "auto"  # cuDNN flash attention on GPUs, the chunked one elsewhere
-  c.model.loss_chunk = 512  # lm_head + cross-entropy over 512-token chunks: no [B, L, V] logits
-  c.model.remat = "block"  # keep each block's input only, recompute the rest in backward
-  c.model.scan_layers = True  # blocks under lax.scan: compile 0.2x, and remat effective in XLA
-  config_lib.validate(c)
-  return c

@@ -73,13 +73,16 @@ def llama_config(
   # causal attention: xla (jax.nn.dot_product_attention) | cudnn (flash, CUDA GPUs, bf16)
   # | chunked (pure-JAX flash-style, any backend) | auto (cudnn where it can run, else
   # chunked on CPU, xla elsewhere)
-  m.attention = "xla"
+  # Step-memory defaults (measured best, docs/benchmarks.md "Whole train step memory"):
+  # at 1B they cut the step's activation bytes per token to 0.08x and fit the paper's
+  # 512-sequence batch on one H200 (micro-batch up to ~1000 instead of 79).
+  m.attention = "auto"
   m.attention_block = 64  # attention = chunked: query/key positions per block
-  m.loss_chunk = 0  # tokens per chunk of the chunked lm_head + cross-entropy; 0 = full logits
+  m.loss_chunk = 512  # tokens per chunk of the chunked lm_head + cross-entropy; 0 = full logits
   # activation rematerialisation: none | block (keep each block's input, recompute the rest)
   # | lowrank (also keep the rank-r codes, attention output and compressed 2:4 activation)
-  m.remat = "none"
-  m.scan_layers = False  # run the blocks with lax.scan over stacked params (compile time flat in depth)
+  m.remat = "block"
+  m.scan_layers = True  # run the blocks with lax.scan over stacked params (compile time flat in depth)
   s = m.sparsity = ml_collections.ConfigDict()
   s.enabled = variant == "elas"  # 2:4 activation sparsity in the ReLU² FFN
   s.dense_warmup_steps = dense_warmup_steps  # optimizer steps of dense ReLU² before 2:4 starts

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from elas_jax import attention, config_lib, memory, model as model_lib
 from tests.helpers import tiny_train_config

@@ -1,6 +1,5 @@
 """CoLA's ``only_lr_act`` (``model.cola_only_lr_act``) against a hand-written FFN."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
