@@ -54,7 +54,6 @@ import math
 import os
 import sys
 import time
-import unittest.mock
 from typing import Any
 
 # The CPU backend's LLVM code generation is most of a compile and does not change
@@ -121,15 +120,9 @@ class Point:
 
 
 def state_bytes(abstract_state) -> dict[str, int]:
-  """Bytes of the params and optimizer state in the train state.
-
-  The one place that knows the train state's layout (a dict today, a dataclass
-  after the typed-state change).
-  """
-  get = (lambda k: abstract_state[k]) if isinstance(abstract_state, dict) else (
-      lambda k: getattr(abstract_state, k))
-  return {"params": harness.nbytes(get("params")), "opt_state": harness.nbytes(get("opt_state")),
-          "total": harness.nbytes(abstract_state)}
+  """Bytes of the params and optimizer state in the (abstract) ``trainer.TrainState``."""
+  return {"params": harness.nbytes(abstract_state.params),
+          "opt_state": harness.nbytes(abstract_state.opt_state), "total": harness.nbytes(abstract_state)}
 
 
 class UnknownSetting(Exception):
@@ -170,8 +163,7 @@ def make_config(spec: str, overrides: dict[str, Any], *, layers: int | None, bat
 def build(cfg) -> trainer.Run:
   """``trainer.build`` without a tokenizer: compiling needs no data, and the
   paper configs name their tokenizer file only at training time."""
-  with unittest.mock.patch.object(trainer.tokenizer_lib, "from_config", lambda *a: None):
-    return trainer.build(cfg, devices=jax.devices()[:1])
+  return trainer.build(cfg, devices=jax.devices()[:1], with_tokenizer=False)
 
 
 def compile_step(cfg):

@@ -191,7 +191,7 @@ for scanned, mesh in ((False, (1, 1, 1)), (True, (1, 2, 2))):
                                      "optimizer.exact_every": 2})
   run = trainer.build(cfg, jax.devices()[: mesh[0] * mesh[1] * mesh[2]])
   if scanned:
-    specs = [str(x.spec) for x in jax.tree.leaves(run.state_shardings["params"])]
+    specs = [str(x.spec) for x in jax.tree.leaves(run.state_shardings.params)]
     out["sharded_params"] = sum("fsdp" in s or "tensor" in s for s in specs)
   step = jax.jit(trainer.make_train_step(run.graphdef, run.tx, run.schedule, cfg),
                  in_shardings=(run.state_shardings, run.batch_sharding))
