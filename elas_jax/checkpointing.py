@@ -47,9 +47,13 @@ class CheckpointError(UserError):
   """No usable checkpoint where one is needed."""
 
 
-def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                         create=True, cleanup_tmp_directories=True)
+def manager(workdir: str, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's orbax manager. ``read_only`` (evaluation, export, generation)
+  neither creates directories nor removes temporary ones, which may be a save
+  in progress by a run still training in the same workdir."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=not read_only,
+                                         create=not read_only, cleanup_tmp_directories=not read_only,
+                                         read_only=read_only)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                options=options, item_names=ITEMS)
 
@@ -229,7 +233,7 @@ def load_config(workdir: str, step: int | None = None) -> tuple[ml_collections.C
   """The config saved with a checkpoint (the latest by default)."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise CheckpointError(f"{workdir}: no checkpoints directory (is this a training --workdir?)")
-  mngr = manager(workdir)
+  mngr = manager(workdir, read_only=True)
   try:
     steps = sorted(mngr.all_steps())
     if not steps:
@@ -251,7 +255,7 @@ def load_config(workdir: str, step: int | None = None) -> tuple[ml_collections.C
 
 def restore_state(workdir: str, step: int, abstract_state) -> Any:
   """The train state of checkpoint ``step``, checked against its recorded checksums."""
-  mngr = manager(workdir)
+  mngr = manager(workdir, read_only=True)
   try:
     integrity = mngr.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(

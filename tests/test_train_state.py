@@ -71,7 +71,8 @@ def test_checkpoint_written_before_the_dataclass_resumes_identically(tmp_path):
 def test_reading_checkpoints_leaves_a_save_in_progress_alone(tmp_path):
   """evaluate / export / generate on a workdir that is still training must not
   remove orbax's temporary directory of a save in progress."""
-  cfg = tiny_train_config("elas", **{"train.steps": 3, "train.eval_every": 3})
+  cfg = tiny_train_config("elas", **{"train.steps": 3, "train.eval_every": 3,
+                                     "model.sparsity.dense_warmup_steps": 2})
   trainer.train_and_evaluate(cfg, str(tmp_path))
   in_progress = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
   in_progress.mkdir()
