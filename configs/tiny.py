@@ -23,13 +23,13 @@ def get_config(variant: str = "elas"):
       lr=0.01,  # peak lr of the LORO variants
       steps=600,  # optimizer steps
       warmup_steps=60,  # lr warm-up steps (LORO and full)
-      cola_lr=0.006,  # peak lr of the CoLA variant
+      cola_lr=0.002,  # peak lr of the CoLA variant (CPU sweep 0.002-0.006, docs/results.md)
       cola_warmup_steps=60,  # lr warm-up steps of the CoLA variant
       vocab_size=4096,  # subword vocabulary trained on the sample corpus
       seq_len=128,  # tokens per sequence
       batch_size=16,  # sequences per step
       dense_warmup_steps=100,  # dense ReLU² steps before 2:4 starts
-      full_lr=3e-3,  # peak lr of the full-rank variant
+      full_lr=1e-3,  # peak lr of the full-rank variant (CPU sweep 5e-4-6e-3, docs/results.md)
   )
   c.model.dtype = "float32"  # CPU: bf16 matmuls are emulated and slower than fp32
   c.train.log_every = 10  # steps between metric logs
