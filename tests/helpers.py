@@ -62,3 +62,22 @@ def step_losses(workdir: str) -> dict[int, float]:
 # caller's choice (the tiny config's 600 / 200 / 200 otherwise).
 TINY_TRAIN_FLAGS = ([f"--config.{key}={value}" for key, value in TINY_OVERRIDES.items()]
                     + [f"--config.model.ffn_dim={tiny_ffn_dim('relu2')}"])
+
+
+def assert_trainings_match(tmp_path, want_cfg, got_cfg, rtol: float) -> None:
+  """Trains both configs in ``tmp_path``; per-step losses and the final evaluation
+  must agree within ``rtol`` (and cover the same steps and eval tokens)."""
+  import numpy as np
+
+  from elas_jax import trainer
+
+  runs = {}
+  for name, cfg in (("want", want_cfg), ("got", got_cfg)):
+    final = trainer.train_and_evaluate(cfg, os.path.join(str(tmp_path), name))
+    runs[name] = (final, step_losses(os.path.join(str(tmp_path), name)))
+  (want, want_losses), (got, got_losses) = runs["want"], runs["got"]
+  steps = list(range(1, want_cfg.train.steps + 1))
+  assert sorted(got_losses) == sorted(want_losses) == steps
+  np.testing.assert_allclose([got_losses[s] for s in steps], [want_losses[s] for s in steps], rtol=rtol)
+  np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=rtol)
+  assert got["eval_tokens"] == want["eval_tokens"]

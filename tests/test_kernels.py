@@ -22,8 +22,8 @@ import pytest
 from benchmarks.harness import rel_err
 from kernels import common as cm
 from kernels import elas_ffn, relu2_sparsify, sparse_matmul
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the kernels compile for Triton there)")
 
@@ -336,19 +336,11 @@ def test_standalone_kernels_on_gpu():
 def test_tiny_training_with_pallas_kernel_matches_xla(tmp_path):
   # config.model.kernel=pallas (interpreted on CPU) trains like the XLA op:
   # dense warm-up, the 2:4 switch at step 4, a LORO exact step at 5, evaluation.
-  from elas_jax import trainer
-  from tests.helpers import step_losses, tiny_train_config
+  from tests.helpers import assert_trainings_match, tiny_train_config
 
-  finals, losses = {}, {}
-  for kernel in ("xla", "pallas"):
-    cfg = tiny_train_config(**{"model.kernel": kernel, "train.steps": 8, "train.eval_every": 8,
-                               "train.ckpt_every": 8, "train.eval_tokens": 1024})
-    finals[kernel] = trainer.train_and_evaluate(cfg, str(tmp_path / kernel))
-    losses[kernel] = step_losses(str(tmp_path / kernel))
-  assert sorted(losses["pallas"]) == list(range(1, 9))
-  np.testing.assert_allclose([losses["pallas"][s] for s in range(1, 9)],
-                             [losses["xla"][s] for s in range(1, 9)], rtol=2e-5)
-  np.testing.assert_allclose(finals["pallas"]["eval_loss"], finals["xla"]["eval_loss"], rtol=2e-5)
+  common = {"train.steps": 8, "train.eval_every": 8, "train.ckpt_every": 8, "train.eval_tokens": 1024}
+  assert_trainings_match(tmp_path, tiny_train_config(**common, **{"model.kernel": "xla"}),
+                         tiny_train_config(**common, **{"model.kernel": "pallas"}), rtol=2e-5)
 
 
 _MESH_SCRIPT = r"""

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from elas_jax import config_lib, loss as loss_lib, memory, model as model_lib
-from tests.helpers import step_losses, tiny_train_config
+from tests.helpers import assert_trainings_match, tiny_train_config
 
 
 def rel_err(a, b) -> float:
@@ -125,24 +125,14 @@ def test_lm_loss_chunked_equals_full_on_the_model(kernel):
     assert rel_err(g, r) < 1e-5, jax.tree_util.keystr(path)
 
 
-def test_tiny_training_with_chunked_loss_and_attention_matches_defaults(tmp_path):
+def test_tiny_training_with_chunked_loss_and_attention_matches_the_plain_step(tmp_path):
   # Dense warm-up, the 2:4 switch at step 4, a LORO exact step at 5, evaluation;
   # 48-token loss chunks and 12-position attention blocks divide neither 8 x 32 nor 32.
-  from elas_jax import trainer
-
   common = {"train.steps": 6, "train.eval_every": 6, "train.ckpt_every": 6, "train.eval_tokens": 1024}
-  settings = {"default": {}, "chunked": {"model.loss_chunk": 48, "model.attention": "chunked",
-                                         "model.attention_block": 12}}
-  finals, losses = {}, {}
-  for name, changes in settings.items():
-    cfg = tiny_train_config(**common, **changes)
-    finals[name] = trainer.train_and_evaluate(cfg, str(tmp_path / name))
-    losses[name] = step_losses(str(tmp_path / name))
-  assert sorted(losses["chunked"]) == list(range(1, 7))
-  np.testing.assert_allclose([losses["chunked"][s] for s in range(1, 7)],
-                             [losses["default"][s] for s in range(1, 7)], rtol=2e-5)
-  np.testing.assert_allclose(finals["chunked"]["eval_loss"], finals["default"]["eval_loss"], rtol=2e-5)
-  assert finals["chunked"]["eval_tokens"] == finals["default"]["eval_tokens"]
+  plain = tiny_train_config(**common, **{"model.attention": "xla", "model.loss_chunk": 0})
+  chunked = tiny_train_config(**common, **{"model.loss_chunk": 48, "model.attention": "chunked",
+                                           "model.attention_block": 12})
+  assert_trainings_match(tmp_path, plain, chunked, rtol=2e-5)
 
 
 @pytest.mark.parametrize("value", [-1, True])
