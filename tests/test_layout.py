@@ -20,4 +20,10 @@ def test_package_dependencies_equal_requirements_txt():
     reqs = [line.split("#")[0].strip() for line in f]
   assert project["dependencies"] == [r for r in reqs if r]
   assert project["requires-python"] == ">=3.11"
-  assert set(project["scripts"]) == {"elas-train", "elas-eval"}
+  assert set(project["scripts"]) == {"elas-train", "elas-eval", "elas-generate", "elas-export"}
+  import ast
+  for target in project["scripts"].values():  # every entry point exists (read, not imported:
+    module, _, func = target.partition(":")  # the CLIs define absl flags at import)
+    with open(os.path.join(ROOT, *module.split(".")) + ".py") as f:
+      tree = ast.parse(f.read())
+    assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, target
