@@ -15,8 +15,7 @@ import json
 
 from absl import flags
 
-from elas_jax import checkpointing, cli, distributed, sharding
-from elas_jax.errors import UserError
+from elas_jax import cli, distributed, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
@@ -27,13 +26,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, 
                         devices=None) -> dict:
   from elas_jax import trainer
 
-  cfg, step = checkpointing.load_config(workdir, step)
-  if mesh is not None:
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
-  run = trainer.build(cfg, devices)
-  state = checkpointing.restore_state(workdir, step, run.abstract_state)
+  run, state = trainer.restore_run(workdir, step, mesh=mesh, devices=devices)
   batches, _ = run.eval_batches()
-  with sharding.kernel_mesh(run.mesh, cfg.model):
+  with sharding.kernel_mesh(run.mesh, run.cfg.model):
     result = run.evaluate(run.jit_eval_step(), state.params, state.step, batches)
   return {"step": int(state.step), **result}
 
@@ -41,15 +36,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, 
 def main(argv) -> None:
   del argv
   distributed.initialize_from_flags()
-  mesh = None
-  if _MESH.value:
-    try:
-      mesh = tuple(int(x) for x in _MESH.value.split(","))
-    except ValueError:
-      mesh = ()
-    if len(mesh) != 3:
-      raise UserError(f"--mesh={_MESH.value!r}: expected three integers data,fsdp,tensor")
-  print(json.dumps(evaluate_checkpoint(_WORKDIR.value, _STEP.value, mesh)))
+  print(json.dumps(evaluate_checkpoint(_WORKDIR.value, _STEP.value, cli.parse_mesh(_MESH.value))))
 
 
 def run() -> None:

@@ -26,7 +26,7 @@ import sys
 
 from absl import flags
 
-from elas_jax import checkpointing, cli, decode, distributed, model as model_lib
+from elas_jax import cli, decode, distributed, model as model_lib
 from elas_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
@@ -48,32 +48,14 @@ _KERNEL = flags.DEFINE_enum("kernel", None, ["auto", "xla", "pallas"],
                             "Override config.model.kernel (the 2:4 FFN implementation of ELAS models).")
 
 
-def _parse_mesh(text: str | None) -> tuple[int, int, int] | None:
-  if not text:
-    return None
-  try:
-    mesh = tuple(int(x) for x in text.split(","))
-  except ValueError:
-    mesh = ()
-  if len(mesh) != 3:
-    raise UserError(f"--mesh={text!r}: expected three integers data,fsdp,tensor")
-  return mesh
-
-
 def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
          kernel: str | None = None, devices=None):
   """``(run, params, step)`` of a checkpoint, restored onto the local mesh as evaluation does."""
   from elas_jax import trainer
 
-  cfg, step = checkpointing.load_config(workdir, step)
-  if mesh is not None:
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
-  if kernel is not None:
-    cfg.model.kernel = kernel
-  run = trainer.build(cfg, devices)
-  state = checkpointing.restore_state(workdir, step, run.abstract_state)
+  run, state = trainer.restore_run(workdir, step, mesh=mesh, kernel=kernel, devices=devices)
   run, params = trainer.with_unscanned_layers(run, state.params)
-  return run, params, step
+  return run, params, int(state.step)
 
 
 def sparse_on_for(cfg, step: int, dense: bool) -> bool:
@@ -144,7 +126,7 @@ def main(argv) -> None:
     raise UserError(f"--batch_size={_BATCH.value}: must be positive")
   texts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
 
-  run, params, step = load(_WORKDIR.value, _STEP.value, mesh=_parse_mesh(_MESH.value),
+  run, params, step = load(_WORKDIR.value, _STEP.value, mesh=cli.parse_mesh(_MESH.value),
                            kernel=_KERNEL.value)
   cfg, tok = run.cfg, run.tokenizer
   max_len = _MAX_LEN.value or cfg.train.seq_len

@@ -234,6 +234,20 @@ class Run:
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss)), "eval_tokens": int(count)}
 
 
+def restore_run(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
+                kernel: str | None = None, devices=None) -> tuple[Run, TrainState]:
+  """The run (with the config saved in the checkpoint) and train state of checkpoint
+  ``step`` (default: the latest) of ``workdir``, restored onto this machine's mesh
+  (``mesh`` = data, fsdp, tensor overrides the saved one; ``kernel`` the FFN kernel)."""
+  cfg, step = checkpointing.load_config(workdir, step)
+  if mesh is not None:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  if kernel is not None:
+    cfg.model.kernel = kernel
+  run = build(cfg, devices)
+  return run, checkpointing.restore_state(workdir, step, run.abstract_state)
+
+
 def with_unscanned_layers(run: Run, params: nnx.State) -> tuple[Run, nnx.State]:
   """A ``scan_layers`` run and its params in the per-layer layout (for decoding and
   export, which walk the blocks one by one); other runs are returned as they are."""

@@ -157,3 +157,13 @@ def test_summary_cli_last_line_is_json():
   # ELAS keeps the FFN activation compressed: well under 0.6x of the dense ReLU² FFN.
   assert act["ffn"] < 0.6 * dense["activation_bytes_per_token"]["ffn"]
   assert dense["params"] == summary["params"]
+
+
+def test_mesh_flag_of_evaluate_and_generate():
+  from elas_jax import cli
+  from elas_jax.errors import UserError
+
+  assert cli.parse_mesh("-1,1,1") == (-1, 1, 1) and cli.parse_mesh("") is None
+  for bad in ("2,2", "a,b,c", "1,1,1,1"):
+    with pytest.raises(UserError, match=r"--mesh=.*: expected three integers data,fsdp,tensor"):
+      cli.parse_mesh(bad)
