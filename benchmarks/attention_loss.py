@@ -14,28 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import harness
 from elas_jax import attention, loss as loss_lib, memory
-
-
-def best_time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def measure(name, loss, make_args, seq, batch, repeats) -> dict:
   res = memory.token_residuals(lambda b: make_args(b, abstract=True), loss, seq)
   grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(make_args(1, abstract=True))))))
-  t = best_time(grad, make_args(batch, abstract=False), repeats)
+  args = make_args(batch, abstract=False)
+  samples, _ = harness.Timer(repeats=repeats, warmup=1, min_time_s=0.0).measure(lambda: grad(*args))
+  t = min(samples)  # one call per sample (min_time_s = 0), the first call compiles in warm-up
   out = {"residual_bytes_per_token": memory.total_bytes_per_token(res), "fwd_bwd_ms": 1e3 * t}
   print(f"{name:<28} {out['residual_bytes_per_token'] / 1024:>10.2f} KiB/token {out['fwd_bwd_ms']:>10.2f} ms",
         flush=True)

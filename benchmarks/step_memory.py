@@ -67,7 +67,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from elas_jax import config_lib, trainer  # noqa: E402
+from elas_jax import config_lib, flops, trainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"60m": "configs/llama_60m.py", "350m": "configs/llama_350m.py", "1b": "configs/llama_1b.py"}
@@ -196,7 +196,10 @@ def gpu_peak(cfg) -> float:
                          run.batch_sharding)
   state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
-  return float(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
+  peak = flops.peak_memory_bytes(jax.devices()[0])
+  if peak is None:
+    raise RuntimeError("--gpu-peak: this device reports no peak_bytes_in_use")
+  return float(peak)
 
 
 @dataclasses.dataclass
