@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
-from elas_jax import attention, loss as loss_lib, memory
+from elas_jax import memory
+from elas_jax.ops import attention, loss as loss_lib
 
 
 def measure(name, loss, make_args, seq, batch, repeats) -> dict:

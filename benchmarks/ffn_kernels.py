@@ -12,7 +12,7 @@ size (brief section 6; ``h [T, r]`` is the rank-r code, ``w_in = B_up [F, r]``,
   * ``ffn``: the whole FFN core, forward and forward+backward (``jax.value_and_grad``
     of ``sum(out * cotangent)`` w.r.t. ``h, w_in, w_out``), for
     - ``xla dense``: ``relu(h w_inᵀ)² w_outᵀ`` in plain jnp (the ``loro_relu2`` FFN),
-    - ``xla sparse/<mode>``: ``elas_jax.sparsity.relu2_sparse_ffn`` (the pure-JAX op),
+    - ``xla sparse/<mode>``: ``elas_jax.ops.sparsity.relu2_sparse_ffn`` (the pure-JAX op),
     - ``pallas elas_ffn/<mode>``: ``kernels.elas_ffn.elas_ffn`` (fused forward, 2 backward kernels);
   * ``sparsify``: ``kernels.relu2_sparsify`` (``z wᵀ -> ReLU² -> 2:4 -> compress``)
     against XLA writing the dense ``relu(z wᵀ)²`` and XLA ``compress_24``;
@@ -65,12 +65,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Bench, Row, Timer, fmt, is_oom, markdown_table, short_error  # noqa: E402
-from elas_jax import memory, sparsity  # noqa: E402
+from elas_jax import memory  # noqa: E402
+from elas_jax.ops import sparsity  # noqa: E402
 from kernels import common as cm  # noqa: E402
 from kernels import elas_ffn, relu2_sparsify, sparse_matmul  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 F32 = jnp.float32
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -80,8 +80,6 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # F = 259 exercises the dense F % 4 tail and the trim to a multiple of 8.
 BUILTIN_SHAPES = {"60m": (512, 2064, 128), "130m": (768, 3072, 256), "350m": (1024, 4104, 256),
                   "1b": (2048, 8191, 512), "smoke": (64, 259, 32)}
-CONFIG_FILES = {"60m": "configs/llama_60m.py", "130m": "configs/llama_130m.py",
-                "350m": "configs/llama_350m.py", "1b": "configs/llama_1b.py", "tiny": "configs/tiny.py"}
 
 PRESETS = {
     "gpu": {"sizes": "60m,350m,1b", "tokens": "16384,65536,131072", "modes": "masked,ste,split",
@@ -108,18 +106,18 @@ class Shape:
 
 def load_shape(size: str) -> Shape:
   """FFN shapes from the size's ELAS config, so the benchmark follows the configs."""
-  if size in CONFIG_FILES:
+  if size in harness.CONFIG_FILES:
     try:
       from elas_jax import config_lib
 
-      m = config_lib.load(f"{CONFIG_FILES[size]}:elas").model
-      return Shape(size, int(m.d_model), int(m.ffn_dim), int(m.rank), CONFIG_FILES[size])
+      m = config_lib.load(f"{harness.CONFIG_FILES[size]}:elas").model
+      return Shape(size, int(m.d_model), int(m.ffn_dim), int(m.rank), harness.CONFIG_FILES[size])
     except Exception as e:  # e.g. no ml_collections on the benchmark machine
       if size not in BUILTIN_SHAPES:
         raise
       print(f"note: {size}: config not loadable ({type(e).__name__}: {e}); built-in shapes")
   if size not in BUILTIN_SHAPES:
-    known = sorted(set(CONFIG_FILES) | set(BUILTIN_SHAPES))
+    known = sorted(set(harness.CONFIG_FILES) | set(BUILTIN_SHAPES))
     raise SystemExit(f"unknown size {size!r}; expected one of {known}")
   return Shape(size, *BUILTIN_SHAPES[size], "built-in")
 
@@ -370,7 +368,7 @@ def peak_in_child(args, size: str, t: int, mode: str) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.ffn_kernels", "--_peak_child", f"{size}:{t}:{mode}",
          "--dtype", args.dtype, "--interpret", args.interpret]
   try:
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.peak_timeout_s,
+    p = subprocess.run(cmd, cwd=harness.ROOT, capture_output=True, text=True, timeout=args.peak_timeout_s,
                        env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:
@@ -483,7 +481,7 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
                   help="gpu: 60m/350m/1b x 16K/64K/128K tokens; cpu: interpret-mode smoke "
                        "(default: gpu on a GPU backend, else cpu)")
-  ap.add_argument("--sizes", help=f"comma list of {sorted(set(CONFIG_FILES) | set(BUILTIN_SHAPES))}")
+  ap.add_argument("--sizes", help=f"comma list of {sorted(set(harness.CONFIG_FILES) | set(BUILTIN_SHAPES))}")
   ap.add_argument("--tokens", help="comma list of token counts T")
   ap.add_argument("--modes", help="comma list of backward modes (masked, ste, split)")
   ap.add_argument("--repeats", type=int, help="timed measurements per row (median reported)")

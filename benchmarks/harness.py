@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -25,6 +26,14 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+# The config file of each model size (paths relative to ROOT; plain strings, so that
+# benchmarks also run where ml_collections is missing, e.g. the H200 image).
+CONFIG_FILES = {"tiny": "configs/tiny.py", "60m": "configs/llama_60m.py", "130m": "configs/llama_130m.py",
+                "350m": "configs/llama_350m.py", "1b": "configs/llama_1b.py"}
+# The variants the speed and memory benchmarks compare (CoLA is a quality baseline).
+VARIANTS = ("full", "loro", "loro_relu2", "elas")
 
 
 @dataclasses.dataclass
@@ -82,8 +91,16 @@ class Timer:
         print(f"note: triton.testing.do_bench unavailable ({type(e).__name__}); timing by wall clock")
         self.kind = "wall"
 
-  def measure(self, call: Callable[[], Any]) -> tuple[list[float], Any]:
-    """Seconds per call (one or more samples) and the last output."""
+  def measure(self, call: Callable[..., Any], setup: Callable[[], Any] | None = None
+              ) -> tuple[list[float], Any]:
+    """Seconds per call (one or more samples) and the last output.
+
+    With ``setup``, every call is ``call(setup())`` and every sample one call, the
+    setup untimed and finished first: for calls that consume their argument (a
+    donated buffer, e.g. a KV cache) and so cannot run back to back.
+    """
+    if setup is not None:
+      return self._measure_each(call, setup)
     out = None
     for _ in range(self.warmup):
       out = call()
@@ -97,6 +114,18 @@ class Timer:
     one = seconds_per_call(call, 1)
     inner = int(min(1000, max(1, round(self.min_time_s / max(one, 1e-9)))))
     return [seconds_per_call(call, inner) for _ in range(self.repeats)], out
+
+  def _measure_each(self, call: Callable[[Any], Any], setup: Callable[[], Any]) -> tuple[list[float], Any]:
+    out = None
+    for _ in range(self.warmup):
+      out = jax.block_until_ready(call(setup()))
+    samples = []
+    for _ in range(self.repeats):
+      arg = jax.block_until_ready(setup())
+      start = time.perf_counter()
+      out = jax.block_until_ready(call(arg))
+      samples.append(time.perf_counter() - start)
+    return samples, out
 
   def _do_bench(self, call) -> list[float]:
     from triton.testing import do_bench
@@ -173,7 +202,7 @@ class Bench:
     if self.dry_run or out is None or ref is None:
       return None
     try:
-      return rel_err(out, ref)
+      return rel_err(out, ref, strict=False)
     except Exception:
       return None
 
@@ -183,19 +212,30 @@ class Bench:
 # --------------------------------------------------------------------------
 
 
-def rel_err(out, ref) -> float:
+def rel_err(out, ref, *, strict: bool = True) -> float:
   """``max |out - ref| / max |ref|`` over the matching leaves of two pytrees (worst leaf).
 
-  Leaves whose shapes differ, and uint8 leaves (2:4 metadata, compared through
-  the values), are skipped. A wrong kernel's speed means nothing; the tests
-  use the same measure against their tolerances.
+  The one error measure of the tests and the benchmarks (a wrong kernel's speed
+  means nothing). ``strict`` (the tests): the trees must have the same leaves and
+  shapes, and uint8 leaves (2:4 metadata) must be equal (else ``inf``).
+  ``strict=False`` (benchmark rows): leaves whose shapes differ and uint8 leaves
+  are skipped.
   """
+  outs, refs = jax.tree.leaves(out), jax.tree.leaves(ref)
+  if strict and len(outs) != len(refs):
+    raise ValueError(f"rel_err: {len(outs)} leaves against {len(refs)}")
   worst = 0.0
-  for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-    if o.shape != r.shape or o.dtype == jnp.uint8:
+  for o, r in zip(outs, refs):
+    if o.shape != r.shape:
+      if strict:
+        raise ValueError(f"rel_err: shape {o.shape} against {r.shape}")
+      continue
+    if o.dtype == jnp.uint8 or r.dtype == jnp.uint8:
+      if strict and not np.array_equal(np.asarray(o), np.asarray(r)):
+        return float("inf")
       continue
     o, r = np.asarray(o, np.float32), np.asarray(r, np.float32)
-    worst = max(worst, float(np.max(np.abs(o - r))) / max(float(np.max(np.abs(r))), 1e-30))
+    worst = max(worst, float(np.max(np.abs(o - r), initial=0.0)) / max(float(np.max(np.abs(r), initial=0.0)), 1e-30))
   return worst
 
 

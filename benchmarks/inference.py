@@ -1,7 +1,7 @@
 """Inference benchmark: KV-cached prefill and decode, and the paper's FFN-only comparison.
 
     python -m benchmarks.inference --preset cpu             # docs/benchmarks.md numbers (~10 min, 2 cores)
-    python -m benchmarks.inference --preset gpu             # bf16, kernel=pallas for elas
+    python -m benchmarks.inference --preset gpu             # bf16, kernel=triton for elas
     python -m benchmarks.inference --preset smoke           # seconds; used by tests/test_generate.py
 
 Random weights (``build_model`` at each config's init), in one process:
@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import statistics
-import time
 from typing import Any, Callable
 
 import jax
@@ -40,12 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import harness
 from elas_jax import config_lib, decode, model as model_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"tiny": "configs/tiny.py", "60m": "configs/llama_60m.py", "130m": "configs/llama_130m.py",
-           "350m": "configs/llama_350m.py", "1b": "configs/llama_1b.py"}
-VARIANTS = ("full", "loro", "loro_relu2", "elas")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(sizes="tiny", batches="2", prompt_len=8, max_len=16, decode_steps=2,
@@ -58,30 +54,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                 recompute_batch=8),
     "gpu": dict(sizes="60m,1b", batches="1,8,64", prompt_len=256, max_len=512, decode_steps=32,
                 ffn_sizes="60m,1b", ffn_seqs="512,1024,2048,4096", layers="", dtype="bfloat16",
-                kernel="pallas", repeats=10, warmup=2, recompute_size="tiny", recompute_batch=8),
+                kernel="triton", repeats=10, warmup=2, recompute_size="tiny", recompute_batch=8),
 }
 
 
 def time_call(fn: Callable[[Any], Any], *, setup: Callable[[], Any] = lambda: None,
               repeats: int, warmup: int) -> dict[str, float]:
-  """Median and minimum seconds of ``fn(setup())`` (``setup`` untimed), after ``warmup`` calls.
-
-  Self-contained so that a shared benchmark harness can replace it.
-  """
-  for _ in range(warmup):
-    jax.block_until_ready(fn(setup()))
-  samples = []
-  for _ in range(repeats):
-    arg = setup()
-    jax.block_until_ready(arg)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(arg))
-    samples.append(time.perf_counter() - t0)
+  """Median and minimum seconds of ``fn(setup())`` (``setup`` untimed), after ``warmup`` calls."""
+  samples, _ = harness.Timer(repeats=repeats, warmup=warmup, min_time_s=0.0).measure(fn, setup=setup)
   return {"median_s": statistics.median(samples), "min_s": min(samples)}
 
 
 def load_config(size: str, variant: str, *, dtype: str, kernel: str, layers: dict[str, int]):
-  cfg = config_lib.load(f"{os.path.join(ROOT, CONFIGS[size])}:{variant}")
+  cfg = config_lib.load(f"{os.path.join(harness.ROOT, harness.CONFIG_FILES[size])}:{variant}")
   cfg.model.dtype = cfg.model.param_dtype = dtype
   if size in layers:
     cfg.model.n_layers = layers[size]
@@ -242,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
       setattr(a, k, v)
   ints = lambda s: [int(x) for x in s.split(",") if x]
   a.layer_map = {k: int(v) for k, v in (kv.split("=") for kv in a.layers.split(",") if kv)}
-  variants = a.variants.split(",") if a.variants else list(VARIANTS)
+  variants = a.variants.split(",") if a.variants else list(harness.VARIANTS)
   skip = set(a.skip.split(","))
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {a.dtype}, elas kernel {a.kernel}, "
         f"preset {a.preset}", flush=True)

@@ -76,10 +76,10 @@ def runs_to_do(variants, ablations, normal_warmup: int):
 def ffn_bytes_per_token(cfg) -> float:
   from flax import nnx
 
-  from elas_jax import model as model_lib, summary
+  from elas_jax import model as model_lib, model_summary
 
   model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model))
-  return summary.activation_bytes(cfg, model, cfg.train.seq_len)["ffn"]
+  return model_summary.activation_bytes(cfg, model, cfg.train.seq_len)["ffn"]
 
 
 def finished_run(workdir: str, steps: int) -> dict | None:
@@ -98,7 +98,7 @@ def finished_run(workdir: str, steps: int) -> dict | None:
 def run_one(cfg, workdir: str) -> dict:
   from flax import nnx
 
-  from elas_jax import model as model_lib, summary, trainer
+  from elas_jax import model as model_lib, model_summary, trainer
 
   final = finished_run(workdir, cfg.train.steps)
   if final is None:  # new, or interrupted: train (resuming from its last checkpoint)
@@ -109,7 +109,7 @@ def run_one(cfg, workdir: str) -> dict:
   tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [float("nan")]
   model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model))
   return {"eval_loss": final["eval_loss"], "eval_ppl": final["eval_ppl"],
-          "params": summary.count_params(model), "tokens_per_s": float(np.median(tps)),
+          "params": model_summary.count_params(model), "tokens_per_s": float(np.median(tps)),
           "ffn_bytes_per_token": ffn_bytes_per_token(cfg), "train_curve": train, "eval_curve": evals,
           "nonfinite_steps": max((r.get("skipped_nonfinite", 0) for r in records), default=0)}
 

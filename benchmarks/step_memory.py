@@ -69,9 +69,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from elas_jax import config_lib, flops, trainer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = {"60m": "configs/llama_60m.py", "350m": "configs/llama_350m.py", "1b": "configs/llama_1b.py"}
-VARIANTS = ("full", "loro", "loro_relu2", "elas")
+SIZES = {s: harness.CONFIG_FILES[s] for s in ("60m", "350m", "1b")}  # the sizes of the full preset
 CAPACITIES_GB = {"H200": 141, "80GB": 80}
 LOSS_CHUNK = 512  # tokens per chunk of the chunked loss: live logits [512, V] fp32 (65 MB at V = 32000)
 TODAY = {"model.attention": "xla", "model.loss_chunk": 0, "model.remat": "none", "model.scan_layers": False}
@@ -363,7 +361,7 @@ PRESETS = {
 def sort_rows(rows: list[Row], size_order, setting_order) -> list[Row]:
   order = {s: i for i, s in enumerate(setting_order)}
   return sorted(rows, key=lambda r: (list(size_order).index(r.size),
-                                     VARIANTS.index(r.variant) if r.variant in VARIANTS else 0,
+                                     harness.VARIANTS.index(r.variant) if r.variant in harness.VARIANTS else 0,
                                      order.get(r.setting, len(order))))
 
 
@@ -390,7 +388,7 @@ def run(sizes: dict[str, str], variants, setting_names, batches, depths, seq_len
   all_settings = settings(loss_chunk)
   rows, notes = [], []
   for size, path in sizes.items():
-    spec = path if os.path.isabs(path) else os.path.join(ROOT, path)
+    spec = path if os.path.isabs(path) else os.path.join(harness.ROOT, path)
     for setting in setting_names:
       for variant in variants:
         try:
@@ -409,7 +407,7 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", choices=sorted(PRESETS))
   ap.add_argument("--sizes", default="60m,350m,1b")
-  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--variants", default=",".join(harness.VARIANTS))
   ap.add_argument("--settings", default=",".join(settings()))
   ap.add_argument("--batches", default="4,8", help="micro-batches (sequences) to compile; two give the fit")
   ap.add_argument("--depths", default="1,2", help="'n1,n2' blocks to compile and extrapolate, or 'full'")
@@ -445,7 +443,7 @@ def main(argv=None) -> None:
   t0 = time.perf_counter()
   rows, notes = run(sizes, variants, names, batches, depths, seq_len, log, base, loss_chunk)
   first_spec = next(iter(sizes.values()))
-  first_spec = first_spec if os.path.isabs(first_spec) else os.path.join(ROOT, first_spec)
+  first_spec = first_spec if os.path.isabs(first_spec) else os.path.join(harness.ROOT, first_spec)
   over = lambda r: {**(base or {}), **settings(loss_chunk)[r.setting]}
   checks = []
   if rows and a.check_fit:
@@ -460,7 +458,7 @@ def main(argv=None) -> None:
                   f"from {depths} to {a.check_depth} blocks off by {100 * err:+.2f}%")
   if a.gpu_peak:
     for r in rows:
-      r.gpu_peak = gpu_peak(make_config(f"{os.path.join(ROOT, sizes[r.size])}:{r.variant}", over(r),
+      r.gpu_peak = gpu_peak(make_config(f"{os.path.join(harness.ROOT, sizes[r.size])}:{r.variant}", over(r),
                                         layers=None, batch=max(r.points), seq_len=seq_len))
   print(f"# Whole train step memory (XLA memory_analysis, {jax.default_backend()} compile), "
         f"jax {jax.__version__}, seq_len {rows[0].seq_len if rows else '?'}, micro-batches {batches}, "

@@ -1,0 +1,72 @@
+"""Smoke runs of the benchmarks that have no test of their own (their smallest
+settings, seconds each), as a user runs them: ``python -m benchmarks.<name>``.
+
+The others are run by tests/test_step_memory.py, test_train_throughput.py,
+test_quality.py, test_generate.py (inference) and test_kernels.py (ffn_kernels).
+Each check compares the benchmark's numbers with a count made without it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def _run(name: str, *args: str) -> dict:
+  p = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_every_benchmark_has_a_smoke_test():
+  tested = {"attention_loss", "compile_time", "data_throughput", "ffn_memory",  # here
+            "step_memory", "train_throughput", "quality", "inference", "ffn_kernels"}
+  names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+           if f.endswith(".py") and f not in ("__init__.py", "harness.py")}
+  assert names <= tested, f"benchmarks without a smoke test: {sorted(names - tested)}"
+
+
+def test_attention_loss():
+  seq, vocab = 32, 64
+  out = _run("attention_loss", "--seq", str(seq), "--heads", "2", "--head-dim", "8", "--batch", "1",
+             "--vocab", str(vocab), "--d-model", "16", "--dtype", "float32", "--blocks", "16",
+             "--loss-chunks", "0,16", "--repeats", "1")
+  att, loss = out["attention"], out["loss"]
+  # xla keeps the [heads, L, L] fp32 probabilities: 2 x 32 x 4 bytes per token at least.
+  assert att["xla"]["residual_bytes_per_token"] >= 2 * seq * 4
+  assert att["chunked(block=16)"]["residual_bytes_per_token"] < att["xla"]["residual_bytes_per_token"]
+  # Full logits keep one fp32 row of V per token; the chunked loss does not.
+  assert loss["loss_chunk=0"]["residual_bytes_per_token"] >= vocab * 4
+  assert loss["loss_chunk=16"]["residual_bytes_per_token"] < vocab * 4
+  assert all(r["fwd_bwd_ms"] > 0 for r in [*att.values(), *loss.values()])
+
+
+@pytest.mark.slow
+def test_compile_time():
+  out = _run("compile_time", "--config", "configs/tiny.py:elas", "--seq-len", "8", "--micro-batch", "2",
+             "--config.model.n_layers=2")
+  for layout in ("unscanned", "scanned"):
+    assert out[layout]["lower_s"] > 0 and out[layout]["compile_s"] > 0
+
+
+@pytest.mark.slow
+def test_data_throughput():
+  out = _run("data_throughput", "--config", "configs/tiny.py:elas", "--batches", "3", "--steps", "1")
+  assert out["batch"] == [16, 128]
+  for key in ("pipeline_concat_tokens_per_s", "pipeline_truncate_pad_tokens_per_s", "train_step_tokens_per_s"):
+    assert out[key] > 0, key
+
+
+def test_ffn_memory():
+  out = _run("ffn_memory", "--config", "configs/tiny.py", "--dtype", "float32", "--seq_len", "16")
+  f = 516  # the tiny ReLU² width
+  # loro_relu2 keeps dense f-wide activations (at least one fp32 copy per token);
+  # masked ELAS keeps the compressed one: 2 fp32 values + 4 bits per 4 features.
+  assert out["loro_relu2"]["intermediate"] >= f * 4
+  assert out["elas/masked"]["intermediate"] == pytest.approx(f // 2 * 4 + f // 8, rel=0.02)
+  assert out["elas/ste"]["intermediate"] < out["elas/masked"]["intermediate"]  # ste recomputes
