@@ -1,28 +1,8 @@
-"""LLaMA-130M (brief section 2): d=768, 12 layers, 12 heads, SwiGLU 2048, rank 256.
+"""LLaMA-130M (brief section 2): d 768, 12 layers, 12 heads, SwiGLU 2048 (ReLU² 3072), rank 256.
 
-Use as ``--config configs/llama_130m.py:<variant>`` with variant one of
-full, loro, loro_relu2, elas (default), cola. Batch 512 x 256 tokens, vocab 32000.
+Its row is config_lib.SIZES["130m"]; use as
+``--config configs/llama_130m.py:<variant>``, variant one of full, loro, loro_relu2, elas (default), cola.
 """
-
 from elas_jax import config_lib
 
-
-def get_config(variant: str = "elas"):
-  """LLaMA-130m in ``variant``."""
-  return config_lib.llama_config(
-      size="130m",
-      variant=variant,
-      d_model=768,  # hidden size d
-      n_layers=12,  # decoder blocks
-      n_heads=12,  # attention heads
-      swiglu_ffn=2048,  # SwiGLU FFN width (ReLU² variants use int(1.5x))
-      rank=256,  # rank r of every low-rank linear
-      exact_every=500,  # LORO exact step every K updates
-      lr=0.01,  # peak lr of the LORO variants
-      steps=20_000,  # optimizer steps
-      warmup_steps=2000,  # lr warm-up steps (LORO and full)
-      cola_lr=0.003,  # peak lr of the CoLA variant
-      cola_warmup_steps=2000,  # lr warm-up steps of the CoLA variant
-      lr_adjust_steps=-2000,  # LORO lr clock shift (official llama_130m.sh: -warmup)
-      cola_only_lr_act=False,  # CoLA: no SiLU on the gate (official only_lr_act: false)
-  )
+get_config = config_lib.size_config("130m")

@@ -31,16 +31,16 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from elas_jax import config_lib
 from elas_jax.errors import ConfigError, UserError
 
 ITEMS = ("state", "data", "config", "integrity")
 # Fields that may change between a run and its resumption without breaking it.
-# remat changes what is recomputed, never a value; scan_layers changes the
-# parameter layout, so it is not resumable (model.stack_layers converts).
-RESUMABLE_CHANGES = {"model": {"kernel", "remat"}, "optimizer": set(), "train": None, "data": None,
-                     "mesh": None}
-# Fields added after checkpoints were written: a checkpoint without them had these values.
-FIELD_DEFAULTS = {"model": {"scan_layers": False, "remat": "none"}}
+# The kernel, attention implementation, loss chunking and remat change how a value
+# is computed, never the function; scan_layers changes the parameter layout, so it
+# is not resumable (elas_jax.stacking converts).
+RESUMABLE_CHANGES = {"model": {"kernel", "remat", "attention", "attention_block", "loss_chunk"},
+                     "optimizer": set(), "train": None, "data": None, "mesh": None}
 
 
 class CheckpointError(UserError):
@@ -103,17 +103,18 @@ def _as_state(restored, abstract_state):
 def check_compatible(saved: dict, cfg, where: str) -> None:
   """Model and optimizer structure must match the checkpoint's."""
   now = cfg.to_dict()
+  saved = config_lib.complete_saved(saved)  # checkpoints older than some fields
   for section, allowed in RESUMABLE_CHANGES.items():
     if allowed is None:
       continue
-    for key, value in {**FIELD_DEFAULTS.get(section, {}), **saved.get(section, {})}.items():
+    for key, value in saved.get(section, {}).items():
       if key in allowed or now.get(section, {}).get(key) == value:
         continue
       if (section, key) == ("model", "scan_layers"):
         raise ConfigError(
             f"config.model.scan_layers = {now['model'].get(key)!r} but the checkpoint in {where} stores "
             f"{'stacked' if value else 'per-layer'} block parameters (scan_layers = {value!r}); resume "
-            "with the checkpoint's value or convert with model.stack_layers / model.unstack_layers")
+            "with the checkpoint's value or convert with stacking.stack_layers / stacking.unstack_layers")
       raise ConfigError(
           f"config.{section}.{key} = {now.get(section, {}).get(key)!r} but the checkpoint in {where} "
           f"was written with {value!r}; resume with the checkpoint's value or use another --workdir")
@@ -245,12 +246,7 @@ def load_config(workdir: str, step: int | None = None) -> tuple[ml_collections.C
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   finally:
     mngr.close()
-  cfg = ml_collections.ConfigDict(saved)
-  for section, fields in FIELD_DEFAULTS.items():  # checkpoints older than these fields
-    for key, value in fields.items():
-      if key not in cfg[section]:
-        cfg[section][key] = value
-  return cfg, step
+  return ml_collections.ConfigDict(config_lib.complete_saved(saved)), step
 
 
 def restore_state(workdir: str, step: int, abstract_state) -> Any:

@@ -1,74 +1,151 @@
-"""Builds and validates the ml_collections configs of ``configs/``.
+"""Builds and validates the ml_collections configs of ``configs/``, from tables.
 
-Each ``configs/<size>.py`` states its shapes and hyper-parameters (brief
-section 2) and calls :func:`llama_config` with the variant; the variant sets
-the linear kind, FFN kind, sparsity and optimizer. :func:`validate` rejects a
-config that cannot work with an error naming the field; it runs at load and
-again after command-line overrides.
+:data:`SIZES` holds one row per model size (shapes and schedule, brief section
+2), :data:`VARIANTS` what each variant changes, :data:`VARIANT_OPTIMIZERS` each
+variant family's optimizer settings. :func:`llama_config` builds a size's config
+in a variant; ``configs/<size>.py`` is that call (plus, for ``tiny``, its CPU
+settings). Every field has one default, set there. :data:`LEGACY_DEFAULTS` says
+what the fields added later meant for configs saved before them.
+:func:`validate` rejects a config that cannot work with an error naming the
+field; it runs at load and again after command-line overrides.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import ml_collections
 
-from elas_jax import profiling
+from elas_jax import model, profiling
 from elas_jax.data.pipeline import PACKING_MODES
 from elas_jax.data.sources import FORMATS
 from elas_jax.errors import ConfigError  # re-exported
 from elas_jax.sharding import MESH_AXES
-from elas_jax.sparsity import BACKWARD_MODES
+from elas_jax.ops import attention, ffn
+from elas_jax.ops.sparsity import BACKWARD_MODES
 
-VARIANTS = ("full", "loro", "loro_relu2", "elas", "cola")
 LINEAR_KINDS = ("full", "lowrank", "cola")
 FFN_KINDS = ("swiglu", "relu2")
 DTYPE_NAMES = ("float32", "bfloat16")
-KERNELS = ("auto", "xla", "pallas")
-ATTENTIONS = ("auto", "xla", "cudnn", "chunked")  # elas_jax.attention.IMPLEMENTATIONS
-REMAT_MODES = ("none", "block", "lowrank")  # = model.REMAT_MODES
 OPTIMIZERS = ("adamw", "loro_adamw")
 SCHEDULES = ("cosine", "cosine_restart")
 RELU2_WIDTH_FACTOR = 1.5  # ReLU² FFN width = int(1.5 x SwiGLU width): same parameter count
 
 
+@dataclasses.dataclass(frozen=True)
+class Size:
+  """One model size: shapes and schedule (brief section 2; the official LORO and CoLA
+  scripts). A row of :data:`SIZES`."""
 
-def llama_config(
-    *, size: str, variant: str, d_model: int, n_layers: int, n_heads: int, swiglu_ffn: int,
-    rank: int, exact_every: int, lr: float, steps: int, warmup_steps: int, cola_lr: float,
-    cola_warmup_steps: int, vocab_size: int = 32000, seq_len: int = 256, batch_size: int = 512,
-    dense_warmup_steps: int = 1000, full_lr: float = 1e-3, lr_adjust_steps: int = 0,
-    cola_only_lr_act: bool = False,
-) -> ml_collections.ConfigDict:
-  """The config of one model size in one variant (see :data:`VARIANTS`)."""
+  d_model: int  # hidden size d
+  n_layers: int  # decoder blocks
+  n_heads: int  # attention heads
+  swiglu_ffn: int  # SwiGLU FFN width (the ReLU² variants use int(1.5x))
+  rank: int  # rank r of every low-rank / CoLA linear
+  exact_every: int  # LORO: exact Riemannian step every K updates
+  steps: int  # optimizer steps
+  warmup_steps: int  # lr warm-up steps of the LORO and full-rank variants
+  lr: float  # peak lr of the LORO variants
+  lr_adjust_steps: int  # LORO lr clock shift, as the official scripts' --lr_adjust_steps
+  cola_lr: float  # peak lr of the CoLA variant
+  cola_warmup_steps: int  # lr warm-up steps of the CoLA variant
+  cola_only_lr_act: bool  # CoLA: no SiLU on the gate path (the official only_lr_act)
+  full_lr: float = 1e-3  # peak lr of the full-rank variant (GaLore's AdamW)
+  dense_warmup_steps: int = 1000  # ELAS: dense ReLU² optimizer steps before 2:4
+  vocab_size: int = 32000  # vocabulary (the paper's T5 tokenizer)
+  seq_len: int = 256  # tokens per sequence
+  batch_size: int = 512  # sequences per optimizer step
+
+
+SIZES = {
+    #            d_model layers heads swiglu rank   K     steps  warmup     lr  lr_adjust cola_lr cola_warmup only_lr_act
+    "60m": Size(512,      8,     8,  1376, 128, 500,   10_000,  1_000, 0.01,    -1_000, 0.006,  2_000,     False),
+    "130m": Size(768,    12,    12,  2048, 256, 500,   20_000,  2_000, 0.01,    -2_000, 0.003,  2_000,     False),
+    "350m": Size(1024,   24,    16,  2736, 256, 500,   60_000,  2_000, 0.01,    -6_000, 0.003,  6_000,     True),
+    "1b": Size(2048,     24,    32,  5461, 512, 200,  100_000, 10_000, 0.005,  -10_000, 0.002, 10_000,     True),
+    # CPU-sized: minutes on 2 cores (configs/tiny.py); the full-rank and CoLA lrs from a CPU
+    # sweep (docs/results.md); r/d = 0.25 as in the paper; a 4096-token sample-corpus vocabulary.
+    "tiny": Size(128,     4,     4,   344,  32, 100,      600,     60, 0.01,         0, 0.002,     60,     False,
+                 dense_warmup_steps=100, vocab_size=4096, seq_len=128, batch_size=16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """What a variant changes in the model, and its optimizer (a key of :data:`VARIANT_OPTIMIZERS`)."""
+
+  linear_kind: str  # full | lowrank | cola
+  ffn_kind: str  # swiglu | relu2 (gate-less squared ReLU, int(1.5x) wide)
+  sparse: bool  # 2:4 activation sparsity after the dense warm-up
+  optimizer: str  # full | loro | cola
+
+
+VARIANTS = {
+    "full": Variant("full", "swiglu", False, "full"),  # the paper's Full-Rank row
+    "loro": Variant("lowrank", "swiglu", False, "loro"),  # the LORO baseline
+    "loro_relu2": Variant("lowrank", "relu2", False, "loro"),  # ELAS minus the 2:4 step
+    "elas": Variant("lowrank", "relu2", True, "loro"),  # the method
+    "cola": Variant("cola", "swiglu", False, "cola"),  # CoLA, a second low-rank baseline
+}
+
+# Optimizer settings per variant family, from a size's row (brief sections 4-5).
+VARIANT_OPTIMIZERS: dict[str, Callable[[Size], dict[str, Any]]] = {
+    "full": lambda s: dict(name="adamw", lr=s.full_lr, schedule="cosine", warmup_steps=s.warmup_steps,
+                           weight_decay=0.0, grad_clip=0.0, lr_adjust_steps=0),
+    "loro": lambda s: dict(name="loro_adamw", lr=s.lr, schedule="cosine_restart",
+                           warmup_steps=s.warmup_steps, weight_decay=0.0, grad_clip=0.0,
+                           lr_adjust_steps=s.lr_adjust_steps),
+    "cola": lambda s: dict(name="adamw", lr=s.cola_lr, schedule="cosine",
+                           warmup_steps=s.cola_warmup_steps, weight_decay=0.01, grad_clip=0.5,
+                           lr_adjust_steps=0),
+}
+
+
+def size_config(size: str) -> Callable[..., ml_collections.ConfigDict]:
+  """The ``get_config(variant="elas")`` of a size file in ``configs/``."""
+
+  def get_config(variant: str = "elas") -> ml_collections.ConfigDict:
+    return llama_config(size, variant)
+
+  get_config.__doc__ = f"The {size} model (config_lib.SIZES[{size!r}]) in ``variant``."
+  return get_config
+
+
+def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
+  """The config of model size ``size`` (a key of :data:`SIZES`) in ``variant``."""
   if variant not in VARIANTS:
     raise ConfigError(f"config variant {variant!r} (after ':' in --config) is unknown; "
                       f"choose one of {', '.join(VARIANTS)}")
+  if size not in SIZES:
+    raise ConfigError(f"model size {size!r} is unknown; choose one of {', '.join(SIZES)}")
+  z, v = SIZES[size], VARIANTS[variant]
+  opt = VARIANT_OPTIMIZERS[v.optimizer](z)
   c = ml_collections.ConfigDict()
   c.size = size  # model size label, e.g. "60m"
   c.variant = variant  # one of full, loro, loro_relu2, elas, cola
   c.seed = 0  # seed of parameter init and data order
 
   m = c.model = ml_collections.ConfigDict()
-  m.vocab_size = vocab_size  # vocabulary size; must equal the tokenizer's
-  m.d_model = d_model  # hidden size d
-  m.n_layers = n_layers  # number of decoder blocks
-  m.n_heads = n_heads  # attention heads; must divide d_model
-  relu2 = variant in ("loro_relu2", "elas")
-  m.ffn_kind = "relu2" if relu2 else "swiglu"  # "swiglu" or gate-less squared ReLU "relu2"
+  m.vocab_size = z.vocab_size  # vocabulary size; must equal the tokenizer's
+  m.d_model = z.d_model  # hidden size d
+  m.n_layers = z.n_layers  # number of decoder blocks
+  m.n_heads = z.n_heads  # attention heads; must divide d_model
+  m.ffn_kind = v.ffn_kind  # "swiglu" or gate-less squared ReLU "relu2"
   # FFN intermediate width; ReLU² uses int(1.5 x SwiGLU width) to keep the parameter count
-  m.ffn_dim = int(RELU2_WIDTH_FACTOR * swiglu_ffn) if relu2 else swiglu_ffn
-  m.linear_kind = {"full": "full", "cola": "cola"}.get(variant, "lowrank")  # full | lowrank | cola
-  m.rank = rank  # rank r of every low-rank / CoLA linear (unused for full)
+  m.ffn_dim = int(RELU2_WIDTH_FACTOR * z.swiglu_ffn) if v.ffn_kind == "relu2" else z.swiglu_ffn
+  m.linear_kind = v.linear_kind  # full | lowrank | cola
+  m.rank = z.rank  # rank r of every low-rank / CoLA linear (unused for full)
   # CoLA SwiGLU without SiLU on the gate path, down(gate x · up x), as the official CoLA
   # configs leave it at 350M/1B (their only_lr_act default True); False = down(silu(gate x) · up x)
-  m.cola_only_lr_act = bool(cola_only_lr_act) and variant == "cola"
+  m.cola_only_lr_act = z.cola_only_lr_act and v.linear_kind == "cola"
   m.rope_theta = 10000.0  # rotary embedding base
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"  # parameter (and optimizer state) dtype: float32 | bfloat16
-  # 2:4 FFN implementation: xla (pure JAX) | pallas (kernels/; interpreted on CPU)
-  # | auto (pallas on GPUs, xla elsewhere)
+  # 2:4 FFN implementation (elas_jax/ops/ffn.py): xla (pure JAX) | triton (the Pallas
+  # kernels of kernels/; interpreted off GPUs; "pallas" is its old name) | auto (triton
+  # when compiling for a GPU, xla elsewhere)
   m.kernel = "auto"
   # causal attention: xla (jax.nn.dot_product_attention) | cudnn (flash, CUDA GPUs, bf16)
   # | chunked (pure-JAX flash-style, any backend) | auto (cudnn where it can run, else
@@ -84,42 +161,35 @@ def llama_config(
   m.remat = "block"
   m.scan_layers = True  # run the blocks with lax.scan over stacked params (compile time flat in depth)
   s = m.sparsity = ml_collections.ConfigDict()
-  s.enabled = variant == "elas"  # 2:4 activation sparsity in the ReLU² FFN
-  s.dense_warmup_steps = dense_warmup_steps  # optimizer steps of dense ReLU² before 2:4 starts
+  s.enabled = v.sparse  # 2:4 activation sparsity in the ReLU² FFN
+  s.dense_warmup_steps = z.dense_warmup_steps  # optimizer steps of dense ReLU² before 2:4 starts
   s.backward = "masked"  # 2:4 backward mode: masked | ste | split
   s.split_dense_fraction = 0.05  # split mode: fraction of densest features kept dense in dW
 
-  # name, lr, schedule, warm-up, weight decay, clipping per variant (brief sections 4-5;
-  # the full-rank baseline uses GaLore's AdamW lr 1e-3).
-  opt = {
-      "loro": ("loro_adamw", lr, "cosine_restart", warmup_steps, 0.0, 0.0),
-      "cola": ("adamw", cola_lr, "cosine", cola_warmup_steps, 0.01, 0.5),
-      "full": ("adamw", full_lr, "cosine", warmup_steps, 0.0, 0.0),
-  }[variant if variant in ("cola", "full") else "loro"]
-  o = c.optimizer = ml_collections.ConfigDict()
-  o.name = opt[0]  # adamw | loro_adamw
-  o.lr = opt[1]  # peak learning rate
-  o.schedule = opt[2]  # cosine | cosine_restart (LORO)
-  o.warmup_steps = opt[3]  # linear warm-up steps
-  o.weight_decay = opt[4]  # decoupled weight decay
-  o.grad_clip = opt[5]  # global-norm gradient clipping; 0 disables
+  o = c.optimizer = ml_collections.ConfigDict()  # per variant: VARIANT_OPTIMIZERS
+  o.name = opt["name"]  # adamw | loro_adamw
+  o.lr = opt["lr"]  # peak learning rate
+  o.schedule = opt["schedule"]  # cosine | cosine_restart (LORO)
+  o.warmup_steps = opt["warmup_steps"]  # linear warm-up steps
+  o.weight_decay = opt["weight_decay"]  # decoupled weight decay
+  o.grad_clip = opt["grad_clip"]  # global-norm gradient clipping; 0 disables
   o.min_lr_ratio = 0.1  # cosine floor as a fraction of lr
   o.b1 = 0.9  # Adam beta1
   o.b2 = 0.999  # Adam beta2
   o.eps = 1e-6  # Adam epsilon (added to the uncorrected sqrt(v) in LORO)
-  o.exact_every = exact_every  # LORO: exact Riemannian step every K updates
+  o.exact_every = z.exact_every  # LORO: exact Riemannian step every K updates
   o.restart_warmup = 5  # cosine_restart: updates to ramp back after each exact step
   # cosine_restart: shift of the cycle clock after warm-up, as LORO's --lr_adjust_steps
   # (the paper's scripts: -warmup, or -6000 at 350M); 0 = unshifted. docs/optimizer.md
-  o.lr_adjust_steps = lr_adjust_steps if o.schedule == "cosine_restart" else 0
+  o.lr_adjust_steps = opt["lr_adjust_steps"]
 
   t = c.train = ml_collections.ConfigDict()
-  t.steps = steps  # optimizer steps
-  t.batch_size = batch_size  # global batch, in sequences (per optimizer step)
+  t.steps = z.steps  # optimizer steps
+  t.batch_size = z.batch_size  # global batch, in sequences (per optimizer step)
   # sequences per forward/backward pass; gradients of batch_size / micro_batch
   # micro-batches are accumulated into one update. 0 = batch_size (no accumulation)
   t.micro_batch = 0
-  t.seq_len = seq_len  # tokens per sequence
+  t.seq_len = z.seq_len  # tokens per sequence
   t.log_every = 50  # steps between metric logs
   t.eval_every = 1000  # steps between evaluations
   t.eval_tokens = 10_000_000  # validation tokens per evaluation
@@ -151,6 +221,27 @@ def llama_config(
   d.worker_count = 0  # grain worker processes after batching (0 = in the training process)
   validate(c)
   return c
+
+
+# What each field added after the first checkpoints meant before it existed: a
+# config saved by an older version (in a checkpoint) lacks the field and had this
+# behaviour. :func:`complete_saved` fills them in (checkpointing.load_config and
+# check_compatible); a new field goes here with the old code's behaviour.
+LEGACY_DEFAULTS = {
+    "model": {"attention": "xla", "attention_block": 64, "loss_chunk": 0, "remat": "none",
+              "scan_layers": False, "cola_only_lr_act": False},
+    "optimizer": {"lr_adjust_steps": 0},
+    "train": {"micro_batch": 0, "peak_tflops": 0.0, "profile_steps": ""},
+}
+
+
+def complete_saved(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (a dict) with the fields it predates set to :data:`LEGACY_DEFAULTS`."""
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  for section, fields in LEGACY_DEFAULTS.items():
+    for key, value in fields.items():
+      out.setdefault(section, {}).setdefault(key, value)
+  return out
 
 
 def _err(field: str, value, why: str) -> ConfigError:
@@ -189,12 +280,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice(m.ffn_kind, "model.ffn_kind", FFN_KINDS)
   _choice(m.dtype, "model.dtype", DTYPE_NAMES)
   _choice(m.param_dtype, "model.param_dtype", DTYPE_NAMES)
-  _choice(m.kernel, "model.kernel", KERNELS)
-  _choice(m.attention, "model.attention", ATTENTIONS)
+  _choice(m.kernel, "model.kernel", ffn.KERNELS)
+  _choice(m.attention, "model.attention", attention.IMPLEMENTATIONS)
   _positive_int(c, "model.attention_block")
   if not _is_int(m.loss_chunk) or m.loss_chunk < 0:
     raise _err("model.loss_chunk", m.loss_chunk, "must be an integer >= 0 (tokens per chunk; 0 = off)")
-  _choice(m.remat, "model.remat", REMAT_MODES)
+  _choice(m.remat, "model.remat", model.REMAT_MODES)
   if not isinstance(m.scan_layers, bool):
     raise _err("model.scan_layers", m.scan_layers, "must be true or false")
   if m.d_model % m.n_heads:
@@ -209,8 +300,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise _err("model.sparsity.enabled", True, "2:4 activation sparsity needs model.ffn_kind = relu2")
     if m.ffn_dim < 4:
       raise _err("model.ffn_dim", m.ffn_dim, "has no complete group of 4 features for 2:4 sparsity")
-  elif m.kernel == "pallas":
-    raise _err("model.kernel", "pallas", "the Pallas kernels implement the 2:4-sparse FFN; "
+  elif m.kernel not in ("auto", "xla"):
+    raise _err("model.kernel", m.kernel, "the kernels implement the 2:4-sparse FFN; "
                "set model.sparsity.enabled = True (variant elas) or use kernel = xla / auto")
   if not _is_int(s.dense_warmup_steps) or s.dense_warmup_steps < 0:
     raise _err("model.sparsity.dense_warmup_steps", s.dense_warmup_steps,

@@ -6,7 +6,7 @@ The cached forward (:func:`forward_cached`) calls the pieces of
 in the order ``Transformer.__call__`` does, so it computes the same function;
 only the attention reads keys and values from the cache. Low-rank linears stay
 factored (``Projection``), and the ELAS FFN takes the same ``sparse_on`` switch
-(2:4 after the dense warm-up) and kernel (``xla`` or ``pallas``).
+(2:4 after the dense warm-up) and kernel (``model.kernel``).
 
 Layout: the cache holds ``[layers, B, max_len, heads, head_dim]`` keys and
 values; prompts are right-padded, so row ``b``'s token at position ``p``
@@ -20,7 +20,6 @@ new token nor a new prompt length within a bucket recompiles.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Callable, NamedTuple
 
@@ -31,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elas_jax import model as model_lib, sharding
+from elas_jax.ops import sparsity
 from elas_jax.errors import UserError
 
 
@@ -48,10 +48,10 @@ def init_cache(model_cfg, batch: int, max_len: int) -> KVCache:
 
 def check_supported(model_cfg) -> None:
   """Cached decoding walks the blocks one by one: a scanned model must be converted
-  first (:func:`elas_jax.trainer.with_unscanned_layers`, as ``generate.load`` does)."""
+  first (:func:`elas_jax.trainer.with_unscanned_layers`, as :func:`load` does)."""
   if model_cfg.scan_layers:
     raise UserError("config.model.scan_layers = True: cached decoding needs the per-layer blocks; "
-                    "convert with trainer.with_unscanned_layers (generate.load does)")
+                    "convert with trainer.with_unscanned_layers (decode.load does)")
 
 
 def forward_cached(model: model_lib.Transformer, cache: KVCache, tokens_BxT: jax.Array,
@@ -180,10 +180,6 @@ class Generator:
     self._prefill = jax.jit(prefill, **jit)
     self._decode = jax.jit(decode, **jit)
 
-  def _ctx(self):
-    return (sharding.kernel_mesh(self.mesh, self.model_cfg) if self.mesh is not None
-            else contextlib.nullcontext())
-
   def new_cache(self) -> KVCache:
     """A zero cache for this generator's batch (compiled once, placed on the mesh)."""
     return self._new_cache()
@@ -222,29 +218,65 @@ class Generator:
     key = jax.random.key(seed)
     out: list[list[int]] = [[] for _ in range(n)]
     stop: list[str | None] = [None] * n
-    with self._ctx():
-      tok, cache = self._prefill(self.params, self.new_cache(), tokens, lengths, self.sparse_on,
-                                 jax.random.fold_in(key, 0))
-      pos = lengths.copy()  # where each row's newest token goes
-      for step in range(max_new_tokens):
-        tok_host = np.asarray(tok)
-        new: list[int | None] = [None] * n
-        for i in range(n):
-          if stop[i] is not None:
-            continue
-          out[i].append(int(tok_host[i]))
-          new[i] = int(tok_host[i])
-          if tok_host[i] == self.eos_id:
-            stop[i] = "eos"
-          elif len(out[i]) >= max_new_tokens:
-            stop[i] = "max_new_tokens"
-          elif pos[i] >= self.max_len:
-            stop[i] = "max_len"
-        if on_step is not None:
-          on_step(new)
-        if all(s is not None for s in stop):
-          break
-        tok, cache = self._decode(self.params, cache, tok, pos, self.sparse_on,
-                                  jax.random.fold_in(key, step + 1))
-        pos = pos + 1
+    tok, cache = self._prefill(self.params, self.new_cache(), tokens, lengths, self.sparse_on,
+                               jax.random.fold_in(key, 0))
+    pos = lengths.copy()  # where each row's newest token goes
+    for step in range(max_new_tokens):
+      tok_host = np.asarray(tok)
+      new: list[int | None] = [None] * n
+      for i in range(n):
+        if stop[i] is not None:
+          continue
+        out[i].append(int(tok_host[i]))
+        new[i] = int(tok_host[i])
+        if tok_host[i] == self.eos_id:
+          stop[i] = "eos"
+        elif len(out[i]) >= max_new_tokens:
+          stop[i] = "max_new_tokens"
+        elif pos[i] >= self.max_len:
+          stop[i] = "max_len"
+      if on_step is not None:
+        on_step(new)
+      if all(s is not None for s in stop):
+        break
+      tok, cache = self._decode(self.params, cache, tok, pos, self.sparse_on,
+                                jax.random.fold_in(key, step + 1))
+      pos = pos + 1
     return [Result(t, s) for t, s in zip(out, stop)]
+
+
+# --------------------------------------------------------------------------
+# Restoring a checkpoint for decoding; prompts and continuations as text.
+# --------------------------------------------------------------------------
+
+
+def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
+         kernel: str | None = None, devices=None):
+  """``(run, params, step)`` of a checkpoint for decoding: restored onto the local mesh as
+  evaluation does, scanned layers converted to the per-layer layout."""
+  from elas_jax import trainer  # the trainer does not import this module
+
+  run, state = trainer.restore_run(workdir, step, mesh=mesh, kernel=kernel, devices=devices)
+  run, params = trainer.with_unscanned_layers(run, state.params)
+  return run, params, int(state.step)
+
+
+def sparse_on_for(cfg, step: int, dense: bool) -> bool:
+  """2:4 FFN after the dense warm-up (as evaluation), unless ``dense``."""
+  s = cfg.model.sparsity
+  return bool(s.enabled) and not dense and bool(sparsity.sparsity_active(step, s.dense_warmup_steps))
+
+
+def encode(tok, cfg, text: str) -> list[int]:
+  """Prompt ids laid out like the training documents (BOS first when ``data.add_bos``)."""
+  ids = tok.encode(text)
+  if ids and cfg.data.add_bos and tok.bos_id >= 0:
+    ids = [tok.bos_id] + ids
+  return ids
+
+
+def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
+  """Text of ``new_ids`` after the prompt (decoded together: a token's text,
+  e.g. a leading space, depends on what precedes it)."""
+  new_ids = [t for t in new_ids if t != tok.eos_id]
+  return tok.decode(prompt_ids + new_ids)[len(tok.decode(prompt_ids)):]

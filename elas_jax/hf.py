@@ -1,7 +1,4 @@
-"""Hugging Face export and import.
-
-    python -m elas_jax.export --workdir DIR [--step N] --out OUT [--dtype bfloat16|float32]
-    python -m elas_jax.export import --hf HF_DIR --workdir OUT [--config configs/tiny.py:full]
+"""Hugging Face export and import (the command: :mod:`elas_jax.cli.export`).
 
 Export writes a directory that ``transformers.LlamaForCausalLM.from_pretrained``
 loads: ``config.json``, ``model.safetensors`` (written with the ``safetensors``
@@ -37,9 +34,7 @@ import shutil
 from typing import Any
 
 import numpy as np
-from absl import flags
 
-from elas_jax import cli
 from elas_jax.errors import UserError
 
 
@@ -503,42 +498,3 @@ def import_hf(hf_dir: str, workdir: str, base_cfg) -> dict:
     f.write(_CONFIG_PY.format(config=json.dumps(cfg.to_dict(), indent=1)))
   return {"workdir": workdir, "config": config_py, "ffn_kind": fields["ffn_kind"],
           "tokenizer": cfg.data.tokenizer}
-
-
-# ------------------------------------------------------------------- CLI
-
-
-def _define_flags() -> None:
-  # Defined when run as a program only: evaluate and train_main define
-  # --workdir / --config too, and tests import all of them.
-  flags.DEFINE_string("workdir", None, "Export: the training run to export. Import: the workdir to create.")
-  flags.DEFINE_integer("step", None, "Export: checkpoint step; default: the latest.")
-  flags.DEFINE_string("out", None, "Export: the Hugging Face directory to write.")
-  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Export: dtype of the saved weights.")
-  flags.DEFINE_string("hf", None, "Import: a Hugging Face Llama directory.")
-  cli.define_config_flag(f"{cli.DEFAULT_CONFIG}:full")
-
-
-def main(argv) -> None:
-  f = flags.FLAGS
-  command = argv[1:]
-  if command == ["import"]:
-    if not f.hf or not f.workdir:
-      raise UserError("import needs --hf=HF_DIR and --workdir=NEW_WORKDIR")
-    print(json.dumps(import_hf(f.hf, f.workdir, f.config)))
-    return
-  if command:
-    raise UserError(f"unknown command {' '.join(command)!r}: use no command (export) or 'import'")
-  if not f.workdir or not f.out:
-    raise UserError("export needs --workdir=TRAINING_RUN and --out=HF_DIR")
-  print(json.dumps(export_checkpoint(f.workdir, f.out, f.step, f.dtype)))
-
-
-def run() -> None:
-  """Console-script entry point."""
-  _define_flags()
-  cli.run(main)
-
-
-if __name__ == "__main__":
-  run()

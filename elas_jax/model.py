@@ -6,7 +6,8 @@ Projection kinds (``config.model.linear_kind``; every attention and FFN projecti
   ``cola``     y = σ(x Aᵀ) Bᵀ  (σ = SiLU)      CoLA init N(0,1)·r^-1/4·(in+out)^-1/4
 FFN kinds: ``swiglu`` (down(silu(gate x) · up x); down(gate x · up x) with
 ``model.cola_only_lr_act``, CoLA's ``only_lr_act``) and ``relu2`` (down(relu(up x)²)),
-the latter optionally 2:4-sparse (ELAS) through :func:`sparsity.relu2_sparse_ffn`.
+the latter optionally 2:4-sparse (ELAS) through :func:`elas_jax.ops.ffn.sparse_ffn`
+(``config.model.kernel`` picks its implementation).
 
 Weights are stored as ``[out, in]`` (the brief's math orientation, which the
 LORO optimizer works in). Every parameter carries ``logical_axes`` metadata
@@ -18,9 +19,12 @@ the block input and the arrays tagged with :data:`LOWRANK_SAVED` names: the
 rank-r codes ``x Aᵀ`` of every low-rank linear, the attention output and
 statistics, and the ELAS FFN's compressed 2:4 activation). ``scan_layers``
 stores the blocks' parameters stacked on a leading ``layers`` axis and runs
-them with ``jax.lax.scan`` (compile time flat in depth);
-:func:`stack_layers` / :func:`unstack_layers` convert parameters between the
-two layouts.
+them with ``jax.lax.scan`` (compile time flat in depth); :mod:`elas_jax.stacking`
+converts parameters between the two layouts.
+
+``mesh`` (of :func:`build_model`) is the mesh the model's steps are compiled
+for: implementation choices (``model.kernel``, ``model.attention`` = ``auto``)
+follow its devices, and the FFN kernels run per device on it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from elas_jax import attention, sharding, sparsity
+from elas_jax import sharding, stacking
+from elas_jax.ops import attention, ffn as ffn_ops, sparsity
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -133,12 +138,14 @@ def rotary(x_BxLxNxH: jax.Array, theta: float, positions: jax.Array | None = Non
 class Attention(nnx.Module):
   """Causal multi-head self-attention with rotary embeddings and no biases."""
 
-  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs,
+               mesh: jax.sharding.Mesh | None = None):
     d = cfg.d_model
     lin = dict(kind=cfg.linear_kind, rank=cfg.rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.n_heads, self.theta = cfg.n_heads, cfg.rope_theta
-    self.impl = attention.resolve(cfg)  # model.attention, auto resolved for this backend
-    self.block = getattr(cfg, "attention_block", attention.DEFAULT_BLOCK)
+    # model.attention, auto resolved for the devices the step is compiled for
+    self.impl = attention.resolve(cfg, sharding.target_device(mesh))
+    self.block = cfg.attention_block
     self.q = Projection(d, d, axes=("heads", "embed"), **lin)
     self.k = Projection(d, d, axes=("heads", "embed"), **lin)
     self.v = Projection(d, d, axes=("heads", "embed"), **lin)
@@ -158,18 +165,20 @@ class Attention(nnx.Module):
 class FFN(nnx.Module):
   """SwiGLU or (2:4-sparse) squared-ReLU feed-forward block."""
 
-  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs,
+               mesh: jax.sharding.Mesh | None = None):
     d, f = cfg.d_model, cfg.ffn_dim
     lin = dict(kind=cfg.linear_kind, rank=cfg.rank, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.kind = cfg.ffn_kind
     self.sparse = bool(cfg.sparsity.enabled)
     self.backward = cfg.sparsity.backward
     self.dense_fraction = cfg.sparsity.split_dense_fraction
-    self.kernel = resolve_kernel(cfg) if self.sparse else "xla"
+    self.kernel = cfg.kernel
+    self.mesh = mesh  # where the 2:4 op runs per device (Pallas kernels)
     if self.kind == "swiglu":
       self.gate = Projection(d, f, axes=("mlp", "embed"), **lin)
       # CoLA's only_lr_act: no SiLU on the gate (each CoLA linear has its own inner SiLU)
-      self.gate_act = not getattr(cfg, "cola_only_lr_act", False)
+      self.gate_act = not cfg.cola_only_lr_act
     self.up = Projection(d, f, axes=("mlp", "embed"), **lin)
     self.down = Projection(f, d, axes=("embed", "mlp"), **lin)
 
@@ -183,58 +192,23 @@ class FFN(nnx.Module):
       r = jnp.maximum(self.up(x), 0)
       return self.down(r * r), None
     h = self.up.pre_last(x.astype(self.up.dtype))
-    op = sparsity.relu2_sparse_ffn if self.kernel == "xla" else pallas_sparse_ffn
-    u, stats = op(h, self.up.last_weight(), self.down.first_weight(), sparse_on,
-                  mode=self.backward, dense_fraction=self.dense_fraction)
+    u, stats = ffn_ops.sparse_ffn(h, self.up.last_weight(), self.down.first_weight(), sparse_on,
+                                  kernel=self.kernel, mode=self.backward,
+                                  dense_fraction=self.dense_fraction, mesh=self.mesh)
     return self.down.post_first(self.down.tag_code(u)), stats
-
-
-def resolve_kernel(model_cfg) -> str:
-  """``model.kernel``: ``auto`` is ``pallas`` on GPUs and ``xla`` elsewhere."""
-  if model_cfg.kernel != "auto":
-    return model_cfg.kernel
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
-def pallas_sparse_ffn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
-  """The Pallas kernels (``kernels.elas_ffn``), one call per device's tokens.
-
-  A ``pallas_call`` is opaque to XLA's SPMD partitioner, which would gather
-  the whole batch onto every device; under a mesh (``jax.set_mesh``, entered
-  by the trainer) the op runs in ``shard_map`` over the batch axes instead,
-  with the (small, low-rank) weights whole on every device. Statistics are
-  averaged over the shards; split mode permutes tokens within a shard.
-  """
-  from kernels import elas_ffn  # the repository's kernels package (see kernels/__init__.py)
-
-  def local(h, w_in, w_out, sparse_on):
-    return elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction)
-
-  mesh = jax.sharding.get_abstract_mesh()
-  batch = tuple(a for a in sharding.BATCH_AXES
-                if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
-  if not batch:
-    return local(h, w_in, w_out, sparse_on)
-
-  def sharded(h, w_in, w_out, sparse_on):
-    out, stats = local(h, w_in, w_out, sparse_on)
-    return out, jax.tree.map(lambda s: jax.lax.pmean(s, batch), stats)
-
-  P = jax.sharding.PartitionSpec
-  return jax.shard_map(sharded, mesh=mesh, in_specs=(P(batch), P(), P(), P()),
-                       out_specs=(P(batch), P()), check_vma=False)(h, w_in, w_out, sparse_on)
 
 
 class Block(nnx.Module):
   """Pre-norm decoder block: x + attn(norm(x)); x + ffn(norm(x))."""
 
-  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs,
+               mesh: jax.sharding.Mesh | None = None):
     norm = dict(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                 scale_metadata={"logical_axes": ("embed",)})
     self.attn_norm = nnx.RMSNorm(cfg.d_model, **norm)
-    self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
     self.ffn_norm = nnx.RMSNorm(cfg.d_model, **norm)
-    self.ffn = FFN(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn = FFN(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
 
   def __call__(self, x: jax.Array, sparse_on: jax.Array):
     x = x + self.attn(self.attn_norm(x))
@@ -253,106 +227,26 @@ def remat_policy(mode: str):
   raise ValueError(f"config.model.remat = {mode!r}: must be one of {', '.join(REMAT_MODES)}")
 
 
-def _is_var(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _stack(values):
-  if isinstance(values[0], jax.ShapeDtypeStruct):  # abstract (nnx.eval_shape) models
-    return jax.ShapeDtypeStruct((len(values), *values[0].shape), values[0].dtype)
-  return jnp.stack(values)
-
-
-def _take(value, i: int):
-  if isinstance(value, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
-  return value[i]
-
-
-def _stack_vars(*layers):
-  """One stacked leaf from the same leaf of every layer; Variables gain a ``layers`` axis."""
-  first = layers[0]
-  if not _is_var(first):
-    return _stack(layers)
-  value = _stack([v.get_value() for v in layers])
-  axes = first.get_metadata().get("logical_axes")
-  return first.replace(value, **({"logical_axes": ("layers", *axes)} if axes else {}))
-
-
-def _unstack_var(x, i: int):
-  if not _is_var(x):
-    return _take(x, i)
-  axes = x.get_metadata().get("logical_axes")
-  if axes and axes[0] == "layers":
-    return x.replace(_take(x.get_value(), i), logical_axes=tuple(axes[1:]))
-  return x.replace(_take(x.get_value(), i))
-
-
-def _with_blocks(params, blocks):
-  """``params`` (an nnx.State or a dict) with its ``blocks`` entry replaced."""
-  out = {k: v for k, v in params.items()}
-  out["blocks"] = blocks
-  return nnx.State(out) if isinstance(params, nnx.State) else out
-
-
-def stack_layers(params):
-  """Parameters of an unscanned model -> the ``scan_layers = True`` layout.
-
-  ``params`` is an ``nnx.State`` (or nested dict) with ``blocks`` keyed by
-  layer index; the result keys ``blocks`` by module path with every leaf
-  stacked on a new leading axis (logical axis ``layers``). Optimizer moments
-  that mirror the parameters convert the same way.
-  """
-  blocks = params["blocks"]
-  keys = list(blocks.keys())
-  if not keys or not all(str(k).isdigit() for k in keys):
-    raise ValueError(f"stack_layers: blocks are not keyed by layer index (got {keys[:4]}); "
-                     "already stacked?")
-  keys = sorted(keys, key=int)
-  stacked = jax.tree.map(_stack_vars, *[blocks[k] for k in keys], is_leaf=_is_var)
-  return _with_blocks(params, stacked)
-
-
-def unstack_layers(params):
-  """Inverse of :func:`stack_layers`: scanned parameters -> one entry per layer."""
-  blocks = params["blocks"]
-  leaves = jax.tree.leaves(blocks, is_leaf=_is_var)
-  if any(str(k).isdigit() for k in blocks.keys()):
-    raise ValueError("unstack_layers: blocks are keyed by layer index; already unstacked?")
-  n = (leaves[0].get_value() if _is_var(leaves[0]) else leaves[0]).shape[0]
-  per_layer = {i: jax.tree.map(lambda x, i=i: _unstack_var(x, i), blocks, is_leaf=_is_var)
-               for i in range(n)}
-  return _with_blocks(params, nnx.State(per_layer) if isinstance(blocks, nnx.State) else per_layer)
-
-
-def layer(model: "Transformer", i: int) -> Block:
-  """Decoder block ``i`` as a module of its own, in either layout."""
-  if not model.scan_layers:
-    return model.blocks[i]
-  graphdef, state = nnx.split(model.blocks)
-  return nnx.merge(graphdef, jax.tree.map(lambda x: _unstack_var(x, i), state, is_leaf=_is_var))
-
-
 class Transformer(nnx.Module):
   """LLaMA decoder: embed -> blocks -> RMSNorm -> untied lm_head."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     self.dtype = dtype
-    # Configs saved before these fields existed mean the old behaviour.
-    self.remat = cfg.get("remat", "none")
-    self.scan_layers = bool(cfg.get("scan_layers", False))
+    self.remat = cfg.remat
+    self.scan_layers = bool(cfg.scan_layers)
     remat_policy(self.remat)  # an unknown mode fails here, before any tracing
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
                            embedding_init=_normal(0.02), rngs=rngs,
                            embedding_metadata={"logical_axes": ("vocab", "embed")})
     # Built one by one in both layouts, so a scanned model's parameters are
     # exactly stack_layers of the unscanned model's with the same seed.
-    blocks = [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.n_layers)]
+    blocks = [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
+              for _ in range(cfg.n_layers)]
     if self.scan_layers:
       graphdef, _ = nnx.split(blocks[0])
       states = [nnx.state(b) for b in blocks]
-      self.blocks = nnx.merge(graphdef, jax.tree.map(_stack_vars, *states, is_leaf=_is_var))
+      self.blocks = nnx.merge(graphdef, jax.tree.map(stacking.stack_vars, *states, is_leaf=stacking.is_var))
     else:
       self.blocks = nnx.List(blocks)
     self.final_norm = nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dtype,
@@ -413,7 +307,7 @@ class Transformer(nnx.Module):
     """The final-normed hidden states ``[B, L, d]`` (compute dtype) and the statistics.
 
     What :meth:`__call__` feeds to ``lm_head``; the chunked loss
-    (:mod:`elas_jax.loss`) applies ``lm_head`` itself, chunk by chunk.
+    (:mod:`elas_jax.ops.loss`) applies ``lm_head`` itself, chunk by chunk.
     """
     sparse_on = jnp.asarray(sparse_on, dtype=bool)
     x = self.embed(tokens_BxL)
@@ -421,21 +315,7 @@ class Transformer(nnx.Module):
     return self.final_norm(x), stats
 
 
-def sparsity_active(step: jax.Array | int, dense_warmup_steps: jax.Array | int) -> jax.Array:
-  """Whether optimizer step ``step`` (0-based) runs the 2:4 FFN.
-
-  Both arguments may be traced, so neither the step nor the warm-up length
-  is baked into a compiled function.
-  """
-  return jnp.asarray(step) >= jnp.asarray(dense_warmup_steps)
-
-
-def sparse_phase(model_cfg, step: jax.Array | int) -> jax.Array:
-  """Whether the model runs its 2:4 FFN at optimizer step ``step``: training and
-  evaluation both use this, so an evaluation follows the training phase."""
-  return sparsity_active(step, model_cfg.sparsity.dense_warmup_steps) & bool(model_cfg.sparsity.enabled)
-
-
-def build_model(model_cfg, seed: int = 0) -> Transformer:
-  """Instantiates a :class:`Transformer` from ``config.model``."""
-  return Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
+def build_model(model_cfg, seed: int = 0, *, mesh: jax.sharding.Mesh | None = None) -> Transformer:
+  """Instantiates a :class:`Transformer` from ``config.model`` for steps compiled on
+  ``mesh`` (None: this process's devices, unsharded)."""
+  return Transformer(model_cfg, rngs=nnx.Rngs(params=seed), mesh=mesh)

@@ -1,6 +1,5 @@
-"""Model summary: parameters per module and activation memory per token.
-
-    python -m elas_jax.summary --config configs/llama_60m.py:elas
+"""Model summary: parameters per module and activation memory per token
+(the command: :mod:`elas_jax.cli.summary`).
 
 Nothing is allocated: the model is built abstractly (``nnx.eval_shape``) and
 activation memory is measured by tracing what autodiff saves for backward
@@ -9,15 +8,14 @@ activation memory is measured by tracing what autodiff saves for backward
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
-from absl import flags
 from flax import nnx
 
-from elas_jax import cli, loss as loss_lib, memory, model as model_lib
+from elas_jax import memory, model as model_lib, stacking
+from elas_jax.ops import loss as loss_lib
 
 
 def _path_str(path) -> str:
@@ -29,8 +27,8 @@ def param_table(model: nnx.Module) -> "OrderedDict[str, list[tuple[str, tuple[in
   """Module path -> [(param name, shape)], in definition order."""
   table: OrderedDict = OrderedDict()
   params = nnx.state(model, nnx.Param)
-  if getattr(model, "scan_layers", False):  # list stacked blocks per layer, as unscanned
-    params = model_lib.unstack_layers(params)
+  if model.scan_layers:  # list stacked blocks per layer, as unscanned
+    params = stacking.unstack_layers(params)
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     *mod, name = _path_str(path).split(".")
     if name == "value":  # tree paths may end in the Variable's value field
@@ -61,7 +59,7 @@ def activation_bytes(cfg, model: nnx.Module, seq_len: int) -> dict[str, float]:
     return memory.total_bytes_per_token(memory.token_residuals(
         lambda b: (state, jax.ShapeDtypeStruct((b, seq_len, d), dtype)), fn, seq_len))
 
-  block = model_lib.layer(model, 0)
+  block = stacking.layer(model, 0)
   ffn = measure(block.ffn, lambda m, x: m(x, True)[0])
   blk = measure(block, lambda m, x: m(x, True)[0])
 
@@ -122,13 +120,3 @@ def summarize(cfg) -> dict:
     print(f"  {k:<22} {v / 1024:>10.2f} KiB")
   return {"params": total, "variant": cfg.variant, "size": cfg.size,
           "params_per_block": per_block, "activation_bytes_per_token": act}
-
-
-def main(argv) -> None:
-  del argv
-  print(json.dumps(summarize(flags.FLAGS.config)))
-
-
-if __name__ == "__main__":
-  cli.define_config_flag()
-  cli.run(main)

@@ -93,7 +93,7 @@ def make_schedule(opt_cfg, total_steps: int) -> Callable[[jax.Array], jax.Array]
   if opt_cfg.schedule == "cosine_restart":
     return cosine_restart_schedule(opt_cfg.lr, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio,
                                    opt_cfg.exact_every, opt_cfg.restart_warmup,
-                                   lr_adjust_steps=opt_cfg.get("lr_adjust_steps", 0))
+                                   lr_adjust_steps=opt_cfg.lr_adjust_steps)
   return cosine_schedule(opt_cfg.lr, opt_cfg.warmup_steps, total_steps, opt_cfg.min_lr_ratio)
 
 

@@ -11,7 +11,6 @@ replicated along it (e.g. the 1B FFN width 8191). Batches are split over
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
@@ -116,14 +115,15 @@ def check_batch(train_cfg, mesh: jax.sharding.Mesh) -> None:
                       f"data x fsdp split of the mesh; use a multiple of {ways}")
 
 
-def kernel_mesh(mesh: jax.sharding.Mesh, model_cfg):
-  """Context for tracing the model: the Pallas FFN reads the mesh to run per shard.
+def target_device(mesh: jax.sharding.Mesh | None = None):
+  """A device of the compile target: the mesh's first device (a deviceless GPU
+  topology's included), or this process's first device without a mesh. Choices
+  that depend on the hardware (kernels, attention, peak FLOP/s) read this, not
+  ``jax.default_backend()``, so a CPU process compiling for a GPU takes the GPU's paths."""
+  return mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
 
-  Entered only when the Pallas kernels are in use, so the XLA path is traced
-  exactly as before.
-  """
-  from elas_jax import model
 
-  if model_cfg.sparsity.enabled and model.resolve_kernel(model_cfg) == "pallas":
-    return jax.set_mesh(mesh)
-  return contextlib.nullcontext()
+def platform_of(device) -> str:
+  """``"gpu"`` for CUDA / ROCm devices (deviceless topologies report ``gpu`` too), else
+  the device's platform (``"cpu"``, ``"tpu"``)."""
+  return "gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform

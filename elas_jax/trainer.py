@@ -32,8 +32,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from elas_jax import attention, checkpointing, config_lib, flops, loss as loss_lib
-from elas_jax import model as model_lib, optim, profiling, sharding
+from elas_jax import checkpointing, config_lib, flops, model as model_lib, optim, profiling
+from elas_jax import sharding, stacking
+from elas_jax.ops import attention, loss as loss_lib, sparsity
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 from elas_jax.errors import UserError
 
@@ -147,7 +148,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg,
   grad_fn = make_grad_fn(graphdef, cfg, mesh)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    sparse_on = model_lib.sparse_phase(cfg.model, state.step)
+    sparse_on = sparsity.sparse_phase(cfg.model, state.step)
     loss, stats, count, grads = grad_fn(state.params, batch, sparse_on)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -181,7 +182,7 @@ def make_eval_step(graphdef, cfg) -> Callable:
 
   def eval_step(params, step, batch):
     # Evaluation follows the training phase: 2:4 after the dense warm-up.
-    sparse_on = model_lib.sparse_phase(cfg.model, step)
+    sparse_on = sparsity.sparse_phase(cfg.model, step)
     total, count, _ = loss_lib.lm_loss(nnx.merge(graphdef, params), batch, sparse_on, cfg.model)
     return total, count
 
@@ -210,7 +211,7 @@ class Run:
     cfg = self.cfg
 
     def init():
-      params = nnx.state(model_lib.build_model(cfg.model, seed=cfg.seed), nnx.Param)
+      params = nnx.state(model_lib.build_model(cfg.model, seed=cfg.seed, mesh=self.mesh), nnx.Param)
       return TrainState.create(params, self.tx)
 
     return jax.jit(init, out_shardings=self.state_shardings)()
@@ -226,9 +227,15 @@ class Run:
     return pipeline.eval_batches(docs, self.tokenizer, self.spec)
 
   def evaluate(self, eval_fn, params, step, batches) -> dict[str, float]:
+    """``eval_loss`` (mean per-token loss over unmasked targets), ``eval_ppl``, ``eval_tokens``.
+
+    The per-batch sums stay on the device while the batches are dispatched (no
+    synchronisation per batch); they are fetched once at the end and added in
+    float64, in batch order.
+    """
+    sums = [eval_fn(params, step, pipeline.global_batch(b, self.batch_sharding)) for b in batches]
     total, count = 0.0, 0.0
-    for b in batches:
-      t, c = eval_fn(params, step, pipeline.global_batch(b, self.batch_sharding))
+    for t, c in jax.device_get(sums):
       total, count = total + float(t), count + float(c)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss)), "eval_tokens": int(count)}
@@ -248,6 +255,15 @@ def restore_run(workdir: str, step: int | None = None, *, mesh: tuple[int, int, 
   return run, checkpointing.restore_state(workdir, step, run.abstract_state)
 
 
+def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None,
+                        devices=None) -> dict:
+  """``{"step", "eval_loss", "eval_ppl", "eval_tokens"}`` of checkpoint ``step`` (default:
+  the latest) of ``workdir`` on its validation stream, restored onto this machine's mesh."""
+  run, state = restore_run(workdir, step, mesh=mesh, devices=devices)
+  batches, _ = run.eval_batches()
+  return {"step": int(state.step), **run.evaluate(run.jit_eval_step(), state.params, state.step, batches)}
+
+
 def with_unscanned_layers(run: Run, params: nnx.State) -> tuple[Run, nnx.State]:
   """A ``scan_layers`` run and its params in the per-layer layout (for decoding and
   export, which walk the blocks one by one); other runs are returned as they are."""
@@ -255,9 +271,9 @@ def with_unscanned_layers(run: Run, params: nnx.State) -> tuple[Run, nnx.State]:
     return run, params
   cfg = run.cfg.copy_and_resolve_references()
   cfg.model.scan_layers = False
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed)),
-                          nnx.Param)
-  return dataclasses.replace(run, cfg=cfg, graphdef=graphdef), model_lib.unstack_layers(params)
+  graphdef, _ = nnx.split(
+      nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed, mesh=run.mesh)), nnx.Param)
+  return dataclasses.replace(run, cfg=cfg, graphdef=graphdef), stacking.unstack_layers(params)
 
 
 def build(cfg, devices=None, *, with_tokenizer: bool = True) -> Run:
@@ -267,12 +283,14 @@ def build(cfg, devices=None, *, with_tokenizer: bool = True) -> Run:
   benchmarks and tools that feed synthetic token ids.
   """
   config_lib.validate(cfg)
-  attention.check_backend(cfg.model)  # needs the target backend, so here rather than in validate
+  devices = list(devices if devices is not None else jax.devices())
+  # needs the target devices, so here rather than in validate
+  attention.check_backend(cfg.model, devices[0])
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch(cfg.train, mesh)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size) if with_tokenizer else None
   spec = pipeline.Spec.from_config(cfg)
-  abstract_model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed))
+  abstract_model = nnx.eval_shape(lambda: model_lib.build_model(cfg.model, seed=cfg.seed, mesh=mesh))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   tx, schedule = optim.make_optimizer(cfg)
   abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract_params)
@@ -420,7 +438,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
              dynamic_ncols=True)
   compiled, compile_s = None, None
   try:
-    with StopRequested() as stop, sharding.kernel_mesh(run.mesh, cfg.model):
+    with StopRequested() as stop:
       step = start
       while step < t.steps:
         batch = pipeline.global_batch(next(data_iter), run.batch_sharding)

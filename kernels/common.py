@@ -13,7 +13,7 @@ decompression are element-wise across planes. The compressed activation is
 stored the same way:
 
     vals_4xTxG  plane p holds ``compress_24`` values ``[:, 4g + p]``
-    meta_TxG    uint8, identical to ``elas_jax.sparsity.compress_24``'s metadata
+    meta_TxG    uint8, identical to ``elas_jax.ops.sparsity.compress_24``'s metadata
 
 i.e. exactly the bytes of ``compress_24`` (9/16 of the dense bf16 activation),
 only the values are stored plane-major. :func:`to_planes` / :func:`from_planes`
@@ -200,7 +200,7 @@ def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
 def keep_24(a: list[jax.Array]) -> list[jax.Array]:
   """Keep-masks of the 2 largest of 4 planes; ties go to the lower plane.
 
-  Same rule as ``elas_jax.sparsity.mask_24`` with ``a`` already magnitudes.
+  Same rule as ``elas_jax.ops.sparsity.mask_24`` with ``a`` already magnitudes.
   """
   keep = []
   for i in range(GROUP):

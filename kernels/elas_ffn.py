@@ -1,6 +1,6 @@
 """The whole 2:4-sparse squared-ReLU FFN core as Pallas kernels, forward and backward.
 
-Computes what ``elas_jax.sparsity.relu2_sparse_ffn`` computes (its reference):
+Computes what ``elas_jax.ops.sparsity.relu2_sparse_ffn`` computes (its reference):
 
     out_TxN = sparsify_24(relu(h_TxK @ w_inᵀ)²) @ w_outᵀ       w_in [F, K], w_out [N, F]
 
@@ -38,7 +38,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
-from elas_jax import sparsity
+from elas_jax.ops import sparsity
 from kernels import common as cm
 from kernels.common import PLANES
 
@@ -55,7 +55,7 @@ def reference(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_on
   passes the mask); ``split`` feeds ``w_out`` a zero-valued term whose
   gradient is the token-wise 2:4 activation. Only the selection rules
   (``mask_24``, ``token_keep_24``, ``densest_features``) come from
-  ``elas_jax.sparsity``; they are plain jnp and tested there against numpy.
+  ``elas_jax.ops.sparsity``; they are plain jnp and tested there against numpy.
   """
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, h.shape[-1])
@@ -412,7 +412,7 @@ def _forward(mode, blocks, interpret, h, w_in, w_out, sparse_on, store=False):
   dropped = jnp.sum(stats_rows[:, 2])
   r_tail = None
   if lay.f_main != f:  # dense tail features: y2 = relu(h w_tailᵀ)², never dropped
-    r_tail = jnp.maximum(sparsity._matmul_t(h, w_in[lay.f_main:]), 0)
+    r_tail = jnp.maximum(sparsity.matmul_t(h, w_in[lay.f_main:]), 0)
     y2_tail = r_tail * r_tail
     out = out + jnp.einsum("tf,nf->tn", y2_tail, w_out[:, lay.f_main:],
                            preferred_element_type=jnp.float32)
@@ -517,7 +517,7 @@ def elas_ffn(
 
   Args:
     h, w_in_FxK, w_out_NxF, sparse_on, mode, dense_fraction: as in
-      ``elas_jax.sparsity.relu2_sparse_ffn``.
+      ``elas_jax.ops.sparsity.relu2_sparse_ffn``.
     block_t, block_f: tile sizes (powers of two; ``block_f >= 8``); default by shape.
     interpret: run the kernels in the Pallas interpreter (CPU); default: True
       unless the default backend is a GPU.

@@ -3,7 +3,7 @@
     vals_4xTxG, meta_TxG = relu2_sparsify(z_TxK, w_FxK)     # G = F / 8
 
 returns the 2:4-compressed ``sparsify_24(relu(z wᵀ)²)`` in the plane layout of
-``kernels/common.py`` (the bytes of ``elas_jax.sparsity.compress_24``, values
+``kernels/common.py`` (the bytes of ``elas_jax.ops.sparsity.compress_24``, values
 plane-major). With ``z`` the rank-r code and ``w = B_up`` this is the first
 half of the ELAS FFN; its cost is reading ``z`` and writing 9/16 of the dense
 activation, so it should run near copy bandwidth.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from elas_jax import sparsity
+from elas_jax.ops import sparsity
 from kernels import common as cm
 from kernels.common import PLANES
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from elas_jax import sparsity
+from elas_jax.ops import sparsity
 from kernels import common as cm
 from kernels.common import PLANES
 

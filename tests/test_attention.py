@@ -14,15 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elas_jax import attention, config_lib, memory, model as model_lib
+from benchmarks.harness import rel_err
+from elas_jax import config_lib, memory, model as model_lib
+from elas_jax.ops import attention
 from tests.helpers import tiny_train_config
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def qkv(seed, b, l, n, h, dtype=jnp.float32):
@@ -116,17 +113,31 @@ def test_model_with_chunked_attention_matches_xla():
   assert rel_err(out["chunked"], out["xla"]) < 1e-5
 
 
-def test_auto_resolution():
-  mc = _tiny_model_cfg(**{"model.attention": "auto"})
-  if attention.cudnn_unsupported(mc) is None:
-    assert attention.resolve(mc) == "cudnn"
-  elif jax.default_backend() == "cpu":
-    assert "backend here is 'cpu'" in attention.cudnn_unsupported(mc)
-    assert attention.resolve(mc) == "chunked"
-  else:
-    assert attention.resolve(mc) == "xla"
-  for impl in ("xla", "cudnn", "chunked"):
-    assert attention.resolve(_tiny_model_cfg(**{"model.attention": impl})) == impl
+class _Device:
+  """The two device facts attention's choice reads (a real, or deviceless topology, device)."""
+
+  def __init__(self, platform: str, device_kind: str):
+    self.platform, self.device_kind = platform, device_kind
+
+
+@pytest.mark.parametrize("device,dtype,want", [
+    (_Device("cpu", "cpu"), "float32", "chunked"),
+    (_Device("cpu", "cpu"), "bfloat16", "chunked"),
+    (_Device("gpu", "NVIDIA H200"), "bfloat16", "cudnn"),
+    (_Device("gpu", "NVIDIA H200"), "float32", "xla"),  # cuDNN flash has no fp32 path
+    (_Device("gpu", "AMD Instinct MI300X"), "bfloat16", "xla"),  # no cuDNN on ROCm
+    (_Device("tpu", "TPU v5 lite"), "bfloat16", "xla"),
+])
+def test_auto_follows_the_target_device(device, dtype, want):
+  # The choice is made for the devices the step is compiled for, whatever this
+  # process runs on (a CPU process compiling for an H200 picks cuDNN).
+  mc = _tiny_model_cfg(**{"model.attention": "auto", "model.dtype": dtype})
+  assert attention.resolve(mc, device) == want
+  for impl in ("xla", "cudnn", "chunked"):  # explicit choices are kept
+    assert attention.resolve(_tiny_model_cfg(**{"model.attention": impl}), device) == impl
+  if want != "cudnn":
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.model\.attention = 'cudnn': "):
+      attention.check_backend(_tiny_model_cfg(**{"model.attention": "cudnn", "model.dtype": dtype}), device)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN may be available here")

@@ -1,4 +1,4 @@
-"""Hugging Face export and import (elas_jax/export.py).
+"""Hugging Face export and import (elas_jax/hf.py, elas_jax/cli/export.py).
 
 The reference for the exported weights is a numpy forward pass written here
 from Hugging Face's LlamaForCausalLM formulas (LlamaRMSNorm, rotate-half
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from elas_jax import evaluate, export, model as model_lib, trainer
+from elas_jax import hf, model as model_lib, trainer
 from elas_jax.errors import UserError
 from tests.helpers import ROOT, tiny_train_config
 
@@ -96,7 +96,7 @@ def hf_llama_logits(config: dict, t: dict, tokens: np.ndarray) -> np.ndarray:
 
 
 def _hf_config(cfg, dtype="float32") -> dict:
-  return export.hf_config(cfg, dtype=dtype, bos_id=3, eos_id=1, pad_id=0, max_positions=32)
+  return hf.hf_config(cfg, dtype=dtype, bos_id=3, eos_id=1, pad_id=0, max_positions=32)
 
 
 # ------------------------------------------------------------------- tests
@@ -112,7 +112,7 @@ def test_exported_names_and_shapes_are_the_llama_state_dict():
     want[f"model.layers.{i}.mlp.down_proj.weight"] = (d, f)
     want[f"model.layers.{i}.input_layernorm.weight"] = (d,)
     want[f"model.layers.{i}.post_attention_layernorm.weight"] = (d,)
-  got = export.hf_tensors(cfg, params)
+  got = hf.hf_tensors(cfg, params)
   assert {k: x.shape for k, x in got.items()} == want
   assert all(x.dtype == np.float32 for x in got.values())
 
@@ -123,7 +123,7 @@ def test_hf_reference_forward_reproduces_the_logits(variant):
   cfg, m, params = _model(variant)
   tokens = _tokens(cfg.vocab_size)
   want = np.asarray(m(tokens, False)[0], np.float64)
-  got = hf_llama_logits(_hf_config(cfg), export.hf_tensors(cfg, params), tokens)
+  got = hf_llama_logits(_hf_config(cfg), hf.hf_tensors(cfg, params), tokens)
   assert np.abs(want).max() > 1.0  # the weights make logits of a size that shows mistakes
   np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
@@ -132,13 +132,13 @@ def test_elas_export_is_the_dense_model_not_the_24_one():
   cfg, m, params = _model("elas")
   tokens = _tokens(cfg.vocab_size)
   sparse = np.asarray(m(tokens, True)[0])
-  got = hf_llama_logits(_hf_config(cfg), export.hf_tensors(cfg, params), tokens)
+  got = hf_llama_logits(_hf_config(cfg), hf.hf_tensors(cfg, params), tokens)
   assert np.abs(got - sparse).max() > 1e-2
 
 
 def test_bfloat16_export_rounds_the_float32_weights():
   cfg, _, params = _model("loro")
-  f32, bf16 = export.hf_tensors(cfg, params, "float32"), export.hf_tensors(cfg, params, "bfloat16")
+  f32, bf16 = hf.hf_tensors(cfg, params, "float32"), hf.hf_tensors(cfg, params, "bfloat16")
   for k, x in bf16.items():
     assert x.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(x, f32[k].astype(ml_dtypes.bfloat16))
@@ -149,7 +149,7 @@ def test_bfloat16_export_rounds_the_float32_weights():
 @pytest.mark.parametrize("variant", ["full", "loro_relu2"])
 def test_config_fields(variant):
   cfg, _, _ = _model(variant)
-  c = export.hf_config(cfg, dtype="bfloat16", bos_id=3, eos_id=1, pad_id=0, max_positions=128)
+  c = hf.hf_config(cfg, dtype="bfloat16", bos_id=3, eos_id=1, pad_id=0, max_positions=128)
   assert c["architectures"] == ["LlamaForCausalLM"] and c["model_type"] == "llama"
   assert (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]) == (64, cfg.ffn_dim, 2)
   assert c["num_attention_heads"] == c["num_key_value_heads"] == 4 and c["head_dim"] == 16
@@ -163,8 +163,8 @@ def test_config_fields(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_round_trip_export_import_reproduces_the_logits(variant):
   cfg, m, params = _model(variant)
-  hf_cfg, tensors = _hf_config(cfg), export.hf_tensors(cfg, params)
-  fields, pure = export.params_from_hf(hf_cfg, tensors)
+  hf_cfg, tensors = _hf_config(cfg), hf.hf_tensors(cfg, params)
+  fields, pure = hf.params_from_hf(hf_cfg, tensors)
   assert fields["linear_kind"] == "full"
   assert fields["ffn_kind"] == ("swiglu" if variant in ("full", "loro") else "relu2")
   new_cfg = tiny_train_config("full").model
@@ -182,9 +182,9 @@ def test_round_trip_export_import_reproduces_the_logits(variant):
 def test_cola_is_refused():
   cfg = tiny_train_config("cola").model
   with pytest.raises(UserError, match="linear_kind = 'cola'.*not a linear layer"):
-    export.check_exportable(cfg)
+    hf.check_exportable(cfg)
   with pytest.raises(UserError, match="cola"):
-    export.hf_tensors(cfg, {})
+    hf.hf_tensors(cfg, {})
 
 
 @pytest.mark.parametrize("change, message", [
@@ -201,19 +201,19 @@ def test_import_refuses_what_cannot_be_expressed(change, message):
   cfg, _, params = _model("full")
   hf_cfg = {**_hf_config(cfg), **change}
   with pytest.raises(UserError, match=message):
-    export.params_from_hf(hf_cfg, export.hf_tensors(cfg, params))
+    hf.params_from_hf(hf_cfg, hf.hf_tensors(cfg, params))
 
 
 def test_import_of_tied_embeddings_and_stale_buffers():
   cfg, m, params = _model("full")
-  tensors = export.hf_tensors(cfg, params)
+  tensors = hf.hf_tensors(cfg, params)
   tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
   tied = {k: x for k, x in tensors.items() if k != "lm_head.weight"}
   tied["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(8, np.float32)
-  _, pure = export.params_from_hf({**_hf_config(cfg), "tie_word_embeddings": True}, tied)
+  _, pure = hf.params_from_hf({**_hf_config(cfg), "tie_word_embeddings": True}, tied)
   np.testing.assert_array_equal(pure["lm_head"]["w"], tensors["model.embed_tokens.weight"])
   with pytest.raises(UserError, match="missing.*lm_head"):
-    export.params_from_hf(_hf_config(cfg), tied)
+    hf.params_from_hf(_hf_config(cfg), tied)
 
 
 def test_exported_tokenizer_json_encodes_like_the_project(tmp_path):
@@ -222,7 +222,7 @@ def test_exported_tokenizer_json_encodes_like_the_project(tmp_path):
   from elas_jax.data import corpus, tokenizer as tokenizer_lib
 
   tok = tokenizer_lib.load(tokenizer_lib.train_sample_tokenizer(4096))
-  names = export.write_tokenizer(tok, str(tmp_path), add_bos=False)
+  names = hf.write_tokenizer(tok, str(tmp_path), add_bos=False)
   assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= set(names)
   fast = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
   with open(corpus.sample_corpus()["validation"]) as f:
@@ -232,7 +232,7 @@ def test_exported_tokenizer_json_encodes_like_the_project(tmp_path):
     ids = fast.encode(d).ids  # with the post-processor: no BOS when data.add_bos is False
     assert ids == tok.encode(d), d[:60]
     assert fast.decode(ids) == tok.decode(ids)
-  export.write_tokenizer(tok, str(tmp_path), add_bos=True)
+  hf.write_tokenizer(tok, str(tmp_path), add_bos=True)
   fast = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
   assert fast.encode("Some text").ids == [tok.bos_id] + tok.encode("Some text")
   cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
@@ -246,7 +246,7 @@ def trained(tmp_path_factory):
   workdir, out = str(root / "run"), str(root / "hf")
   cfg = tiny_train_config("loro_relu2", **{"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2})
   trainer.train_and_evaluate(cfg, workdir)
-  summary = export.export_checkpoint(workdir, out, dtype="float32")
+  summary = hf.export_checkpoint(workdir, out, dtype="float32")
   return workdir, out, summary
 
 
@@ -259,13 +259,13 @@ def test_export_then_import_evaluates_the_same(trained, tmp_path):
   assert "Validation perplexity" in card and '"variant": "loro_relu2"' in card
   imported = str(tmp_path / "imported")
   base = tiny_train_config("full", **{"train.eval_tokens": 2048})
-  got = export.import_hf(out, imported, base)
+  got = hf.import_hf(out, imported, base)
   assert got["ffn_kind"] == "relu2" and os.path.isfile(got["config"])
-  a, b = evaluate.evaluate_checkpoint(workdir), evaluate.evaluate_checkpoint(imported)
+  a, b = trainer.evaluate_checkpoint(workdir), trainer.evaluate_checkpoint(imported)
   assert b["step"] == 0 and a["eval_tokens"] == b["eval_tokens"]
   assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-5, (a, b)
   with pytest.raises(UserError, match="already holds checkpoints"):
-    export.import_hf(out, imported, base)
+    hf.import_hf(out, imported, base)
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -286,7 +286,7 @@ def test_transformers_loads_the_export_with_the_same_logits(variant, tmp_path):
   from safetensors.numpy import save_file
 
   cfg, m, params = _model(variant)
-  save_file(export.hf_tensors(cfg, params), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  save_file(hf.hf_tensors(cfg, params), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
   (tmp_path / "config.json").write_text(json.dumps(_hf_config(cfg)))
   hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
   tokens = _tokens(cfg.vocab_size)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elas_jax import decode, model as model_lib
+from elas_jax import decode, model as model_lib, stacking
 from tests.helpers import ROOT, TINY_TRAIN_FLAGS, tiny_train_config
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -70,7 +70,7 @@ def test_cached_logits_equal_full_forward(variant, sparse_on):
 def test_cached_logits_equal_full_forward_pallas():
   """The interpreted Pallas FFN with T = batch tokens per decode step (padded
   to its token block inside the kernel)."""
-  cfg, m = _model("elas", **{"model.kernel": "pallas"})
+  cfg, m = _model("elas", **{"model.kernel": "triton"})
   toks = _prompts(cfg.model.vocab_size, [4, 6, 3], seed=1)
   got = _cached_logits(m, cfg, toks, prefill_lens=[3, 4, 2], sparse_on=True, max_len=8, width=4)
   for t, g in zip(toks, got):
@@ -215,7 +215,7 @@ def test_cli_generates_the_same_greedy_text_on_a_mesh_and_with_pallas(workdir, t
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("The history of\n\nIn 1990 the\nA\n")
   outs = []
-  for devices, mesh in ((1, []), (2, ["--mesh", "2,1,1", "--kernel", "pallas"])):
+  for devices, mesh in ((1, []), (2, ["--mesh", "2,1,1", "--kernel", "triton"])):
     out = tmp_path / f"out{devices}.jsonl"
     p = _generate("--workdir", workdir, "--prompts_file", str(prompts), "--temperature", "0",
                   "--max_new_tokens", "5", "--batch_size", "2", "--out", str(out), *mesh,
@@ -250,15 +250,15 @@ def test_inference_benchmark_smoke(tmp_path):
 def test_a_scanned_checkpoint_generates_and_exports_in_the_per_layer_layout(tmp_path):
   from flax import nnx
 
-  from elas_jax import checkpointing, export, trainer
+  from elas_jax import checkpointing, hf, trainer
 
   cfg = tiny_train_config("elas", **{"model.scan_layers": True, "train.steps": 5, "train.eval_every": 5,
                                      "train.ckpt_every": 5})
   trainer.train_and_evaluate(cfg, str(tmp_path / "run"))
-  # What generate.load does (the module itself defines absl flags at import).
   scanned = trainer.build(cfg)
   state = checkpointing.restore_state(str(tmp_path / "run"), 5, scanned.abstract_state)
-  run, params = trainer.with_unscanned_layers(scanned, state.params)
+  run, params, step = decode.load(str(tmp_path / "run"))
+  assert step == 5
   assert not run.cfg.model.scan_layers
   tokens = (jnp.arange(2 * 16).reshape(2, 16) * 7) % cfg.model.vocab_size
   want, _ = nnx.merge(scanned.graphdef, state.params)(tokens, True)  # the scanned model itself
@@ -268,5 +268,5 @@ def test_a_scanned_checkpoint_generates_and_exports_in_the_per_layer_layout(tmp_
                          eos_id=-1, pad_id=0, temperature=0.0, top_k=0, top_p=1.0)
   (res,) = gen.generate([[5, 9, 11]], max_new_tokens=3, seed=0)
   assert len(res.tokens) == 3
-  out = export.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), dtype="float32")
+  out = hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), dtype="float32")
   assert os.path.exists(tmp_path / "hf" / "model.safetensors") and out

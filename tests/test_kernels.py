@@ -183,7 +183,7 @@ def test_each_kernel_launches_once_per_call(mode):
 
 
 def test_plane_layout_round_trips_compress_24():
-  from elas_jax import sparsity
+  from elas_jax.ops import sparsity
 
   y = jax.random.normal(jax.random.PRNGKey(0), (6, 48))
   values, meta = sparsity.compress_24(y)
@@ -334,7 +334,7 @@ def test_standalone_kernels_on_gpu():
 
 @pytest.mark.slow
 def test_tiny_training_with_pallas_kernel_matches_xla(tmp_path):
-  # config.model.kernel=pallas (interpreted on CPU) trains like the XLA op:
+  # config.model.kernel=pallas (the old name of triton; interpreted on CPU) trains like the XLA op:
   # dense warm-up, the 2:4 switch at step 4, a LORO exact step at 5, evaluation.
   from tests.helpers import assert_trainings_match, tiny_train_config
 
@@ -345,7 +345,7 @@ def test_tiny_training_with_pallas_kernel_matches_xla(tmp_path):
 
 _MESH_SCRIPT = r"""
 import json, jax, jax.numpy as jnp, numpy as np
-from elas_jax import model
+from elas_jax.ops import ffn
 from kernels import elas_ffn
 from tests.test_kernels import kernel_launches, pallas_out_shapes
 mesh = jax.make_mesh((2, 2, 1), ("data", "fsdp", "tensor"),
@@ -358,9 +358,10 @@ def value_and_grads(fn):
   return jax.value_and_grad(lambda h, wi, wo: jnp.sum(
       fn(h, wi, wo, True, mode="masked", dense_fraction=0.05)[0] ** 2), argnums=(0, 1, 2))
 hs = jax.device_put(h, jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))))
-with jax.set_mesh(mesh):
-  meshed = jax.jit(value_and_grads(model.pallas_sparse_ffn))(hs, wi, wo)
-  jaxpr = jax.make_jaxpr(value_and_grads(model.pallas_sparse_ffn))(hs, wi, wo)
+def on_mesh(h, wi, wo, sparse_on, **kw):  # the model's call, the mesh given explicitly
+  return ffn.sparse_ffn(h, wi, wo, jnp.asarray(sparse_on), kernel="triton", mesh=mesh, **kw)
+meshed = jax.jit(value_and_grads(on_mesh))(hs, wi, wo)
+jaxpr = jax.make_jaxpr(value_and_grads(on_mesh))(hs, wi, wo)
 # one device, no mesh: the whole batch, and one device's share of it (8 / 4 sequences)
 one = jax.jit(value_and_grads(elas_ffn.elas_ffn))(h, wi, wo)
 local = jax.make_jaxpr(value_and_grads(elas_ffn.elas_ffn))(h[:2], wi, wo)

@@ -15,13 +15,10 @@ import optax
 import pytest
 from flax import nnx
 
-from elas_jax import config_lib, loss as loss_lib, memory, model as model_lib
+from benchmarks.harness import rel_err
+from elas_jax import config_lib, memory, model as model_lib
+from elas_jax.ops import loss as loss_lib
 from tests.helpers import assert_trainings_match, tiny_train_config
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def inputs(t, d, v, dtype=jnp.float32, seed=0):
@@ -105,9 +102,9 @@ def _batch(b, l, vocab, seed=0):
           "mask": (jax.random.uniform(ks[2], (b, l)) > 0.2).astype(jnp.int32)}
 
 
-@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+@pytest.mark.parametrize("kernel", ["xla", "triton"])
 def test_lm_loss_chunked_equals_full_on_the_model(kernel):
-  # The ELAS model in its 2:4 phase; kernel=pallas runs the kernels (interpreted on CPU).
+  # The ELAS model in its 2:4 phase; kernel=triton runs the Pallas kernels (interpreted on CPU).
   batch = _batch(2, 19, 300)
   out = {}
   for chunk in (0, 16):  # 38 tokens: the last of 3 chunks is padded
@@ -146,7 +143,7 @@ def test_bad_loss_chunk_names_the_field(value):
 _MESH_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from elas_jax import attention, loss
+from elas_jax.ops import attention, loss
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 ks = jax.random.split(jax.random.PRNGKey(0), 4)
 h = jax.random.normal(ks[0], (8, 32, 64)); w = jax.random.normal(ks[1], (300, 64)) * 0.1

@@ -9,7 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from elas_jax import config_lib, model as model_lib
+from elas_jax import config_lib, model as model_lib, stacking
+from elas_jax.ops import sparsity
 from tests.helpers import load_config
 
 SIZES = ("60m", "130m", "350m", "1b")
@@ -159,7 +160,7 @@ def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
 def test_initialisation_scales():
   c = load_config("configs/llama_60m.py", "loro")
   m = model_lib.build_model(c.model)
-  up = model_lib.layer(m, 0).ffn.up  # (any layout) d_in 512, d_out 1376, r 128
+  up = stacking.layer(m, 0).ffn.up  # (any layout) d_in 512, d_out 1376, r 128
   np.testing.assert_allclose(float(jnp.std(up.b[...])), np.sqrt(2 / (1376 + 128)), rtol=0.02)
   np.testing.assert_allclose(float(jnp.std(up.a[...])), np.sqrt(2 / (512 + 128)), rtol=0.02)
   np.testing.assert_allclose(float(jnp.std(m.embed.embedding[...])), 0.02, rtol=0.02)
@@ -168,10 +169,10 @@ def test_initialisation_scales():
   cc = load_config("configs/llama_60m.py", "cola")
   mc = model_lib.build_model(cc.model)
   want = 128 ** -0.25 * (512 + 1376) ** -0.25
-  np.testing.assert_allclose(float(jnp.std(model_lib.layer(mc, 0).ffn.up.a[...])), want, rtol=0.02)
+  np.testing.assert_allclose(float(jnp.std(stacking.layer(mc, 0).ffn.up.a[...])), want, rtol=0.02)
 
 
 def test_sparsity_active_is_data():
-  assert not bool(model_lib.sparsity_active(99, 100))
-  assert bool(model_lib.sparsity_active(100, 100))
-  assert bool(jax.jit(model_lib.sparsity_active)(jnp.int32(7), jnp.int32(0)))
+  assert not bool(sparsity.sparsity_active(99, 100))
+  assert bool(sparsity.sparsity_active(100, 100))
+  assert bool(jax.jit(sparsity.sparsity_active)(jnp.int32(7), jnp.int32(0)))

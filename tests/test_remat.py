@@ -133,16 +133,16 @@ def test_lowrank_saves_the_compressed_activation_of_the_custom_vjp_op():
 
 
 def test_pallas_kernel_composes_with_remat():
-  # kernel=pallas (interpreted on CPU) under remat = lowrank: the XLA op's
+  # kernel=triton (interpreted on CPU) under remat = lowrank: the XLA op's
   # gradients without remat, and the kernel's compressed activation is kept.
   small = {"model.n_layers": 1, "model.ffn_dim": 130}
   _, _, want = _grads(_cfg("elas", **small, **{"model.kernel": "xla"}))
-  cfg = _cfg("elas", **small, **{"model.kernel": "pallas", "model.remat": "lowrank"})
+  cfg = _cfg("elas", **small, **{"model.kernel": "triton", "model.remat": "lowrank"})
   _, _, got = _grads(cfg)
   for k in got:
     np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-6 * np.max(np.abs(want[k])), err_msg=k)
   extra = _multiset(_residuals(cfg)) - _multiset(_residuals(_cfg("elas", **small, **{
-      "model.kernel": "pallas", "model.remat": "block"})))
+      "model.kernel": "triton", "model.remat": "block"})))
   assert any(dtype == "uint8" for (_, dtype) in extra), extra  # the kernel's 2:4 metadata
 
 

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from elas_jax import checkpointing, evaluate, model as model_lib, optim, sharding, trainer
+from elas_jax import checkpointing, model as model_lib, optim, sharding, stacking, trainer
 from elas_jax.errors import ConfigError
 from tests.helpers import ROOT, step_losses, tiny_train_config
 
@@ -42,7 +42,7 @@ def test_scanned_init_is_the_stacked_unscanned_init_and_converters_round_trip():
   cfg = tiny_train_config("elas")
   _, flat_params = _split(cfg)
   _, scan_params = _split(tiny_train_config("elas", **{"model.scan_layers": True}))
-  stacked = model_lib.stack_layers(flat_params)
+  stacked = stacking.stack_layers(flat_params)
   assert _flat(stacked).keys() == _flat(scan_params).keys()
   for k, v in _flat(scan_params).items():
     np.testing.assert_array_equal(_flat(stacked)[k], v, err_msg=k)
@@ -50,15 +50,15 @@ def test_scanned_init_is_the_stacked_unscanned_init_and_converters_round_trip():
   assert q_a.shape == (cfg.model.n_layers, cfg.model.rank, cfg.model.d_model)
   assert _axes(stacked) == _axes(scan_params)
   assert q_a.get_metadata()["logical_axes"] == ("layers", "rank", "embed")
-  back = model_lib.unstack_layers(scan_params)
+  back = stacking.unstack_layers(scan_params)
   assert _flat(back).keys() == _flat(flat_params).keys()
   for k, v in _flat(flat_params).items():
     np.testing.assert_array_equal(_flat(back)[k], v, err_msg=k)
   assert _axes(back) == _axes(flat_params)
   with pytest.raises(ValueError, match="already stacked"):
-    model_lib.stack_layers(scan_params)
+    stacking.stack_layers(scan_params)
   with pytest.raises(ValueError, match="already unstacked"):
-    model_lib.unstack_layers(flat_params)
+    stacking.unstack_layers(flat_params)
 
 
 @pytest.mark.parametrize("variant,remat", [("full", "none"), ("loro", "none"), ("elas", "none"),
@@ -70,7 +70,7 @@ def test_scanned_logits_loss_and_grads_equal_unscanned(variant, remat):
     cfg = tiny_train_config(variant, **{"model.scan_layers": scanned, "model.remat": remat})
     graphdef, params = _split(cfg)
     if scanned:  # the unscanned model's parameters, converted
-      params = model_lib.stack_layers(_split(tiny_train_config(variant))[1])
+      params = stacking.stack_layers(_split(tiny_train_config(variant))[1])
 
     def loss(params, graphdef=graphdef):
       logits, stats = nnx.merge(graphdef, params)(tokens, True)
@@ -78,7 +78,7 @@ def test_scanned_logits_loss_and_grads_equal_unscanned(variant, remat):
 
     (value, (logits, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     out[scanned] = (value, logits, _flat(stats),
-                    _flat(model_lib.unstack_layers(grads) if scanned else grads))
+                    _flat(stacking.unstack_layers(grads) if scanned else grads))
   (l0, lg0, s0, g0), (l1, lg1, s1, g1) = out[False], out[True]
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   np.testing.assert_allclose(lg1, lg0, rtol=1e-5, atol=1e-5)
@@ -120,12 +120,12 @@ def test_optimizer_updates_of_stacked_params_are_the_stacked_updates(variant):
            for i in range(2)]
   out = {}
   for scanned in (False, True):
-    conv = model_lib.stack_layers if scanned else (lambda t: t)
+    conv = stacking.stack_layers if scanned else (lambda t: t)
     p, opt_state = conv(params), tx.init(conv(params))
     for g in grads:
       updates, opt_state = tx.update(conv(g), opt_state, p)
       p = optax.apply_updates(p, updates)
-    out[scanned] = _flat(p if scanned else model_lib.stack_layers(p))
+    out[scanned] = _flat(p if scanned else stacking.stack_layers(p))
   assert out[True].keys() == out[False].keys()
   for k in out[False]:
     np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -158,13 +158,23 @@ def test_tiny_training_scanned_equals_unscanned(tmp_path, variant):
     trainer.train_and_evaluate(cfg, str(tmp_path / "False"))
   assert "\n" not in str(e.value)
   if variant == "elas":
-    # A checkpoint written before remat / scan_layers existed still evaluates (as unscanned).
+    # A checkpoint whose config has only the fields of the first training system
+    # (tests/data: a config saved by commit c1c8086, before remat, scan_layers,
+    # attention, loss_chunk, ...) still evaluates, with those fields' old meaning
+    # (unscanned, xla attention, full logits): the same loss up to that numerics.
+    with open(os.path.join(ROOT, "tests", "data", "config_tiny_elas_c1c8086.json")) as f:
+      old = json.load(f)
     meta = tmp_path / "False" / "checkpoints" / "6" / "config" / "metadata"
     saved = json.loads(meta.read_text())
-    del saved["model"]["remat"], saved["model"]["scan_layers"]
+    dropped = [f"{sec}.{k}" for sec in saved if isinstance(saved[sec], dict) for k in list(saved[sec])
+               if k not in old[sec]]
+    for name in dropped:
+      sec, k = name.split(".")
+      del saved[sec][k]
+    assert {"model.remat", "model.scan_layers", "model.attention", "model.loss_chunk"} <= set(dropped)
     meta.write_text(json.dumps(saved))
-    result = evaluate.evaluate_checkpoint(str(tmp_path / "False"))
-    np.testing.assert_allclose(result["eval_loss"], finals[False]["eval_loss"], rtol=1e-6)
+    result = trainer.evaluate_checkpoint(str(tmp_path / "False"))
+    np.testing.assert_allclose(result["eval_loss"], finals[False]["eval_loss"], rtol=1e-5)
 
 
 def test_checkpoint_layout_check():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elas_jax import sparsity
+from elas_jax.ops import sparsity
 
 
 def ref_mask(y) -> np.ndarray:

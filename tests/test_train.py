@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from elas_jax import evaluate, trainer
+from elas_jax import trainer
 from tests.helpers import ROOT, TINY_TRAIN_FLAGS, read_metrics, step_losses, tiny_train_config
 
 
@@ -34,10 +34,10 @@ def test_tiny_run_trains_checkpoints_and_evaluates(tmp_path):
   assert sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "checkpoints" / "*"))
                 if os.path.basename(p).isdigit()) == [6, 9, 12]  # keep_checkpoints = 3
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-  again = evaluate.evaluate_checkpoint(str(tmp_path))
+  again = trainer.evaluate_checkpoint(str(tmp_path))
   assert again == {"step": 12, "eval_loss": final["eval_loss"], "eval_ppl": final["eval_ppl"],
                    "eval_tokens": 2048}
-  earlier = evaluate.evaluate_checkpoint(str(tmp_path), step=9)
+  earlier = trainer.evaluate_checkpoint(str(tmp_path), step=9)
   assert earlier["step"] == 9 and earlier["eval_loss"] != final["eval_loss"]
 
 
@@ -55,7 +55,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, variant):
   a, b = step_losses(str(straight)), step_losses(str(resumed))
   assert sorted(b) == list(range(1, 13))
   assert a == b  # float equality: bitwise identical per-step losses
-  assert final == evaluate.evaluate_checkpoint(str(straight))
+  assert final == trainer.evaluate_checkpoint(str(straight))
 
 
 @pytest.mark.slow
@@ -94,7 +94,7 @@ _ONE_PROCESS_AS_TWO = """
 import sys
 import numpy as np
 from grain import experimental as grain_exp
-from elas_jax import train_main
+from elas_jax.cli import train as train_main
 from elas_jax.data import pipeline
 
 one_share = pipeline.train_dataset
@@ -143,3 +143,36 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     assert two_losses[step] == pytest.approx(one_losses[step], rel=TWO_VS_ONE_RTOL), step
   assert finals[0]["eval_loss"] == pytest.approx(finals[2]["eval_loss"], rel=TWO_VS_ONE_RTOL)
   assert finals[0]["eval_tokens"] == finals[2]["eval_tokens"] == 2048
+
+
+def test_evaluation_fetches_once_and_sums_like_the_batches(monkeypatch):
+  # Run.evaluate dispatches every batch without reading a result back (no
+  # float() / int() / .item() of a device array, each a sync per batch) and
+  # fetches the per-batch sums with one jax.device_get; the result is the sum
+  # over the batches computed one by one here.
+  import jax
+
+  cfg = tiny_train_config("elas", **{"train.eval_tokens": 4096})
+  run = trainer.build(cfg)
+  state = run.init_state()
+  eval_fn = run.jit_eval_step()
+  batches = list(run.eval_batches()[0])
+  assert len(batches) >= 4
+  total = count = 0.0
+  for b in batches:
+    t, c = eval_fn(state.params, state.step, trainer.pipeline.global_batch(b, run.batch_sharding))
+    total, count = total + float(t), count + float(c)
+  fetches = []
+  real_get = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(1) or real_get(x))
+  array_type = type(state.step)
+
+  def no_sync(*_):
+    raise AssertionError("a device array was read back during evaluation")
+
+  for name in ("__float__", "__int__", "item"):
+    monkeypatch.setattr(array_type, name, no_sync)
+  got = run.evaluate(eval_fn, state.params, state.step, batches)
+  monkeypatch.undo()
+  assert len(fetches) == 1
+  assert got == {"eval_loss": total / count, "eval_ppl": float(np.exp(total / count)), "eval_tokens": int(count)}

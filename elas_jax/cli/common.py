@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by train.py and the ``python -m elas_jax.*`` tools.
+"""Command-line plumbing shared by the programs of :mod:`elas_jax.cli`.
 
 ``--config path[:variant]`` is an ml_collections config file with
 ``--config.<field>=value`` overrides. User errors (unknown variant or field,
@@ -22,7 +22,8 @@ from elas_jax.errors import UserError  # re-exported
 # checkout this package runs from (an editable install's `elas-train`).
 DEFAULT_CONFIG = "configs/tiny.py"
 if not os.path.isfile(DEFAULT_CONFIG):
-  _here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DEFAULT_CONFIG)
+  _checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  _here = os.path.join(_checkout, DEFAULT_CONFIG)
   DEFAULT_CONFIG = _here if os.path.isfile(_here) else DEFAULT_CONFIG
 
 

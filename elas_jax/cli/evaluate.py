@@ -1,12 +1,12 @@
 """Evaluates a checkpoint on the fixed validation stream.
 
-    python -m elas_jax.evaluate --workdir DIR [--step N]
+    python -m elas_jax.evaluate --workdir DIR [--step N] [--mesh d,f,t]
 
 Restores the latest (or the given) orbax checkpoint of a training run, with
 the config saved in it, and prints one JSON line with ``step``, ``eval_loss``,
 ``eval_ppl`` (exp of the mean per-token loss over unmasked targets) and
-``eval_tokens``. Runs on any number of devices: the checkpoint is restored
-onto this machine's mesh.
+``eval_tokens`` (:func:`elas_jax.trainer.evaluate_checkpoint`). Runs on any
+number of devices: the checkpoint is restored onto this machine's mesh.
 """
 
 from __future__ import annotations
@@ -15,34 +15,26 @@ import json
 
 from absl import flags
 
-from elas_jax import cli, distributed, sharding
+from elas_jax.cli import common, distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 _MESH = flags.DEFINE_string("mesh", None, "Override the saved mesh as data,fsdp,tensor (e.g. -1,1,1).")
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None,
-                        devices=None) -> dict:
-  from elas_jax import trainer
-
-  run, state = trainer.restore_run(workdir, step, mesh=mesh, devices=devices)
-  batches, _ = run.eval_batches()
-  with sharding.kernel_mesh(run.mesh, run.cfg.model):
-    result = run.evaluate(run.jit_eval_step(), state.params, state.step, batches)
-  return {"step": int(state.step), **result}
-
-
 def main(argv) -> None:
   del argv
   distributed.initialize_from_flags()
-  print(json.dumps(evaluate_checkpoint(_WORKDIR.value, _STEP.value, cli.parse_mesh(_MESH.value))))
+  from elas_jax import trainer  # after jax.distributed.initialize
+
+  print(json.dumps(trainer.evaluate_checkpoint(_WORKDIR.value, _STEP.value,
+                                               common.parse_mesh(_MESH.value))))
 
 
 def run() -> None:
   """Console-script entry point (``elas-eval``)."""
   distributed.define_flags()
-  cli.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

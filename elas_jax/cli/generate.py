@@ -26,7 +26,9 @@ import sys
 
 from absl import flags
 
-from elas_jax import cli, decode, distributed, model as model_lib
+from elas_jax import decode
+from elas_jax.ops import ffn
+from elas_jax.cli import common, distributed
 from elas_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
@@ -44,32 +46,8 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "KV cache length (prompt + gene
 _DENSE = flags.DEFINE_bool("dense", False, "Decode an ELAS model with the dense ReLU² FFN.")
 _OUT = flags.DEFINE_string("out", None, "Write results as JSON lines to this file.")
 _MESH = flags.DEFINE_string("mesh", None, "Override the saved mesh as data,fsdp,tensor (e.g. -1,1,1).")
-_KERNEL = flags.DEFINE_enum("kernel", None, ["auto", "xla", "pallas"],
+_KERNEL = flags.DEFINE_enum("kernel", None, list(ffn.KERNELS),
                             "Override config.model.kernel (the 2:4 FFN implementation of ELAS models).")
-
-
-def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
-         kernel: str | None = None, devices=None):
-  """``(run, params, step)`` of a checkpoint, restored onto the local mesh as evaluation does."""
-  from elas_jax import trainer
-
-  run, state = trainer.restore_run(workdir, step, mesh=mesh, kernel=kernel, devices=devices)
-  run, params = trainer.with_unscanned_layers(run, state.params)
-  return run, params, int(state.step)
-
-
-def sparse_on_for(cfg, step: int, dense: bool) -> bool:
-  """2:4 FFN after the dense warm-up (as evaluation), unless ``dense``."""
-  s = cfg.model.sparsity
-  return bool(s.enabled) and not dense and bool(model_lib.sparsity_active(step, s.dense_warmup_steps))
-
-
-def encode(tok, cfg, text: str) -> list[int]:
-  """Prompt ids laid out like the training documents (BOS first when ``data.add_bos``)."""
-  ids = tok.encode(text)
-  if ids and cfg.data.add_bos and tok.bos_id >= 0:
-    ids = [tok.bos_id] + ids
-  return ids
 
 
 def read_prompts(path: str) -> list[str]:
@@ -82,13 +60,6 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
-  """Text of ``new_ids`` after the prompt (decoded together: a token's text,
-  e.g. a leading space, depends on what precedes it)."""
-  new_ids = [t for t in new_ids if t != tok.eos_id]
-  return tok.decode(prompt_ids + new_ids)[len(tok.decode(prompt_ids)):]
-
-
 class _Stream:
   """Prints one row's continuation as its tokens arrive."""
 
@@ -99,14 +70,14 @@ class _Stream:
     if new[0] is None or new[0] == self.tok.eos_id:
       return
     self.ids.append(new[0])
-    text = continuation(self.tok, self.prompt_ids, self.ids)
+    text = decode.continuation(self.tok, self.prompt_ids, self.ids)
     if text.startswith(self.shown) and not text.endswith("\ufffd"):  # wait for whole characters
       sys.stdout.write(text[len(self.shown):])
       sys.stdout.flush()
       self.shown = text
 
   def finish(self) -> None:
-    text = continuation(self.tok, self.prompt_ids, self.ids)
+    text = decode.continuation(self.tok, self.prompt_ids, self.ids)
     if text.startswith(self.shown):
       sys.stdout.write(text[len(self.shown):])
     sys.stdout.write("\n")
@@ -126,15 +97,15 @@ def main(argv) -> None:
     raise UserError(f"--batch_size={_BATCH.value}: must be positive")
   texts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
 
-  run, params, step = load(_WORKDIR.value, _STEP.value, mesh=cli.parse_mesh(_MESH.value),
+  run, params, step = decode.load(_WORKDIR.value, _STEP.value, mesh=common.parse_mesh(_MESH.value),
                            kernel=_KERNEL.value)
   cfg, tok = run.cfg, run.tokenizer
   max_len = _MAX_LEN.value or cfg.train.seq_len
-  prompts = [encode(tok, cfg, t) for t in texts]
+  prompts = [decode.encode(tok, cfg, t) for t in texts]
   batch = 1 if _PROMPT.value is not None else min(_BATCH.value, len(prompts))
   gen = decode.Generator(
       run.graphdef, params, cfg.model, batch_size=batch, max_len=max_len,
-      sparse_on=sparse_on_for(cfg, step, _DENSE.value), eos_id=tok.eos_id, pad_id=tok.pad_id,
+      sparse_on=decode.sparse_on_for(cfg, step, _DENSE.value), eos_id=tok.eos_id, pad_id=tok.pad_id,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, mesh=run.mesh)
   for i, p in enumerate(prompts):  # every prompt checked before anything is compiled
     try:
@@ -171,15 +142,15 @@ def main(argv) -> None:
 
 
 def _write(f, prompt: str, prompt_ids: list[int], tok, res: decode.Result) -> None:
-  f.write(json.dumps({"prompt": prompt, "completion": continuation(tok, prompt_ids, res.tokens),
+  f.write(json.dumps({"prompt": prompt, "completion": decode.continuation(tok, prompt_ids, res.tokens),
                       "tokens": len(res.tokens), "stop": res.stop}, ensure_ascii=False) + "\n")
   f.flush()
 
 
 def run() -> None:
-  """Console-script entry point."""
+  """Console-script entry point (``elas-generate``)."""
   distributed.define_flags()
-  cli.run(main)
+  common.run(main)
 
 
 if __name__ == "__main__":

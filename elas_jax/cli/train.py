@@ -15,9 +15,9 @@ import sys
 
 from absl import flags
 
-from elas_jax import cli, distributed
+from elas_jax.cli import common, distributed
 
-_CONFIG = cli.define_config_flag()
+_CONFIG = common.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics; default runs/<size>-<variant>.")
 distributed.define_flags()
 
@@ -37,5 +37,5 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  """Console-script entry point."""
-  cli.run(main)
+  """Console-script entry point (``elas-train``)."""
+  common.run(main)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from elas_jax import cli
+from elas_jax.cli import common as cli
 from elas_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the ArrayRecord shards.", required=True)

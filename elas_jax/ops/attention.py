@@ -26,6 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from elas_jax import sharding
 from elas_jax.errors import ConfigError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
@@ -35,19 +36,20 @@ DEFAULT_BLOCK = 64  # query/key positions per block of the chunked attention (fa
 # ------------------------------------------------------------- selection
 
 
-def cudnn_unsupported(model_cfg, backend: str | None = None) -> str | None:
-  """Why cuDNN flash attention cannot run ``model_cfg`` here (None when it can).
+def cudnn_unsupported(model_cfg, device=None) -> str | None:
+  """Why cuDNN flash attention cannot run ``model_cfg`` on ``device`` (None when it can).
 
-  Checks what is knowable before compiling: a CUDA GPU backend, a
+  ``device`` is a device of the compile target (:func:`elas_jax.sharding.target_device`:
+  the mesh's, which may be a deviceless GPU topology's; default this process's).
+  Checks what is knowable before compiling: an NVIDIA (CUDA) GPU, a
   half-precision compute dtype (cuDNN's flash kernels have no fp32 path) and
   a head size it supports (a multiple of 8, at most 256 in cuDNN >= 9).
   """
-  backend = backend or jax.default_backend()
-  if backend != "gpu":
-    return f"cuDNN attention needs a CUDA GPU; the JAX backend here is {backend!r}"
-  platform = jax.devices()[0].client.platform_version.lower()
-  if "cuda" not in platform:  # e.g. ROCm: no cuDNN
-    return f"cuDNN attention needs a CUDA GPU; this GPU backend is {platform!r}"
+  device = device if device is not None else jax.devices()[0]
+  if sharding.platform_of(device) != "gpu":
+    return f"cuDNN attention needs a CUDA GPU; the JAX backend here is {device.platform!r}"
+  if not device.device_kind.upper().startswith("NVIDIA"):  # e.g. ROCm: no cuDNN
+    return f"cuDNN attention needs a CUDA GPU; this GPU is {device.device_kind!r}"
   if model_cfg.dtype not in ("bfloat16", "float16"):
     return f"cuDNN flash attention needs model.dtype = bfloat16, not {model_cfg.dtype}"
   head = model_cfg.d_model // model_cfg.n_heads
@@ -56,25 +58,27 @@ def cudnn_unsupported(model_cfg, backend: str | None = None) -> str | None:
   return None
 
 
-def resolve(model_cfg) -> str:
-  """The implementation ``config.model.attention`` runs here (``auto`` resolved)."""
-  impl = getattr(model_cfg, "attention", "xla")  # configs saved before the field: xla
+def resolve(model_cfg, device=None) -> str:
+  """The implementation ``config.model.attention`` runs on ``device`` (``auto`` resolved;
+  ``device`` as in :func:`cudnn_unsupported`)."""
+  impl = model_cfg.attention
   if impl == "auto":
-    if cudnn_unsupported(model_cfg) is None:
+    if cudnn_unsupported(model_cfg, device) is None:
       return "cudnn"
-    return "chunked" if jax.default_backend() == "cpu" else "xla"
+    device = device if device is not None else jax.devices()[0]
+    return "chunked" if device.platform == "cpu" else "xla"
   return impl
 
 
-def check_backend(model_cfg) -> None:
-  """ConfigError when ``model.attention = cudnn`` cannot run on this backend.
+def check_backend(model_cfg, device=None) -> None:
+  """ConfigError when ``model.attention = cudnn`` cannot run on ``device``.
 
-  Called when the trainer is built (on the machine that will compile the
+  Called when the trainer is built (for the devices that will compile the
   step), not in ``config_lib.validate``: configs are also validated where the
   target backend is absent (a laptop writing a GPU config, the CPU tests).
   """
-  if getattr(model_cfg, "attention", "xla") == "cudnn":
-    why = cudnn_unsupported(model_cfg)
+  if model_cfg.attention == "cudnn":
+    why = cudnn_unsupported(model_cfg, device)
     if why:
       raise ConfigError(f"config.model.attention = 'cudnn': {why}; use auto, xla or chunked")
 

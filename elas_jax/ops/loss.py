@@ -40,7 +40,7 @@ def lm_loss(model, batch: dict[str, jax.Array], sparse_on, model_cfg
   (``[B, L]``, 0 = not counted); ``model_cfg.loss_chunk`` picks the full-logits
   (0) or chunked (> 0) loss. Both give the same values and gradients.
   """
-  chunk = getattr(model_cfg, "loss_chunk", 0)  # configs saved before the field: full logits
+  chunk = model_cfg.loss_chunk
   if not chunk:
     logits, stats = model(batch["inputs"], sparse_on)
     total, count = cross_entropy(logits, batch["targets"], batch["mask"])

@@ -139,7 +139,7 @@ def compressed_bytes(shape: tuple[int, ...], dtype) -> int:
 # --------------------------------------------------------------------------
 
 
-def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
+def matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a @ bᵀ`` accumulated in fp32, returned in ``a``'s dtype."""
   return jnp.einsum("tk,fk->tf", a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
@@ -163,13 +163,13 @@ def _stats(y2: jax.Array, keep24: jax.Array) -> dict[str, jax.Array]:
 
 
 def _forward(h, w_in, w_out, sparse_on):
-  y1 = _matmul_t(h, w_in)
+  y1 = matmul_t(h, w_in)
   r = jnp.maximum(y1, 0)
   y2 = r * r
   keep24 = mask_24(y2)
   keep = keep24 | jnp.logical_not(sparse_on)
   y2s = jnp.where(keep, y2, jnp.zeros((), y2.dtype))
-  out = _matmul_t(y2s, w_out)
+  out = matmul_t(y2s, w_out)
   return out, _stats(y2, keep24), r, keep24
 
 
@@ -225,7 +225,7 @@ def _ffn_bwd(mode, dense_fraction, res, g):
   g_out = g_out.astype(h.dtype)
 
   def recompute():
-    r = jnp.maximum(_matmul_t(h, w_in), 0)
+    r = jnp.maximum(matmul_t(h, w_in), 0)
     return r, mask_24(r * r)
 
   if mode == "ste":
@@ -322,3 +322,23 @@ def relu2_sparse_ffn(
   sparse_on = jnp.asarray(sparse_on, dtype=bool)
   out_TxN, stats = _ffn_core(mode, float(dense_fraction), h_TxK, w_in_FxK, w_out_NxF, sparse_on)
   return out_TxN.reshape(*lead, -1), stats
+
+
+# --------------------------------------------------------------------------
+# When 2:4 is on: after the dense warm-up.
+# --------------------------------------------------------------------------
+
+
+def sparsity_active(step: jax.Array | int, dense_warmup_steps: jax.Array | int) -> jax.Array:
+  """Whether optimizer step ``step`` (0-based) runs the 2:4 FFN.
+
+  Both arguments may be traced, so neither the step nor the warm-up length
+  is baked into a compiled function.
+  """
+  return jnp.asarray(step) >= jnp.asarray(dense_warmup_steps)
+
+
+def sparse_phase(model_cfg, step: jax.Array | int) -> jax.Array:
+  """Whether the model runs its 2:4 FFN at optimizer step ``step``: training and
+  evaluation both use this, so an evaluation follows the training phase."""
+  return sparsity_active(step, model_cfg.sparsity.dense_warmup_steps) & bool(model_cfg.sparsity.enabled)

@@ -1,0 +1,126 @@
+"""The 2:4-sparse FFN core and its implementations: one table, one entry point.
+
+``sparse_ffn(h, w_in, w_out, sparse_on, kernel=..., mesh=...)`` computes
+``sparsify_24(relu(h @ w_inᵀ)²) @ w_outᵀ`` (and its statistics) with the
+implementation ``config.model.kernel`` names:
+
+  ``xla``     :func:`elas_jax.ops.sparsity.relu2_sparse_ffn`, pure JAX (the ground truth)
+  ``triton``  the Pallas kernels of ``kernels/elas_ffn.py`` (Pallas' Triton lowering;
+              interpreted on CPU); ``pallas`` is its old name and still accepted
+  ``auto``    the first implementation in :data:`AUTO_ORDER` for the platform of the
+              devices the step is compiled for (the mesh's), not of this process
+
+Every implementation has the same arguments, results and gradients. A Pallas
+call is opaque to XLA's SPMD partitioner, which would gather the whole batch
+onto every device; on a mesh whose batch axes split the tokens, such an
+implementation runs in ``shard_map`` over those axes with the (small,
+low-rank) weights whole on every device, and its statistics are averaged over
+the shards (split mode then permutes tokens within a shard). The mesh is an
+argument, never read from ambient state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from elas_jax import sharding
+from elas_jax.ops import sparsity
+
+FfnFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One way to compute the FFN core.
+
+  ``make(platform)`` returns the function ``(h, w_in, w_out, sparse_on, *,
+  mode, dense_fraction) -> (out, stats)`` for devices of ``platform``
+  (``"cpu"``, ``"gpu"``, ...), e.g. a kernel in interpret mode off GPUs.
+  ``per_device``: an opaque custom call, run per device under ``shard_map``.
+  """
+
+  make: Callable[[str], FfnFn]
+  per_device: bool
+
+
+def _xla(platform: str) -> FfnFn:
+  del platform  # XLA compiles it for any backend
+  return sparsity.relu2_sparse_ffn
+
+
+def _triton(platform: str) -> FfnFn:
+  from kernels import elas_ffn  # the repository's kernels package (see kernels/__init__.py)
+
+  interpret = platform != "gpu"
+
+  def fn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
+    return elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction,
+                             interpret=interpret)
+
+  return fn
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "xla": Implementation(_xla, per_device=False),
+    "triton": Implementation(_triton, per_device=True),
+}
+ALIASES = {"pallas": "triton"}  # names saved configs may hold
+# What ``auto`` picks, by the compile target's platform (the first one).
+AUTO_ORDER = {"gpu": ("triton", "xla")}
+DEFAULT_ORDER = ("xla",)
+KERNELS = ("auto", *IMPLEMENTATIONS, *ALIASES)  # the values of config.model.kernel
+
+
+def platform(mesh: jax.sharding.Mesh | None) -> str:
+  """The platform of the devices a step on ``mesh`` is compiled for (None: this
+  process's devices)."""
+  return sharding.platform_of(sharding.target_device(mesh))
+
+
+def resolve_kernel(kernel: str, mesh: jax.sharding.Mesh | None) -> str:
+  """The implementation ``kernel`` (a ``config.model.kernel`` value) names on ``mesh``."""
+  kernel = ALIASES.get(kernel, kernel)
+  if kernel == "auto":
+    return AUTO_ORDER.get(platform(mesh), DEFAULT_ORDER)[0]
+  if kernel not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown FFN kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+  return kernel
+
+
+def _batch_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
+  """The mesh axes that split the tokens (those of size > 1)."""
+  if mesh is None:
+    return ()
+  return tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def sparse_ffn(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_on: jax.Array, *,
+               kernel: str, mode: str, dense_fraction: float,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """``sparsify_24(relu(h @ w_inᵀ)²) @ w_outᵀ`` and its statistics, by ``kernel``.
+
+  Arguments and results as :func:`elas_jax.ops.sparsity.relu2_sparse_ffn`
+  (``h`` is ``[B, L, K]`` in the model, split over the mesh's batch axes);
+  ``mesh`` is the mesh the step is compiled for (None: one device).
+  """
+  name = resolve_kernel(kernel, mesh)
+  impl = IMPLEMENTATIONS[name]
+  fn = impl.make(platform(mesh))
+
+  def local(h, w_in, w_out, sparse_on):
+    return fn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction)
+
+  batch = _batch_axes(mesh) if impl.per_device else ()
+  if not batch:
+    return local(h, w_in_FxK, w_out_NxF, sparse_on)
+
+  def sharded(h, w_in, w_out, sparse_on):
+    out, stats = local(h, w_in, w_out, sparse_on)
+    return out, jax.tree.map(lambda s: jax.lax.pmean(s, batch), stats)
+
+  return jax.shard_map(sharded, mesh=mesh, in_specs=(P(batch), P(), P(), P()),
+                       out_specs=(P(batch), P()), check_vma=False)(h, w_in_FxK, w_out_NxF, sparse_on)
