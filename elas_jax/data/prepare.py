@@ -3,79 +3,85 @@
     python -m elas_jax.data.prepare --config configs/llama_60m.py:elas \\
         --config.data.train_files='c4/en/c4-train.*.json.gz' \\
         --config.data.eval_files='c4/en/c4-validation.*.json.gz' \\
-        --config.data.tokenizer=t5.model --output c4_tokens/
+        --config.data.tokenizer=t5.model --output c4_tokens/ [--workers 2]
 
 then train with ``--config.data.train_files='c4_tokens/train-*.arrayrecord'
 --config.data.eval_files='c4_tokens/validation-*.arrayrecord'`` and the same
 tokenizer. Each record is one document's token ids (int32, no EOS: the
-pipeline adds it). ``elas_prepared.json`` beside the shards records the
-tokenizer's hash, which the pipeline checks.
+pipeline adds it). Input file i of n becomes ``train-{i:05d}-of-{n:05d}.arrayrecord``;
+memory holds one batch of documents per worker, whatever the corpus size.
+``elas_prepared.json`` beside the shards records the tokenizer's hash (which
+the pipeline checks) and every shard's document and token counts.
+
+Resumable: a rerun skips finished shards. Several machines split the work
+with ``--shard_index i --num_shards n`` (same command, same output directory);
+the one that finishes the last shard writes the manifest. Beyond one
+machine's reach, ``--runner`` runs the same per-shard work as an Apache Beam
+pipeline (``pip install -r requirements-beam.txt``); Beam's own options follow
+a ``--``::
+
+    python -m elas_jax.data.prepare ... --output gs://bucket/c4_tokens \\
+        --runner DataflowRunner -- --project P --region R --temp_location gs://bucket/tmp
+
+Everything here is in ``pretokenize.py`` (and ``beam_prepare.py``); this module
+is the command line.
 """
 
 from __future__ import annotations
 
-import json
-import os
-
-import numpy as np
 from absl import flags
-from tqdm import tqdm
 
 from elas_jax import cli
-from elas_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from elas_jax.data import pretokenize, tokenizer as tokenizer_lib
+from elas_jax.errors import UserError
 
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the ArrayRecord shards.", required=True)
-_SHARD_DOCS = flags.DEFINE_integer("shard_docs", 100_000, "Documents per ArrayRecord shard.")
-_BATCH = flags.DEFINE_integer("encode_batch", 1024, "Documents tokenised per call.")
+_SHARD_DOCS = flags.DEFINE_integer(
+    "shard_docs", 0, "Documents per output shard; 0 = one output shard per input file.")
+_BATCH = flags.DEFINE_integer("encode_batch", 1024, "Documents tokenised per call (bounds memory).")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Processes tokenising input files in parallel.")
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This machine's part of the work, 0 <= i < n.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Machines splitting the work.")
+_RUNNER = flags.DEFINE_string(
+    "runner", "", "Run as an Apache Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+    "FlinkRunner, SparkRunner, ...); Beam pipeline options go after '--'. Empty: this machine.")
 
 
-def write_split(docs, tok, out_dir: str, split: str, shard_docs: int, batch: int) -> dict:
-  from array_record.python.array_record_module import ArrayRecordWriter
-
-  n = len(docs)
-  n_shards = max(1, -(-n // shard_docs))
-  names, tokens = [], 0
-  with tqdm(total=n, desc=f"tokenising {split}", unit="doc") as bar:
-    for s in range(n_shards):
-      name = f"{split}-{s:05d}-of-{n_shards:05d}.arrayrecord"
-      tmp = os.path.join(out_dir, name + ".tmp")
-      writer = ArrayRecordWriter(tmp, "group_size:1")
-      lo, hi = s * shard_docs, min(n, (s + 1) * shard_docs)
-      for start in range(lo, hi, batch):
-        chunk = [docs[i] for i in range(start, min(hi, start + batch))]
-        if getattr(docs, "kind", "text") == "tokens":
-          ids_list = [np.asarray(c, np.int32) for c in chunk]
-        else:
-          ids_list = [np.asarray(ids, np.int32) for ids in tok.encode_batch(chunk)]
-        for ids in ids_list:
-          writer.write(ids.tobytes())
-          tokens += len(ids)
-        bar.update(len(chunk))
-        bar.set_postfix(tokens=f"{tokens:,}")
-      writer.close()
-      os.replace(tmp, os.path.join(out_dir, name))
-      names.append(name)
-  return {"documents": n, "tokens": tokens, "shards": names}
+def _check_flags() -> None:
+  for flag, low in ((_SHARD_DOCS, 0), (_BATCH, 1), (_WORKERS, 1), (_NUM_SHARDS, 1)):
+    if flag.value < low:
+      raise UserError(f"--{flag.name}={flag.value}: must be >= {low}")
+  if not 0 <= _SHARD_INDEX.value < _NUM_SHARDS.value:
+    raise UserError(f"--shard_index={_SHARD_INDEX.value}: must be in [0, --num_shards = "
+                    f"{_NUM_SHARDS.value})")
+  if _RUNNER.value and _WORKERS.value > 1:
+    raise UserError("--workers is for this machine; with --runner set Beam's parallelism "
+                    "(e.g. -- --direct_num_workers=2)")
 
 
-def main(argv) -> None:
-  del argv
+def main(argv: list[str]) -> None:
   cfg = flags.FLAGS.config
+  _check_flags()
+  beam_args = argv[1:]
+  if beam_args and not _RUNNER.value:
+    raise UserError(f"unexpected arguments {' '.join(beam_args)!r}: Beam options need --runner")
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
-  out_dir = _OUTPUT.value
-  os.makedirs(out_dir, exist_ok=True)
-  splits = {}
-  for split in ("train", "validation"):
-    if split == "validation" and cfg.data.source == "files" and not cfg.data.eval_files:
-      continue
-    docs = pipeline.open_split(cfg, split)
-    splits[split] = write_split(docs, tok, out_dir, split, _SHARD_DOCS.value, _BATCH.value)
-  manifest = {"tokenizer": os.path.abspath(tok.path), "tokenizer_sha256": tokenizer_lib.fingerprint(tok),
-              "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "splits": splits}
-  with open(os.path.join(out_dir, sources.PREPARED_MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
-  print(json.dumps({"output": out_dir, **{k: {"documents": v["documents"], "tokens": v["tokens"]}
-                                          for k, v in splits.items()}}))
+  tasks = pretokenize.plan(cfg)
+  mine = pretokenize.assign(tasks, _SHARD_INDEX.value, _NUM_SHARDS.value)
+  settings = pretokenize.make_settings(cfg, tok, _OUTPUT.value, _SHARD_DOCS.value, _BATCH.value)
+  if _RUNNER.value:
+    try:
+      from elas_jax.data import beam_prepare
+    except ImportError as e:
+      raise UserError(f"--runner={_RUNNER.value} needs Apache Beam ({e}): "
+                      "pip install -r requirements-beam.txt") from None
+    storage = beam_prepare.BeamStorage()
+    records = beam_prepare.run(mine, settings, [f"--runner={_RUNNER.value}", *beam_args], storage)
+  else:
+    storage = pretokenize.LOCAL
+    records = pretokenize.run_local(mine, settings, _WORKERS.value, tok)
+  manifest = pretokenize.merge(tasks, settings, tok, storage)
+  pretokenize.summarize(mine, records, settings, manifest, len(tasks))
 
 
 if __name__ == "__main__":
