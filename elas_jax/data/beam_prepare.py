@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import apache_beam as beam
@@ -179,17 +180,25 @@ def run(tasks: list[pretokenize.Task], settings: pretokenize.Settings, pipeline_
   """Runs the pipeline over ``tasks`` and returns their records (read back from the output)."""
   storage = storage or BeamStorage()
   storage.makedirs(settings.out_dir)
-  if tasks:
+  path = lambda t: pretokenize.record_path(t, settings, storage)
+  reused = {t for t in tasks if pretokenize.is_finished(storage.read_json(path(t)), t, settings, storage)}
+  todo = [t for t in tasks if t not in reused]
+  if reused:
+    print(f"{len(reused)} of {len(tasks)} input shard(s) already finished in {settings.out_dir}: "
+          "skipping them", file=sys.stderr, flush=True)
+  if todo:  # the directory is changing: no manifest until every shard is finished again
     storage.remove(storage.join(settings.out_dir, pretokenize.sources.PREPARED_MANIFEST))
-    options = PipelineOptions(pipeline_args)
-    with beam.Pipeline(options=options) as p:
+    if not any(a.split("=")[0] == "--default_sdk_harness_log_level" for a in pipeline_args):
+      pipeline_args = [*pipeline_args, "--default_sdk_harness_log_level=WARNING"]  # no INFO flood
+    with beam.Pipeline(options=PipelineOptions(pipeline_args)) as p:
       _ = (p
-           | "InputShards" >> beam.Create(tasks)
-           | "Spread" >> beam.Reshuffle()
+           | "InputShards" >> beam.Create(todo)
+           | "Spread" >> beam.Reshuffle()  # one input shard per worker at a time
            | "Tokenise" >> beam.ParDo(TokenizeShard(settings, storage.everywhere)))
-  records = [storage.read_json(pretokenize.record_path(t, settings, storage)) for t in tasks]
-  missing = [t.name for t, r in zip(tasks, records) if r is None]
-  if missing:
-    raise DataError(f"{settings.out_dir}: the Beam pipeline finished without the records of "
-                    f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+  records = []
+  for t in tasks:
+    r = storage.read_json(path(t))
+    if r is None:
+      raise DataError(f"{path(t)}: missing after the Beam pipeline finished")
+    records.append(dict(r, reused=True) if t in reused else r)
   return records

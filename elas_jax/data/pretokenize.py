@@ -71,10 +71,14 @@ class Settings:
                            skip_bad_records=self.skip_bad_records)
 
   def key(self) -> dict:
-    """The settings that decide an output's bytes (encode_batch does not)."""
+    """The settings that decide an output's bytes.
+
+    Not encode_batch; and skip_bad_records only where a shard had bad records
+    (see :func:`is_finished`), so turning it on after a failure redoes only
+    the failed shards.
+    """
     return {"tokenizer_sha256": self.tokenizer_sha256, "text_key": self.text_key,
-            "txt_split": self.txt_split, "skip_bad_records": self.skip_bad_records,
-            "shard_docs": self.shard_docs}
+            "txt_split": self.txt_split, "shard_docs": self.shard_docs}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +217,9 @@ def is_finished(record: dict | None, task: Task, settings: Settings,
       return False
   except OSError:
     return False
+  if (record["bad_records"] or record["status"] == "skipped_broken") and \
+      record["skip_bad_records"] != settings.skip_bad_records:
+    return False
   return all(storage.size(storage.join(settings.out_dir, o["name"])) == o["bytes"]
              for o in record["outputs"])
 
@@ -242,8 +249,7 @@ class _ShardWriter:
     tokens = 0
     for ids in ids_list:
       ids = np.asarray(ids, np.int32)
-      full = self._settings.shard_docs and self.outputs[-1]["documents"] == self._settings.shard_docs
-      if self._writer is None or full:
+      if self._writer is None or self.outputs[-1]["documents"] == self._settings.shard_docs:
         self._next()
       self._writer.write(ids.tobytes())
       self.outputs[-1]["documents"] += 1
@@ -327,7 +333,8 @@ def tokenize_shard(task: Task, settings: Settings, tok, storage: LocalStorage = 
             "status": status, "error": error,
             "documents": sum(o["documents"] for o in outputs),
             "tokens": sum(o["tokens"] for o in outputs),
-            "bad_records": bad.count, "first_bad_record": bad.first, "outputs": outputs}
+            "bad_records": bad.count, "first_bad_record": bad.first,
+            "skip_bad_records": settings.skip_bad_records, "outputs": outputs}
   storage.write_json(rpath, record)  # last: the record marks the shard finished
   if progress:
     progress(0, 0, max(0, key["input_size"] - seen))
@@ -453,6 +460,7 @@ def merge(tasks: list[Task], settings: Settings, tok, storage: LocalStorage = LO
     s["shards"] += [{"name": o["name"], "documents": o["documents"], "tokens": o["tokens"],
                      "input": t.path} for o in r["outputs"]]
   settings_key = {k: v for k, v in settings.key().items() if k != "tokenizer_sha256"}
+  settings_key["skip_bad_records"] = settings.skip_bad_records
   manifest = {"tokenizer": settings.tokenizer, "tokenizer_sha256": settings.tokenizer_sha256,
               "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "settings": settings_key,
               "splits": splits}

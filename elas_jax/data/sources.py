@@ -467,7 +467,7 @@ class ArrayRecordDocuments:
 
 
 def _gb(n: int) -> str:
-  return f"{n / 1e9:.2f} GB"
+  return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def open_documents(patterns: str, field: str, fmt: str = "auto", opts: Options | None = None):
