@@ -148,7 +148,9 @@ def main() -> None:
   tok = args.tokenizer or tokenizer_lib.train_sample_tokenizer(4096)
   counts = [int(x) for x in args.shards.split(",")]
   files = write_shards(args.data, max(counts), args.shard_mb)
-  runs = [(n, ["--workers", w], f"workers={w}") for n in counts for w in args.workers.split(",")]
+  # --workers "" runs prepare without the flag (e.g. an older checkout, for comparison)
+  runs = [(n, ["--workers", w] if w else [], f"workers={w or 'default'}") for n in counts
+          for w in args.workers.split(",")]
   if args.beam:
     runs += [(n, ["--runner=DirectRunner", "--", "--direct_num_workers=2",
                   "--direct_running_mode=multi_processing"], "beam DirectRunner x2") for n in counts]

@@ -10,7 +10,7 @@ import pytest
 beam = pytest.importorskip("apache_beam")
 
 from elas_jax.data import beam_prepare, pretokenize, tokenizer as tokenizer_lib  # noqa: E402
-from elas_jax.errors import UserError  # noqa: E402
+from elas_jax.errors import DataError, UserError  # noqa: E402
 from tests.test_prepare import (N_SHARDS, corpus_shards, prepare, read_records,  # noqa: E402,F401
                                 reference, shard_bytes, summary, tok)
 
@@ -64,3 +64,18 @@ def test_beam_filesystems_path_writes_the_same_bytes(corpus_shards, reference, t
   assert pretokenize.merge(tasks, settings, tok, storage) is None  # a shard failed: no manifest
   with pytest.raises(UserError, match="1 of 3 input shard"):
     pretokenize.summarize(tasks, records, settings, None, len(tasks))
+
+
+def test_beam_globs_plan_the_same_tasks(corpus_shards):
+  from tests.helpers import load_config
+
+  root, _ = corpus_shards
+  cfg = load_config("configs/tiny.py", "elas")
+  cfg.data.source = "files"
+  cfg.data.train_files = f"{root}/c4-train.*.json.gz"
+  cfg.data.eval_files = f"{root}/c4-validation.*.json.gz"
+  assert pretokenize.plan(cfg, beam_prepare.match) == pretokenize.plan(cfg)
+  assert len(pretokenize.plan(cfg)) == N_SHARDS + 1
+  cfg.data.train_files = f"{root}/nothing-*.json.gz"
+  with pytest.raises(DataError, match="matches no file"):
+    pretokenize.plan(cfg, beam_prepare.match)

@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -149,6 +150,23 @@ class BeamStorage(pretokenize.LocalStorage):
     with os.fdopen(fd, "wb") as dst, FileSystems.open(path, compression_type=_RAW) as src:
       shutil.copyfileobj(src, dst, 1 << 22)
     return local
+
+
+def match(pattern: str) -> list[str]:
+  """The files a glob matches, on any filesystem Beam knows (gs://, s3://, local, ...)."""
+  try:
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  except Exception:  # BeamIOError: nothing matched, or an unknown scheme
+    return []
+
+
+def load_tokenizer(data_cfg, vocab_size: int, storage: BeamStorage):
+  """The config's tokenizer, copied locally first when it is remote; and the path workers load."""
+  path = data_cfg.tokenizer
+  local = types.SimpleNamespace(tokenizer=storage.localize(path) if path else path,
+                                source=data_cfg.source)
+  tok = tokenizer_lib.from_config(local, vocab_size)
+  return tok, (path if "://" in path else os.path.abspath(tok.path))
 
 
 class TokenizeShard(beam.DoFn):

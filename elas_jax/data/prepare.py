@@ -65,10 +65,6 @@ def main(argv: list[str]) -> None:
   beam_args = argv[1:]
   if beam_args and not _RUNNER.value:
     raise UserError(f"unexpected arguments {' '.join(beam_args)!r}: Beam options need --runner")
-  tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
-  tasks = pretokenize.plan(cfg)
-  mine = pretokenize.assign(tasks, _SHARD_INDEX.value, _NUM_SHARDS.value)
-  settings = pretokenize.make_settings(cfg, tok, _OUTPUT.value, _SHARD_DOCS.value, _BATCH.value)
   if _RUNNER.value:
     try:
       from elas_jax.data import beam_prepare
@@ -76,9 +72,18 @@ def main(argv: list[str]) -> None:
       raise UserError(f"--runner={_RUNNER.value} needs Apache Beam ({e}): "
                       "pip install -r requirements-beam.txt") from None
     storage = beam_prepare.BeamStorage()
-    records = beam_prepare.run(mine, settings, [f"--runner={_RUNNER.value}", *beam_args], storage)
+    tok, tok_path = beam_prepare.load_tokenizer(cfg.data, cfg.model.vocab_size, storage)
+    tasks = pretokenize.plan(cfg, beam_prepare.match)
   else:
     storage = pretokenize.LOCAL
+    tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
+    tok_path, tasks = "", pretokenize.plan(cfg)
+  mine = pretokenize.assign(tasks, _SHARD_INDEX.value, _NUM_SHARDS.value)
+  settings = pretokenize.make_settings(cfg, tok, _OUTPUT.value, _SHARD_DOCS.value, _BATCH.value,
+                                       tok_path)
+  if _RUNNER.value:
+    records = beam_prepare.run(mine, settings, [f"--runner={_RUNNER.value}", *beam_args], storage)
+  else:
     records = pretokenize.run_local(mine, settings, _WORKERS.value, tok)
   manifest = pretokenize.merge(tasks, settings, tok, storage)
   pretokenize.summarize(mine, records, settings, manifest, len(tasks))

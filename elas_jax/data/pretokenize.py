@@ -154,8 +154,15 @@ LOCAL = LocalStorage()
 # ----------------------------------------------------------------- the plan
 
 
-def input_files(cfg) -> dict[str, tuple[list[str], str]]:
-  """``{split: (files, kind)}`` of a config's data section, validated."""
+def absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def input_files(cfg, match=None) -> dict[str, tuple[list[str], str]]:
+  """``{split: (files, kind)}`` of a config's data section, validated.
+
+  ``match`` expands a glob (default: local files; ``beam_prepare.match`` for remote ones).
+  """
   d = cfg.data
   out = {}
   for split, field in SPLITS:
@@ -164,7 +171,7 @@ def input_files(cfg) -> dict[str, tuple[list[str], str]]:
       continue
     if split == "validation" and not d.eval_files:
       continue
-    files = sources.resolve_files(d[field], f"data.{field}")
+    files = sources.resolve_files(d[field], f"data.{field}", *([match] if match else []))
     kinds = {sources.file_format(f, d.format) for f in files}
     if len(kinds) > 1:
       raise DataError(f"config.data.{field}: files of several formats ({', '.join(sorted(kinds))}); "
@@ -173,11 +180,11 @@ def input_files(cfg) -> dict[str, tuple[list[str], str]]:
   return out
 
 
-def plan(cfg) -> list[Task]:
+def plan(cfg, match=None) -> list[Task]:
   """Every input file of the config's splits, in order (train, then validation)."""
   tasks = []
-  for split, (files, kind) in input_files(cfg).items():
-    tasks += [Task(split, i, len(files), os.path.abspath(f), kind) for i, f in enumerate(files)]
+  for split, (files, kind) in input_files(cfg, match).items():
+    tasks += [Task(split, i, len(files), absolute(f), kind) for i, f in enumerate(files)]
   return tasks
 
 
@@ -186,9 +193,11 @@ def assign(tasks: list[Task], shard_index: int, num_shards: int) -> list[Task]:
   return [t for i, t in enumerate(tasks) if i % num_shards == shard_index]
 
 
-def make_settings(cfg, tok, out_dir: str, shard_docs: int = 0, encode_batch: int = 1024) -> Settings:
+def make_settings(cfg, tok, out_dir: str, shard_docs: int = 0, encode_batch: int = 1024,
+                  tokenizer: str = "") -> Settings:
+  """``tokenizer``: the path workers load (default ``tok``'s own file)."""
   d = cfg.data
-  return Settings(out_dir=out_dir, tokenizer=os.path.abspath(tok.path),
+  return Settings(out_dir=out_dir, tokenizer=tokenizer or absolute(tok.path),
                   tokenizer_sha256=tokenizer_lib.fingerprint(tok), text_key=d.text_key,
                   txt_split=d.txt_split, skip_bad_records=d.skip_bad_records,
                   shard_docs=shard_docs, encode_batch=encode_batch)

@@ -31,7 +31,7 @@ import gzip
 import json
 import os
 import zlib
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -93,13 +93,20 @@ class BadRecords:
             flush=True)
 
 
-def resolve_files(patterns: str, field: str) -> list[str]:
-  """Comma-separated globs -> sorted, de-duplicated files; each glob must match."""
+def _local_glob(pattern: str) -> list[str]:
+  return [p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p)]
+
+
+def resolve_files(patterns: str, field: str, match: Callable[[str], list[str]] = _local_glob) -> list[str]:
+  """Comma-separated globs -> sorted, de-duplicated files; each glob must match.
+
+  ``match`` expands one glob (local files by default; Beam's filesystems for prepare --runner).
+  """
   files: list[str] = []
   if not patterns.strip():
     raise DataError(f"config.{field} is empty: give a glob of data files")
   for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-    matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+    matched = sorted(match(pattern))
     if not matched:
       raise DataError(f"config.{field}: {pattern!r} matches no file")
     files.extend(m for m in matched if m not in files)
