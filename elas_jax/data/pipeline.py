@@ -68,7 +68,9 @@ def open_split(cfg, split: str):
   d = cfg.data
   opts = sources.Options(text_key=d.text_key, txt_split=d.txt_split,
                          skip_bad_records=d.skip_bad_records,
-                         max_in_memory_bytes=d.max_in_memory_bytes,
+                         # .get: configs saved with checkpoints older than this field
+                         max_in_memory_bytes=d.get("max_in_memory_bytes",
+                                                   sources.DEFAULT_MAX_IN_MEMORY_BYTES),
                          prepare_hint=pretokenize.prepare_command(cfg))
   if d.source == "sample":
     path = corpus.sample_corpus()[split]
