@@ -68,24 +68,29 @@ def _build(path: str, kind: str, opts: sources.Options, bad: sources.BadRecords,
   return np.asarray(spans, np.int64).reshape(-1, 2)
 
 
-def index_file(path: str, kind: str, opts: sources.Options, bad: sources.BadRecords,
-               bar: tqdm | None = None) -> str:
-  """The cached index (``.npy`` path) of one file, built when missing or stale."""
-  root = cache_root()
-  base = os.path.join(root, _key(path, kind, opts))
-  stat = _stat(path)
+def _cached(path: str, kind: str, opts: sources.Options) -> tuple[str, dict | None]:
+  """The index's base path, and its metadata when it is current for the file."""
+  base = os.path.join(cache_root(), _key(path, kind, opts))
   try:
     with open(base + ".json") as f:
       meta = json.load(f)
   except (OSError, ValueError):
-    meta = None
-  if meta and meta.get("file") == stat and os.path.isfile(base + ".npy"):
+    return base, None
+  current = meta.get("file") == _stat(path) and os.path.isfile(base + ".npy")
+  return base, meta if current else None
+
+
+def index_file(path: str, kind: str, opts: sources.Options, bad: sources.BadRecords,
+               bar: tqdm | None = None) -> str:
+  """The cached index (``.npy`` path) of one file, built when missing or stale."""
+  root = cache_root()
+  base, meta = _cached(path, kind, opts)
+  if meta is not None:
     if meta["bad_records"] and not bad.skip:  # built with skip_bad_records=True
       raise DataError(f"{meta['first_bad']} ({sources._SKIP_HINT})")
     bad.add(meta["bad_records"], meta["first_bad"])
-    if bar is not None:
-      bar.update(stat["size"])
     return base + ".npy"
+  stat = _stat(path)
   local = sources.BadRecords(bad.skip)
   spans = _build(path, kind, opts, local, bar or tqdm(disable=True))
   os.makedirs(root, exist_ok=True)
@@ -147,7 +152,7 @@ class IndexedTextFile:
 def open_indexed(files: list[str], kind: str, opts: sources.Options,
                  bad: sources.BadRecords) -> dict[str, IndexedTextFile]:
   """Indexed sources of ``files`` (indexing those not cached yet, with a progress bar)."""
-  total = sum(os.path.getsize(f) for f in files)
+  total = sum(os.path.getsize(f) for f in files if _cached(f, kind, opts)[1] is None)  # to build
   out = {}
   with tqdm(total=total, unit="B", unit_scale=True, desc="indexing text files",
             disable=total < _PROGRESS_MIN_BYTES) as bar:
