@@ -19,6 +19,7 @@ import ml_collections
 
 from elas_jax import model, profiling
 from elas_jax.data.pipeline import PACKING_MODES
+from elas_jax.data.records import DEFAULT_MAX_IN_MEMORY_BYTES
 from elas_jax.data.sources import FORMATS
 from elas_jax.errors import ConfigError  # re-exported
 from elas_jax.sharding import MESH_AXES
@@ -212,7 +213,11 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   d.format = "auto"  # auto (by extension) | jsonl | txt | parquet | arrayrecord
   d.text_key = "text"  # JSON key / Parquet column holding the document text
   d.txt_split = "blank_line"  # .txt documents: blank_line (blocks) | file (one per file)
-  d.skip_bad_records = False  # skip and count bad records instead of stopping with an error
+  d.skip_bad_records = False  # skip and count bad records (and broken files) instead of stopping
+  # text that may be read into memory (.gz, JSON-array .json, Parquet: no random access);
+  # above it training refuses and names the prepare command. Plain .jsonl/.txt are read
+  # lazily through an offset index and do not count. docs/data.md
+  d.max_in_memory_bytes = DEFAULT_MAX_IN_MEMORY_BYTES
   d.tokenizer = ""  # SentencePiece model or tokenizer.json path; "" = train one on the sample
   d.packing = "concat"  # concat (documents joined, cut) | truncate_pad (one per sequence, padded)
   d.add_bos = False  # prepend BOS to every document (EOS is always appended)
@@ -232,6 +237,9 @@ LEGACY_DEFAULTS = {
               "scan_layers": False, "cola_only_lr_act": False},
     "optimizer": {"lr_adjust_steps": 0},
     "train": {"micro_batch": 0, "peak_tflops": 0.0, "profile_steps": ""},
+    # Text files were always read into memory; an old config gets today's limit (a
+    # corpus above it is refused with the prepare command, as for a new config).
+    "data": {"max_in_memory_bytes": DEFAULT_MAX_IN_MEMORY_BYTES},
 }
 
 
@@ -370,6 +378,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"data.{f}")
   if not _is_int(d.worker_count) or d.worker_count < 0:
     raise _err("data.worker_count", d.worker_count, "must be an integer >= 0")
+  if not _is_int(d.max_in_memory_bytes) or d.max_in_memory_bytes < 0:
+    raise _err("data.max_in_memory_bytes", d.max_in_memory_bytes,
+               "must be an integer >= 0 (bytes of text; 0 = never load text files into memory)")
   mb = c.train.micro_batch
   if not _is_int(mb) or mb < 0 or (mb and c.train.batch_size % mb):
     raise _err("train.micro_batch", mb, f"must be 0 (= batch_size) or a divisor of train.batch_size = "

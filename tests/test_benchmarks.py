@@ -6,6 +6,7 @@ test_quality.py, test_generate.py (inference) and test_kernels.py (ffn_kernels).
 Each check compares the benchmark's numbers with a count made without it.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ def _run(name: str, *args: str) -> dict:
 
 def test_every_benchmark_has_a_smoke_test():
   tested = {"attention_loss", "compile_time", "data_throughput", "ffn_memory",  # here
+            "prepare_scale", "data_startup",
             "step_memory", "train_throughput", "quality", "inference", "ffn_kernels"}
   names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
            if f.endswith(".py") and f not in ("__init__.py", "harness.py")}
@@ -70,3 +72,24 @@ def test_ffn_memory():
   assert out["loro_relu2"]["intermediate"] >= f * 4
   assert out["elas/masked"]["intermediate"] == pytest.approx(f // 2 * 4 + f // 8, rel=0.02)
   assert out["elas/ste"]["intermediate"] < out["elas/masked"]["intermediate"]  # ste recomputes
+
+
+@pytest.mark.slow
+def test_prepare_scale_and_data_startup(tmp_path):
+  # Two small synthetic C4 shards (0.2 MB of text each) prepared in a fresh
+  # process, then training's data start-up on the prepared shards.
+  data, out = tmp_path / "c4", tmp_path / "tokens"
+  p = subprocess.run([sys.executable, "-m", "benchmarks.prepare_scale", "--data", str(data), "--out", str(out),
+                      "--shards", "1,2", "--shard_mb", "0.2"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = json.loads(p.stdout.strip().splitlines()[-1])
+  assert [r["shards"] for r in rows] == [1, 2]
+  assert len(glob.glob(str(data / "*.json.gz"))) == 2
+  one, two = rows
+  assert 0 < one["tokens"] < two["tokens"] and one["peak_rss_mb"] > 0
+  with open(out / "elas_prepared.json") as f:  # the last run's output: both shards
+    manifest = json.load(f)
+  assert sum(s["tokens"] for s in manifest["splits"]["train"]["shards"]) == two["tokens"]
+  start = _run("data_startup", "--train_files", str(out / "train-*.arrayrecord"))
+  assert start["documents"] == two["documents"] and start["open_s"] >= 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from elas_jax import config_lib
-from elas_jax.data import corpus, pipeline, sources, tokenizer as tokenizer_lib
+from elas_jax.data import corpus, pipeline, records, sources, tokenizer as tokenizer_lib
 from elas_jax.errors import DataError
 from tests.helpers import ROOT, load_config
 
@@ -423,3 +423,203 @@ if __name__ == "__main__":
 """
   p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert "same" in p.stdout, p.stderr[-3000:]
+
+
+# ------------------------------------- streaming, broken files, lazy text index
+
+
+def _truncated_gz(path, texts):
+  write_jsonl(path, texts, gz=True)
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])  # an interrupted download
+  return str(path)
+
+
+def test_truncated_gzip_is_one_line_naming_the_file(tmp_path, capsys):
+  write_jsonl(tmp_path / "a-0.json.gz", [doc(i) for i in range(5)], gz=True)
+  # Incompressible-enough text, so half the file ends inside the deflate stream.
+  _truncated_gz(tmp_path / "a-1.json.gz", [" ".join(f"w{(i * 37 + k * 11) % 200}" for k in range(300))
+                                           for i in range(40)])
+  with pytest.raises(DataError) as e:
+    sources.open_documents(str(tmp_path / "a-*.json.gz"), "data.train_files")
+  msg = str(e.value)
+  assert "\n" not in msg and "a-1.json.gz: truncated gzip data after line" in msg, msg
+  assert "skip_bad_records" in msg
+  # skip_bad_records: the broken file is skipped whole and counted; the good one is read.
+  docs = sources.open_documents(str(tmp_path / "a-*.json.gz"), "data.train_files",
+                                opts=sources.Options(skip_bad_records=True))
+  assert [docs[i] for i in range(len(docs))] == [doc(i) for i in range(5)]
+  assert "skipped 1 broken file(s)" in capsys.readouterr().out
+
+
+def test_corrupt_gzip_and_not_gzip_name_the_file(tmp_path):
+  path = tmp_path / "c.json.gz"
+  write_jsonl(path, [doc(i, 50) for i in range(200)], gz=True)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # zeroed bytes mid-stream
+  path.write_bytes(bytes(data))
+  with pytest.raises(DataError, match=r"c.json.gz: corrupt gzip data after line \d+ \(") as e:
+    sources.open_documents(str(path), "data.train_files")
+  assert "\n" not in str(e.value)
+  (tmp_path / "plain.json.gz").write_bytes(b'{"text": "not gzipped"}\n')
+  with pytest.raises(DataError, match=r"plain.json.gz: corrupt gzip data .*Not a gzipped file"):
+    sources.open_documents(str(tmp_path / "plain.json.gz"), "data.train_files")
+
+
+def test_streaming_reader_yields_documents_before_the_end(tmp_path):
+  # A reader that loaded the file whole would fail before the first document.
+  path = _truncated_gz(tmp_path / "t.json.gz", [doc(i % 100, 40) + f" w{i % 200}" * 20
+                                                for i in range(3000)])
+  it = sources.iter_documents(path, "jsonl", sources.Options(), sources.BadRecords(False))
+  assert next(it) == doc(0, 40) + " w0" * 20
+  with pytest.raises(sources.BrokenFile, match="t.json.gz: truncated gzip data after line"):
+    list(it)
+
+
+def test_parquet_is_read_by_row_group(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  texts = [doc(i) for i in range(10)]
+  pq.write_table(pa.table({"text": texts}), str(tmp_path / "g.parquet"), row_group_size=3)
+  assert pq.ParquetFile(str(tmp_path / "g.parquet")).num_row_groups == 4
+  groups = [g for g, _, _ in records.scan_parquet(str(tmp_path / "g.parquet"),
+                                                  str(tmp_path / "g.parquet"), sources.Options(),
+                                                  sources.BadRecords(False))]
+  assert groups == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+  (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+  with pytest.raises(DataError, match="bad.parquet: not a readable Parquet file"):
+    sources.open_documents(str(tmp_path / "bad.parquet"), "data.train_files")
+
+
+@pytest.fixture
+def index_cache(tmp_path, monkeypatch):
+  root = tmp_path / "cache"
+  monkeypatch.setenv("ELAS_JAX_CACHE", str(root))
+  return root / "text_index"
+
+
+def _awkward_text_files(tmp_path):
+  texts = [doc(i) for i in range(8)] + ["caf\u00e9 \u2014 ünïcode", "two\nlines"]
+  jl = tmp_path / "a.jsonl"
+  jl.write_bytes(b"\n".join(json.dumps({"text": t}).encode() for t in texts[:5]) + b"\r\n\n\n"
+                 + b"\n".join(json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts[5:]))
+  tx = tmp_path / "a.txt"
+  tx.write_bytes(b"first block\r\nstill first\r\n\r\n\n  \nsecond \xc3\xa9\n\nthird" )
+  return str(jl), str(tx), texts
+
+
+def test_lazy_index_reads_what_the_whole_file_reader_reads(tmp_path, index_cache):
+  import pickle
+
+  from elas_jax.data import text_index
+
+  jl, tx, texts = _awkward_text_files(tmp_path)
+  for path, kind, expected in ((jl, "jsonl", texts),
+                               (tx, "txt", ["first block\nstill first", "second \u00e9", "third"])):
+    assert sources.is_lazy(path, kind, sources.Options())
+    docs = sources.open_documents(path, "data.train_files")
+    got = [docs[i] for i in range(len(docs))]
+    assert got == expected  # hand-written expectation
+    assert got == sources.read_documents(path, kind, sources.Options(), sources.BadRecords(False))
+    clone = pickle.loads(pickle.dumps(docs))  # grain worker processes
+    assert [clone[i] for i in range(len(clone))] == expected
+  assert len(list(index_cache.glob("*.npy"))) == 2
+  whole = sources.open_documents(str(tmp_path / "a.txt"), "data.train_files",
+                                 opts=sources.Options(txt_split="file"))
+  assert len(whole) == 1 and whole[0].startswith("first block\r\nstill first")
+  assert isinstance(sources.open_documents(jl, "data.train_files")._parts[0], text_index.IndexedTextFile)
+
+
+def test_lazy_index_is_cached_and_rebuilt_when_the_file_changes(tmp_path, index_cache, monkeypatch):
+  from elas_jax.data import text_index
+
+  path = write_jsonl(tmp_path / "c.jsonl", [doc(i) for i in range(4)])
+  assert len(sources.open_documents(path, "data.train_files")) == 4
+  builds = []
+  real = text_index._build
+  monkeypatch.setattr(text_index, "_build", lambda *a: builds.append(a[0]) or real(*a))
+  assert len(sources.open_documents(path, "data.train_files")) == 4
+  assert builds == []  # served from the cache
+  with open(path, "a") as f:
+    f.write(json.dumps({"text": doc(4)}) + "\n")
+  docs = sources.open_documents(path, "data.train_files")
+  assert builds == [path] and len(docs) == 5 and docs[4] == doc(4)
+
+
+def test_lazy_index_bad_records(tmp_path, index_cache, capsys):
+  path = tmp_path / "b.jsonl"
+  path.write_bytes(b'{"text": "a"}\nnot json\n{"text": "b"}\n{"x": 1}\n')
+  for _ in range(2):  # built, then from the cache: the same count and the same error
+    docs = sources.open_documents(str(path), "data.train_files",
+                                  opts=sources.Options(skip_bad_records=True))
+    assert [docs[0], docs[1]] == ["a", "b"] and len(docs) == 2
+    assert "skipped 2 bad record(s)" in capsys.readouterr().out
+    with pytest.raises(DataError, match="b.jsonl:2: invalid JSON"):
+      sources.open_documents(str(path), "data.train_files")
+
+
+def test_lazy_source_keeps_shuffle_sharding_and_resume(tmp_path, word_tokenizer, index_cache):
+  texts = [doc(i, length=3 + i % 7) for i in range(41)]
+  path = write_jsonl(tmp_path / "r.jsonl", texts)
+  lazy = sources.open_documents(path, "data.train_files")
+  memory = sources.TextDocuments(texts)
+  s = spec(packing="concat", global_batch=2, seq_len=6)
+  for pi, pc in ((0, 1), (0, 2), (1, 2)):
+    a = take(iter(pipeline.train_dataset(lazy, word_tokenizer, s, pi, pc)), 25)
+    b = take(iter(pipeline.train_dataset(memory, word_tokenizer, s, pi, pc)), 25)
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  it = iter(pipeline.train_dataset(lazy, word_tokenizer, s, 0, 1))
+  take(it, 9)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 6)
+  restored = iter(pipeline.train_dataset(lazy, word_tokenizer, s, 0, 1))
+  restored.set_state(state)
+  for x, y in zip(take(restored, 6), expected):
+    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+
+
+def test_too_much_gzip_text_is_refused_with_the_prepare_command(tmp_path, word_tokenizer,
+                                                                index_cache, monkeypatch):
+  cfg = _files_config(tmp_path, word_tokenizer)
+  write_jsonl(tmp_path / "train.json.gz", [doc(i, 30) for i in range(100)], gz=True)
+  cfg.data.train_files = str(tmp_path / "train.json.gz")
+  size = sources.text_bytes(cfg.data.train_files)
+  assert size == len(gzip.decompress((tmp_path / "train.json.gz").read_bytes()))  # the trailer's size
+  cfg.data.max_in_memory_bytes = size - 1
+  monkeypatch.setattr(sys, "argv", ["train.py", "--config", "configs/tiny.py:elas"])
+  with pytest.raises(DataError) as e:
+    pipeline.open_split(cfg, "train")
+  msg = str(e.value)
+  assert "\n" not in msg and "more than config.data.max_in_memory_bytes" in msg
+  assert (f"python -m elas_jax.data.prepare --config configs/tiny.py:elas "
+          f"--config.data.train_files={cfg.data.train_files}") in msg
+  assert "then train with --config.data.train_files='elas_tokens/train-*.arrayrecord'" in msg
+  cfg.data.max_in_memory_bytes = size
+  assert len(pipeline.open_split(cfg, "train")) == 100
+  cfg.data.max_in_memory_bytes = 0  # plain .jsonl is read lazily: not limited
+  cfg.data.train_files = str(tmp_path / "train.jsonl")
+  assert len(pipeline.open_split(cfg, "train")) == 50
+
+
+def test_max_in_memory_bytes_validates():
+  cfg = load_config("configs/tiny.py", "elas")
+  assert cfg.data.max_in_memory_bytes == 4 << 30
+  cfg.data.max_in_memory_bytes = -1
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.max_in_memory_bytes = -1: must be an integer >= 0"):
+    config_lib.validate(cfg)
+
+
+def test_train_cli_truncated_gzip_is_one_line(tmp_path, word_tokenizer):
+  write_jsonl(tmp_path / "c4-0.json.gz", [doc(i) for i in range(20)], gz=True)
+  _truncated_gz(tmp_path / "c4-1.json.gz", [" ".join(f"w{(i * 37 + k * 11) % 200}" for k in range(300))
+                                            for i in range(40)])
+  p = subprocess.run(
+      [sys.executable, "train.py", "--config", "configs/tiny.py:elas", "--config.data.source=files",
+       f"--config.data.train_files={tmp_path}/c4-*.json.gz", f"--config.data.tokenizer={word_tokenizer.path}",
+       f"--config.model.vocab_size={word_tokenizer.vocab_size}", f"--workdir={tmp_path}/run"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "c4-1.json.gz: truncated gzip data after line" in last

@@ -288,10 +288,10 @@ def test_transformers_loads_the_export_with_the_same_logits(variant, tmp_path):
   cfg, m, params = _model(variant)
   save_file(hf.hf_tensors(cfg, params), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
   (tmp_path / "config.json").write_text(json.dumps(_hf_config(cfg)))
-  hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
+  llama = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
   tokens = _tokens(cfg.vocab_size)
   with torch.no_grad():
-    got = hf(torch.from_numpy(tokens).long()).logits.numpy()
+    got = llama(torch.from_numpy(tokens).long()).logits.numpy()
   want = np.asarray(m(tokens, False)[0])
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 

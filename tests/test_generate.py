@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elas_jax import decode, model as model_lib, stacking
+from elas_jax import decode, model as model_lib
 from tests.helpers import ROOT, TINY_TRAIN_FLAGS, tiny_train_config
 
 jax.config.update("jax_default_matmul_precision", "highest")

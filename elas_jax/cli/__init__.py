@@ -6,8 +6,9 @@ the library). Each has a console script and a ``python -m`` name:
   ``generate``  elas-generate   python -m elas_jax.generate
   ``export``    elas-export     python -m elas_jax.export
   ``summary``   elas-summary    python -m elas_jax.summary
+  ``prepare``   elas-prepare    python -m elas_jax.data.prepare
 
 ``common`` is the shared plumbing (``--config`` with one-line errors, ``--mesh``),
 ``distributed`` the multi-process start-up flags. The ``python -m elas_jax.<name>``
-modules are aliases of these.
+modules (and ``elas_jax.data.prepare``) are aliases of these.
 """

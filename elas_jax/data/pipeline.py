@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from grain import experimental as grain_exp
 
-from elas_jax.data import corpus, sources, tokenizer as tokenizer_lib
+from elas_jax.data import corpus, pretokenize, sources, tokenizer as tokenizer_lib
 from elas_jax.errors import DataError
 
 PACKING_MODES = ("concat", "truncate_pad")
@@ -67,7 +67,9 @@ def open_split(cfg, split: str):
   """The documents of ``split`` ("train" or "validation") for a config."""
   d = cfg.data
   opts = sources.Options(text_key=d.text_key, txt_split=d.txt_split,
-                         skip_bad_records=d.skip_bad_records)
+                         skip_bad_records=d.skip_bad_records,
+                         max_in_memory_bytes=d.max_in_memory_bytes,
+                         prepare_hint=pretokenize.prepare_command(cfg))
   if d.source == "sample":
     path = corpus.sample_corpus()[split]
     return sources.open_documents(path, "data.source (sample corpus)", "jsonl", opts)

@@ -1,25 +1,42 @@
 """Document sources: JSON lines (C4 shards), plain text, Parquet and ArrayRecord.
 
 Every source is random-access (``len`` + ``__getitem__``), which grain needs
-for a deterministic global shuffle and exact checkpointing. Text formats are
-read and validated when the source is built, so a broken file fails before
-any compilation, with its name and line; ArrayRecord files are read lazily.
-ArrayRecord shards written by ``python -m elas_jax.data.prepare`` hold token
-ids (recognised by the manifest next to them); other ArrayRecord files hold
-UTF-8 text documents.
+for a deterministic global shuffle and exact checkpointing. How the text is
+held depends on the file:
+
+- plain ``.jsonl`` / ``.txt`` files are read lazily through an offset index
+  (``text_index.py``), built in one validating pass the first time a file is
+  used and cached; memory does not grow with the corpus.
+- ``.gz`` files, JSON-array ``.json`` files and Parquet are read into memory:
+  gzip has no random access (a seek decompresses from the start) and a
+  Parquet row group is the smallest readable unit, so neither can serve the
+  global shuffle's random reads. Above ``data.max_in_memory_bytes`` of text
+  they are refused with the ``prepare`` command that tokenises them once into
+  (lazy) ArrayRecord shards.
+- ArrayRecord files are read lazily. Shards written by ``python -m
+  elas_jax.data.prepare`` hold token ids (recognised by the manifest next to
+  them); other ArrayRecord files hold UTF-8 text documents.
+
+Text files are validated when the source is built, so a broken file fails
+before any compilation with one line naming it (and the line). The streaming
+readers (:func:`iter_documents`) yield one document at a time; ``prepare``
+reads through them, holding one batch of documents, never a file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import gzip
 import json
 import os
-from typing import Sequence
+import zlib
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
+from elas_jax.data import text_index
+from elas_jax.data.records import (SKIP_HINT, BadRecords, BrokenFile, Options, Position, one_line, scan_jsonl,
+                                    scan_parquet, scan_txt)
 from elas_jax.errors import DataError
 
 FORMATS = ("auto", "jsonl", "txt", "parquet", "arrayrecord")
@@ -30,39 +47,20 @@ _EXTENSIONS = {
     ".txt": "txt", ".txt.gz": "txt", ".parquet": "parquet",
     ".arrayrecord": "arrayrecord", ".array_record": "arrayrecord",
 }
+def _local_glob(pattern: str) -> list[str]:
+  return [p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p)]
 
 
-@dataclasses.dataclass
-class Options:
-  text_key: str = "text"  # JSON key / Parquet column holding the text
-  txt_split: str = "blank_line"  # txt: one document per blank-line-separated block | per file
-  skip_bad_records: bool = False  # skip (and count) bad records instead of failing
+def resolve_files(patterns: str, field: str, match: Callable[[str], list[str]] = _local_glob) -> list[str]:
+  """Comma-separated globs -> sorted, de-duplicated files; each glob must match.
 
-
-class BadRecords:
-  """Counts skipped records; reports one summary line."""
-
-  def __init__(self, skip: bool):
-    self.skip, self.count, self.first = skip, 0, None
-
-  def bad(self, where: str, why: str) -> None:
-    if not self.skip:
-      raise DataError(f"{where}: {why} (set data.skip_bad_records=True to skip such records)")
-    self.count += 1
-    self.first = self.first or f"{where}: {why}"
-
-  def report(self, what: str) -> None:
-    if self.count:
-      print(f"warning: skipped {self.count} bad record(s) in {what}; first: {self.first}", flush=True)
-
-
-def resolve_files(patterns: str, field: str) -> list[str]:
-  """Comma-separated globs -> sorted, de-duplicated files; each glob must match."""
+  ``match`` expands one glob (local files by default; Beam's filesystems for prepare --runner).
+  """
   files: list[str] = []
   if not patterns.strip():
     raise DataError(f"config.{field} is empty: give a glob of data files")
   for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-    matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+    matched = sorted(match(pattern))
     if not matched:
       raise DataError(f"config.{field}: {pattern!r} matches no file")
     files.extend(m for m in matched if m not in files)
@@ -82,105 +80,120 @@ def file_format(path: str, fmt: str) -> str:
                   f"{', '.join(FORMATS[1:])}")
 
 
-def _open_bytes(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+def is_gzip(path: str) -> bool:
+  return path.lower().endswith(".gz")
 
 
-def _decode(raw: bytes, where: str, bad: BadRecords) -> str | None:
+def prepared_manifest(path: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(path)), PREPARED_MANIFEST)
+
+
+def iter_arrayrecord(path: str, batch: int = 1024) -> Iterator[str | np.ndarray]:
+  """The records of one ArrayRecord file: token ids (prepared shards) or text."""
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  tokens = os.path.isfile(prepared_manifest(path))
   try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    bad.bad(where, f"undecodable bytes (not UTF-8) at byte {e.start}")
-    return None
-
-
-def read_jsonl(path: str, opts: Options, bad: BadRecords) -> list[str]:
-  """JSON lines (C4's format; also a ``.json`` file holding one JSON array)."""
-  with _open_bytes(path) as f:
-    data = f.read()
-  if data.lstrip()[:1] == b"[":  # a JSON array of objects
-    text = _decode(data, path, BadRecords(False))
-    try:
-      records = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    lines = [(i + 1, r) for i, r in enumerate(records)]
-    where = lambda i: f"{path}: element {i - 1}"
-  else:
-    lines = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-      if not raw.strip():
-        continue
-      line = _decode(raw, f"{path}:{lineno}", bad)
-      if line is None:
-        continue
-      try:
-        lines.append((lineno, json.loads(line)))
-      except json.JSONDecodeError as e:
-        bad.bad(f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
-    where = lambda i: f"{path}:{i}"
-  docs = []
-  for lineno, record in lines:
-    if not isinstance(record, dict) or opts.text_key not in record:
-      keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-      bad.bad(where(lineno), f"no {opts.text_key!r} key (found: {keys}); set data.text_key")
-    elif not isinstance(record[opts.text_key], str):
-      bad.bad(where(lineno), f"{opts.text_key!r} is {type(record[opts.text_key]).__name__}, not text")
-    else:
-      docs.append(record[opts.text_key])
-  return docs
-
-
-def read_txt(path: str, opts: Options, bad: BadRecords) -> list[str]:
-  with _open_bytes(path) as f:
-    data = f.read()
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data[: e.start].count(b"\n") + 1
-    bad.bad(f"{path}:{line}", f"undecodable bytes (not UTF-8) at byte {e.start}")
-    text = data.decode("utf-8", errors="replace")
-  if opts.txt_split == "file":
-    return [text.strip()] if text.strip() else []
-  if opts.txt_split != "blank_line":
-    raise DataError(f"config.data.txt_split = {opts.txt_split!r}: must be blank_line or file")
-  blocks, cur = [], []
-  for line in text.splitlines():
-    if line.strip():
-      cur.append(line)
-    elif cur:
-      blocks.append("\n".join(cur))
-      cur = []
-  if cur:
-    blocks.append("\n".join(cur))
-  return blocks
-
-
-def read_parquet(path: str, opts: Options, bad: BadRecords) -> list[str]:
-  import pyarrow.parquet as pq
-
-  try:
-    schema = pq.read_schema(path)
+    reader = ArrayRecordReader(path)
   except Exception as e:
-    raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-  if opts.text_key not in schema.names:
-    raise DataError(f"{path}: no column {opts.text_key!r} (columns: {', '.join(schema.names)}); "
-                    "set data.text_key")
-  column = pq.read_table(path, columns=[opts.text_key]).column(0).to_pylist()
-  docs = []
-  for row, value in enumerate(column):
-    if not isinstance(value, str):
-      bad.bad(f"{path}: row {row}", f"{opts.text_key!r} is {type(value).__name__}, not text")
-    else:
-      docs.append(value)
-  return docs
+    raise BrokenFile(f"{path}: not a readable ArrayRecord file ({one_line(e)})") from None
+  try:
+    n = reader.num_records()
+    for lo in range(0, n, batch):
+      for i, raw in enumerate(reader.read(range(lo, min(n, lo + batch))), start=lo):
+        if tokens:
+          yield np.frombuffer(raw, dtype=np.int32)
+        else:
+          try:
+            yield raw.decode("utf-8")
+          except UnicodeDecodeError as e:
+            raise DataError(f"{path}: record {i}: undecodable bytes (not UTF-8) at byte {e.start}") \
+                from None
+  finally:
+    reader.close()
 
 
-_READERS = {"jsonl": read_jsonl, "txt": read_txt, "parquet": read_parquet}
+
+
+def iter_documents(path: str, kind: str, opts: Options, bad: BadRecords,
+                   raw: BinaryIO | None = None) -> Iterator[str | np.ndarray]:
+  """The documents of one file, one at a time.
+
+  ``raw`` is the file's (compressed) byte stream, opened by the caller (who may
+  track ``raw.tell()`` for progress); by default the local file is opened. A
+  stream that ends early or is corrupt (gzip) raises :class:`BrokenFile`
+  naming the file and the last line read; bad records go to ``bad``.
+  """
+  if kind == "arrayrecord":
+    yield from iter_arrayrecord(path)
+    return
+  own = raw is None
+  if own:
+    try:
+      raw = open(path, "rb")
+    except OSError as e:
+      raise DataError(f"{path}: cannot read ({e.strerror})") from None
+  pos = Position()
+  try:
+    if kind == "parquet":
+      for _, _, text in scan_parquet(path, raw, opts, bad):
+        yield text
+      return
+    f = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip(path) else raw
+    scan = {"jsonl": scan_jsonl, "txt": scan_txt}[kind]
+    for _, _, text in scan(path, f, opts, bad, pos):
+      yield text
+  except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
+    where = f" after line {pos.line}" if pos.line else ""
+    what = "truncated" if isinstance(e, EOFError) else "corrupt"
+    raise BrokenFile(f"{path}: {what} {'gzip data' if is_gzip(path) else 'file'}{where} "
+                     f"({one_line(e)}); re-download it, or {SKIP_HINT} (a broken file is skipped "
+                     "whole)") from None
+  finally:
+    if own:
+      raw.close()
+
+
+def read_documents(path: str, kind: str, opts: Options, bad: BadRecords) -> list:
+  """All documents of one file; a broken file is skipped whole when ``bad.skip``."""
+  try:
+    return list(iter_documents(path, kind, opts, bad))
+  except BrokenFile as e:
+    bad.broken_file(e)
+    return []
+
+
+def text_bytes(path: str) -> int:
+  """The bytes of text a file holds: its size, or for gzip the size its trailer records.
+
+  The gzip trailer holds the (last member's) uncompressed size mod 2**32: an
+  estimate, exact for the single-member files below 4 GiB that C4 ships.
+  """
+  size = os.path.getsize(path)
+  if is_gzip(path) and size >= 18:
+    with open(path, "rb") as f:
+      f.seek(-4, os.SEEK_END)
+      return max(size, int.from_bytes(f.read(4), "little"))
+  return size
+
+
+def _starts_json_array(path: str) -> bool:
+  with open(path, "rb") as f:
+    while chunk := f.read(4096):
+      if chunk.strip():
+        return chunk.lstrip()[:1] == b"["
+  return False
+
+
+def is_lazy(path: str, kind: str, opts: Options) -> bool:
+  """Whether a text file is read through an offset index (plain JSON lines or text)."""
+  if is_gzip(path) or kind not in ("jsonl", "txt"):
+    return False
+  return kind == "txt" or not _starts_json_array(path)
 
 
 class TextDocuments:
-  """In-memory text documents read from JSON-lines, text or Parquet files."""
+  """In-memory text documents."""
 
   kind = "text"
 
@@ -194,6 +207,26 @@ class TextDocuments:
     return self._docs[i]
 
 
+class ConcatDocuments:
+  """Several random-access sources, one after the other (the files' order)."""
+
+  kind = "text"
+
+  def __init__(self, parts: Sequence):
+    self._parts = [p for p in parts if len(p)]
+    self._ends = np.cumsum([len(p) for p in self._parts], dtype=np.int64)
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getitem__(self, i: int):
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    part = int(np.searchsorted(self._ends, i, side="right"))
+    return self._parts[part][i - (int(self._ends[part - 1]) if part else 0)]
+
+
 class ArrayRecordDocuments:
   """ArrayRecord shards: token ids (prepared) or UTF-8 text, read lazily."""
 
@@ -203,6 +236,10 @@ class ArrayRecordDocuments:
     dirs = {os.path.dirname(os.path.abspath(f)) for f in files}
     manifests = [os.path.join(d, PREPARED_MANIFEST) for d in dirs]
     prepared = [os.path.isfile(m) for m in manifests]
+    for d, m in zip(sorted(dirs), prepared):
+      if not m and glob.glob(os.path.join(glob.escape(d), "*.shard.json")):
+        raise DataError(f"{d}: pre-tokenisation has not finished here (shard records but no "
+                        f"{PREPARED_MANIFEST}); rerun the same prepare command to finish it")
     if any(prepared) and not all(prepared):
       raise DataError(f"{', '.join(sorted(dirs))}: mixing pre-tokenised and text ArrayRecord files")
     self.kind = "tokens" if all(prepared) else "text"
@@ -233,8 +270,13 @@ class ArrayRecordDocuments:
                       f"at byte {e.start}") from None
 
 
+def _gb(n: int) -> str:
+  return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
 def open_documents(patterns: str, field: str, fmt: str = "auto", opts: Options | None = None):
   """The documents of the files matched by ``patterns`` (config field ``field``)."""
+
   opts = opts or Options()
   files = resolve_files(patterns, field)
   formats = {file_format(f, fmt) for f in files}
@@ -245,12 +287,22 @@ def open_documents(patterns: str, field: str, fmt: str = "auto", opts: Options |
   if kind == "arrayrecord":
     docs = ArrayRecordDocuments(files)
   else:
+    lazy = {f: is_lazy(f, kind, opts) for f in files}
+    eager = [f for f in files if not lazy[f]]
+    in_memory = sum(text_bytes(f) for f in eager)
+    if in_memory > opts.max_in_memory_bytes:
+      raise DataError(
+          f"config.{field}: {len(eager)} file(s) ({'gzip' if any(map(is_gzip, eager)) else kind}) "
+          f"hold ~{_gb(in_memory)} of text, more than config.data.max_in_memory_bytes = "
+          f"{opts.max_in_memory_bytes} ({_gb(opts.max_in_memory_bytes)}) that may be read into memory "
+          "(they have no random access); tokenise them once into ArrayRecord shards"
+          + (f": {opts.prepare_hint}" if opts.prepare_hint else " with python -m elas_jax.data.prepare")
+          + " (or decompress them: plain .jsonl/.txt files are read lazily)")
     bad = BadRecords(opts.skip_bad_records)
-    texts = []
-    for f in files:
-      texts.extend(_READERS[kind](f, opts, bad))
+    parts = text_index.open_indexed([f for f in files if lazy[f]], kind, opts, bad)
+    docs = ConcatDocuments([parts.pop(f) if lazy[f] else TextDocuments(read_documents(f, kind, opts, bad))
+                            for f in files])
     bad.report(f"{len(files)} file(s) of config.{field}")
-    docs = TextDocuments(texts)
   if len(docs) == 0:
     raise DataError(f"config.{field}: no documents in {len(files)} file(s) matched by {patterns!r}")
   return docs

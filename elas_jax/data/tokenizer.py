@@ -37,6 +37,7 @@ class SentencePieceTokenizer:
   """A SentencePiece ``.model`` file."""
 
   path: str
+  threads: int = 0  # encode_batch threads; 0 = one per CPU (prepare's workers share the CPUs)
 
   def __post_init__(self):
     import sentencepiece as spm
@@ -56,7 +57,7 @@ class SentencePieceTokenizer:
     return self._sp.encode(text)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
+    return self._sp.encode(texts, num_threads=self.threads or os.cpu_count() or 1)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
