@@ -48,10 +48,10 @@ def init_cache(model_cfg, batch: int, max_len: int) -> KVCache:
 
 def check_supported(model_cfg) -> None:
   """Cached decoding walks the blocks one by one: a scanned model must be converted
-  first (:func:`elas_jax.trainer.with_unscanned_layers`, as ``generate.load`` does)."""
+  first (:func:`elas_jax.trainer.with_unscanned_layers`, as :func:`load` does)."""
   if model_cfg.scan_layers:
     raise UserError("config.model.scan_layers = True: cached decoding needs the per-layer blocks; "
-                    "convert with trainer.with_unscanned_layers (generate.load does)")
+                    "convert with trainer.with_unscanned_layers (decode.load does)")
 
 
 def forward_cached(model: model_lib.Transformer, cache: KVCache, tokens_BxT: jax.Array,
@@ -121,10 +121,46 @@ def bucket(n: int, max_len: int) -> int:
   return min(1 << max(n - 1, 0).bit_length(), max_len)
 
 
+# ------------------------------------------ checkpoints, prompts and text
+# (used by elas_jax.generate and elas_jax.downstream; no command-line flags here)
+
+
+def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
+         kernel: str | None = None, devices=None):
+  """``(run, params, step)`` of a checkpoint, restored onto the local mesh as evaluation does."""
+  from elas_jax import trainer
+
+  run, state = trainer.restore_run(workdir, step, mesh=mesh, kernel=kernel, devices=devices)
+  run, params = trainer.with_unscanned_layers(run, state.params)
+  return run, params, int(state.step)
+
+
+def sparse_on_for(cfg, step: int, dense: bool) -> bool:
+  """2:4 FFN after the dense warm-up (as evaluation), unless ``dense``."""
+  s = cfg.model.sparsity
+  return bool(s.enabled) and not dense and bool(model_lib.sparsity_active(step, s.dense_warmup_steps))
+
+
+def encode(tok, cfg, text: str) -> list[int]:
+  """Prompt ids laid out like the training documents (BOS first when ``data.add_bos``)."""
+  ids = tok.encode(text)
+  if ids and cfg.data.add_bos and tok.bos_id >= 0:
+    ids = [tok.bos_id] + ids
+  return ids
+
+
+def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
+  """Text of ``new_ids`` after the prompt (decoded together: a token's text,
+  e.g. a leading space, depends on what precedes it)."""
+  new_ids = [t for t in new_ids if t != tok.eos_id]
+  return tok.decode(prompt_ids + new_ids)[len(tok.decode(prompt_ids)):]
+
+
+
 @dataclasses.dataclass
 class Result:
   tokens: list[int]
-  stop: str  # eos | max_new_tokens | max_len
+  stop: str  # eos | stop (``stop_fn``) | max_new_tokens | max_len
 
 
 class Generator:
@@ -201,13 +237,15 @@ class Generator:
                         f"{self.max_len}; shorten the prompt or raise --max_len")
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int, seed: int = 0,
-               on_step: Callable[[list[int | None]], None] | None = None) -> list[Result]:
+               on_step: Callable[[list[int | None]], None] | None = None,
+               stop_fn: Callable[[int, list[int]], bool] | None = None) -> list[Result]:
     """Continues each prompt (token ids) by up to ``max_new_tokens`` tokens.
 
-    A row stops at EOS (included in its tokens), after ``max_new_tokens``, or
-    when the cache is full. ``on_step`` gets, after each step, every row's
-    new token (None for finished rows). Same seed, same prompts and batch
-    size: same tokens.
+    A row stops at EOS (included in its tokens), when ``stop_fn(row,
+    tokens so far)`` is true (e.g. a stop string was produced; the tokens
+    are kept), after ``max_new_tokens``, or when the cache is full.
+    ``on_step`` gets, after each step, every row's new token (None for
+    finished rows). Same seed, same prompts and batch size: same tokens.
     """
     self.check_prompts(prompts)
     if max_new_tokens < 1:
@@ -236,6 +274,8 @@ class Generator:
           new[i] = int(tok_host[i])
           if tok_host[i] == self.eos_id:
             stop[i] = "eos"
+          elif stop_fn is not None and stop_fn(i, out[i]):
+            stop[i] = "stop"
           elif len(out[i]) >= max_new_tokens:
             stop[i] = "max_new_tokens"
           elif pos[i] >= self.max_len:

@@ -26,7 +26,10 @@ import sys
 
 from absl import flags
 
-from elas_jax import cli, decode, distributed, model as model_lib
+from elas_jax import cli, decode, distributed
+# Restoring, the sparse/dense choice and the prompt layout live in decode (no flags),
+# shared with elas_jax.downstream; re-exported here under their old names.
+from elas_jax.decode import continuation, encode, load, sparse_on_for  # noqa: F401
 from elas_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
@@ -48,30 +51,6 @@ _KERNEL = flags.DEFINE_enum("kernel", None, ["auto", "xla", "pallas"],
                             "Override config.model.kernel (the 2:4 FFN implementation of ELAS models).")
 
 
-def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
-         kernel: str | None = None, devices=None):
-  """``(run, params, step)`` of a checkpoint, restored onto the local mesh as evaluation does."""
-  from elas_jax import trainer
-
-  run, state = trainer.restore_run(workdir, step, mesh=mesh, kernel=kernel, devices=devices)
-  run, params = trainer.with_unscanned_layers(run, state.params)
-  return run, params, int(state.step)
-
-
-def sparse_on_for(cfg, step: int, dense: bool) -> bool:
-  """2:4 FFN after the dense warm-up (as evaluation), unless ``dense``."""
-  s = cfg.model.sparsity
-  return bool(s.enabled) and not dense and bool(model_lib.sparsity_active(step, s.dense_warmup_steps))
-
-
-def encode(tok, cfg, text: str) -> list[int]:
-  """Prompt ids laid out like the training documents (BOS first when ``data.add_bos``)."""
-  ids = tok.encode(text)
-  if ids and cfg.data.add_bos and tok.bos_id >= 0:
-    ids = [tok.bos_id] + ids
-  return ids
-
-
 def read_prompts(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise UserError(f"--prompts_file={path!r}: file does not exist")
@@ -80,13 +59,6 @@ def read_prompts(path: str) -> list[str]:
   if not prompts:
     raise UserError(f"--prompts_file={path!r}: holds no prompts (one per non-blank line)")
   return prompts
-
-
-def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
-  """Text of ``new_ids`` after the prompt (decoded together: a token's text,
-  e.g. a leading space, depends on what precedes it)."""
-  new_ids = [t for t in new_ids if t != tok.eos_id]
-  return tok.decode(prompt_ids + new_ids)[len(tok.decode(prompt_ids)):]
 
 
 class _Stream:
