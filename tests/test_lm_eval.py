@@ -370,8 +370,8 @@ def test_registered_under_elas_jax_next_to_the_builtin_models():
 def test_hf_model_on_the_export_gives_the_same_loglikelihoods(workdir, ref, tmp_path):
   """lm-eval's ``hf`` model (torch + transformers) on the exported checkpoint; the
   export is the dense ReLU² model, so it is compared with ``dense=True``."""
-  pytest.importorskip("torch")
-  pytest.importorskip("transformers")
+  for module in ("torch", "transformers", "accelerate"):  # lm-eval's [hf] extra
+    pytest.importorskip(module)
   from lm_eval.api.instance import Instance
   from lm_eval.models.huggingface import HFLM
 
