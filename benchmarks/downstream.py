@@ -22,7 +22,8 @@ are trained here with the same preset, so ``--runs`` can be a finished
 quality study), each evaluated by :class:`elas_jax.downstream.ElasJaxLM`;
 ELAS twice, with its 2:4 FFN (the default) and with ``dense=True``. Writes
 ``results.json`` and ``results.md`` (mean ± std over seeds, chance levels,
-ELAS 2:4 - dense per seed, and the measured scoring rate).
+ELAS 2:4 - dense per seed, and the measured scoring rate); each evaluation is
+kept in ``--out/evals/``, so a rerun with more seeds evaluates only the new runs.
 """
 
 from __future__ import annotations
@@ -263,7 +264,20 @@ def main() -> None:
       workdir = ensure_run(runs, args.preset, variant, seed)
       for dense in ((False, True) if variant == "elas" else (False,)):
         name = variant + (" (dense)" if dense else "")
-        r = evaluate(workdir, tasks_dir, args.batch_size, dense)
+        # One file per evaluation: an interrupted or extended study (more seeds)
+        # re-evaluates only what is new.
+        cache = os.path.join(args.out, "evals", f"{variant}{'-dense' if dense else ''}-s{seed}.json")
+        key = {"workdir": os.path.abspath(workdir), "items": items, "batch_size": args.batch_size}
+        r = None
+        if os.path.exists(cache):
+          with open(cache) as f:
+            saved = json.load(f)
+          r = saved["result"] if saved.get("key") == key else None
+        if r is None:
+          r = evaluate(workdir, tasks_dir, args.batch_size, dense)
+          os.makedirs(os.path.dirname(cache), exist_ok=True)
+          with open(cache, "w") as f:
+            json.dump({"key": key, "result": r}, f, indent=1)
         results.setdefault(name, {})[seed] = r
         print(f"=== {name} seed {seed}: " + ", ".join(f"{k.split('/')[0]} {k.split('/')[1].split(',')[0]} "
               f"{v:.4g}" for k, v in r["metrics"].items()) + f" ({r['wall_s']:.0f} s)", file=sys.stderr,

@@ -470,6 +470,31 @@ def test_a_scanned_checkpoint_scores_like_its_model(tmp_path, ref):
     logp = jax.nn.log_softmax(logits[0])
     want = float(sum(logp[i - 1, seq[i]] for i in range(len(c), len(seq))))
     np.testing.assert_allclose(ll, want, rtol=1e-5, atol=1e-4)
-  (text,) = lm.generate_until([lm_eval.api.instance.Instance(
-      "generate_until", {}, ("The history of", {"until": ["\n"], "max_gen_toks": 3}), 0)])
-  assert isinstance(text, str)
+  from lm_eval.api.instance import Instance
+
+  (text,) = lm.generate_until([Instance("generate_until", {}, ("The history of", {"max_gen_toks": 3}), 0)])
+  seq = ref.enc("The history of")  # greedy tokens of the scanned model's full forward
+  for _ in range(3):
+    logits, _ = scanned(jnp.asarray(seq)[None], True)
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  assert text == ref.tok.decode(seq)[len(ref.tok.decode(seq[:-3])):]
+
+
+@pytest.mark.slow
+def test_downstream_benchmark_smoke(tmp_path, offline_hf):
+  p = subprocess.run([sys.executable, "-m", "benchmarks.downstream", "--preset", "smoke", "--variants",
+                      "elas", "--seeds", "0", "--n_items", "8", "--batch_size", "8", "--out", str(tmp_path)],
+                     cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **offline_hf), capture_output=True,
+                     text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert set(res["runs"]) == {"elas", "elas (dense)"} and res["items"]["elas_cloze"] == 8
+  sparse, dense = res["runs"]["elas"]["0"], res["runs"]["elas (dense)"]["0"]
+  assert sparse["sparse_on"] and not dense["sparse_on"]
+  for r in (sparse, dense):
+    assert all(0 <= r["metrics"][k] <= 1 for k in r["metrics"] if "acc" in k)
+    assert r["metrics"]["elas_wiki/bits_per_byte,none"] > 0
+  table = (tmp_path / "results.md").read_text()
+  assert "| elas |" in table and "| elas (dense) |" in table and "| chance |" in table
+  docs = [json.loads(line) for line in (tmp_path / "tasks" / "elas_cloze.jsonl").read_text().splitlines()]
+  assert all(len(d["choices"]) == 4 and len({c.lower() for c in d["choices"]}) == 4 for d in docs)
