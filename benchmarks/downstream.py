@@ -85,14 +85,14 @@ metric_list:
 
 
 def sentences(docs: list[str]) -> list[str]:
-  """Plain sentences (8-40 words, ending in a word of 3+ letters and a full stop; no
+  """Plain sentences (8-24 words, ending in a word of 3+ letters and a full stop; no
   abbreviations such as "St.") of the documents."""
   out = []
   for doc in docs:
     for line in doc.splitlines():
       for s in re.split(r"(?<=[.!?])\s+", line.strip()):
         words = s.split()
-        if 8 <= len(words) <= 40 and re.fullmatch(r"[A-Za-z][a-z]{2,}\.", words[-1]):
+        if 8 <= len(words) <= 24 and re.fullmatch(r"[A-Za-z][a-z]{2,}\.", words[-1]):
           out.append(s)
   return out
 
@@ -149,6 +149,18 @@ def build_tasks(out_dir: str, n_items: int, seed: int = 0) -> dict[str, int]:
               f"test_split: test\n{body}metadata:\n  version: 1.0\n")
   return {"elas_cloze": len(cloze), "elas_ending": len(ending), "elas_lastword": len(lastword),
           "elas_wiki": len(wiki)}
+
+
+def tasks_hash(out_dir: str) -> str:
+  """Content hash of the task files: cached evaluations of other tasks are not reused."""
+  import hashlib
+
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(out_dir)):
+    if name.endswith(".jsonl"):
+      with open(os.path.join(out_dir, name), "rb") as f:
+        h.update(name.encode() + f.read())
+  return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------- runs
@@ -267,7 +279,8 @@ def main() -> None:
         # One file per evaluation: an interrupted or extended study (more seeds)
         # re-evaluates only what is new.
         cache = os.path.join(args.out, "evals", f"{variant}{'-dense' if dense else ''}-s{seed}.json")
-        key = {"workdir": os.path.abspath(workdir), "items": items, "batch_size": args.batch_size}
+        key = {"workdir": os.path.abspath(workdir), "tasks": tasks_hash(tasks_dir),
+               "batch_size": args.batch_size}
         r = None
         if os.path.exists(cache):
           with open(cache) as f:

@@ -149,6 +149,9 @@ class ElasJaxLM(TemplateLM):
                "kernel")
       raise UserError(f"model_args: unknown key(s) {', '.join(sorted(unknown))} for model "
                       f"{MODEL_NAME!r}; known: {known}")
+    if jax.process_count() > 1:
+      raise UserError("the elas_jax lm-eval model runs in one process (its mesh spans that "
+                      "process's devices); start lm-eval once per host with its own share of tasks")
     if kernel not in (None, "auto", "xla", "pallas"):
       raise UserError(f"model_args kernel={kernel!r}: expected auto, xla or pallas")
     dense = _as_bool(dense, "dense")
