@@ -97,8 +97,18 @@ def sentences(docs: list[str]) -> list[str]:
   return out
 
 
-def build_tasks(out_dir: str, n_items: int, seed: int = 0) -> dict[str, int]:
-  """Writes the four tasks (YAML + JSON lines) to ``out_dir``; returns items per task."""
+def _write(path: str, text: str) -> None:
+  """Atomically (another study reading the same tasks never sees a partial file)."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def build_tasks(out_dir: str, n_items: int, n_docs: int | None = None, seed: int = 0) -> dict[str, int]:
+  """Writes the four tasks (YAML + JSON lines) to ``out_dir``; returns items per task.
+
+  ``n_docs`` limits the rolling-perplexity documents (default: all of them).
+  """
   from elas_jax.data import corpus
 
   with open(corpus.sample_corpus()["validation"], encoding="utf-8") as f:
@@ -137,16 +147,15 @@ def build_tasks(out_dir: str, n_items: int, seed: int = 0) -> dict[str, int]:
   for i in ending_ids:
     words = sents[i].split()
     ending.append(mc(i, " ".join(words[:len(words) // 2]), half(sents[i]), others(i, half, CHOICES - 1)))
-  wiki = [{"text": d} for d in docs]
+  wiki = [{"text": d} for d in docs[:n_docs]]
   os.makedirs(out_dir, exist_ok=True)
   for name, rows, body in (("elas_cloze", cloze, MC_YAML), ("elas_ending", ending, MC_YAML),
                            ("elas_lastword", lastword, LASTWORD_YAML), ("elas_wiki", wiki, WIKI_YAML)):
     data = os.path.abspath(os.path.join(out_dir, f"{name}.jsonl"))
-    with open(data, "w", encoding="utf-8") as f:
-      f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    with open(os.path.join(out_dir, f"{name}.yaml"), "w") as f:
-      f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-              f"test_split: test\n{body}metadata:\n  version: 1.0\n")
+    _write(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _write(os.path.join(out_dir, f"{name}.yaml"),
+           f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+           f"test_split: test\n{body}metadata:\n  version: 1.0\n")
   return {"elas_cloze": len(cloze), "elas_ending": len(ending), "elas_lastword": len(lastword),
           "elas_wiki": len(wiki)}
 
@@ -256,6 +265,7 @@ def main() -> None:
   ap.add_argument("--variants", default="full,loro,loro_relu2,elas")
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--n_items", type=int, default=500, help="items of each sentence task")
+  ap.add_argument("--n_docs", type=int, default=None, help="rolling-perplexity documents (default: all)")
   ap.add_argument("--batch_size", type=int, default=32)
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
@@ -266,7 +276,7 @@ def main() -> None:
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(os.path.abspath(args.out), "hf_datasets"))
   tasks_dir = os.path.join(args.out, "tasks")
-  items = build_tasks(tasks_dir, args.n_items)
+  items = build_tasks(tasks_dir, args.n_items, args.n_docs)
   print(f"tasks in {tasks_dir}: {items}", file=sys.stderr, flush=True)
   runs = args.runs or os.path.join(args.out, "runs")
   results: dict = {}

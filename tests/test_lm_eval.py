@@ -483,7 +483,8 @@ def test_a_scanned_checkpoint_scores_like_its_model(tmp_path, ref):
 @pytest.mark.slow
 def test_downstream_benchmark_smoke(tmp_path, offline_hf):
   p = subprocess.run([sys.executable, "-m", "benchmarks.downstream", "--preset", "smoke", "--variants",
-                      "elas", "--seeds", "0", "--n_items", "8", "--batch_size", "8", "--out", str(tmp_path)],
+                      "elas", "--seeds", "0", "--n_items", "8", "--n_docs", "3", "--batch_size", "8",
+                      "--out", str(tmp_path)],
                      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **offline_hf), capture_output=True,
                      text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
