@@ -235,7 +235,8 @@ def rel_err(out, ref, *, strict: bool = True) -> float:
         return float("inf")
       continue
     o, r = np.asarray(o, np.float32), np.asarray(r, np.float32)
-    worst = max(worst, float(np.max(np.abs(o - r), initial=0.0)) / max(float(np.max(np.abs(r), initial=0.0)), 1e-30))
+    scale = max(float(np.max(np.abs(r), initial=0.0)), 1e-30)
+    worst = max(worst, float(np.max(np.abs(o - r), initial=0.0)) / scale)
   return worst
 
 

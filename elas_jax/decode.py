@@ -124,7 +124,7 @@ def bucket(n: int, max_len: int) -> int:
 @dataclasses.dataclass
 class Result:
   tokens: list[int]
-  stop: str  # eos | max_new_tokens | max_len
+  stop: str  # eos | stop (``stop_fn``) | max_new_tokens | max_len
 
 
 class Generator:
@@ -197,13 +197,15 @@ class Generator:
                         f"{self.max_len}; shorten the prompt or raise --max_len")
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int, seed: int = 0,
-               on_step: Callable[[list[int | None]], None] | None = None) -> list[Result]:
+               on_step: Callable[[list[int | None]], None] | None = None,
+               stop_fn: Callable[[int, list[int]], bool] | None = None) -> list[Result]:
     """Continues each prompt (token ids) by up to ``max_new_tokens`` tokens.
 
-    A row stops at EOS (included in its tokens), after ``max_new_tokens``, or
-    when the cache is full. ``on_step`` gets, after each step, every row's
-    new token (None for finished rows). Same seed, same prompts and batch
-    size: same tokens.
+    A row stops at EOS (included in its tokens), when ``stop_fn(row,
+    tokens so far)`` is true (e.g. a stop string was produced; the tokens
+    are kept), after ``max_new_tokens``, or when the cache is full.
+    ``on_step`` gets, after each step, every row's new token (None for
+    finished rows). Same seed, same prompts and batch size: same tokens.
     """
     self.check_prompts(prompts)
     if max_new_tokens < 1:
@@ -231,6 +233,8 @@ class Generator:
         new[i] = int(tok_host[i])
         if tok_host[i] == self.eos_id:
           stop[i] = "eos"
+        elif stop_fn is not None and stop_fn(i, out[i]):
+          stop[i] = "stop"
         elif len(out[i]) >= max_new_tokens:
           stop[i] = "max_new_tokens"
         elif pos[i] >= self.max_len:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elas_jax.errors import ConfigError
+from elas_jax.errors import ConfigError, UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -47,6 +47,19 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f"config.mesh = data {sizes[0]} x fsdp {sizes[1]} x tensor {sizes[2]} needs "
                       f"{math.prod(sizes)} devices but {n_devices} are available")
   return tuple(sizes)
+
+
+def parse_mesh(text: str | None, flag: str = "--mesh") -> tuple[int, int, int] | None:
+  """``"data,fsdp,tensor"`` (e.g. ``-1,1,1``) -> a tuple; None for an empty flag."""
+  if not text:
+    return None
+  try:
+    mesh = tuple(int(x) for x in text.split(","))
+  except ValueError:
+    mesh = ()
+  if len(mesh) != 3:
+    raise UserError(f"{flag}={text!r}: expected three integers data,fsdp,tensor")
+  return mesh
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

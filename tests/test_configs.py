@@ -160,13 +160,13 @@ def test_summary_cli_last_line_is_json():
 
 
 def test_mesh_flag_of_evaluate_and_generate():
-  from elas_jax.cli import common as cli
+  from elas_jax import sharding
   from elas_jax.errors import UserError
 
-  assert cli.parse_mesh("-1,1,1") == (-1, 1, 1) and cli.parse_mesh("") is None
+  assert sharding.parse_mesh("-1,1,1") == (-1, 1, 1) and sharding.parse_mesh("") is None
   for bad in ("2,2", "a,b,c", "1,1,1,1"):
     with pytest.raises(UserError, match=r"--mesh=.*: expected three integers data,fsdp,tensor"):
-      cli.parse_mesh(bad)
+      sharding.parse_mesh(bad)
 
 
 def test_a_config_saved_before_later_fields_completes_to_the_old_behaviour():

@@ -123,6 +123,19 @@ def test_stops_at_eos_and_cache_end():
   assert len(full[0].tokens) == 5 and full[0].stop == "max_len"
 
 
+def test_stop_fn_ends_only_its_row_and_keeps_the_tokens():
+  cfg, m = _model("loro")
+  prompts = [p.tolist() for p in _prompts(cfg.model.vocab_size, [3, 5])]
+  gen = _generator(cfg, m, temperature=0.0)
+  first = gen.generate(prompts, max_new_tokens=5)
+  calls = []
+  out = gen.generate(prompts, max_new_tokens=5,
+                     stop_fn=lambda row, toks: calls.append((row, list(toks))) or (row == 0 and len(toks) == 2))
+  assert out[0].tokens == first[0].tokens[:2] and out[0].stop == "stop"
+  assert out[1].tokens == first[1].tokens and out[1].stop == "max_new_tokens"
+  assert (0, first[0].tokens[:1]) in calls and (1, first[1].tokens[:4]) in calls
+
+
 def test_sampling_is_reproducible_by_seed():
   cfg, m = _model("full")
   gen = _generator(cfg, m, temperature=1.0, top_k=0, top_p=1.0)

@@ -38,7 +38,7 @@ def test_package_dependencies_equal_requirements_txt():
   assert project["dependencies"] == [r for r in reqs if r]
   assert project["requires-python"] == ">=3.11"
   assert set(project["scripts"]) == {"elas-train", "elas-eval", "elas-generate", "elas-export",
-                                     "elas-summary", "elas-prepare"}
+                                     "elas-summary", "elas-prepare", "elas-lm-eval"}
   for target in project["scripts"].values():  # every entry point exists
     module, _, func = target.partition(":")
     assert module.startswith("elas_jax.cli."), target  # the programs live together
@@ -179,3 +179,15 @@ def _write(root, files: dict[str, str]) -> None:
 def test_cycle_finder_on_planted_packages(tmp_path, files, cycle):
   _write(str(tmp_path), files)
   assert find_cycle(import_graph(str(tmp_path), ("p",))) == cycle
+
+
+def test_eval_extra_equals_requirements_eval_txt():
+  import tomllib
+
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    extras = tomllib.load(f)["project"]["optional-dependencies"]
+  with open(os.path.join(ROOT, "requirements-eval.txt")) as f:
+    reqs = [line.split("#")[0].strip() for line in f]
+  assert extras["eval"] == [r for r in reqs if r]
+  with open(os.path.join(ROOT, "requirements.txt")) as f:  # requirements.txt stays lean
+    assert "lm-eval" not in f.read()

@@ -7,6 +7,7 @@ the library). Each has a console script and a ``python -m`` name:
   ``export``    elas-export     python -m elas_jax.export
   ``summary``   elas-summary    python -m elas_jax.summary
   ``prepare``   elas-prepare    python -m elas_jax.data.prepare
+  ``lm_eval``   elas-lm-eval    python -m elas_jax.lm_eval
 
 ``common`` is the shared plumbing (``--config`` with one-line errors, ``--mesh``),
 ``distributed`` the multi-process start-up flags. The ``python -m elas_jax.<name>``

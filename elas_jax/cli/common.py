@@ -33,19 +33,6 @@ def define_config_flag(default: str = DEFAULT_CONFIG):
       lock_config=True)
 
 
-def parse_mesh(text: str | None, flag: str = "--mesh") -> tuple[int, int, int] | None:
-  """``"data,fsdp,tensor"`` (e.g. ``-1,1,1``) -> a tuple; None for an empty flag."""
-  if not text:
-    return None
-  try:
-    mesh = tuple(int(x) for x in text.split(","))
-  except ValueError:
-    mesh = ()
-  if len(mesh) != 3:
-    raise UserError(f"{flag}={text!r}: expected three integers data,fsdp,tensor")
-  return mesh
-
-
 def fail(message: str, status: int = 2):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(status)

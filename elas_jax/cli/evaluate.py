@@ -15,6 +15,7 @@ import json
 
 from absl import flags
 
+from elas_jax import sharding
 from elas_jax.cli import common, distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.", required=True)
@@ -28,7 +29,7 @@ def main(argv) -> None:
   from elas_jax import trainer  # after jax.distributed.initialize
 
   print(json.dumps(trainer.evaluate_checkpoint(_WORKDIR.value, _STEP.value,
-                                               common.parse_mesh(_MESH.value))))
+                                               sharding.parse_mesh(_MESH.value))))
 
 
 def run() -> None:

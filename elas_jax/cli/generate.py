@@ -26,7 +26,7 @@ import sys
 
 from absl import flags
 
-from elas_jax import decode
+from elas_jax import decode, sharding
 from elas_jax.ops import ffn
 from elas_jax.cli import common, distributed
 from elas_jax.errors import UserError
@@ -97,8 +97,9 @@ def main(argv) -> None:
     raise UserError(f"--batch_size={_BATCH.value}: must be positive")
   texts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
 
-  run, params, step = decode.load(_WORKDIR.value, _STEP.value, mesh=common.parse_mesh(_MESH.value),
-                           kernel=_KERNEL.value)
+  run, params, step = decode.load(_WORKDIR.value, _STEP.value,
+                                  mesh=sharding.parse_mesh(_MESH.value),
+                                  kernel=_KERNEL.value)
   cfg, tok = run.cfg, run.tokenizer
   max_len = _MAX_LEN.value or cfg.train.seq_len
   prompts = [decode.encode(tok, cfg, t) for t in texts]
