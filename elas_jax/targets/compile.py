@@ -167,7 +167,10 @@ class KernelInfo:
   ``spill_bytes`` (stores + loads) and ``stack_bytes`` come from ``ptxas -v`` on
   the dumped PTX (None where no PTX was found: cuDNN, Mosaic GPU).
   ``programs_per_sm``: resident blocks per SM from threads, registers and
-  shared memory; ``waves = programs / (SMs x programs_per_sm)``.
+  shared memory; ``waves = programs / (SMs x programs_per_sm)``. One entry per
+  distinct launch (name, grid, threads, shared memory); ``launches`` counts
+  repeats. XLA does not make kernel names unique across its kernel modules, so
+  same-named kernels share the worst registers and spills among their PTX entries.
   """
 
   name: str
@@ -219,7 +222,7 @@ class CompileReport:
     return None if self.memory is None else self.memory["peak"]
 
   def kernel(self, name: str) -> KernelInfo:
-    """The kernel called ``name`` (exactly); KeyError listing the names otherwise."""
+    """The (first) kernel called ``name``; KeyError listing the names otherwise."""
     for k in self.kernels:
       if k.name == name:
         return k
@@ -355,13 +358,18 @@ def _collect_kernels(dump_dir: str, target: spec.Target, ptxas: bool) -> list[Ke
   thunks = parse_thunk_sequence(_read(sorted(glob.glob(os.path.join(dump_dir, "*thunk_sequence.txt")))))
   annotations = parse_thunk_metadata(
       _read(sorted(glob.glob(os.path.join(dump_dir, "*thunk_metadata.txt")))))
+  # Entry names are not unique across XLA's kernel modules (a cond's two branches
+  # each launch an "elas_ffn_dh"): a name gets the worst registers and spills of its entries.
   resources: dict[str, dict[str, int]] = {}
   if ptxas:
     ptx_files = sorted(glob.glob(os.path.join(dump_dir, "*.ptx")))
     with futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
       for res in pool.map(ptxas_resources, ptx_files):
-        resources.update(res)
-  by_name: dict[str, KernelInfo] = {}
+        for name, r in res.items():
+          old = resources.setdefault(name, {})
+          for key, v in r.items():
+            old[key] = max(old.get(key, v), v)
+  by_launch: dict[tuple, KernelInfo] = {}
   for th in thunks:
     name = th["name"]
     if th["thunk"] not in ("kKernel", "kCustomKernel") and "grid" not in th:
@@ -375,8 +383,9 @@ def _collect_kernels(dump_dir: str, target: spec.Target, ptxas: bool) -> list[Ke
       kind = "triton"
     else:
       kind = "xla"
-    if name in by_name:
-      by_name[name].launches += 1
+    launch = (name, th.get("grid"), th.get("threads"), th.get("shared_memory_bytes"))
+    if launch in by_launch:
+      by_launch[launch].launches += 1
       continue
     k = KernelInfo(name=name, kind=kind, grid=th.get("grid"), threads=th.get("threads"),
                    shared_memory_bytes=th.get("shared_memory_bytes"))
@@ -388,8 +397,8 @@ def _collect_kernels(dump_dir: str, target: spec.Target, ptxas: bool) -> list[Ke
       threads = k.threads[0] * k.threads[1] * k.threads[2]
       k.programs_per_sm = target.programs_per_sm(threads, k.registers, k.shared_memory_bytes or 0)
       k.waves = target.waves(k.programs, k.programs_per_sm)
-    by_name[name] = k
-  return list(by_name.values())
+    by_launch[launch] = k
+  return list(by_launch.values())
 
 
 def _memory(compiled) -> dict[str, int] | None:
