@@ -18,7 +18,8 @@ masked/split and recompute it in ste and the dense warm-up; dw_out masks by
 ste or by tokens). A candidate is *legal* when every variant compiles, uses
 at most the target's shared memory per block, spills no register and its
 grid fills at least one wave (programs >= SMs x programs per SM). Among the
-legal ones the static cost is the lower bound on its time:
+legal ones, the first in the candidate order (the recipe, then fallbacks) is
+kept, or with ``--wide`` the cheapest by a static cost, a lower bound on time:
 
     cost = max(flops / (peak · mma_eff(dot shape)), bytes / bandwidth) / min(1, waves)
            x ceil(waves) / waves
@@ -27,8 +28,10 @@ with ``flops`` what the kernel executes with these tiles (recomputation of
 y1 per output tile included), ``bytes`` what it loads (operands re-read per
 program), ``mma_eff`` a tensor-core shape penalty (an M or N below 64
 idles part of a Hopper warpgroup MMA: efficiency min(1, M/64) · min(1, N/64)
-... floored at 1/8) and the tail-wave factor. The cheapest legal candidate
-per (class, kernel) goes into ``kernels/tiles_<target>.json``.
+floored at 1/8) and the tail-wave factor. The kept candidate per (class,
+kernel) goes into ``kernels/tiles_<target>.json``. Each compile runs in its
+own process: a Triton/LLVM fatal error aborts the process, and makes the
+candidate illegal rather than ending the search.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ import itertools
 import json
 import math
 import os
+import subprocess
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -268,13 +273,14 @@ def recipe(kernel: str, r: int):
 
 
 def candidates(kernel: str, r: int, wide: bool = False):
-  """The recipe, and with ``wide`` its neighbours: 4 warps, 2 stages, wider output
-  tiles (less recomputation of y1 / dy2), 128 tokens."""
+  """The recipe, then two fallbacks (4 warps; 32 tokens), and with ``wide`` more
+  neighbours: 2 stages, 128 tokens, wider output tiles (less recomputation)."""
   base = recipe(kernel, r)
   yield base
+  yield dataclasses.replace(base, num_warps=4)  # the fallbacks when the recipe is refused
+  yield dataclasses.replace(base, block_t=32)
   if not wide:
     return
-  yield dataclasses.replace(base, num_warps=4)
   yield dataclasses.replace(base, num_stages=2)
   yield dataclasses.replace(base, block_t=128)
   if base.block_n not in (None, 1) and base.block_n < r and kernel.endswith("fwd"):
@@ -288,56 +294,87 @@ def candidates(kernel: str, r: int, wide: bool = False):
 # --------------------------------------------------------------------------
 
 MODES = ("masked", "ste", "split")
-GATE_KERNELS = {"elas_ffn_fwd", "elas_ffn_dh", "elas_ffn_dw_in", "elas_ffn_dw_out",
-                "relu2_sparsify_fwd", "relu2_sparsify_dz", "relu2_sparsify_dw",
-                "sparse24_matmul_fwd", "sparse24_matmul_dvals", "sparse24_matmul_dw"}
+GATE_KERNELS = {"elas_ffn": {"elas_ffn_fwd", "elas_ffn_dh", "elas_ffn_dw_in", "elas_ffn_dw_out"},
+                "relu2_sparsify": {"relu2_sparsify_fwd", "relu2_sparsify_dz"},
+                "sparse24_matmul": {"sparse24_matmul_fwd", "sparse24_matmul_dvals",
+                                    "sparse24_matmul_dw"}}
 
 
-def gate_program(f: int, r: int, tokens: int = 16384, target: str = "h200", tiles=None):
-  """``(fn, abstract args)``: ``elas_ffn``'s forward (evaluation: nothing stored)
-  and ``jax.value_and_grad`` of it in every backward mode (each with its dense
-  warm-up branch: ``sparse_on`` is an input), and ``relu2_sparsify`` +
-  ``sparse24_matmul`` forward and backward, all compiled for ``target``."""
+PROGRAMS = ("elas_ffn", "relu2_sparsify", "sparse24_matmul")
+
+
+def gate_program(f: int, r: int, tokens: int = 16384, target: str = "h200", tiles=None,
+                 op: str = "elas_ffn"):
+  """``(fn, abstract args)`` of one op's kernels, forward and backward, for ``target``.
+
+  ``elas_ffn``: the forward (evaluation: nothing stored) and ``jax.value_and_grad``
+  in every backward mode (each with its dense warm-up branch: ``sparse_on`` is
+  an input). ``relu2_sparsify`` / ``sparse24_matmul``: ``value_and_grad`` of
+  each stand-alone op (three programs, so one op's refusal leaves the others
+  checked)."""
   import jax
   import jax.numpy as jnp
 
   from kernels import elas_ffn, relu2_sparsify, sparse_matmul
 
   bf = jnp.bfloat16
-  f8 = f - f % 8
-
-  def program(h, w_in, w_out, w_in8, w_out8, sparse_on):
-    outs = [elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, target=target, tiles=tiles)[0]]
-    for mode in MODES:
-      def loss(h, w_in, w_out, mode=mode):
-        out, _ = elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, target=target,
-                                   tiles=tiles)
-        return jnp.sum(out.astype(jnp.float32))
-      outs.append(jax.value_and_grad(loss, argnums=(0, 1, 2))(h, w_in, w_out))
-
-    def ops_loss(z, wi, wo):
-      v, m = relu2_sparsify.relu2_sparsify(z, wi, target=target)
-      return jnp.sum(sparse_matmul.sparse24_matmul(v, m, wo, target=target).astype(jnp.float32))
-    outs.append(jax.value_and_grad(ops_loss, argnums=(0, 1, 2))(h, w_in8, w_out8))
-    return outs
-
   S = jax.ShapeDtypeStruct
-  args = (S((tokens, r), bf), S((f, r), bf), S((r, f), bf), S((f8, r), bf), S((r, f8), bf),
-          S((), jnp.bool_))
-  return program, args
+  if op == "elas_ffn":
+    def program(h, w_in, w_out, sparse_on):
+      outs = [elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, target=target, tiles=tiles)[0]]
+      for mode in MODES:
+        def loss(h, w_in, w_out, mode=mode):
+          out, _ = elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, target=target,
+                                     tiles=tiles)
+          return jnp.sum(out.astype(jnp.float32))
+        outs.append(jax.value_and_grad(loss, argnums=(0, 1, 2))(h, w_in, w_out))
+      return outs
+    return program, (S((tokens, r), bf), S((f, r), bf), S((r, f), bf), S((), jnp.bool_))
+  f8 = f - f % 8
+  if op == "relu2_sparsify":
+    # The gradient in z only: relu2_sparsify_dw (w's) is KNOWN to abort Triton, and an
+    # unused pallas_call is dead code to XLA, so it is not compiled here.
+    def program(z, w):
+      loss = lambda z, w: jnp.sum(relu2_sparsify.relu2_sparsify(z, w, target=target, tiles=tiles)[0]
+                                  .astype(jnp.float32))
+      return jax.value_and_grad(loss, argnums=0)(z, w)
+    return program, (S((tokens, r), bf), S((f8, r), bf))
+  if op == "sparse24_matmul":
+    def program(v, m, w):
+      loss = lambda v, w: jnp.sum(sparse_matmul.sparse24_matmul(v, m, w, target=target,
+                                                                 tiles=tiles).astype(jnp.float32))
+      return jax.value_and_grad(loss, argnums=(0, 1))(v, w)
+    return program, (S((4, tokens, f8 // 8), bf), S((tokens, f8 // 8), jnp.uint8), S((r, f8), bf))
+  raise ValueError(f"unknown op {op!r}: expected one of {PROGRAMS}")
 
 
-def check_gate(report, target) -> list[str]:
-  """What fails the gate in a compile report of :func:`gate_program` (empty: pass)."""
+# Kernels the gate reports but does not fail on, with why (kept few and explicit;
+# tests/test_gpu_compile.py holds a strict xfail for each, so a fix is noticed).
+KNOWN = {
+    "relu2_sparsify_dw": "Triton aborts the process (\"LLVM Fatal Error ... Dimensions must "
+                         "match\") on this kernel with chunked rank reductions, 64-token blocks "
+                         "or num_stages=1; the tiles that compile (128 tokens, 4 warps, 2 "
+                         "stages, whole ranks) spill at rank 128/256 and exceed shared memory at "
+                         "512. Not used by the model (elas_ffn is); compiled only in a "
+                         "subprocess (--one) by the gate's strict xfail",
+}
+
+
+def check_gate(report, target, op: str = "elas_ffn", known: dict | None = None) -> list[str]:
+  """What fails the gate in a compile report of :func:`gate_program` (empty: pass);
+  kernels in ``known`` (default :data:`KNOWN`) are left out."""
+  known = KNOWN if known is None else known
   tgt = targets.get(target) if isinstance(target, str) else target
   if not report.compiled:
-    return [f"not compiled: {report.reason}"]
+    return [f"{op} not compiled: {report.reason}"]
   bad = []
   pallas = [k for k in report.kernels if k.kind == "pallas"]
-  missing = GATE_KERNELS - {k.name for k in pallas}
+  missing = GATE_KERNELS[op] - {k.name for k in pallas}
   if missing:
     bad.append(f"kernels missing from the program: {sorted(missing)}")
   for k in pallas:
+    if k.name in known:
+      continue
     if k.shared_memory_bytes > tgt.smem_per_block:
       bad.append(f"{k.name}: shared memory {k.shared_memory_bytes} > {tgt.smem_per_block}")
     if k.spill_bytes is None or k.spill_bytes:
@@ -353,23 +390,52 @@ def report_sizes(target: str, tokens: int, sizes) -> int:
   failed = 0
   for size in sizes:
     f, r = SIZES[size]
-    fn, args = gate_program(f, r, tokens, target)
-    rep = targets.compile_for_target(fn, *args, target=target, fail_on_spill=True)
-    bad = check_gate(rep, target)
-    failed += bool(bad)
-    print(f"## {size} (F {f}, r {r}), {tokens} tokens, {target}: "
-          f"{'PASS' if not bad else 'FAIL: ' + '; '.join(bad)} (compile {rep.compile_s:.0f} s)")
-    print(rep.table() + "\n", flush=True)
-    print(json.dumps({"size": size, **rep.as_dict()}), flush=True)
+    for op in PROGRAMS:
+      fn, args = gate_program(f, r, tokens, target, op=op)
+      rep = targets.compile_for_target(fn, *args, target=target)
+      bad = check_gate(rep, target, op)
+      failed += bool(bad)
+      print(f"## {size} (F {f}, r {r}) {op}, {tokens} tokens, {target}: "
+            f"{'PASS' if not bad else 'FAIL: ' + '; '.join(bad)} (compile {rep.compile_s:.0f} s)"
+            + ("" if rep.compiled else f"; compiler: {rep.reason}"))
+      print(rep.table() + "\n", flush=True)
+      print(json.dumps({"size": size, "op": op, **rep.as_dict()}), flush=True)
   return failed
 
 
-def _run(job):
-  kernel, size, blocks, target, tokens = job
-  res = compile_candidate(kernel, size, blocks, target, tokens)
-  if res.legal:
-    res.cost_us = max(static_cost_us(kernel, size, blocks, i, target, tokens) for i in res.info)
-  return res
+def _run_one(kernel: str, size: str, blocks, target: str, tokens: int) -> Result:
+  """:func:`compile_candidate` in a fresh process: a Triton or LLVM fatal error
+  aborts the process (seen: a layout assertion in one dw kernel), and that
+  makes the candidate illegal, not the search dead."""
+  cmd = [sys.executable, "-m", "benchmarks.kernel_tiles", "--one", kernel, size,
+         json.dumps(blocks.as_dict()), "--target", target, "--tokens", str(tokens)]
+  start = time.perf_counter()
+  p = subprocess.run(cmd, capture_output=True, text=True, env=targets.deviceless_env(),
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  lines = p.stdout.strip().splitlines()
+  if p.returncode == 0 and lines:
+    return Result(**json.loads(lines[-1]))
+  err = [l for l in p.stderr.splitlines() if "Error" in l or "error" in l] or p.stderr.splitlines()
+  return Result(kernel, size, blocks.as_dict(), False,
+                f"compiler crashed (exit {p.returncode}): {(err or ['?'])[0].strip()[:200]}",
+                time.perf_counter() - start, [])
+
+
+def _chain(job) -> Result | None:
+  """The candidates of one (class, kernel) in order: the first legal one, or with
+  ``wide`` the cheapest legal one; every result is logged."""
+  cls, kernel, size, cands, target, tokens, wide, log = job
+  best = None
+  for blocks in cands:
+    res = _run_one(kernel, size, blocks, target, tokens)
+    if res.legal:
+      res.cost_us = max(static_cost_us(kernel, size, blocks, i, target, tokens) for i in res.info)
+    log(cls, res)
+    if res.legal and (best is None or res.cost_us < best.cost_us):
+      best = res
+      if not wide:
+        break
+  return best
 
 
 def main(argv=None):
@@ -383,6 +449,8 @@ def main(argv=None):
   p.add_argument("--report", action="store_true",
                  help="compile every kernel of each size with the table's tiles and report")
   p.add_argument("--sizes", nargs="*", default=list(SIZES), help="sizes for --report")
+  p.add_argument("--one", nargs=3, metavar=("KERNEL", "SIZE", "BLOCKS_JSON"),
+                 help="compile one candidate, print its result as JSON (used by the search)")
   p.add_argument("--out", default=None, help="table path (default kernels/tiles_<target>.json)")
   p.add_argument("--log", default=None, help="append every candidate's result here (jsonl)")
   a = p.parse_args(argv)
@@ -392,28 +460,37 @@ def main(argv=None):
 
   if a.report:
     return 1 if report_sizes(a.target, a.tokens, a.sizes) else 0
+  if a.one:
+    from kernels.common import Blocks
+    res = compile_candidate(a.one[0], a.one[1], Blocks(**json.loads(a.one[2])), a.target, a.tokens)
+    print(json.dumps(dataclasses.asdict(res)))
+    return 0
   out = a.out or tile_tables.table_path(a.target)
-  table = tile_tables.load(a.target) if os.path.exists(out) else {}
+  table = json.load(open(out)) if os.path.exists(out) else {}  # classes not searched stay
   table = {"target": a.target, "tokens": a.tokens, "classes": dict(table.get("classes", {}))}
-  jobs = [(kern, size, b, a.target, a.tokens) for cls in a.classes for kern in a.kernels
-          for size in CLASSES[cls][-1:] for b in candidates(kern, SIZES[size][1], a.wide)]
-  print(f"{len(jobs)} candidate compiles on {a.jobs} processes", flush=True)
-  best: dict[tuple[str, str], Result] = {}
   start = time.perf_counter()
-  ctx = __import__("multiprocessing").get_context("spawn")
-  with futures.ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:
-    for i, res in enumerate(pool.map(_run, jobs), 1):
-      cls = next(c for c, sizes in CLASSES.items() if res.size in sizes)
-      el = time.perf_counter() - start
-      print(f"[{i}/{len(jobs)} {el:.0f}s, ETA {el / i * (len(jobs) - i):.0f}s] {cls} {res.kernel} "
+  done = [0]
+  lock = threading.Lock()
+
+  def log(cls, res):
+    with lock:
+      done[0] += 1
+      print(f"[{done[0]} compiled, {time.perf_counter() - start:.0f}s] {cls} {res.kernel} "
             f"{res.blocks}: {res.why} ({res.compile_s:.0f}s)"
             + (f" cost {res.cost_us:.1f}us" if res.legal else ""), flush=True)
       if a.log:
         with open(a.log, "a") as fh:
           fh.write(json.dumps(dataclasses.asdict(res)) + "\n")
-      key = (cls, res.kernel)
-      if res.legal and (key not in best or res.cost_us < best[key].cost_us):
-        best[key] = res
+
+  chains = [(cls, kern, CLASSES[cls][-1], list(candidates(kern, SIZES[CLASSES[cls][-1]][1], a.wide)),
+             a.target, a.tokens, a.wide, log) for cls in a.classes for kern in a.kernels]
+  print(f"{len(chains)} (class, kernel) searches, {sum(len(c[3]) for c in chains)} candidates at "
+        f"most, {a.jobs} compiles at a time", flush=True)
+  best: dict[tuple[str, str], Result] = {}
+  with futures.ThreadPoolExecutor(max_workers=a.jobs) as pool:
+    for chain, res in zip(chains, pool.map(_chain, chains)):
+      if res is not None:
+        best[(chain[0], chain[1])] = res
   for (cls, kern), res in sorted(best.items()):
     table["classes"].setdefault(cls, {})[kern] = res.blocks
   table["searched"] = datetime.date.today().isoformat()
