@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels import tiles as tile_tables
+
 PLANES = 8  # features per metadata byte: two 2:4 groups
 GROUP = 4
 MIN_DOT = 16  # Triton's MMAs need at least 16 along every dot dimension
@@ -85,70 +87,176 @@ def _pow2(n: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Tile sizes.
+  """Tile sizes and Triton parameters of one kernel.
 
   ``block_t`` tokens x ``block_f`` features (``block_f / 8`` rows per plane)
-  per program; the weight-gradient kernels also tile the ranks: ``block_k``
-  columns of ``h`` (``w_in``'s gradient) and ``block_n`` of the output side.
+  per program or loop step. ``block_k`` / ``block_n``: the tile of an output
+  over the rank ``K`` (``dw_in``, ``dh``, ``dz``) or ``N`` (``dw_out``, the
+  forward's output); ``block_r``: the chunk of a rank *reduction* (``h wᵀ``
+  over ``K``, ``g w_out`` over ``N``), ``None`` = the whole rank at once;
+  ``split_t``: token splits of a weight-gradient kernel (partial sums over
+  token ranges in separate programs, added in XLA). ``num_warps`` /
+  ``num_stages``: Triton's (``None``: the kernel's own default).
   """
 
   block_t: int
   block_f: int
   block_k: int = 64
   block_n: int = 64
+  block_r: int | None = None
+  split_t: int = 1
+  num_warps: int | None = None
+  num_stages: int | None = None
 
   def check(self, what: str, *, interpret: bool, split: bool = False) -> None:
     """Triton tiles must be powers of two, and its dots need >= 16 along every side."""
-    for name, lo in (("block_t", 1), ("block_f", PLANES), ("block_k", 1), ("block_n", 1)):
+    for name, lo in (("block_t", 1), ("block_f", PLANES), ("block_k", 1), ("block_n", 1),
+                     ("block_r", 1), ("split_t", 1)):
       v = getattr(self, name)
+      if v is None:
+        continue
       if not _pow2(v) or v < lo:
         raise ValueError(f"{what}: {name}={v} must be a power of two >= {lo}")
+    if self.num_warps is not None and (not _pow2(self.num_warps) or self.num_warps > 16):
+      raise ValueError(f"{what}: num_warps={self.num_warps} must be a power of two <= 16")
+    if self.num_stages is not None and self.num_stages < 1:
+      raise ValueError(f"{what}: num_stages={self.num_stages} must be >= 1")
     if split and self.block_t < 4:
       raise ValueError(f"{what} split mode: block_t={self.block_t} must be >= 4 (token groups)")
     if interpret:
       return
     # Compiled for a GPU: plane dots are (block_f / 8) wide, split-mode row planes block_t / 4.
     need = {"block_t": MIN_DOT * (4 if split else 1), "block_f": MIN_DOT * PLANES,
-            "block_k": MIN_DOT, "block_n": MIN_DOT}
+            "block_k": MIN_DOT, "block_n": MIN_DOT, "block_r": MIN_DOT}
     for name, lo in need.items():
-      if getattr(self, name) < lo:
-        raise ValueError(f"{what}: {name}={getattr(self, name)} is too small for the GPU "
+      v = getattr(self, name)
+      if v is not None and v < lo:
+        raise ValueError(f"{what}: {name}={v} is too small for the GPU "
                          f"kernels (Triton dots need >= {MIN_DOT} per side): use >= {lo}")
+
+  def params(self, interpret: bool, num_warps: int = 4, num_stages: int = 2):
+    """Triton compiler parameters: this tile's, else the kernel's defaults given."""
+    return compiler_params(interpret, self.num_warps or num_warps, self.num_stages or num_stages)
+
+  def chunk(self, size: int) -> int:
+    """The reduction chunk over a rank of ``size``: ``block_r``, at most the whole."""
+    return size if self.block_r is None else min(self.block_r, size)
+
+  def splits(self, n_tblocks: int) -> int:
+    """Token splits actually used: the largest divisor of ``n_tblocks`` <= ``split_t``."""
+    s = max(1, min(self.split_t, n_tblocks))
+    while n_tblocks % s:
+      s -= 1
+    return s
+
+  def as_dict(self) -> dict:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """The :class:`Blocks` of every kernel of one op (hashable: a ``custom_vjp``
+  static argument). Tokens and features are padded to the largest tile."""
+
+  entries: tuple[tuple[str, Blocks], ...]
+
+  @classmethod
+  def uniform(cls, kernels: Sequence[str], blocks: Blocks) -> "Tiles":
+    return cls(tuple((k, blocks) for k in kernels))
+
+  def __getitem__(self, kernel: str) -> Blocks:
+    for name, b in self.entries:
+      if name == kernel:
+        return b
+    raise KeyError(f"no tiles for kernel {kernel!r}; have {[n for n, _ in self.entries]}")
+
+  @property
+  def t_multiple(self) -> int:
+    return max(b.block_t for _, b in self.entries)
+
+  @property
+  def f_multiple(self) -> int:
+    return max(b.block_f for _, b in self.entries)
+
+  def as_dict(self) -> dict[str, dict]:
+    return {name: b.as_dict() for name, b in self.entries}
 
 
 def default_blocks(t: int, f: int, k: int, n: int, *, interpret: bool, split: bool = False
                    ) -> Blocks:
-  """Tiles by shape.
+  """Tiles by shape, when neither the caller nor a target's tile table gives them.
 
-  GPU: 128 features (16 rows per plane: Triton dots need >= 16 per side) and
-  as many tokens as keep the fp32 ``[block_t, max(K, N)]`` accumulator at
-  ~16K elements (64 KiB over the program's registers): 128 at rank 128, 32 at
-  rank 512; split mode needs 64 (4 row planes of 16). Interpret mode (CPU
-  tests) uses small tiles so that several blocks and loop trips are
-  exercised. Tokens: never more than the (padded) problem.
+  Interpret mode (CPU tests) uses small tiles so that several blocks and loop
+  trips are exercised. GPU: 128 features (16 rows per plane: Triton dots need
+  >= 16 per side) and as many tokens as keep the fp32 ``[block_t, max(K, N)]``
+  accumulator at ~16K elements; the tuned per-target tables
+  (``kernels/tiles.py``) replace these for compiled kernels. Tokens: never
+  more than the (padded) problem.
   """
   widest = rank_size(max(k, n))
   if interpret:
     bt, bf, bk = 16, 32, 16
     bt = min(bt, max(4, pl.next_power_of_2(t)))
     bf = min(bf, max(PLANES, pl.next_power_of_2(f)))
-  else:
-    bt = max(4 * MIN_DOT if split else MIN_DOT, min(128, 16384 // widest))
-    bf, bk = MIN_DOT * PLANES, 64
+    return Blocks(bt, bf, min(bk, widest), min(bk, widest))
+  bt = max(4 * MIN_DOT if split else MIN_DOT, min(128, 16384 // widest))
+  bf, bk = MIN_DOT * PLANES, 64
+  # The forward's and dh's outputs span the whole rank (as before the tile tables).
   return Blocks(bt, bf, min(bk, widest), min(bk, widest))
+
+
+def resolve_tiles(what: str, kernels: Sequence[str], t: int, f: int, k: int, n: int, *,
+                  block_t: int | None, block_f: int | None, block_n: int | None = None,
+                  interpret: bool | None, split: bool = False, target: str | None = None,
+                  tiles=None, whole_out: dict[str, str] | None = None) -> tuple[Tiles, bool]:
+  """The public wrappers' prologue: per-kernel tiles and the interpret switch.
+
+  ``interpret`` defaults to False when a ``target`` is named, else to True
+  off GPUs (``jax.default_backend()``). Tiles, first found: ``tiles`` (a
+  mapping kernel name -> :class:`Blocks` or dict of its fields; unnamed
+  kernels get the rest), explicit ``block_t``/``block_f``/``block_n`` (the
+  same for every kernel, as before the tables), interpret-mode defaults,
+  the tile table of ``target`` (default ``h200``) for this shape, and
+  :func:`default_blocks`. All are checked (``what`` names the op).
+  ``whole_out``: kernel -> the field (``block_n``/``block_k``) of its output
+  tile over a rank, which the shared tiles leave at the whole rank (None).
+  """
+  if interpret is None:
+    interpret = False if target is not None else jax.default_backend() != "gpu"
+  interpret = bool(interpret)
+  d = default_blocks(t, f, k, n, interpret=interpret, split=split)
+  explicit = any(v is not None for v in (block_t, block_f, block_n))
+  uniform = Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, block_n or d.block_n)
+  table = {}
+  if not interpret and not explicit:
+    table = tile_tables.lookup(target or "h200", kernels, t=t, f=f, k=rank_size(k),
+                               n=rank_size(n), split=split)
+  given = dict(tiles or {})
+  unknown = set(given) - set(kernels)
+  if unknown:
+    raise ValueError(f"{what}: tiles for unknown kernels {sorted(unknown)}; kernels: {list(kernels)}")
+  entries = []
+  for name in kernels:
+    b = given.get(name, table.get(name))
+    if b is None:
+      b = uniform
+      if name in (whole_out or {}):
+        b = dataclasses.replace(b, **{whole_out[name]: None})
+    if isinstance(b, dict):
+      b = Blocks(**b)
+    b.check(f"{what} ({name})" if given or table else what, interpret=interpret, split=split)
+    entries.append((name, b))
+  return Tiles(tuple(entries)), interpret
 
 
 def resolve_blocks(what: str, t: int, f: int, k: int, n: int, *, block_t: int | None,
                    block_f: int | None, block_n: int | None = None, interpret: bool | None,
                    split: bool = False) -> tuple[Blocks, bool]:
-  """The public wrappers' prologue: ``interpret`` defaults to True off GPUs, unset
-  tiles to :func:`default_blocks`, and the tiles are checked (``what`` names the op)."""
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  d = default_blocks(t, f, k, n, interpret=interpret, split=split)
-  blocks = Blocks(block_t or d.block_t, block_f or d.block_f, d.block_k, block_n or d.block_n)
-  blocks.check(what, interpret=interpret, split=split)
-  return blocks, bool(interpret)
+  """One :class:`Blocks` for all kernels (the interface before per-kernel tiles)."""
+  tiles, interpret = resolve_tiles(what, ("all",), t, f, k, n, block_t=block_t, block_f=block_f,
+                                   block_n=block_n, interpret=interpret, split=split,
+                                   target=None, tiles=None)
+  return tiles["all"], interpret
 
 
 def rank_size(n: int) -> int:
@@ -271,26 +379,63 @@ def decompress_planes(vals_ref, meta_ref, rows, gs) -> list[jax.Array]:
   return decompress_group(v[0], v[1], nib_a) + decompress_group(v[2], v[3], nib_b)
 
 
-def relu_planes(x: jax.Array, w_ref, gs, dtype) -> list[jax.Array]:
+def plane_products(lhs: Callable, rhs: Callable, size: int, chunk: int, dot: Callable,
+                   shape: tuple[int, int] | None = None) -> list[jax.Array]:
+  """The 8 plane dots ``dot(lhs(ks), rhs(j, ks))`` (fp32) reduced over a rank of ``size``
+  (``shape``: of one plane's result, needed when chunked).
+
+  ``chunk == size``: one dot per plane with ``ks = None`` (``lhs``/``rhs``
+  load the whole rank). Else a loop over ``size / chunk`` chunks ``ks``
+  (``pl.ds``) accumulating the 8 planes in fp32: only one chunk of the
+  operands is live (and staged in shared memory) at a time.
+  """
+  if chunk >= size:
+    a = lhs(None)
+    return [dot(a, rhs(j, None)) for j in range(PLANES)]
+
+  def body(c, accs):
+    ks = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+    a = lhs(ks)
+    return tuple(acc + dot(a, rhs(j, ks)) for j, acc in enumerate(accs))
+
+  zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in range(PLANES))
+  return list(jax.lax.fori_loop(0, size // chunk, body, zeros))
+
+
+def relu_planes(x: jax.Array | None, w_ref, gs, dtype, *, x_ref=None, rows=None,
+                chunk: int | None = None) -> list[jax.Array]:
   """``relu(x @ wᵀ)`` for the 8 planes of the feature rows ``gs`` of a planed
-  ``w_8xGxK`` ref, rounded to ``dtype`` before the ReLU (as the XLA op rounds y1)."""
-  return [jnp.maximum(dot_nt(x, w_ref[j, gs, :]).astype(dtype), 0) for j in range(PLANES)]
+  ``w_8xGxK`` ref, rounded to ``dtype`` before the ReLU (as the XLA op rounds y1).
+
+  With ``chunk`` below ``K`` the rank is reduced in chunks loaded from
+  ``x_ref[rows, ks]`` (``x`` may then be None)."""
+  k = w_ref.shape[-1]
+  chunk = k if chunk is None else min(chunk, k)
+  if chunk >= k:
+    x = x if x is not None else x_ref[rows, :]
+    return [jnp.maximum(dot_nt(x, w_ref[j, gs, :]).astype(dtype), 0) for j in range(PLANES)]
+  y = plane_products(lambda ks: x_ref[rows, ks], lambda j, ks: w_ref[j, gs, ks], k, chunk, dot_nt,
+                     (rows.size, gs.size))
+  return [jnp.maximum(v.astype(dtype), 0) for v in y]
 
 
 def accumulate_planes_over_tokens(
     dw_ref, *, block_t: int, n_tblocks: int,
-    products: Callable[[jax.Array], list[list[tuple[jax.Array, jax.Array]]]]) -> None:
+    products: Callable[[jax.Array], list[list[tuple[jax.Array, jax.Array]]]],
+    first_block=0) -> None:
   """The weight-gradient loop: ``dw_ref[j] = Σ_token blocks Σ_terms aᵀ b`` for the 8 planes.
 
   ``products(t0)`` gives, for the token block starting at row ``t0``, a list
   of terms, each a list over the 8 planes of ``(a, b)`` with ``a`` ``[rows, M]``
   and ``b`` ``[rows, N]`` (``dw_ref`` is ``[8, M, N]``); the terms are added in
-  order, in fp32 registers, and stored once.
+  order, in fp32 registers, and stored once. ``first_block``: the token block
+  the loop starts at (a token split's share: blocks ``first_block ..
+  first_block + n_tblocks - 1``).
   """
 
   def body(ti, acc):
     out = list(acc)
-    for term in products(pl.multiple_of(ti * block_t, block_t)):
+    for term in products(pl.multiple_of((first_block + ti) * block_t, block_t)):
       out = [out[j] + dot_tn(*term[j]) for j in range(PLANES)]
     return tuple(out)
 

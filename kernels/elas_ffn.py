@@ -89,25 +89,43 @@ def reference(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_on
 # --------------------------------------------------------------------------
 
 
+KERNELS = ("elas_ffn_fwd", "elas_ffn_dh", "elas_ffn_dw_in", "elas_ffn_dw_out")
+
+
 def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_refs, store: bool,
-                want_nnz: bool, block_f: int, n_fblocks: int):
-  """``stats_ref`` rows: per token, the zeros, the sum and the 2:4-dropped sum of y2.
-  ``more_refs``: the compressed activation (vals, meta) when ``store`` (training with
-  masked / split), then the per-feature non-zero counts when ``want_nnz`` (split)."""
+                want_nnz: bool, block_f: int, n_fblocks: int, chunk: int):
+  """One (token block, output tile) program. ``stats_ref`` rows: per token, the
+  zeros, the sum and the 2:4-dropped sum of y2. ``more_refs``: the compressed
+  activation (vals, meta) when ``store`` (training with masked / split), then
+  the per-feature non-zero counts when ``want_nnz`` (split). With several
+  output tiles (grid axis 1) every program recomputes y1 for its tokens; the
+  first one writes the activation, the counts and the statistics."""
   vals_ref, meta_ref = more_refs[:2] if store else (None, None)
   nnz_ref = more_refs[-1] if want_nnz else None
   gb = block_f // PLANES
   sparse = flag_ref[0] != 0
-  h = h_ref[...]
-  dtype = h.dtype
-  bt = h.shape[0]
+  bt, k = h_ref.shape
+  dtype = h_ref.dtype
+  h = h_ref[...] if chunk >= k else None
+  rows = pl.ds(0, bt)
+  first = pl.program_id(1) == 0
 
   def body(fi, carry):
     acc, zeros, total, dropped = carry
     gs = pl.ds(pl.multiple_of(fi * gb, gb), gb)
-    r = cm.relu_planes(h, win_ref, gs, dtype)
+    r = cm.relu_planes(h, win_ref, gs, dtype, x_ref=h_ref, rows=rows, chunk=chunk)
     y2 = [x * x for x in r]
     keep = cm.keep_planes(y2)
+    if store:  # first, so that r is dead before the output dots (registers)
+      @pl.when(first)
+      def _():
+        # Store relu(y1) (not y2) at the kept positions: backward rebuilds y2s = v·v
+        # bit-exactly and uses 2v as d(y2)/d(y1), like the reference.
+        vals, meta = cm.compress_planes(r, keep)
+        for p, v in enumerate(vals):
+          vals_ref[p, :, gs] = v
+        meta_ref[:, gs] = meta
+
     zero = jnp.zeros((), dtype)
     for j in range(PLANES):
       y2s = jnp.where(keep[j] | ~sparse, y2[j], zero)
@@ -117,14 +135,9 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_re
       total = total + jnp.sum(y2f, axis=1)
       dropped = dropped + jnp.sum(jnp.where(keep[j], 0.0, y2f), axis=1)
       if want_nnz:  # split mode: per-feature non-zeros of y2s for the dense 5%
-        nnz_ref[0, j, gs] = jnp.sum((y2s != 0).astype(jnp.int32), axis=0)
-    if store:
-      # Store relu(y1) (not y2) at the kept positions: backward rebuilds y2s = v·v
-      # bit-exactly and uses 2v as d(y2)/d(y1), like the reference.
-      vals, meta = cm.compress_planes(r, keep)
-      for p, v in enumerate(vals):
-        vals_ref[p, :, gs] = v
-      meta_ref[:, gs] = meta
+        @pl.when(first)
+        def _(j=j, y2s=y2s):
+          nnz_ref[0, j, gs] = jnp.sum((y2s != 0).astype(jnp.int32), axis=0)
     return acc, zeros, total, dropped
 
   n = out_ref.shape[1]
@@ -132,63 +145,88 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, wout_ref, out_ref, stats_ref, *more_re
   acc, zeros, total, dropped = jax.lax.fori_loop(
       0, n_fblocks, body, (jnp.zeros((bt, n), jnp.float32), z, z, z))
   out_ref[...] = acc
-  stats_ref[0, :] = zeros
-  stats_ref[1, :] = total
-  stats_ref[2, :] = dropped
+
+  @pl.when(first)
+  def _():
+    stats_ref[0, :] = zeros
+    stats_ref[1, :] = total
+    stats_ref[2, :] = dropped
 
 
-def _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, gs, dtype):
-  """relu(y1) planes of one tile: decompressed (kept entries only) or recomputed."""
+def _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, gs, dtype, chunk=None, h_ref=None):
+  """relu(y1) planes of one tile: decompressed (kept entries only) or recomputed
+  (``h`` [rows, K], or chunks of ``h_ref[rows]`` when ``chunk`` < K)."""
   if source == "recompute":
-    return cm.relu_planes(h, win_ref, gs, dtype)
+    return cm.relu_planes(h, win_ref, gs, dtype, x_ref=h_ref, rows=rows, chunk=chunk)
   return cm.decompress_planes(vals_ref, meta_ref, rows, gs)
 
 
+def _dy2_planes(g_ref, rows, wout_ref, gs, chunk):
+  """``g @ w_out`` for the 8 planes of one tile (fp32), the rank N reduced in chunks."""
+  n = g_ref.shape[1]
+  g_all = (lambda ks: g_ref[rows, :] if ks is None else g_ref[rows, ks])
+  w = (lambda j, ks: wout_ref[j, :, gs] if ks is None else wout_ref[j, ks, gs])
+  return cm.plane_products(g_all, w, n, min(chunk, n), cm.dot_nn, (rows.size, gs.size))
+
+
 def _dh_kernel(h_ref, g_ref, win_ref, wout_ref, vals_ref, meta_ref, dh_ref, *,
-               source: str, block_f: int, n_fblocks: int):
+               source: str, block_f: int, n_fblocks: int, chunk: int):
+  """One (token block, rank tile of dh) program: a loop over feature blocks."""
   gb = block_f // PLANES
-  h = h_ref[...]
-  g = g_ref[...]
-  dtype = h.dtype
-  rows = pl.ds(0, h.shape[0])
+  bt, k = h_ref.shape
+  dtype = h_ref.dtype
+  kb = dh_ref.shape[1]
+  ks = pl.ds(pl.program_id(1) * kb, kb)  # this program's columns of dh
+  h = h_ref[...] if source == "recompute" and chunk >= k else None
+  rows = pl.ds(0, bt)
+  n = g_ref.shape[1]
+  g = g_ref[...] if chunk >= n else None
 
   def body(fi, acc):
     gs = pl.ds(pl.multiple_of(fi * gb, gb), gb)
-    r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, gs, dtype)
+    r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, gs, dtype, chunk, h_ref)
+    if g is not None:  # the whole rank N at once (the interpret-mode path, unchanged)
+      dy2 = [cm.dot_nn(g, wout_ref[j, :, gs]) for j in range(PLANES)]
+    else:
+      dy2 = _dy2_planes(g_ref, rows, wout_ref, gs, chunk)
     for j in range(PLANES):
-      dy2 = cm.dot_nn(g, wout_ref[j, :, gs])
-      dy1 = (dy2 * (2 * r[j]).astype(jnp.float32)).astype(dtype)
-      acc = acc + cm.dot_nn(dy1, win_ref[j, gs, :])
+      dy1 = (dy2[j] * (2 * r[j]).astype(jnp.float32)).astype(dtype)
+      acc = acc + cm.dot_nn(dy1, win_ref[j, gs, ks])
     return acc
 
   dh_ref[...] = jax.lax.fori_loop(0, n_fblocks, body, jnp.zeros(dh_ref.shape, jnp.float32))
 
 
 def _dwin_kernel(h_ref, g_ref, win_ref, wout_ref, vals_ref, meta_ref, dwin_ref, *,
-                 source: str, block_t: int, n_tblocks: int):
-  """dw_in planes of one (feature block, rank block): Σ_t dy1ᵀ h, dy1 rebuilt per token block."""
+                 source: str, block_t: int, n_tblocks: int, chunk: int):
+  """dw_in planes of one (feature block, rank block, token split): Σ_t dy1ᵀ h,
+  dy1 rebuilt per token block."""
   gb, kb = dwin_ref.shape[1], dwin_ref.shape[2]
   dtype = h_ref.dtype
   all_g = pl.ds(0, gb)
   ks = pl.ds(pl.program_id(1) * kb, kb)  # this program's rank block of h
+  k, n = h_ref.shape[1], g_ref.shape[1]
 
   def products(t0):
     rows = pl.ds(t0, block_t)
-    g = g_ref[rows, :]
-    h = h_ref[rows, :] if source == "recompute" else None  # all ranks, to recompute y1
-    r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, all_g, dtype)
+    h = h_ref[rows, :] if source == "recompute" and chunk >= k else None  # all ranks
+    r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, all_g, dtype, chunk, h_ref)
     h_k = h_ref[rows, ks]
-    dy1 = [(cm.dot_nn(g, wout_ref[j]) * (2 * r[j]).astype(jnp.float32)).astype(dtype)
-           for j in range(PLANES)]
+    if chunk >= n:
+      g = g_ref[rows, :]
+      dy2 = [cm.dot_nn(g, wout_ref[j]) for j in range(PLANES)]
+    else:
+      dy2 = _dy2_planes(g_ref, rows, wout_ref, all_g, chunk)
+    dy1 = [(dy2[j] * (2 * r[j]).astype(jnp.float32)).astype(dtype) for j in range(PLANES)]
     return [[(dy1[j], h_k) for j in range(PLANES)]]
 
   cm.accumulate_planes_over_tokens(dwin_ref, block_t=block_t, n_tblocks=n_tblocks,
-                                   products=products)
+                                   products=products, first_block=pl.program_id(2) * n_tblocks)
 
 
 def _dwout_kernel(h_ref, g_ref, win_ref, vals_ref, meta_ref, densef_ref, tokdense_ref, dwout_ref,
-                  *, source: str, dw_mask: str, block_t: int, n_tblocks: int):
-  """dw_out planes of one (rank block, feature block): Σ_t gᵀ y2s.
+                  *, source: str, dw_mask: str, block_t: int, n_tblocks: int, chunk: int):
+  """dw_out planes of one (rank block, feature block, token split): Σ_t gᵀ y2s.
 
   ``dw_mask``: ``none`` (y2s as rebuilt), ``ste`` (2:4 of the recomputed y2)
   or ``tokens`` (split: token-wise 2:4 across the 4 row planes of a token
@@ -200,13 +238,14 @@ def _dwout_kernel(h_ref, g_ref, win_ref, vals_ref, meta_ref, densef_ref, tokdens
   n_rp = 4 if dw_mask == "tokens" else 1  # token groups: rows i, i+bt/4, i+bt/2, i+3bt/4
   rb = block_t // n_rp
   n0 = pl.program_id(0) * nb
+  k = h_ref.shape[1]
 
   def products(t0):
     gs, y2s = [], []
     for p in range(n_rp):
       rows = pl.ds(t0 + p * rb, rb)
-      h = h_ref[rows, :] if source == "recompute" else None
-      r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, all_g, dtype)
+      h = h_ref[rows, :] if source == "recompute" and chunk >= k else None
+      r = _relu_from(source, h, win_ref, vals_ref, meta_ref, rows, all_g, dtype, chunk, h_ref)
       y2 = [x * x for x in r]
       if dw_mask == "ste":  # straight-through: w_out sees the 2:4 forward activation
         keep = cm.keep_planes(y2)
@@ -225,7 +264,7 @@ def _dwout_kernel(h_ref, g_ref, win_ref, vals_ref, meta_ref, densef_ref, tokdens
     return [[(gs[p], y2s[p][j]) for j in range(PLANES)] for p in range(n_rp)]
 
   cm.accumulate_planes_over_tokens(dwout_ref, block_t=block_t, n_tblocks=n_tblocks,
-                                   products=products)
+                                   products=products, first_block=pl.program_id(2) * n_tblocks)
 
 
 # --------------------------------------------------------------------------
@@ -237,96 +276,132 @@ def _full(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _wide_params(interpret: bool, width: int):
-  """8 warps when a program's fp32 accumulator row is wide (rank >= 256): spreads
-  the [block_t, width] accumulator over more registers. Untuned guess (no GPU yet)."""
-  return cm.compiler_params(interpret, num_warps=8 if width >= 256 else 4)
+def _wide_params(blocks: cm.Blocks, interpret: bool, width: int):
+  """Default: 8 warps when a program's fp32 accumulator row is wide (rank >= 256).
+  The tile tables (kernels/tiles_<target>.json) set num_warps explicitly."""
+  return blocks.params(interpret, num_warps=8 if width >= 256 else 4)
 
 
 def _fwd_call(flag, h, win_p, wout_p, blocks: cm.Blocks, interpret: bool, store: bool,
               want_nnz: bool):
-  """[out fp32 [T, N], per-row stats [3, T]] + [vals, meta] if store + [nnz] if want_nnz."""
+  """[out fp32 [T, N], per-row stats [3, T]] + [vals, meta] if store + [nnz] if want_nnz.
+
+  ``blocks.block_n``: output columns per program (None: all of N)."""
   t, k = h.shape
   _, g, _ = win_p.shape
   n = wout_p.shape[1]
   bt, bf = blocks.block_t, blocks.block_f
+  bn = n if blocks.block_n is None else min(blocks.block_n, n)
   cm.check_divides(t, bt, "elas_ffn forward", "tokens")
   cm.check_divides(g * PLANES, bf, "elas_ffn forward", "features")
+  cm.check_divides(n, bn, "elas_ffn forward", "rank N")
   nt = t // bt
   out_shape = [jax.ShapeDtypeStruct((t, n), jnp.float32), jax.ShapeDtypeStruct((3, t), jnp.float32)]
-  out_specs = [pl.BlockSpec((bt, n), lambda i: (i, 0)), pl.BlockSpec((3, bt), lambda i: (0, i))]
+  out_specs = [pl.BlockSpec((bt, bn), lambda i, c: (i, c)), pl.BlockSpec((3, bt), lambda i, c: (0, i))]
   if store:
     out_shape += [jax.ShapeDtypeStruct((4, t, g), h.dtype), jax.ShapeDtypeStruct((t, g), jnp.uint8)]
-    out_specs += [pl.BlockSpec((4, bt, g), lambda i: (0, i, 0)), pl.BlockSpec((bt, g), lambda i: (i, 0))]
+    out_specs += [pl.BlockSpec((4, bt, g), lambda i, c: (0, i, 0)),
+                  pl.BlockSpec((bt, g), lambda i, c: (i, 0))]
   if want_nnz:
     out_shape.append(jax.ShapeDtypeStruct((nt, PLANES, g), jnp.int32))
-    out_specs.append(pl.BlockSpec((1, PLANES, g), lambda i: (i, 0, 0)))
+    out_specs.append(pl.BlockSpec((1, PLANES, g), lambda i, c: (i, 0, 0)))
   kernel = functools.partial(_fwd_kernel, store=store, want_nnz=want_nnz, block_f=bf,
-                             n_fblocks=g * PLANES // bf)
+                             n_fblocks=g * PLANES // bf, chunk=blocks.chunk(k))
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(nt,),
-      in_specs=[_full((1,)), pl.BlockSpec((bt, k), lambda i: (i, 0)), _full(win_p.shape),
-                _full(wout_p.shape)],
-      out_specs=out_specs, interpret=interpret, compiler_params=_wide_params(interpret, n),
+      kernel, out_shape=out_shape, grid=(nt, n // bn),
+      in_specs=[_full((1,)), pl.BlockSpec((bt, k), lambda i, c: (i, 0)), _full(win_p.shape),
+                pl.BlockSpec((PLANES, bn, g), lambda i, c: (0, c, 0))],
+      out_specs=out_specs, interpret=interpret, compiler_params=_wide_params(blocks, interpret, bn),
       name="elas_ffn_fwd")(flag, h, win_p, wout_p)
 
 
 def _dh_call(h, g_out, win_p, wout_p, vals, meta, source, blocks, interpret):
+  """dh [T, K] fp32; ``blocks.block_k``: its columns per program (None: all of K)."""
   t, k = h.shape
   n = g_out.shape[1]
   g = win_p.shape[1]
   bt, bf = blocks.block_t, blocks.block_f
-  kernel = functools.partial(_dh_kernel, source=source, block_f=bf, n_fblocks=g * PLANES // bf)
+  bk = k if blocks.block_k is None else min(blocks.block_k, k)
+  cm.check_divides(k, bk, "elas_ffn backward (dh)", "rank K")
+  kernel = functools.partial(_dh_kernel, source=source, block_f=bf, n_fblocks=g * PLANES // bf,
+                             chunk=blocks.chunk(max(k, n)))
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((t, k), jnp.float32), grid=(t // bt,),
-      in_specs=[pl.BlockSpec((bt, k), lambda i: (i, 0)), pl.BlockSpec((bt, n), lambda i: (i, 0)),
+      kernel, out_shape=jax.ShapeDtypeStruct((t, k), jnp.float32), grid=(t // bt, k // bk),
+      in_specs=[pl.BlockSpec((bt, k), lambda i, c: (i, 0)), pl.BlockSpec((bt, n), lambda i, c: (i, 0)),
                 _full(win_p.shape), _full(wout_p.shape),
-                pl.BlockSpec((4, bt, g), lambda i: (0, i, 0)), pl.BlockSpec((bt, g), lambda i: (i, 0))],
-      out_specs=pl.BlockSpec((bt, k), lambda i: (i, 0)), interpret=interpret,
-      compiler_params=_wide_params(interpret, k), name="elas_ffn_dh")(
+                pl.BlockSpec((4, bt, g), lambda i, c: (0, i, 0)),
+                pl.BlockSpec((bt, g), lambda i, c: (i, 0))],
+      out_specs=pl.BlockSpec((bt, bk), lambda i, c: (i, c)), interpret=interpret,
+      compiler_params=_wide_params(blocks, interpret, bk), name="elas_ffn_dh")(
           h, g_out, win_p, wout_p, vals, meta)
+
+
+def _dw_in_call(h, g_out, win_p, wout_p, vals, meta, source, blocks, interpret):
+  """dw_in planes [8, G, K] in fp32 (token splits summed here)."""
+  t, k = h.shape
+  n = g_out.shape[1]
+  g = win_p.shape[1]
+  bt, gb = blocks.block_t, blocks.block_f // PLANES
+  bk = min(blocks.block_k, k)
+  cm.check_divides(k, bk, "elas_ffn backward", "rank K")
+  cm.check_divides(t, bt, "elas_ffn backward", "tokens")
+  splits = blocks.splits(t // bt)
+  per = t // bt // splits
+  dwin = pl.pallas_call(
+      functools.partial(_dwin_kernel, source=source, block_t=bt, n_tblocks=per,
+                        chunk=blocks.chunk(max(k, n))),
+      out_shape=jax.ShapeDtypeStruct((splits * PLANES, g, k), jnp.float32),
+      grid=(g // gb, k // bk, splits),
+      in_specs=[_full(h.shape), _full(g_out.shape),
+                pl.BlockSpec((PLANES, gb, k), lambda i, c, s: (0, i, 0)),
+                pl.BlockSpec((PLANES, n, gb), lambda i, c, s: (0, 0, i)),
+                pl.BlockSpec((4, t, gb), lambda i, c, s: (0, 0, i)),
+                pl.BlockSpec((t, gb), lambda i, c, s: (0, i))],
+      out_specs=pl.BlockSpec((PLANES, gb, bk), lambda i, c, s: (s, i, c)),
+      interpret=interpret, compiler_params=blocks.params(interpret), name="elas_ffn_dw_in")(
+          h, g_out, win_p, wout_p, vals, meta)
+  return dwin if splits == 1 else jnp.sum(dwin.reshape(splits, PLANES, g, k), axis=0)
+
+
+def _dw_out_call(h, g_out, win_p, vals, meta, dense_f, tok_dense, source, dw_mask, blocks,
+                 interpret):
+  """dw_out planes [8, N, G] in fp32 (token splits summed here)."""
+  t, k = h.shape
+  n = g_out.shape[1]
+  g = win_p.shape[1]
+  bt, gb = blocks.block_t, blocks.block_f // PLANES
+  bn = min(blocks.block_n, n)
+  cm.check_divides(n, bn, "elas_ffn backward", "rank N")
+  cm.check_divides(t, bt, "elas_ffn backward", "tokens")
+  if dw_mask == "tokens" and bt % 4:
+    raise ValueError(f"elas_ffn split backward: block_t={bt} must be a multiple of 4")
+  splits = blocks.splits(t // bt)
+  per = t // bt // splits
+  dwout = pl.pallas_call(
+      functools.partial(_dwout_kernel, source=source, dw_mask=dw_mask, block_t=bt,
+                        n_tblocks=per, chunk=blocks.chunk(k)),
+      out_shape=jax.ShapeDtypeStruct((splits * PLANES, n, g), jnp.float32),
+      grid=(n // bn, g // gb, splits),
+      in_specs=[_full(h.shape), _full(g_out.shape),
+                pl.BlockSpec((PLANES, gb, k), lambda c, i, s: (0, i, 0)),
+                pl.BlockSpec((4, t, gb), lambda c, i, s: (0, 0, i)),
+                pl.BlockSpec((t, gb), lambda c, i, s: (0, i)),
+                pl.BlockSpec((PLANES, gb), lambda c, i, s: (0, i)), _full(tok_dense.shape)],
+      out_specs=pl.BlockSpec((PLANES, bn, gb), lambda c, i, s: (s, c, i)),
+      interpret=interpret, compiler_params=blocks.params(interpret), name="elas_ffn_dw_out")(
+          h, g_out, win_p, vals, meta, dense_f, tok_dense)
+  return dwout if splits == 1 else jnp.sum(dwout.reshape(splits, PLANES, n, g), axis=0)
 
 
 def _dw_call(h, g_out, win_p, wout_p, vals, meta, dense_f, tok_dense, source, dw_mask, blocks,
              interpret):
-  """(dw_in planes [8, G, K], dw_out planes [8, N, G]) in fp32."""
-  t, k = h.shape
-  n = g_out.shape[1]
-  g = win_p.shape[1]
-  bt, bf = blocks.block_t, blocks.block_f
-  gb = bf // PLANES
-  bk, bn = min(blocks.block_k, k), min(blocks.block_n, n)
-  cm.check_divides(k, bk, "elas_ffn backward", "rank K")
-  cm.check_divides(n, bn, "elas_ffn backward", "rank N")
-  if dw_mask == "tokens" and bt % 4:
-    raise ValueError(f"elas_ffn split backward: block_t={bt} must be a multiple of 4")
-  params = cm.compiler_params(interpret)
-  dwin = pl.pallas_call(
-      functools.partial(_dwin_kernel, source=source, block_t=bt, n_tblocks=t // bt),
-      out_shape=jax.ShapeDtypeStruct((PLANES, g, k), jnp.float32),
-      grid=(g // gb, k // bk),
-      in_specs=[_full(h.shape), _full(g_out.shape),
-                pl.BlockSpec((PLANES, gb, k), lambda i, c: (0, i, 0)),
-                pl.BlockSpec((PLANES, n, gb), lambda i, c: (0, 0, i)),
-                pl.BlockSpec((4, t, gb), lambda i, c: (0, 0, i)),
-                pl.BlockSpec((t, gb), lambda i, c: (0, i))],
-      out_specs=pl.BlockSpec((PLANES, gb, bk), lambda i, c: (0, i, c)),
-      interpret=interpret, compiler_params=params, name="elas_ffn_dw_in")(
-          h, g_out, win_p, wout_p, vals, meta)
-  dwout = pl.pallas_call(
-      functools.partial(_dwout_kernel, source=source, dw_mask=dw_mask, block_t=bt,
-                        n_tblocks=t // bt),
-      out_shape=jax.ShapeDtypeStruct((PLANES, n, g), jnp.float32),
-      grid=(n // bn, g // gb),
-      in_specs=[_full(h.shape), _full(g_out.shape),
-                pl.BlockSpec((PLANES, gb, k), lambda c, i: (0, i, 0)),
-                pl.BlockSpec((4, t, gb), lambda c, i: (0, 0, i)),
-                pl.BlockSpec((t, gb), lambda c, i: (0, i)),
-                pl.BlockSpec((PLANES, gb), lambda c, i: (0, i)), _full(tok_dense.shape)],
-      out_specs=pl.BlockSpec((PLANES, bn, gb), lambda c, i: (0, c, i)),
-      interpret=interpret, compiler_params=params, name="elas_ffn_dw_out")(
-          h, g_out, win_p, vals, meta, dense_f, tok_dense)
-  return dwin, dwout
+  """(dw_in planes [8, G, K], dw_out planes [8, N, G]) in fp32; ``blocks``: one
+  :class:`cm.Blocks` for both, or a :class:`cm.Tiles`."""
+  b_in, b_out = ((blocks["elas_ffn_dw_in"], blocks["elas_ffn_dw_out"])
+                 if isinstance(blocks, cm.Tiles) else (blocks, blocks))
+  return (_dw_in_call(h, g_out, win_p, wout_p, vals, meta, source, b_in, interpret),
+          _dw_out_call(h, g_out, win_p, vals, meta, dense_f, tok_dense, source, dw_mask, b_out,
+                       interpret))
 
 
 # --------------------------------------------------------------------------
@@ -337,18 +412,18 @@ def _dw_call(h, g_out, win_p, wout_p, vals, meta, dense_f, tok_dense, source, dw
 class _Layout:
   """Static facts of one call (Python ints / numpy, fixed at trace time)."""
 
-  def __init__(self, t: int, f: int, blocks: cm.Blocks, mode: str):
-    self.t, self.blocks = t, blocks
+  def __init__(self, t: int, f: int, tiles: cm.Tiles, mode: str):
+    self.t, self.tiles = t, tiles
     self.f_main = f - f % 4  # the f % 4 tail forms no 2:4 group: dense, in XLA
-    self.t_pad = cm.padded(t, blocks.block_t)
-    self.f_pad = cm.padded(self.f_main, blocks.block_f)
+    self.t_pad = cm.padded(t, tiles.t_multiple)
+    self.f_pad = cm.padded(self.f_main, tiles.f_multiple)
     self.order = self.tok_dense = None
-    if mode == "split":
-      self.order, self.tok_dense = _split_order(t, self.t_pad, blocks.block_t)
+    if mode == "split":  # token groups follow the kernel that applies them: dw_out
+      self.order, self.tok_dense = _split_order(t, self.t_pad, tiles["elas_ffn_dw_out"].block_t)
 
   def rows_in(self, x: jax.Array) -> jax.Array:
     """Pad the tokens to whole blocks and (split) put them in kernel order."""
-    x = cm.pad_to(x, 0, self.blocks.block_t)
+    x = cm.pad_to(x, 0, self.tiles.t_multiple)
     return x if self.order is None else x[self.order]
 
   def rows_out(self, x: jax.Array) -> jax.Array:
@@ -389,20 +464,20 @@ def _split_order(t: int, t_pad: int, bt: int):
 def _prep(h, w_in, w_out, lay: _Layout):
   """Kernel operands: padded tokens, features and ranks (powers of two), weights in planes."""
   hk = cm.pad_rank(lay.rows_in(h), 1)
-  win = cm.pad_rank(cm.pad_to(w_in[: lay.f_main], 0, lay.blocks.block_f), 1)
-  wout = cm.pad_rank(cm.pad_to(w_out[:, : lay.f_main], 1, lay.blocks.block_f), 0)
+  win = cm.pad_rank(cm.pad_to(w_in[: lay.f_main], 0, lay.tiles.f_multiple), 1)
+  wout = cm.pad_rank(cm.pad_to(w_out[:, : lay.f_main], 1, lay.tiles.f_multiple), 0)
   return hk, cm.weight_planes(win), cm.out_weight_planes(wout)
 
 
-def _forward(mode, blocks, interpret, h, w_in, w_out, sparse_on, store=False):
+def _forward(mode, tiles, interpret, h, w_in, w_out, sparse_on, store=False):
   """Output, statistics and what backward needs; ``store``: write the compressed activation."""
   t = h.shape[0]
   f, n = w_in.shape[0], w_out.shape[0]
-  lay = _Layout(t, f, blocks, mode)
+  lay = _Layout(t, f, tiles, mode)
   hk, win_p, wout_p = _prep(h, w_in, w_out, lay)
   flag = jnp.asarray(sparse_on, jnp.int32).reshape(1)
   want_nnz = store and mode == "split"
-  outs = _fwd_call(flag, hk, win_p, wout_p, blocks, interpret, store, want_nnz)
+  outs = _fwd_call(flag, hk, win_p, wout_p, tiles["elas_ffn_fwd"], interpret, store, want_nnz)
   out_k, stats_rows = outs[:2]
   vals, meta = outs[2:4] if store else (None, None)
   out = lay.rows_out(out_k)[:, :n]
@@ -426,22 +501,22 @@ def _forward(mode, blocks, interpret, h, w_in, w_out, sparse_on, store=False):
   return out.astype(h.dtype), stats, (lay, vals, meta, r_tail, nnz)
 
 
-def _ffn_fwd(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on):
+def _ffn_fwd(mode, dense_fraction, tiles, interpret, h, w_in, w_out, sparse_on):
   # ste recomputes relu(y1) from h in backward: it stores (and keeps) nothing f-wide.
   out, stats, (_, vals, meta, r_tail, nnz) = _forward(
-      mode, blocks, interpret, h, w_in, w_out, sparse_on, store=mode != "ste")
+      mode, tiles, interpret, h, w_in, w_out, sparse_on, store=mode != "ste")
   # Named so that a remat policy saving sparsity.SAVED_24_NAME keeps them (remat = lowrank).
   vals, meta, r_tail, nnz = (None if x is None else checkpoint_name(x, sparsity.SAVED_24_NAME)
                              for x in (vals, meta, r_tail, nnz))
   return (out, stats), (h, w_in, w_out, sparse_on, vals, meta, r_tail, nnz)
 
 
-def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
+def _ffn_bwd(mode, dense_fraction, tiles, interpret, res, cot):
   h, w_in, w_out, sparse_on, vals, meta, r_tail, nnz = res
   g_out = cot[0].astype(h.dtype)
   t, k = h.shape
   f, n = w_in.shape[0], w_out.shape[0]
-  lay = _Layout(t, f, blocks, mode)
+  lay = _Layout(t, f, tiles, mode)
   hk, win_p, wout_p = _prep(h, w_in, w_out, lay)
   gk = cm.pad_rank(lay.rows_in(g_out), 1)
   g_pl = win_p.shape[1]
@@ -460,14 +535,14 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
     if r_tail is not None:
       nnz_f = jnp.concatenate([nnz_f, jnp.sum(r_tail * r_tail != 0, axis=0, dtype=jnp.int32)])
     dense_all = sparsity.densest_features(nnz_f, dense_fraction)
-    dense_main = cm.pad_to(dense_all[: lay.f_main], 0, blocks.block_f).astype(jnp.int32)
+    dense_main = cm.pad_to(dense_all[: lay.f_main], 0, tiles.f_multiple).astype(jnp.int32)
     dense_f = cm.weight_planes(dense_main[:, None])[..., 0]
     tok_dense = jnp.asarray(lay.tok_dense)
 
   def grads(source, dw_mask, dense_f, tok_dense):
-    dh = _dh_call(hk, gk, win_p, wout_p, vals, meta, source, blocks, interpret)
+    dh = _dh_call(hk, gk, win_p, wout_p, vals, meta, source, tiles["elas_ffn_dh"], interpret)
     dwin, dwout = _dw_call(hk, gk, win_p, wout_p, vals, meta, dense_f, tok_dense, source, dw_mask,
-                           blocks, interpret)
+                           tiles, interpret)
     return dh, dwin, dwout
 
   sparse_grads = functools.partial(grads, "recompute" if mode == "ste" else "compressed",
@@ -493,8 +568,8 @@ def _ffn_bwd(mode, dense_fraction, blocks, interpret, res, cot):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ffn_core(mode, dense_fraction, blocks, interpret, h, w_in, w_out, sparse_on):
-  out, stats, _ = _forward(mode, blocks, interpret, h, w_in, w_out, sparse_on)
+def _ffn_core(mode, dense_fraction, tiles, interpret, h, w_in, w_out, sparse_on):
+  out, stats, _ = _forward(mode, tiles, interpret, h, w_in, w_out, sparse_on)
   return out, stats
 
 
@@ -512,15 +587,22 @@ def elas_ffn(
     block_t: int | None = None,
     block_f: int | None = None,
     interpret: bool | None = None,
+    target: str | None = None,
+    tiles: dict | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Pallas version of ``relu2_sparse_ffn``: same arguments, results and gradients.
 
   Args:
     h, w_in_FxK, w_out_NxF, sparse_on, mode, dense_fraction: as in
       ``elas_jax.ops.sparsity.relu2_sparse_ffn``.
-    block_t, block_f: tile sizes (powers of two; ``block_f >= 8``); default by shape.
-    interpret: run the kernels in the Pallas interpreter (CPU); default: True
-      unless the default backend is a GPU.
+    block_t, block_f: tile sizes of every kernel (powers of two; ``block_f >= 8``).
+    interpret: run the kernels in the Pallas interpreter (CPU); default: False
+      when ``target`` is given, else True unless the default backend is a GPU.
+    target: the GPU the kernels are compiled for (``h200``, ``h100``, ``a100``;
+      ``elas_jax.targets``): its tile table (``kernels/tiles_<target>.json``)
+      gives the default tiles; None: the ``h200`` table (same SMs as the H100).
+    tiles: per-kernel tiles, ``{kernel name: kernels.common.Blocks or its fields}``
+      for any of :data:`KERNELS` (the rest default).
   """
   sparsity.check_ffn_options(mode, dense_fraction)
   if h.ndim < 1 or w_in_FxK.ndim != 2 or w_out_NxF.ndim != 2:
@@ -535,10 +617,11 @@ def elas_ffn(
     raise ValueError(f"elas_ffn: {f} features form no 2:4 group")
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, k)
-  blocks, interpret = cm.resolve_blocks(
-      "elas_ffn", h_TxK.shape[0], f, k, w_out_NxF.shape[0], block_t=block_t, block_f=block_f,
-      interpret=interpret, split=mode == "split")
+  tiles_, interpret = cm.resolve_tiles(
+      "elas_ffn", KERNELS, h_TxK.shape[0], f, k, w_out_NxF.shape[0], block_t=block_t,
+      block_f=block_f, interpret=interpret, split=mode == "split", target=target, tiles=tiles,
+      whole_out={"elas_ffn_fwd": "block_n", "elas_ffn_dh": "block_k"})
   sparse_on = jnp.asarray(sparse_on, dtype=bool)
-  out, stats = _ffn_core(mode, float(dense_fraction), blocks, interpret, h_TxK, w_in_FxK,
+  out, stats = _ffn_core(mode, float(dense_fraction), tiles_, interpret, h_TxK, w_in_FxK,
                          w_out_NxF, sparse_on)
   return out.reshape(*lead, -1), stats

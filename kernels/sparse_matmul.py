@@ -33,6 +33,9 @@ def reference(vals_4xTxG: jax.Array, meta_TxG: jax.Array, w_NxF: jax.Array) -> j
                     preferred_element_type=jnp.float32).astype(vals_4xTxG.dtype)
 
 
+KERNELS = ("sparse24_matmul_fwd", "sparse24_matmul_dvals", "sparse24_matmul_dw")
+
+
 def _fwd_kernel(vals_ref, meta_ref, w_ref, out_ref, *, gb: int, n_fblocks: int):
   rows = pl.ds(0, out_ref.shape[0])
 
@@ -47,11 +50,21 @@ def _fwd_kernel(vals_ref, meta_ref, w_ref, out_ref, *, gb: int, n_fblocks: int):
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _dvals_kernel(g_ref, w_ref, meta_ref, dv_ref):
-  g = g_ref[...]
+def _dvals_kernel(g_ref, w_ref, meta_ref, dv_ref, *, chunk: int):
+  n = g_ref.shape[1]
   nibs = cm.unpack_meta(meta_ref[...])
+  if chunk >= n:
+    g = g_ref[...]
+    prods = None
+  else:  # the rank N reduced in chunks (8 planes at once)
+    rows = pl.ds(0, g_ref.shape[0])
+    prods = cm.plane_products(lambda ks: g_ref[rows, ks], lambda j, ks: w_ref[j, ks, :], n, chunk,
+                              cm.dot_nn, (g_ref.shape[0], w_ref.shape[2]))
   for half, nib in enumerate(nibs):
-    dense = [cm.dot_nn(g, w_ref[4 * half + j]).astype(dv_ref.dtype) for j in range(4)]
+    if prods is None:
+      dense = [cm.dot_nn(g, w_ref[4 * half + j]).astype(dv_ref.dtype) for j in range(4)]
+    else:
+      dense = [prods[4 * half + j].astype(dv_ref.dtype) for j in range(4)]
     v0, v1, _ = cm.compress_group(dense, cm.kept_planes(nib))
     dv_ref[2 * half] = v0
     dv_ref[2 * half + 1] = v1
@@ -67,21 +80,23 @@ def _dw_kernel(g_ref, vals_ref, meta_ref, dw_ref, *, block_t: int, n_tblocks: in
     g = g_ref[rows, ns]
     return [[(g, d[j]) for j in range(PLANES)]]
 
-  cm.accumulate_planes_over_tokens(dw_ref, block_t=block_t, n_tblocks=n_tblocks, products=products)
+  cm.accumulate_planes_over_tokens(dw_ref, block_t=block_t, n_tblocks=n_tblocks, products=products,
+                                   first_block=pl.program_id(2) * n_tblocks)
 
 
-def _operands(vals, meta, w, blocks: cm.Blocks):
+def _operands(vals, meta, w, tiles: cm.Tiles):
   """Tokens and features padded to whole blocks (zero values decompress to
   zeros), the output size to :func:`cm.rank_size`, the weight in planes."""
-  gb = blocks.block_f // PLANES
-  v = cm.pad_to(cm.pad_to(vals, 1, blocks.block_t), 2, gb)
-  m = cm.pad_to(cm.pad_to(meta, 0, blocks.block_t), 1, gb)
-  return v, m, cm.out_weight_planes(cm.pad_rank(cm.pad_to(w, 1, blocks.block_f), 0))
+  gb = tiles.f_multiple // PLANES
+  v = cm.pad_to(cm.pad_to(vals, 1, tiles.t_multiple), 2, gb)
+  m = cm.pad_to(cm.pad_to(meta, 0, tiles.t_multiple), 1, gb)
+  return v, m, cm.out_weight_planes(cm.pad_rank(cm.pad_to(w, 1, tiles.f_multiple), 0))
 
 
-def _forward(blocks, interpret, vals, meta, w):
+def _forward(tiles, interpret, vals, meta, w):
   t, n = vals.shape[1], w.shape[0]
-  v, m, w_p = _operands(vals, meta, w, blocks)
+  v, m, w_p = _operands(vals, meta, w, tiles)
+  blocks = tiles["sparse24_matmul_fwd"]
   tp, g, np_ = v.shape[1], v.shape[2], w_p.shape[1]
   bt, gb = blocks.block_t, blocks.block_f // PLANES
   bn = min(blocks.block_n, np_)
@@ -92,47 +107,55 @@ def _forward(blocks, interpret, vals, meta, w):
                 pl.BlockSpec((bt, g), lambda i, c: (i, 0)),
                 pl.BlockSpec((PLANES, bn, g), lambda i, c: (0, c, 0))],
       out_specs=pl.BlockSpec((bt, bn), lambda i, c: (i, c)),
-      interpret=interpret, compiler_params=cm.compiler_params(interpret),
+      interpret=interpret, compiler_params=blocks.params(interpret),
       name="sparse24_matmul_fwd")(v, m, w_p)
   return out[:t, :n]
 
 
-def _bwd(blocks, interpret, res, g_out):
+def _bwd(tiles, interpret, res, g_out):
   vals, meta, w = res
   t, n = vals.shape[1], w.shape[0]
-  v, m, w_p = _operands(vals, meta, w, blocks)
+  v, m, w_p = _operands(vals, meta, w, tiles)
   tp, g, np_ = v.shape[1], v.shape[2], w_p.shape[1]
+  gk = cm.pad_to(cm.pad_to(g_out.astype(vals.dtype), 0, tiles.t_multiple), 1, np_)
+  blocks = tiles["sparse24_matmul_dvals"]
   bt, gb = blocks.block_t, blocks.block_f // PLANES
-  bn = min(blocks.block_n, np_)
-  gk = cm.pad_to(cm.pad_to(g_out.astype(vals.dtype), 0, bt), 1, np_)
-  params = cm.compiler_params(interpret)
   d_vals = pl.pallas_call(
-      _dvals_kernel,
+      functools.partial(_dvals_kernel, chunk=blocks.chunk(np_)),
       out_shape=jax.ShapeDtypeStruct((4, tp, g), vals.dtype), grid=(tp // bt, g // gb),
       in_specs=[pl.BlockSpec((bt, np_), lambda i, c: (i, 0)),
                 pl.BlockSpec((PLANES, np_, gb), lambda i, c: (0, 0, c)),
                 pl.BlockSpec((bt, gb), lambda i, c: (i, c))],
       out_specs=pl.BlockSpec((4, bt, gb), lambda i, c: (0, i, c)),
-      interpret=interpret, compiler_params=params, name="sparse24_matmul_dvals")(gk, w_p, m)
+      interpret=interpret, compiler_params=blocks.params(interpret),
+      name="sparse24_matmul_dvals")(gk, w_p, m)
+  blocks = tiles["sparse24_matmul_dw"]
+  bt, gb = blocks.block_t, blocks.block_f // PLANES
+  bn = min(blocks.block_n, np_)
+  splits = blocks.splits(tp // bt)
   dw = pl.pallas_call(
-      functools.partial(_dw_kernel, block_t=bt, n_tblocks=tp // bt),
-      out_shape=jax.ShapeDtypeStruct((PLANES, np_, g), jnp.float32), grid=(np_ // bn, g // gb),
-      in_specs=[pl.BlockSpec((tp, np_), lambda c, i: (0, 0)),
-                pl.BlockSpec((4, tp, gb), lambda c, i: (0, 0, i)),
-                pl.BlockSpec((tp, gb), lambda c, i: (0, i))],
-      out_specs=pl.BlockSpec((PLANES, bn, gb), lambda c, i: (0, c, i)),
-      interpret=interpret, compiler_params=params, name="sparse24_matmul_dw")(gk, v, m)
+      functools.partial(_dw_kernel, block_t=bt, n_tblocks=tp // bt // splits),
+      out_shape=jax.ShapeDtypeStruct((splits * PLANES, np_, g), jnp.float32),
+      grid=(np_ // bn, g // gb, splits),
+      in_specs=[pl.BlockSpec((tp, np_), lambda c, i, s: (0, 0)),
+                pl.BlockSpec((4, tp, gb), lambda c, i, s: (0, 0, i)),
+                pl.BlockSpec((tp, gb), lambda c, i, s: (0, i))],
+      out_specs=pl.BlockSpec((PLANES, bn, gb), lambda c, i, s: (s, c, i)),
+      interpret=interpret, compiler_params=blocks.params(interpret), name="sparse24_matmul_dw")(
+          gk, v, m)
+  if splits > 1:
+    dw = jnp.sum(dw.reshape(splits, PLANES, np_, g), axis=0)
   d_w = cm.out_weight_unplanes(dw)[:n, : w.shape[1]].astype(w.dtype)
   return d_vals[:, :t, : vals.shape[2]], None, d_w
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _core(blocks, interpret, vals, meta, w):
-  return _forward(blocks, interpret, vals, meta, w)
+def _core(tiles, interpret, vals, meta, w):
+  return _forward(tiles, interpret, vals, meta, w)
 
 
-_core.defvjp(lambda blocks, interpret, vals, meta, w:
-             (_forward(blocks, interpret, vals, meta, w), (vals, meta, w)), _bwd)
+_core.defvjp(lambda tiles, interpret, vals, meta, w:
+             (_forward(tiles, interpret, vals, meta, w), (vals, meta, w)), _bwd)
 
 
 def sparse24_matmul(
@@ -144,10 +167,14 @@ def sparse24_matmul(
     block_f: int | None = None,
     block_n: int | None = None,
     interpret: bool | None = None,
+    target: str | None = None,
+    tiles: dict | None = None,
 ) -> jax.Array:
   """``decompress_24(vals, meta) @ wᵀ`` from the compressed plane layout; ``[T, N]``.
 
   Differentiable in ``vals`` (gradient at the kept positions) and ``w``.
+  ``interpret``, ``target`` and ``tiles`` (per kernel of :data:`KERNELS`) as in
+  ``kernels.elas_ffn.elas_ffn``.
   """
   if vals_4xTxG.ndim != 3 or vals_4xTxG.shape[0] != 4:
     raise ValueError(f"sparse24_matmul: vals must be [4, T, F/8], got {vals_4xTxG.shape}")
@@ -158,6 +185,7 @@ def sparse24_matmul(
   if w_NxF.ndim != 2 or w_NxF.shape[1] != g * PLANES:
     raise ValueError(f"sparse24_matmul: w must be [N, {g * PLANES}], got {w_NxF.shape}")
   n = w_NxF.shape[0]
-  blocks, interpret = cm.resolve_blocks("sparse24_matmul", t, g * PLANES, n, n, block_t=block_t,
-                                        block_f=block_f, block_n=block_n, interpret=interpret)
-  return _core(blocks, interpret, vals_4xTxG, meta_TxG, w_NxF.astype(vals_4xTxG.dtype))
+  tiles_, interpret = cm.resolve_tiles("sparse24_matmul", KERNELS, t, g * PLANES, n, n,
+                                       block_t=block_t, block_f=block_f, block_n=block_n,
+                                       interpret=interpret, target=target, tiles=tiles)
+  return _core(tiles_, interpret, vals_4xTxG, meta_TxG, w_NxF.astype(vals_4xTxG.dtype))

@@ -2,7 +2,8 @@
 settings, seconds each), as a user runs them: ``python -m benchmarks.<name>``.
 
 The others are run by tests/test_step_memory.py, test_train_throughput.py,
-test_quality.py, test_generate.py (inference) and test_kernels.py (ffn_kernels).
+test_quality.py, test_generate.py (inference), test_kernels.py (ffn_kernels),
+test_lm_eval.py (downstream) and test_gpu_compile.py (kernel_tiles).
 Each check compares the benchmark's numbers with a count made without it.
 """
 
@@ -26,7 +27,9 @@ def _run(name: str, *args: str) -> dict:
 
 def test_every_benchmark_has_a_smoke_test():
   tested = {"attention_loss", "compile_time", "data_throughput", "ffn_memory",  # here
+            "downstream",  # tests/test_lm_eval.py
             "prepare_scale", "data_startup",
+            "kernel_tiles",  # needs the CUDA plugin: run by tests/test_gpu_compile.py (--one)
             "step_memory", "train_throughput", "quality", "inference", "ffn_kernels"}
   names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
            if f.endswith(".py") and f not in ("__init__.py", "harness.py")}

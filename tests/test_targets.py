@@ -1,0 +1,114 @@
+"""elas_jax.targets without the CUDA plugin: target configs, occupancy arithmetic,
+dump parsing, the missing-plugin error, the static roofline, the tile tables."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from elas_jax import targets
+from elas_jax.targets import compile as tcompile
+from kernels import common as cm
+from kernels import roofline as kr
+from kernels import tiles as tile_tables
+
+
+def test_target_configs_hold_the_published_numbers():
+  # NVIDIA's published figures (and XLA's GPU specs) for each part.
+  h200, h100, a100 = (targets.get(n) for n in ("h200", "H100", "a100"))
+  assert (h200.device_kind, h200.sm_count, h200.smem_per_block) == ("NVIDIA H200", 132, 232448)
+  assert h200.hbm_bytes_per_s == 4.8e12 and h200.memory_bytes == 141 * 2**30
+  assert (h100.sm_count, h100.smem_per_block, h100.hbm_bytes_per_s) == (132, 232448, 3.35232e12)
+  assert (a100.sm_count, a100.smem_per_block, a100.compute_capability) == (108, 166912, (8, 0))
+  assert h200.bf16_flops_per_s == h100.bf16_flops_per_s == 989e12
+  assert a100.bf16_flops_per_s == 312e12
+  assert round(h200.ridge_flops_per_byte) == 206
+  assert all(t.registers_per_sm == 65536 and t.threads_per_sm == 2048 for t in (h200, h100, a100))
+  with pytest.raises(ValueError, match="unknown GPU target 'v100'"):
+    targets.get("v100")
+
+
+@pytest.mark.parametrize("threads,regs,smem,expected", [
+    (256, 32, 0, 8),        # thread-limited: 2048 / 256
+    (128, 255, 0, 2),       # 255 regs -> 8192 per warp: 8 warps per SM, 4 per block
+    (256, 184, 16384, 1),   # 184 -> 192 regs: 6144 per warp, 10 warps, 8 per block
+    (128, 64, 163840, 1),   # 160 KiB + 1 KiB reserved: one per 228 KiB SM
+    (128, 32, 49152, 4),    # 4 x (48 + 1) KiB fits in 228 KiB
+    (32, 16, 0, 32),        # the 32-blocks-per-SM limit
+    (32, 65, 0, 28),        # 65 regs -> 2304 per warp (unit 256), not 2080: 28 warps, not 31
+])
+def test_programs_per_sm_follows_the_cuda_occupancy_rules(threads, regs, smem, expected):
+  # Hand-computed with the CUDA occupancy rules for sm_90 (register unit 256 per warp).
+  assert targets.get("h200").programs_per_sm(threads, regs, smem) == expected
+
+
+def test_waves():
+  h200 = targets.get("h200")
+  assert h200.waves(132, 1) == 1.0
+  assert h200.waves(64, 1) < 1 <= h200.waves(264, 2)
+
+
+SEQUENCE = """\
+001: kCustomKernel [source       | next=003 (2)] loop_transpose_fusion grid: [544, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+003: kCustomKernel [prev=002 (1) | next=004 (1)] elas_ffn_fwd grid: [64, 2, 1] threads: [128, 1, 1]  shared_memory: 163840 bytes
+005: kCopy [prev=004 (1) | sink        ] copy.1
+"""
+METADATA = """thunk_metadata {
+  thunk_info {
+    profile_annotation: "pallas_call.3"
+    thunk_id: 3
+  }
+  thunk_kind: "kCustomKernel"
+}"""
+
+
+def test_dump_parsers_read_xla_thunk_dumps():
+  # Lines as XLA 0.12's *thunk_sequence.txt / *thunk_metadata.txt write them.
+  th = targets.parse_thunk_sequence(SEQUENCE)
+  assert [t["name"] for t in th] == ["loop_transpose_fusion", "elas_ffn_fwd", "copy.1"]
+  assert th[1]["grid"] == (64, 2, 1) and th[1]["threads"] == (128, 1, 1)
+  assert th[1]["shared_memory_bytes"] == 163840 and "grid" not in th[2]
+  assert targets.parse_thunk_metadata(METADATA) == {3: "pallas_call.3"}
+
+
+def test_missing_plugin_names_the_install_command(monkeypatch):
+  monkeypatch.setattr(tcompile, "plugin_available", lambda: False)
+  with pytest.raises(targets.MissingCudaPlugin,
+                     match=rf'pip install "jax\[cuda12\]=={jax.__version__}"'):
+    targets.compile_for_target(lambda x: x, jax.ShapeDtypeStruct((4,), "float32"))
+
+
+def test_roofline_of_the_fused_forward():
+  # 60M at 16384 tokens, by hand: 4·T·F·r FLOPs; h in (2Tr B), the compressed
+  # activation out (9F/8 B per token), the fp32 output (4Tr B), both weights (4Fr B).
+  t, f, r = 16384, 2064, 128
+  fwd = kr.ffn_kernels(t, f, r)[0]
+  assert fwd.flops == 4 * t * f * r
+  assert fwd.bytes == 2 * t * r + t * f * 9 / 8 + 4 * t * r + 4 * f * r
+  assert fwd.bound == "compute" and fwd.intensity > targets.get("h200").ridge_flops_per_byte
+  assert fwd.time_s == pytest.approx(4 * t * f * r / 989e12)
+  # evaluation writes no activation: fewer bytes, same FLOPs
+  ev = kr.ffn_kernels(t, f, r, train=False)
+  assert len(ev) == 1 and ev[0].bytes < fwd.bytes and ev[0].flops == fwd.flops
+
+
+def test_tile_tables_hold_legal_tiles_for_every_kernel_and_class():
+  from kernels import elas_ffn, relu2_sparsify, sparse_matmul
+
+  table = tile_tables.load("h200")
+  assert table["target"] == "h200" and table["tokens"] == 16384
+  kernels = elas_ffn.KERNELS + relu2_sparsify.KERNELS + sparse_matmul.KERNELS
+  for cls in ("r128", "r256", "r512"):
+    entry = table["classes"][cls]
+    assert set(entry) == set(kernels) | {"elas_ffn_dw_out/split"}, cls
+    for name, fields in entry.items():
+      cm.Blocks(**fields).check(name, interpret=False, split=name.endswith("/split"))
+  # the kernels read it when compiled for a target, and keep their small tiles interpreted
+  got = cm.resolve_tiles("elas_ffn", elas_ffn.KERNELS, 16384, 8191, 512, 512, block_t=None,
+                         block_f=None, interpret=None, target="h200")
+  assert got[1] is False
+  assert got[0]["elas_ffn_fwd"] == cm.Blocks(**table["classes"]["r512"]["elas_ffn_fwd"])
+  interp = cm.resolve_tiles("elas_ffn", elas_ffn.KERNELS, 16384, 8191, 512, 512, block_t=None,
+                            block_f=None, interpret=True, target="h200")[0]
+  assert (interp["elas_ffn_fwd"].block_t, interp["elas_ffn_fwd"].block_f) == (16, 32)
