@@ -108,7 +108,7 @@ def main() -> None:
       best[key] = max(best[key], time_steps(r, steps))
 
   cfg = next(iter(runs.values()))["cfg"]
-  peak = flops.peak_tflops(cfg, jax.device_count())
+  peak = flops.peak_tflops(cfg)  # this process's devices
   mem_peak = flops.peak_memory_bytes()  # the process's peak over all runs (GPUs only)
   results, rows = [], []
   for (variant, mb), r in runs.items():

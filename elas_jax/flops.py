@@ -78,16 +78,17 @@ def device_peak_tflops(dtype: str, device_kind: str | None = None) -> float | No
   return DEVICE_PEAK_TFLOPS[max(matches, key=len)].get(dtype)
 
 
-def peak_tflops(cfg, n_devices: int | None = None) -> float | None:
-  """Aggregate peak TFLOP/s of the run: per device (``train.peak_tflops``, or
-  the table when 0) times the device count; None when unknown."""
-  per_device = float(cfg.train.peak_tflops) or device_peak_tflops(cfg.model.dtype)
+def peak_tflops(cfg, mesh=None) -> float | None:
+  """Aggregate peak TFLOP/s of a run on ``mesh`` (default: this process's devices): per
+  device (``train.peak_tflops``, or the table for the mesh's device kind when 0)
+  times the device count; None when unknown (e.g. CPU)."""
+  import jax
+
+  device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+  per_device = float(cfg.train.peak_tflops) or device_peak_tflops(cfg.model.dtype, device.device_kind)
   if not per_device:
     return None
-  if n_devices is None:
-    import jax
-    n_devices = jax.device_count()
-  return per_device * n_devices
+  return per_device * (mesh.size if mesh is not None else jax.device_count())
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> float | None:

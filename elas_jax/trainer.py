@@ -431,7 +431,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
   writer = MetricWriter(workdir, start)
   tokens_per_step = t.batch_size * t.seq_len
   flops_per_token = flops.flops_per_token(cfg.model, t.seq_len)["total"]
-  peak_tflops = flops.peak_tflops(cfg, run.mesh.size)  # None where unknown (CPU)
+  peak_tflops = flops.peak_tflops(cfg, run.mesh)  # None where unknown (CPU)
   profiler = profiling.StepProfiler(t.profile_steps, workdir)
   final: dict[str, Any] = {}
   bar = tqdm(total=t.steps, initial=start, unit="step", disable=jax.process_index() != 0,

@@ -66,10 +66,22 @@ def test_peak_tflops_override_and_mfu():
   if jax.devices()[0].platform == "cpu":
     assert flops.peak_tflops(c) is None
     assert flops.mfu(1e6, 6e6, flops.peak_tflops(c)) is None
+  # The peak follows the devices the run is compiled for (a mesh of 4 H200s, as a
+  # deviceless topology gives them), not this process's.
+  h200_mesh = _FakeMesh("NVIDIA H200", 4)
+  assert flops.peak_tflops(c, h200_mesh) == 4 * 495.0  # tiny computes in float32
+  c.model.dtype = "bfloat16"
+  assert flops.peak_tflops(c, h200_mesh) == 4 * 989.0
   config_lib.override(c, {"train.peak_tflops": "100"})
   config_lib.validate(c)
-  assert flops.peak_tflops(c, n_devices=4) == 400.0
+  assert flops.peak_tflops(c, _FakeMesh("cpu", 4)) == 400.0
   assert flops.mfu(2e4, 5e9, 400.0) == pytest.approx(2e4 * 5e9 / 4e14)  # 0.25
+
+
+class _FakeMesh:
+  def __init__(self, device_kind: str, n: int):
+    self.devices = np.array([type("Device", (), {"device_kind": device_kind})()] * n, dtype=object)
+    self.size = n
 
 
 class _FakeDevice:

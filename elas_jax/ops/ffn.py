@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from elas_jax import sharding
 from elas_jax.ops import sparsity
+from elas_jax.targets import spec
 
 FfnFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -37,9 +38,10 @@ FfnFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 class Implementation:
   """One way to compute the FFN core.
 
-  ``make(platform)`` returns the function ``(h, w_in, w_out, sparse_on, *,
-  mode, dense_fraction) -> (out, stats)`` for devices of ``platform``
-  (``"cpu"``, ``"gpu"``, ...), e.g. a kernel in interpret mode off GPUs.
+  ``make(device)`` returns the function ``(h, w_in, w_out, sparse_on, *,
+  mode, dense_fraction) -> (out, stats)`` compiled for devices like ``device``
+  (one of the mesh's, perhaps of a deviceless GPU topology), e.g. a kernel in
+  interpret mode off GPUs, with the tile table of its GPU on one.
   ``per_device``: an opaque custom call, run per device under ``shard_map``.
   """
 
@@ -47,19 +49,29 @@ class Implementation:
   per_device: bool
 
 
-def _xla(platform: str) -> FfnFn:
-  del platform  # XLA compiles it for any backend
+def _xla(device) -> FfnFn:
+  del device  # XLA compiles it for any backend
   return sparsity.relu2_sparse_ffn
 
 
-def _triton(platform: str) -> FfnFn:
+def _gpu_target(device) -> str | None:
+  """The name of ``device``'s GPU target (its tile table), None off GPUs or for an
+  unknown GPU (the kernels then take the H200's table)."""
+  if sharding.platform_of(device) != "gpu":
+    return None
+  target = spec.for_device(device)
+  return None if target is None else target.name
+
+
+def _triton(device) -> FfnFn:
   from kernels import elas_ffn  # the repository's kernels package (see kernels/__init__.py)
 
-  interpret = platform != "gpu"
+  interpret = sharding.platform_of(device) != "gpu"
+  target = _gpu_target(device)
 
   def fn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
     return elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction,
-                             interpret=interpret)
+                             interpret=interpret, target=target)
 
   return fn
 
@@ -109,7 +121,7 @@ def sparse_ffn(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_o
   """
   name = resolve_kernel(kernel, mesh)
   impl = IMPLEMENTATIONS[name]
-  fn = impl.make(platform(mesh))
+  fn = impl.make(sharding.target_device(mesh))
 
   def local(h, w_in, w_out, sparse_on):
     return fn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction)

@@ -18,7 +18,8 @@ API:
     from the ``*.textproto`` beside this file (``GpuTargetConfigProto`` text,
     the numbers of XLA's GPU specs) plus the bf16 peak of ``elas_jax.flops``.
     ``Target.programs_per_sm`` / ``Target.waves`` are the occupancy arithmetic;
-    ``Target.ridge_flops_per_byte`` the roofline ridge.
+    ``Target.ridge_flops_per_byte`` the roofline ridge. :func:`for_device`: the
+    target of a device (a mesh's), by its ``device_kind``.
   * :func:`topology` / :func:`make_mesh` (``hosts``, ``gpus_per_host``): compile-only
     devices (``device_kind`` = the target's) and a ``jax.sharding.Mesh`` of them.
   * :func:`compile_for_target` (fn, *ShapeDtypeStructs, target=, mesh=,
@@ -42,11 +43,11 @@ from elas_jax.targets.compile import (ENV, CompileReport, KernelInfo, MissingCud
                                       parse_thunk_metadata, parse_thunk_sequence, plugin_available,
                                       ptxas_resources, target_context, topology)
 from elas_jax.targets.bounds import Roofline, markdown, roofline
-from elas_jax.targets.spec import TARGETS, Target, config_path, get
+from elas_jax.targets.spec import TARGETS, Target, config_path, for_device, get
 
 __all__ = [
     "ENV", "TARGETS", "CompileReport", "KernelInfo", "MissingCudaPlugin", "Roofline", "Target", "markdown",
-    "abstract_args", "check_environment", "compile_for_target", "config_path", "deviceless_env",
+    "abstract_args", "check_environment", "compile_for_target", "config_path", "deviceless_env", "for_device",
     "get", "install_hint", "make_mesh", "one_line", "parse_thunk_metadata", "parse_thunk_sequence",
     "plugin_available", "ptxas_resources", "roofline", "target_context", "topology",
 ]

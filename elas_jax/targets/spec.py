@@ -140,3 +140,11 @@ def get(name: str) -> Target:
       memory_bytes=_field(text, "device_memory_size"),
       hbm_bytes_per_s=float(_field(text, "memory_bandwidth")),
       bf16_flops_per_s=peak * 1e12, config_text=text)
+
+
+def for_device(device) -> Target | None:
+  """The target of a ``jax.Device`` (a real GPU or a deviceless topology's), by its
+  ``device_kind`` (``"NVIDIA H100 80GB HBM3"`` is ``h100``); None for other devices."""
+  kind = str(getattr(device, "device_kind", "")).lower()
+  found = [get(name) for name in TARGETS if kind.startswith(get(name).device_kind.lower())]
+  return max(found, key=lambda t: len(t.device_kind)) if found else None
