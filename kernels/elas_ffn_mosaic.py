@@ -25,9 +25,11 @@ Compressed activation (what ``masked`` / ``split`` keep for backward, 9/16 of
 the dense bytes): ``vals [T, F/2]`` (per sub-tile 4 value planes: first and
 second kept value of group a, then of group b; ``relu(y1)`` at the kept
 positions, so backward rebuilds ``y2s = v·v`` exactly) and ``meta`` uint8, one
-byte per position (group a's index pair in the low nibble, b's in the high,
-like ``elas_jax.sparsity.compress_24``), stored per (feature step, token
-tile) as ``[64·block_f/128, 16]`` rows so every TMA row is 16 bytes.
+byte per position (group a's index pair ``i0 | i1 << 2`` in the low nibble,
+b's in the high: ``elas_jax.sparsity.compress_24``'s byte), stored as
+``[token tiles, sub-tiles · 64P/16, 16]``: each (token tile, sub-tile)'s
+``[64, P]`` bytes as rows of 16, so every TMA row is 16 bytes and a kernel
+can fetch any run of sub-tiles (``meta_TxG`` converts).
 
 Kernels (each a ``plgpu.kernel``; tiles in shared memory by TMA, the weight /
 activation streams through ``plgpu.emit_pipeline`` with ``stages`` buffers,
@@ -79,6 +81,7 @@ from kernels import common as cm
 from kernels import mosaic_compat as mc
 from kernels.elas_ffn import reference  # noqa: F401  (the shared plain-jnp reference)
 
+GROUP = 4
 TOKENS = 64  # token rows of one wgmma tile (M)
 PLANES = 8  # features per metadata byte: two 2:4 groups
 RANK_ALIGN = 64  # ranks pad to multiples of 64: a 128-byte swizzle K group of bf16
@@ -97,18 +100,22 @@ class Tiles:
   """Tile sizes (see the module docstring).
 
   ``block_t`` tokens per forward / ``dh`` program and per weight-gradient
-  pipeline step (a multiple of 64); ``block_f`` features per pipeline step, a
-  multiple of ``sub_f`` (8 planes of ``sub_f / 8``, ``sub_f`` a multiple of
+  pipeline step (64: one warpgroup); ``block_f`` features per pipeline step of
+  the forward and ``dh`` kernels, ``block_f_dw`` per program of the weight-
+  gradient kernels (their accumulator is ``[block_f_dw, block_k]``), both
+  multiples of ``sub_f`` (8 planes of ``sub_f / 8``, ``sub_f`` a multiple of
   64); ``block_n`` / ``block_k`` output columns per program (multiples of 64,
   at most 256); ``stages`` pipeline buffers.
   """
 
   block_t: int = TOKENS
   block_f: int = 128
+  block_f_dw: int = 64
   sub_f: int = 64
   block_n: int = 256
   block_k: int = 256
   stages: int = 2
+  materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: by rank)
 
   def check(self) -> None:
     if self.block_t != TOKENS:
@@ -116,9 +123,11 @@ class Tiles:
                        "(one warpgroup's wgmma tile)")
     if self.sub_f % 64 or not 64 <= self.sub_f <= 256:
       raise ValueError(f"elas_ffn_mosaic: sub_f={self.sub_f} must be 64, 128, 192 or 256")
-    if self.block_f % self.sub_f or self.block_f > 256:
-      raise ValueError(f"elas_ffn_mosaic: block_f={self.block_f} must be a multiple of "
-                       f"sub_f={self.sub_f} and at most 256")
+    for name in ("block_f", "block_f_dw"):
+      v = getattr(self, name)
+      if v % self.sub_f or v > 256:
+        raise ValueError(f"elas_ffn_mosaic: {name}={v} must be a multiple of "
+                         f"sub_f={self.sub_f} and at most 256")
     for name in ("block_n", "block_k"):
       v = getattr(self, name)
       if v % RANK_ALIGN or not 0 < v <= 256:
@@ -144,15 +153,15 @@ class _Plan:
     self.dtype, self.mode, self.tiles, self.interpret = jnp.dtype(dtype), mode, tiles, interpret
     self.bt, self.fs, self.ft = tiles.block_t, tiles.block_f, tiles.sub_f
     self.p = self.ft // PLANES
+    self.meta_sub = self.bt * self.p // 16  # one sub-tile's [bt, P] metadata bytes, 16 a row
     self.rp = 4 if mode == "split" else 1  # row planes per weight-gradient step (split: token 2:4)
     self.f_main = f - f % 4  # the f % 4 tail forms no 2:4 group: dense, in XLA
     self.t_pad = cm.padded(t, self.bt * self.rp)
-    self.f_pad = cm.padded(self.f_main, self.fs)
+    self.f_pad = cm.padded(self.f_main, math.lcm(tiles.block_f, tiles.block_f_dw))
     self.k_pad, self.kb = _rank_blocks(k, tiles.block_k)
     self.n_pad, self.nb = _rank_blocks(n, tiles.block_n)
     self.nt = self.t_pad // self.bt
-    self.n_steps = self.f_pad // self.fs
-    self.meta_rows = self.bt * self.fs // 128  # a [bt, fs/8] uint8 tile as rows of 16 bytes
+    self.n_sub = self.f_pad // self.ft
     # Kernel feature order: sub-tile column j·P + c holds feature 8c + j of the sub-tile.
     q = np.arange(self.f_pad)
     s, j, c = q // self.ft, (q % self.ft) // self.p, q % self.p
@@ -160,6 +169,23 @@ class _Plan:
     self.order = self.tok_dense = None
     if mode == "split":
       self.order, self.tok_dense = _split_order(t, self.t_pad, self.bt)
+
+  @property
+  def n_steps(self) -> int:
+    """Feature steps of ``fs`` (the forward's and dh's, or a weight-gradient kernel's)."""
+    return self.f_pad // self.fs
+
+  @property
+  def n_sub_step(self) -> int:
+    return self.fs // self.ft
+
+  def replace(self, **attrs) -> "_Plan":
+    c = object.__new__(_Plan)
+    c.__dict__.update(self.__dict__, **attrs)
+    return c
+
+  def for_dw(self) -> "_Plan":
+    return self.replace(fs=self.tiles.block_f_dw)
 
   def rows_in(self, x: jax.Array) -> jax.Array:
     """Pad the tokens and (split) put them in kernel order."""
@@ -211,15 +237,15 @@ def _split_order(t: int, t_pad: int, bt: int):
 
 def _keep_24(a: list[jax.Array]) -> list[jax.Array]:
   """Keep-masks of the 2 largest of 4 same-shape arrays; ties go to the lower index
-  (``elas_jax.sparsity.mask_24``'s rule): of ``i < j``, ``i`` wins iff ``a_i >= a_j``.
-  (No boolean ``not``: Mosaic GPU lowers it through a 2-bit register conversion.)"""
-  losses = [None] * 4
-  for i in range(4):
-    for j in range(i + 1, 4):
-      add_i, add_j = _count(a[j] > a[i]), _count(a[i] >= a[j])
-      losses[i] = add_i if losses[i] is None else losses[i] + add_i
-      losses[j] = add_j if losses[j] is None else losses[j] + add_j
-  return [x < 2 for x in losses]
+  (``elas_jax.sparsity.mask_24``'s rule). ``i`` is kept iff it beats at least 2 of the
+  other 3 (``i`` beats ``j`` iff ``a_i >= a_j`` for ``i < j``, ``a_i > a_j`` for ``i > j``):
+  a majority of comparisons, no counting (fewer live registers than ranks by sums) and
+  no boolean ``not`` (Mosaic GPU lowers it through a 2-bit register conversion)."""
+  keep = []
+  for i in range(GROUP):
+    w = [(a[i] >= a[j]) if i < j else (a[i] > a[j]) for j in range(GROUP) if j != i]
+    keep.append((w[0] & w[1]) | (w[2] & (w[0] | w[1])))
+  return keep
 
 
 def _count(b: jax.Array, dtype=jnp.int32) -> jax.Array:
@@ -244,6 +270,24 @@ def _decompress(vals: jax.Array, meta: jax.Array, p: int) -> list[jax.Array]:
   v = [vals[:, i * p:(i + 1) * p] for i in range(4)]
   nib_a, nib_b = cm.unpack_meta(meta)
   return cm.decompress_group(v[0], v[1], nib_a) + cm.decompress_group(v[2], v[3], nib_b)
+
+
+def _wgmma_k(acc, a_ref, b_ref, chunk: int = 128) -> None:
+  """``acc += a @ b`` for shared-memory ``a [M, K]``, ``b [K, N]``, issued ``chunk``
+  of K at a time in a loop: one unrolled wgmma per 16 of K for the whole rank
+  keeps every operand descriptor live (measured: 400 bytes of spills at K = 512)."""
+  mg = mc.plgpu()
+  k = a_ref.shape[1]
+  if k <= chunk:
+    mg.wgmma(acc, a_ref, b_ref)
+    return
+
+  def body(i, carry):
+    ks = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+    mg.wgmma(acc, a_ref.at[:, ks], b_ref.at[ks])
+    return carry
+
+  lax.fori_loop(0, k // chunk, body, 0)
 
 
 def _dot_acc(shape, fn):
@@ -310,31 +354,31 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
 
   def step(idx, winT_s, woutT_s, carry):
     (fi,) = idx
-    zeros, total, dropped = carry
+    zeros, total, kept = carry
     slot = lax.rem(fi, 2)
     if store:
       mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copies that last used this slot
-    metas = []
     for s in range(fs // ft):
-      y1 = _dot_acc((bt, ft), lambda acc: mg.wgmma(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
+      y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
       r = _planes(_relu(y1, dt), p)
       y2 = [x * x for x in r]
       keep = _keep_24(y2[:4]) + _keep_24(y2[4:])
       y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(PLANES)]
       mc.wgmma_a(scr["acc"], jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)],
                  scr.get("stage_s"), c.interpret)
-      y2f = [x.astype(jnp.float32) for x in y2]
-      zeros += jnp.sum(sum(_count(x == 0, jnp.float32) for x in y2f), axis=1)
-      total += jnp.sum(sum(y2f), axis=1)
-      dropped += jnp.sum(sum(jnp.where(keep[j], 0.0, y2f[j]) for j in range(PLANES)), axis=1)
+      # Statistics: zeros and mass of y2, mass kept by 2:4 (from the 4 compressed value
+      # planes, half the work of selecting the dropped 8); dropped = total - kept per row.
+      a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
+      b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
+      zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
+      total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
+      kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
       if store:
-        a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
-        b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
         scr["vals_s"].at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate(
             [a0, a1, b0, b1], axis=1)
-        metas.append(cm.pack_meta(nib_a, nib_b))
+        mc.store_as(scr["meta_s"].at[slot, pl.ds(s * c.meta_sub, c.meta_sub)],
+                    cm.pack_meta(nib_a, nib_b), c.interpret)
     if store:
-      mc.store_as(scr["meta_s"].at[slot], jnp.concatenate(metas, axis=1), c.interpret)
       mg.commit_smem()
 
       @pl.when(first_nb)
@@ -342,12 +386,12 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
         mg.copy_smem_to_gmem(scr["vals_s"].at[slot],
                              store_refs[0].at[rows, pl.ds(fi * (fs // 2), fs // 2)],
                              commit_group=False)
-        mg.copy_smem_to_gmem(scr["meta_s"].at[slot],
-                             store_refs[1].at[pl.ds((fi * c.nt + ti) * c.meta_rows, c.meta_rows)],
+        mrows = c.n_sub_step * c.meta_sub
+        mg.copy_smem_to_gmem(scr["meta_s"].at[slot], store_refs[1].at[ti, pl.ds(fi * mrows, mrows)],
                              commit_group=False)
         mg.commit_smem_to_gmem_group()
     mg.wgmma_wait(0)  # the w_out slot is refilled after this step
-    return zeros, total, dropped
+    return zeros, total, kept
 
   def run(acc_ref):
     scr["acc"] = acc_ref
@@ -359,7 +403,8 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
         init_carry=(z, z, z))(winT_ref, woutT_ref)
     return acc_ref[...], carry
 
-  acc, stats = pl.run_scoped(run, mg.ACC((bt, c.nb), jnp.float32))
+  acc, (zeros, total, kept) = pl.run_scoped(run, mg.ACC((bt, c.nb), jnp.float32))
+  stats = (zeros, total, total - kept)
   _store_out(acc, out_ref, scr["out_s"], ti * bt, nb * c.nb)
 
   @pl.when(first_nb)
@@ -386,7 +431,7 @@ def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: _Plan, **scr):
     slot = lax.rem(fi, 2)
     mg.wait_smem_to_gmem(1, wait_read_only=True)
     for s in range(fs // ft):
-      y1 = _dot_acc((bt, ft), lambda acc: mg.wgmma(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
+      y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
       scr["r_s"].at[slot][:, s * ft:(s + 1) * ft] = _relu(y1, c.dtype)
     mg.commit_smem()
     mg.copy_smem_to_gmem(scr["r_s"].at[slot], r_ref.at[rows, pl.ds(fi * fs, fs)])
@@ -408,11 +453,11 @@ class _Relu:
     """Pipelined inputs for ``step_rows`` tokens at token-block ``rows_idx(step)``."""
     c = self.c
     if self.source == "compressed":
-      mrows = c.meta_rows * step_rows // c.bt
+      rp = step_rows // c.bt
       return [_spec((step_rows, c.fs // 2), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype,
                     c.ft // 2),
-              _spec((mrows, 16), lambda *i: (fi_of(*i) * (c.nt * c.bt // step_rows)
-                                             + rows_idx(*i), 0), jnp.uint8)]
+              _spec((rp, c.n_sub_step * c.meta_sub, 16),
+                    lambda *i: (rows_idx(*i), fi_of(*i), 0), jnp.uint8)]
     if self.source == "dense":
       return [_spec((step_rows, c.fs), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype, c.ft)]
     return []  # recompute: h and w_inᵀ are passed separately
@@ -423,8 +468,8 @@ class _Relu:
     if self.source == "compressed":
       vals_s, meta_s = refs
       vals = mc.load(vals_s.at[pl.ds(q * c.bt, c.bt)])
-      meta = mc.load_as(meta_s.at[pl.ds(q * c.meta_rows, c.meta_rows)], (c.bt, c.fs // PLANES),
-                        c.interpret)
+      meta = [mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, c.p),
+                         c.interpret) for s in range(c.n_sub_step)]
       return vals, meta
     if self.source == "dense":
       return mc.load(refs[0].at[pl.ds(q * c.bt, c.bt)])
@@ -436,11 +481,11 @@ class _Relu:
     ft, p = c.ft, c.p
     if self.source == "compressed":
       vals, meta = loaded
-      return _decompress(vals[:, s * ft // 2:(s + 1) * ft // 2], meta[:, s * p:(s + 1) * p], p)
+      return _decompress(vals[:, s * ft // 2:(s + 1) * ft // 2], meta[s], p)
     if self.source == "dense":
       return _planes(loaded[:, s * ft:(s + 1) * ft], p)
     mg = mc.plgpu()
-    y1 = _dot_acc((c.bt, ft), lambda acc: mg.wgmma(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
+    y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
     return _planes(_relu(y1, c.dtype), p)
 
 
@@ -474,8 +519,9 @@ def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: _Plan, relu: _Relu, **scr):
     src = rest if relu.source != "recompute" else ()
     loaded = relu.load_step(src, 0)
     for s in range(fs // ft):
-      dy2 = _dot_acc((bt, ft), lambda acc: mg.wgmma(acc, scr["g_s"], wout_s.at[:, pl.ds(s * ft, ft)]))
+      # relu(y1) first: a recomputed y1's accumulator is free again before dy2's is taken
       r = relu.planes(loaded, s, scr.get("h_s"), winT_s)
+      dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["g_s"], wout_s.at[:, pl.ds(s * ft, ft)]))
       mc.wgmma_a(scr["acc"], _dy1_planes(dy2, r, c), win_s.at[pl.ds(s * ft, ft)],
                  scr.get("stage_s"), c.interpret)
     mg.wgmma_wait(0)
@@ -516,8 +562,8 @@ def _dwin_kernel(g_ref, h_ref, wout_ref, *refs, pl_: _Plan, relu: _Relu, **scr):
   def step(idx, g_s, h_s, *src):
     loaded = relu.load_step(src, 0)
     for s in range(fs // ft):
-      dy2 = _dot_acc((bt, ft), lambda acc: mg.wgmma(acc, g_s, scr["wout_s"].at[:, pl.ds(s * ft, ft)]))
-      r = relu.planes(loaded, s, h_s, scr.get("winT_s"))
+      r = relu.planes(loaded, s, h_s, scr.get("winT_s"))  # before dy2, as in dh
+      dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, g_s, scr["wout_s"].at[:, pl.ds(s * ft, ft)]))
       scr["dy1_s"][:, s * ft:(s + 1) * ft] = _dy1_planes(dy2, r, c)
     mg.commit_smem()  # dy1 in shared memory before wgmma reads it
     h_k = h_s.at[:, pl.ds(kb * c.kb, c.kb)] if recompute else h_s
@@ -672,10 +718,7 @@ def _fit_stages(what: str, scratch: _Scratch, c: _Plan, steps: int) -> int:
 
 
 def _with_stages(c: _Plan, stages: int) -> _Plan:
-  c2 = object.__new__(_Plan)
-  c2.__dict__.update(c.__dict__)
-  c2.tiles = dataclasses.replace(c.tiles, stages=stages)
-  return c2
+  return c.replace(tiles=dataclasses.replace(c.tiles, stages=stages))
 
 
 def _out_chunks(s: _Scratch) -> _Scratch:
@@ -690,7 +733,7 @@ def _fwd_call(flag, h, winT, woutT, c: _Plan, store: bool):
   s.pipelined(((c.k_pad, c.fs), dt), ((c.fs, c.nb), dt))
   if store:
     s.add("vals_s", (2, c.bt, c.fs // 2), dt, c.ft // 2)
-    s.add("meta_s", (2, c.meta_rows, 16), jnp.uint8)
+    s.add("meta_s", (2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
   if c.interpret:
     s.add("stage_s", (c.bt, c.ft), dt, c.ft)
   c = _with_stages(c, _fit_stages("forward", s, c, c.n_steps))
@@ -698,7 +741,7 @@ def _fwd_call(flag, h, winT, woutT, c: _Plan, store: bool):
                jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
   if store:
     out_shape += [jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt),
-                  jax.ShapeDtypeStruct((c.n_steps * c.nt * c.meta_rows, 16), jnp.uint8)]
+                  jax.ShapeDtypeStruct((c.nt, c.n_sub * c.meta_sub, 16), jnp.uint8)]
   body = functools.partial(_fwd_kernel, pl_=c, store=store)
   return mc.kernel(_named(body, "elas_mgpu_fwd"), out_shape=out_shape, scratch=s.build(1),
                    grid=(c.nt, c.n_pad // c.nb), grid_names=("t", "n"),
@@ -717,7 +760,7 @@ def _relu_call(h, winT, c: _Plan):
 
 def _src_blocks(source: str, c: _Plan, rows: int):
   if source == "compressed":
-    return [((rows, c.fs // 2), c.dtype), ((c.meta_rows * rows // c.bt, 16), jnp.uint8)]
+    return [((rows, c.fs // 2), c.dtype), ((rows // c.bt, c.n_sub_step * c.meta_sub, 16), jnp.uint8)]
   if source == "dense":
     return [((rows, c.fs), c.dtype)]
   return []
@@ -743,6 +786,7 @@ def _dh_call(g, h, wout, win, winT, src, source: str, c: _Plan):
 
 
 def _dwin_call(g, h, wout, winT, src, source: str, c: _Plan):
+  c = c.for_dw()
   dt = c.dtype
   s = _out_chunks(_Scratch().add("wout_s", (c.n_pad, c.fs), dt, c.fs))
   s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
@@ -762,6 +806,7 @@ def _dwin_call(g, h, wout, winT, src, source: str, c: _Plan):
 
 
 def _dwout_call(g, h, winT, src, dense_f, tok_dense, source: str, dw_mask: str, c: _Plan):
+  c = c.for_dw()
   dt = c.dtype
   rp = c.rp if dw_mask == "tokens" else 1
   sr = c.bt * rp
@@ -840,9 +885,10 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
 
 
 def meta_TxG(meta: jax.Array, c: _Plan) -> jax.Array:
-  """The kernels' metadata rows -> ``[T, F/8]`` uint8 (column = step·block_f/8 + s·P + c)."""
-  m = meta.reshape(c.n_steps, c.nt, c.bt, c.fs // PLANES)
-  return m.transpose(1, 2, 0, 3).reshape(c.t_pad, c.n_steps * c.fs // PLANES)
+  """The kernels' metadata ``[token tiles, sub-tiles · bt·P/16, 16]`` -> ``[T, F/8]`` uint8
+  (column = sub-tile·P + c: ``elas_jax.sparsity.compress_24``'s byte of groups 2g, 2g+1)."""
+  m = meta.reshape(c.nt, c.n_sub, c.bt, c.p)
+  return m.transpose(0, 2, 1, 3).reshape(c.t_pad, c.n_sub * c.p)
 
 
 def _nnz_per_feature(vals: jax.Array, meta: jax.Array, c: _Plan) -> jax.Array:
@@ -874,10 +920,12 @@ def _fwd_rule(mode, dense_fraction, plan_args, h, w_in, w_out, sparse_on):
 
 
 def _recompute_source(c: _Plan) -> str:
-  """``recompute`` where its kernels fit shared memory, else ``dense`` (the relu kernel)."""
-  if c.interpret or max(c.k_pad, c.n_pad) <= 256:
-    return "recompute"
-  return "dense"
+  """``recompute`` where its kernels fit shared memory (ranks <= 256), else ``dense``
+  (``relu(y1)`` written once by the relu kernel); ``Tiles.materialize_relu`` overrides."""
+  materialize = c.tiles.materialize_relu
+  if materialize is None:
+    materialize = max(c.k_pad, c.n_pad) > 256
+  return "dense" if materialize else "recompute"
 
 
 def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
@@ -966,9 +1014,9 @@ def _check_servable(dtype, interpret: bool) -> None:
 def default_tiles(k: int, n: int, *, interpret: bool) -> Tiles:
   """Tiles by rank: 128 features per step up to rank 128, else 64 (shared memory:
   a step holds a ``[block_f, K]`` and a ``[block_f, block_n]`` weight tile per stage)."""
-  if interpret:
-    return Tiles(block_f=128, sub_f=64)
-  return Tiles(block_f=128 if max(k, n) <= 128 else 64, sub_f=64)
+  if interpret:  # one sub-tile per step: the interpreter's compile time grows with the body
+    return Tiles(block_f=128, block_f_dw=128, sub_f=128)
+  return Tiles(block_f=128 if max(k, n) <= 128 else 64, block_f_dw=64, sub_f=64)
 
 
 def elas_ffn(
@@ -981,8 +1029,12 @@ def elas_ffn(
     dense_fraction: float = 0.05,
     block_t: int | None = None,
     block_f: int | None = None,
+    block_f_dw: int | None = None,
     sub_f: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
     stages: int | None = None,
+    materialize_relu: bool | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mosaic GPU version of ``relu2_sparse_ffn``: same arguments, results and gradients.
@@ -990,7 +1042,8 @@ def elas_ffn(
   Args:
     h, w_in_FxK, w_out_NxF, sparse_on, mode, dense_fraction: as in
       ``elas_jax.sparsity.relu2_sparse_ffn``.
-    block_t, block_f, sub_f, stages: tiles (see :class:`Tiles`); default by rank.
+    block_t, block_f, block_f_dw, sub_f, block_n, block_k, stages, materialize_relu: tiles and
+      options (see :class:`Tiles`); default by rank.
     interpret: run in jax's Mosaic GPU interpreter (CPU); default: True unless
       the default backend is a GPU.
 
@@ -1016,8 +1069,10 @@ def elas_ffn(
   interpret = bool(interpret)
   _check_servable(h.dtype, interpret)
   d = default_tiles(k, n, interpret=interpret)
-  tiles = dataclasses.replace(d, block_t=block_t or d.block_t, block_f=block_f or d.block_f,
-                              sub_f=sub_f or d.sub_f, stages=stages or d.stages)
+  given = dict(block_t=block_t, block_f=block_f, block_f_dw=block_f_dw, sub_f=sub_f,
+               block_n=block_n, block_k=block_k,
+               stages=stages, materialize_relu=materialize_relu)
+  tiles = dataclasses.replace(d, **{k_: v for k_, v in given.items() if v is not None})
   tiles.check()
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, k)
