@@ -85,6 +85,7 @@ GROUP = 4
 TOKENS = 64  # token rows of one wgmma tile (M)
 PLANES = 8  # features per metadata byte: two 2:4 groups
 RANK_ALIGN = 64  # ranks pad to multiples of 64: a 128-byte swizzle K group of bf16
+H100_SMS = 132  # SMs of an H100 SXM / H200: the grid the weight-gradient kernels aim to fill
 SMEM_LIMIT = 232448  # H100/H200 opt-in shared memory per block (Mosaic refuses more)
 SMEM_MARGIN = 4096  # barriers, alignment and Mosaic's 2 KiB cross-warp reduction scratch
 GPU_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -114,6 +115,8 @@ class Tiles:
   sub_f: int = 64
   block_n: int = 256
   block_k: int = 256
+  block_n_dw: int | None = None  # split mode's dw_out columns (None: block_n)
+  dw_split: int | None = None  # weight-gradient token splits (None: by grid size)
   stages: int = 2
   materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: by rank)
 
@@ -128,8 +131,10 @@ class Tiles:
       if v % self.sub_f or v > 256:
         raise ValueError(f"elas_ffn_mosaic: {name}={v} must be a multiple of "
                          f"sub_f={self.sub_f} and at most 256")
-    for name in ("block_n", "block_k"):
+    for name in ("block_n", "block_k", "block_n_dw"):
       v = getattr(self, name)
+      if v is None and name == "block_n_dw":
+        continue
       if v % RANK_ALIGN or not 0 < v <= 256:
         raise ValueError(f"elas_ffn_mosaic: {name}={v} must be a multiple of 64, at most 256")
     if self.stages < 1:
@@ -462,28 +467,18 @@ class _Relu:
       return [_spec((step_rows, c.fs), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype, c.ft)]
     return []  # recompute: h and w_inᵀ are passed separately
 
-  def load_step(self, refs, q: int):
-    """Per-step loads (row plane ``q`` of the step) shared by the sub-tiles."""
+  def planes(self, refs, q: int, s: int, h_rows=None, winT_s=None) -> list[jax.Array]:
+    """The 8 ``relu(y1)`` planes of row plane ``q``, sub-tile ``s`` of a step, loaded (or
+    recomputed) just for it: a step's other tiles stay in shared memory, not registers."""
     c = self.c
+    ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
     if self.source == "compressed":
       vals_s, meta_s = refs
-      vals = mc.load(vals_s.at[pl.ds(q * c.bt, c.bt)])
-      meta = [mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, c.p),
-                         c.interpret) for s in range(c.n_sub_step)]
-      return vals, meta
+      vals = mc.load(vals_s.at[rows, pl.ds(s * ft // 2, ft // 2)])
+      meta = mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, p), c.interpret)
+      return _decompress(vals, meta, p)
     if self.source == "dense":
-      return mc.load(refs[0].at[pl.ds(q * c.bt, c.bt)])
-    return None
-
-  def planes(self, loaded, s: int, h_rows=None, winT_s=None) -> list[jax.Array]:
-    """The 8 ``relu(y1)`` planes of sub-tile ``s``."""
-    c = self.c
-    ft, p = c.ft, c.p
-    if self.source == "compressed":
-      vals, meta = loaded
-      return _decompress(vals[:, s * ft // 2:(s + 1) * ft // 2], meta[s], p)
-    if self.source == "dense":
-      return _planes(loaded[:, s * ft:(s + 1) * ft], p)
+      return _planes(mc.load(refs[0].at[rows, pl.ds(s * ft, ft)]), p)
     mg = mc.plgpu()
     y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
     return _planes(_relu(y1, c.dtype), p)
@@ -517,10 +512,9 @@ def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: _Plan, relu: _Relu, **scr):
   def step(idx, wout_s, win_s, *rest):
     winT_s = rest[0] if relu.source == "recompute" else None
     src = rest if relu.source != "recompute" else ()
-    loaded = relu.load_step(src, 0)
     for s in range(fs // ft):
       # relu(y1) first: a recomputed y1's accumulator is free again before dy2's is taken
-      r = relu.planes(loaded, s, scr.get("h_s"), winT_s)
+      r = relu.planes(src, 0, s, scr.get("h_s"), winT_s)
       dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["g_s"], wout_s.at[:, pl.ds(s * ft, ft)]))
       mc.wgmma_a(scr["acc"], _dy1_planes(dy2, r, c), win_s.at[pl.ds(s * ft, ft)],
                  scr.get("stage_s"), c.interpret)
@@ -553,16 +547,16 @@ def _dwin_kernel(g_ref, h_ref, wout_ref, *refs, pl_: _Plan, relu: _Relu, **scr):
   ins, dwin_ref = refs[:-1], refs[-1]
   winT_ref = ins[0] if relu.source == "recompute" else None
   src_refs = () if relu.source == "recompute" else ins
-  fi, kb = lax.axis_index("f"), lax.axis_index("k")
+  fi, kb, si = lax.axis_index("f"), lax.axis_index("k"), lax.axis_index("s")
+  t0 = si * c.dw_steps  # this program's share of the token tiles (split-K over tokens)
   _copy_in(wout_ref.at[:, pl.ds(fi * fs, fs)], scr["wout_s"], scr["bar"].at[0])
   if winT_ref is not None:
     _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[1])
   recompute = relu.source == "recompute"
 
   def step(idx, g_s, h_s, *src):
-    loaded = relu.load_step(src, 0)
     for s in range(fs // ft):
-      r = relu.planes(loaded, s, h_s, scr.get("winT_s"))  # before dy2, as in dh
+      r = relu.planes(src, 0, s, h_s, scr.get("winT_s"))  # before dy2, as in dh
       dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, g_s, scr["wout_s"].at[:, pl.ds(s * ft, ft)]))
       scr["dy1_s"][:, s * ft:(s + 1) * ft] = _dy1_planes(dy2, r, c)
     mg.commit_smem()  # dy1 in shared memory before wgmma reads it
@@ -572,16 +566,16 @@ def _dwin_kernel(g_ref, h_ref, wout_ref, *refs, pl_: _Plan, relu: _Relu, **scr):
 
   def run(acc_ref):
     scr["acc"] = acc_ref
-    h_spec = (_spec((bt, c.k_pad), lambda t: (t, 0), c.dtype, c.k_pad) if recompute
-              else _spec((bt, c.kb), lambda t: (t, kb), c.dtype, c.kb))
-    specs = [_spec((bt, c.n_pad), lambda t: (t, 0), c.dtype, c.n_pad), h_spec]
-    specs += relu.specs(lambda t: t, lambda t: fi, bt)
-    mg.emit_pipeline(step, grid=(c.nt,), in_specs=specs,
-                     max_concurrent_steps=min(c.tiles.stages, c.nt))(g_ref, h_ref, *src_refs)
+    h_spec = (_spec((bt, c.k_pad), lambda t: (t0 + t, 0), c.dtype, c.k_pad) if recompute
+              else _spec((bt, c.kb), lambda t: (t0 + t, kb), c.dtype, c.kb))
+    specs = [_spec((bt, c.n_pad), lambda t: (t0 + t, 0), c.dtype, c.n_pad), h_spec]
+    specs += relu.specs(lambda t: t0 + t, lambda t: fi, bt)
+    mg.emit_pipeline(step, grid=(c.dw_steps,), in_specs=specs,
+                     max_concurrent_steps=min(c.tiles.stages, c.dw_steps))(g_ref, h_ref, *src_refs)
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((fs, c.kb), jnp.float32))
-  _store_out(acc, dwin_ref, scr["out_s"], fi * fs, kb * c.kb)
+  _store_out(acc, dwin_ref.at[si], scr["out_s"], fi * fs, kb * c.kb)
   mg.wait_smem_to_gmem(0)
 
 
@@ -603,7 +597,8 @@ def _dwout_kernel(g_ref, *refs, pl_: _Plan, relu: _Relu, dw_mask: str, **scr):
   if dw_mask == "tokens":
     densef_ref, tokd_ref = refs.pop(0), refs.pop(0)
   src_refs = refs
-  fi, nb = lax.axis_index("f"), lax.axis_index("n")
+  fi, nb, si = lax.axis_index("f"), lax.axis_index("n"), lax.axis_index("s")
+  t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
   if winT_ref is not None:
     _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[0])
   if densef_ref is not None:
@@ -615,7 +610,6 @@ def _dwout_kernel(g_ref, *refs, pl_: _Plan, relu: _Relu, dw_mask: str, **scr):
     h_s = rest.pop(0) if h_ref is not None else None
     tokd_s = rest.pop(0) if tokd_ref is not None else None
     src = rest
-    loaded = [relu.load_step(src, q) for q in range(rp)]
     tok_dense = [None] * rp
     if tokd_s is not None:
       tok_dense = [mc.load(tokd_s.at[pl.ds(q * bt, bt)], mg.Layout.WGMMA.reduce(1)) != 0
@@ -624,8 +618,7 @@ def _dwout_kernel(g_ref, *refs, pl_: _Plan, relu: _Relu, dw_mask: str, **scr):
       y2 = []
       for q in range(rp):
         h_q = h_s.at[pl.ds(q * bt, bt)] if h_s is not None else None
-        r = relu.planes(loaded[q], s, h_q, scr.get("winT_s"))
-        y2q = [x * x for x in r]
+        y2q = [x * x for x in relu.planes(src, q, s, h_q, scr.get("winT_s"))]
         if dw_mask == "ste":  # straight-through: w_out sees the 2:4 forward activation
           keep = _keep_24(y2q[:4]) + _keep_24(y2q[4:])
           y2q = [jnp.where(keep[j], y2q[j], zero) for j in range(PLANES)]
@@ -647,23 +640,22 @@ def _dwout_kernel(g_ref, *refs, pl_: _Plan, relu: _Relu, dw_mask: str, **scr):
 
   def run(acc_ref):
     scr["acc"] = acc_ref
-    specs = [_spec((sr, c.nb), lambda t: (t, nb), c.dtype, c.nb)]
+    specs = [_spec((sr, c.nb), lambda t: (t0 + t, nb), c.dtype, c.nb)]
     args = [g_ref]
     if h_ref is not None:
-      specs.append(_spec((sr, c.k_pad), lambda t: (t, 0), c.dtype, c.k_pad))
+      specs.append(_spec((sr, c.k_pad), lambda t: (t0 + t, 0), c.dtype, c.k_pad))
       args.append(h_ref)
     if tokd_ref is not None:
-      specs.append(_spec((sr,), lambda t: (t,), jnp.int32))
+      specs.append(_spec((sr,), lambda t: (t0 + t,), jnp.int32))
       args.append(tokd_ref)
-    specs += relu.specs(lambda t: t, lambda t: fi, sr)
+    specs += relu.specs(lambda t: t0 + t, lambda t: fi, sr)
     args += src_refs
-    n_steps = c.t_pad // sr
-    mg.emit_pipeline(step, grid=(n_steps,), in_specs=specs,
-                     max_concurrent_steps=min(c.tiles.stages, n_steps))(*args)
+    mg.emit_pipeline(step, grid=(c.dw_steps,), in_specs=specs,
+                     max_concurrent_steps=min(c.tiles.stages, c.dw_steps))(*args)
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((c.nb, fs), jnp.float32))
-  _store_out(acc, dwout_ref, scr["out_s"], nb * c.nb, fi * fs)
+  _store_out(acc, dwout_ref.at[si], scr["out_s"], nb * c.nb, fi * fs)
   mg.wait_smem_to_gmem(0)
 
 
@@ -725,9 +717,62 @@ def _out_chunks(s: _Scratch) -> _Scratch:
   return s.add("out_s", (2, 64, 64), jnp.float32)
 
 
-def _fwd_call(flag, h, winT, woutT, c: _Plan, store: bool):
-  """[out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``."""
-  dt = c.dtype
+@dataclasses.dataclass
+class KernelSpec:
+  """One kernel launch as built for a call: what the static report reads.
+
+  ``wgmma``: instruction shape -> count per program (``m64nNk16``, each
+  ``2·64·N·16`` FLOPs); ``flops``: the launch's tensor-core FLOPs (recomputes
+  included); ``hbm_bytes``: the HBM traffic it cannot avoid (activations and
+  outputs once, weights once: they stay in the 50 MB L2); ``smem_bytes``: the
+  scratch this module allocates (Mosaic adds barriers and 2 KiB for reductions).
+  """
+
+  name: str
+  grid: tuple[int, ...]
+  grid_names: tuple[str, ...]
+  stages: int
+  smem_bytes: int
+  wgmma: dict[str, int]
+  hbm_bytes: int
+  out_shape: object = dataclasses.field(repr=False)
+  scratch: object = dataclasses.field(repr=False)
+  body: object = dataclasses.field(repr=False)
+  c: object = dataclasses.field(repr=False)
+
+  @property
+  def programs(self) -> int:
+    return math.prod(self.grid)
+
+  @property
+  def flops(self) -> int:
+    return self.programs * sum(2 * 64 * int(k.split("n")[1].split("k")[0]) * 16 * v
+                               for k, v in self.wgmma.items())
+
+  def __call__(self, *args):
+    return mc.kernel(_named(self.body, self.name), out_shape=self.out_shape,
+                     scratch=self.scratch, grid=self.grid, grid_names=self.grid_names,
+                     interpret=self.c.interpret)(*args)
+
+
+def _mma(counts: dict[str, int], n: int, k: int, times: int = 1) -> None:
+  """Add the m64 wgmma instructions of one ``[64, k] x [k, n]`` product (``times`` of them)."""
+  key = f"m64n{n}k16"
+  counts[key] = counts.get(key, 0) + times * k // 16
+
+
+def _spec_of(name, c: _Plan, s: _Scratch, steps: int, grid, grid_names, out_shape, body,
+             wgmma, hbm_bytes) -> KernelSpec:
+  c = _with_stages(c, _fit_stages(name, s, c, steps))
+  return KernelSpec(name=name, grid=grid, grid_names=grid_names, stages=c.tiles.stages,
+                    smem_bytes=s.bytes(c.tiles.stages), wgmma=wgmma, hbm_bytes=int(hbm_bytes),
+                    out_shape=out_shape, scratch=s.build(2),
+                    body=functools.partial(body, pl_=c) if body else None, c=c)
+
+
+def _fwd_spec(c: _Plan, store: bool) -> KernelSpec:
+  """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``."""
+  dt, it = c.dtype, c.dtype.itemsize
   s = _Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad)
   _out_chunks(s).add("stats_s", (3, c.bt), jnp.float32)
   s.pipelined(((c.k_pad, c.fs), dt), ((c.fs, c.nb), dt))
@@ -736,26 +781,31 @@ def _fwd_call(flag, h, winT, woutT, c: _Plan, store: bool):
     s.add("meta_s", (2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
   if c.interpret:
     s.add("stage_s", (c.bt, c.ft), dt, c.ft)
-  c = _with_stages(c, _fit_stages("forward", s, c, c.n_steps))
   out_shape = [jax.ShapeDtypeStruct((c.t_pad, c.n_pad), jnp.float32),
                jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
   if store:
     out_shape += [jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt),
                   jax.ShapeDtypeStruct((c.nt, c.n_sub * c.meta_sub, 16), jnp.uint8)]
-  body = functools.partial(_fwd_kernel, pl_=c, store=store)
-  return mc.kernel(_named(body, "elas_mgpu_fwd"), out_shape=out_shape, scratch=s.build(1),
-                   grid=(c.nt, c.n_pad // c.nb), grid_names=("t", "n"),
-                   interpret=c.interpret)(flag, h, winT, woutT)
+  mma = {}
+  _mma(mma, c.ft, c.k_pad, c.n_sub)
+  _mma(mma, c.nb, c.ft, c.n_sub)
+  hbm = (c.t_pad * c.k_pad * it + c.t_pad * c.n_pad * 4 + 12 * c.t_pad
+         + c.f_pad * (c.k_pad + c.n_pad) * it
+         + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0))
+  return _spec_of("elas_mgpu_fwd" + ("_store" if store else ""), c, s, c.n_steps,
+                  (c.nt, c.n_pad // c.nb), ("t", "n"), out_shape,
+                  functools.partial(_fwd_kernel, store=store), mma, hbm)
 
 
-def _relu_call(h, winT, c: _Plan):
-  dt = c.dtype
+def _relu_spec(c: _Plan) -> KernelSpec:
+  dt, it = c.dtype, c.dtype.itemsize
   s = _Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad).add("r_s", (2, c.bt, c.fs), dt, c.ft)
   s.pipelined(((c.k_pad, c.fs), dt))
-  c = _with_stages(c, _fit_stages("relu", s, c, c.n_steps))
-  return mc.kernel(_named(functools.partial(_relu_kernel, pl_=c), "elas_mgpu_relu"),
-                   out_shape=jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt), scratch=s.build(1),
-                   grid=(c.nt,), grid_names=("t",), interpret=c.interpret)(h, winT)
+  mma = {}
+  _mma(mma, c.ft, c.k_pad, c.n_sub)
+  hbm = c.t_pad * c.k_pad * it + c.f_pad * c.k_pad * it + c.t_pad * c.f_pad * it
+  return _spec_of("elas_mgpu_relu", c, s, c.n_steps, (c.nt,), ("t",),
+                  jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt), _relu_kernel, mma, hbm)
 
 
 def _src_blocks(source: str, c: _Plan, rows: int):
@@ -766,66 +816,121 @@ def _src_blocks(source: str, c: _Plan, rows: int):
   return []
 
 
-def _dh_call(g, h, wout, win, winT, src, source: str, c: _Plan):
-  dt = c.dtype
+def _src_bytes(source: str, c: _Plan) -> int:
+  """HBM bytes of the backward's relu(y1) source: compressed (9/16 of dense), dense, or h."""
+  it = c.dtype.itemsize
+  return {"compressed": c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8,
+          "dense": c.t_pad * c.f_pad * it, "recompute": c.t_pad * c.k_pad * it}[source]
+
+
+def _dh_spec(c: _Plan, source: str) -> KernelSpec:
+  dt, it = c.dtype, c.dtype.itemsize
   s = _out_chunks(_Scratch().add("g_s", (c.bt, c.n_pad), dt, c.n_pad))
   s.pipelined(((c.n_pad, c.fs), dt), ((c.fs, c.kb), dt), *_src_blocks(source, c, c.bt))
-  args = [g, wout, win]
   if source == "recompute":
     s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.k_pad, c.fs), dt))
-    args += [h, winT]
-  args += list(src)
   if c.interpret:
     s.add("stage_s", (c.bt, c.ft), dt, c.ft)
-  c = _with_stages(c, _fit_stages("dh", s, c, c.n_steps))
-  body = functools.partial(_dh_kernel, pl_=c, relu=_Relu(source, c))
-  return mc.kernel(_named(body, "elas_mgpu_dh"),
-                   out_shape=jax.ShapeDtypeStruct((c.t_pad, c.k_pad), jnp.float32),
-                   scratch=s.build(2), grid=(c.nt, c.k_pad // c.kb), grid_names=("t", "k"),
-                   interpret=c.interpret)(*args)
+  mma = {}
+  _mma(mma, c.ft, c.n_pad, c.n_sub)
+  if source == "recompute":
+    _mma(mma, c.ft, c.k_pad, c.n_sub)
+  _mma(mma, c.kb, c.ft, c.n_sub)
+  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * c.k_pad * 4
+         + c.f_pad * (c.k_pad + c.n_pad) * it)
+  return _spec_of(f"elas_mgpu_dh_{source}", c, s, c.n_steps, (c.nt, c.k_pad // c.kb), ("t", "k"),
+                  jax.ShapeDtypeStruct((c.t_pad, c.k_pad), jnp.float32),
+                  functools.partial(_dh_kernel, relu=_Relu(source, c)), mma, hbm)
 
 
-def _dwin_call(g, h, wout, winT, src, source: str, c: _Plan):
+def _dwin_spec(c: _Plan, source: str) -> KernelSpec:
   c = c.for_dw()
-  dt = c.dtype
+  dt, it = c.dtype, c.dtype.itemsize
   s = _out_chunks(_Scratch().add("wout_s", (c.n_pad, c.fs), dt, c.fs))
   s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
   h_cols = c.k_pad if source == "recompute" else c.kb
   s.pipelined(((c.bt, c.n_pad), dt), ((c.bt, h_cols), dt), *_src_blocks(source, c, c.bt))
-  args = [g, h, wout]
   if source == "recompute":
     s.add("winT_s", (c.k_pad, c.fs), dt, c.fs)
-    args.append(winT)
-  args += list(src)
-  c = _with_stages(c, _fit_stages("dw_in", s, c, c.nt))
-  body = functools.partial(_dwin_kernel, pl_=c, relu=_Relu(source, c))
-  return mc.kernel(_named(body, "elas_mgpu_dw_in"),
-                   out_shape=jax.ShapeDtypeStruct((c.f_pad, c.k_pad), jnp.float32),
-                   scratch=s.build(2), grid=(c.n_steps, c.k_pad // c.kb), grid_names=("f", "k"),
-                   interpret=c.interpret)(*args)
+  mma = {}
+  c = _with_dw_split(c, c.nt, c.n_steps * (c.k_pad // c.kb))
+  _mma(mma, c.ft, c.n_pad, c.dw_steps * c.n_sub_step)
+  if source == "recompute":
+    _mma(mma, c.ft, c.k_pad, c.dw_steps * c.n_sub_step)
+  _mma(mma, c.kb, c.bt, c.dw_steps * c.fs // 64)  # [fs, bt] x [bt, kb]: fs/64 m64 rows per tile
+  hbm = (c.t_pad * (c.n_pad + c.k_pad) * it + _src_bytes(source, c) * (source != "recompute")
+         + c.f_pad * (c.k_pad + c.n_pad) * it + c.dw_split * c.f_pad * c.k_pad * 4)
+  return _spec_of(f"elas_mgpu_dw_in_{source}", c, s, c.dw_steps,
+                  (c.n_steps, c.k_pad // c.kb, c.dw_split), ("f", "k", "s"),
+                  jax.ShapeDtypeStruct((c.dw_split, c.f_pad, c.k_pad), jnp.float32),
+                  functools.partial(_dwin_kernel, relu=_Relu(source, c)), mma, hbm)
 
 
-def _dwout_call(g, h, winT, src, dense_f, tok_dense, source: str, dw_mask: str, c: _Plan):
+def _dwout_spec(c: _Plan, source: str, dw_mask: str) -> KernelSpec:
   c = c.for_dw()
-  dt = c.dtype
+  if dw_mask == "tokens" and c.tiles.block_n_dw:
+    c = c.replace(nb=min(c.tiles.block_n_dw, c.nb))
+  dt, it = c.dtype, c.dtype.itemsize
   rp = c.rp if dw_mask == "tokens" else 1
   sr = c.bt * rp
   s = _out_chunks(_Scratch()).add("y2_s", (sr, c.fs), dt, c.ft)
   s.pipelined(((sr, c.nb), dt), *_src_blocks(source, c, sr))
-  args = [g]
   if source == "recompute":
     s.add("winT_s", (c.k_pad, c.fs), dt, c.fs).pipelined(((sr, c.k_pad), dt))
-    args += [h, winT]
   if dw_mask == "tokens":
     s.add("densef_s", (c.fs,), jnp.int32).pipelined(((sr,), jnp.int32))
-    args += [dense_f, tok_dense]
-  args += list(src)
-  c = _with_stages(c, _fit_stages("dw_out", s, c, c.t_pad // sr))
-  body = functools.partial(_dwout_kernel, pl_=c, relu=_Relu(source, c), dw_mask=dw_mask)
-  return mc.kernel(_named(body, "elas_mgpu_dw_out"),
-                   out_shape=jax.ShapeDtypeStruct((c.n_pad, c.f_pad), jnp.float32),
-                   scratch=s.build(2), grid=(c.n_steps, c.n_pad // c.nb), grid_names=("f", "n"),
-                   interpret=c.interpret)(*args)
+  c = _with_dw_split(c, c.t_pad // sr, c.n_steps * (c.n_pad // c.nb))
+  mma = {}
+  if source == "recompute":
+    _mma(mma, c.ft, c.k_pad, c.dw_steps * rp * c.n_sub_step)
+  _mma(mma, c.fs, sr, c.dw_steps * c.nb // 64)  # [nb, sr] x [sr, fs]
+  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.f_pad * c.k_pad * it
+         + c.dw_split * c.n_pad * c.f_pad * 4)
+  return _spec_of(f"elas_mgpu_dw_out_{source}_{dw_mask}", c, s, c.dw_steps,
+                  (c.n_steps, c.n_pad // c.nb, c.dw_split), ("f", "n", "s"),
+                  jax.ShapeDtypeStruct((c.dw_split, c.n_pad, c.f_pad), jnp.float32),
+                  functools.partial(_dwout_kernel, relu=_Relu(source, c), dw_mask=dw_mask),
+                  mma, hbm)
+
+
+def _with_dw_split(c: _Plan, steps: int, programs: int) -> _Plan:
+  """Split a weight-gradient kernel's token loop over ``dw_split`` programs (partial sums
+  added in XLA): the feature x rank grid alone is ~33 programs at 60M shapes for 132
+  SMs. Auto (``Tiles.dw_split=None``): the fewest splits, dividing ``steps``, that
+  give two programs per SM of an H100/H200 (one when interpreting)."""
+  split = c.tiles.dw_split
+  if split is None:
+    split = 1
+    if not c.interpret:
+      while split < steps and (programs * split < 2 * H100_SMS or steps % split):
+        split += 1
+  if steps % split:
+    raise ValueError(f"elas_ffn_mosaic: dw_split={split} does not divide the {steps} token steps")
+  return c.replace(dw_split=split, dw_steps=steps // split)
+
+
+def _fwd_call(flag, h, winT, woutT, c: _Plan, store: bool):
+  return _fwd_spec(c, store)(flag, h, winT, woutT)
+
+
+def _relu_call(h, winT, c: _Plan):
+  return _relu_spec(c)(h, winT)
+
+
+def _dh_call(g, h, wout, win, winT, src, source: str, c: _Plan):
+  args = [g, wout, win] + ([h, winT] if source == "recompute" else []) + list(src)
+  return _dh_spec(c, source)(*args)
+
+
+def _dwin_call(g, h, wout, winT, src, source: str, c: _Plan):
+  args = [g, h, wout] + ([winT] if source == "recompute" else []) + list(src)
+  return jnp.sum(_dwin_spec(c, source)(*args), axis=0)
+
+
+def _dwout_call(g, h, winT, src, dense_f, tok_dense, source: str, dw_mask: str, c: _Plan):
+  args = ([g] + ([h, winT] if source == "recompute" else [])
+          + ([dense_f, tok_dense] if dw_mask == "tokens" else []) + list(src))
+  return jnp.sum(_dwout_spec(c, source, dw_mask)(*args), axis=0)
 
 
 def _named(fn, name: str):
@@ -1016,7 +1121,8 @@ def default_tiles(k: int, n: int, *, interpret: bool) -> Tiles:
   a step holds a ``[block_f, K]`` and a ``[block_f, block_n]`` weight tile per stage)."""
   if interpret:  # one sub-tile per step: the interpreter's compile time grows with the body
     return Tiles(block_f=128, block_f_dw=128, sub_f=128)
-  return Tiles(block_f=128 if max(k, n) <= 128 else 64, block_f_dw=64, sub_f=64)
+  # split's dw_out holds 4 row planes of y2: 64 output columns keep it within registers
+  return Tiles(block_f=128 if max(k, n) <= 128 else 64, block_f_dw=64, sub_f=64, block_n_dw=64)
 
 
 def elas_ffn(
@@ -1033,6 +1139,8 @@ def elas_ffn(
     sub_f: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    block_n_dw: int | None = None,
+    dw_split: int | None = None,
     stages: int | None = None,
     materialize_relu: bool | None = None,
     interpret: bool | None = None,
@@ -1042,7 +1150,8 @@ def elas_ffn(
   Args:
     h, w_in_FxK, w_out_NxF, sparse_on, mode, dense_fraction: as in
       ``elas_jax.sparsity.relu2_sparse_ffn``.
-    block_t, block_f, block_f_dw, sub_f, block_n, block_k, stages, materialize_relu: tiles and
+    block_t, block_f, block_f_dw, sub_f, block_n, block_k, block_n_dw, dw_split, stages,
+      materialize_relu: tiles and
       options (see :class:`Tiles`); default by rank.
     interpret: run in jax's Mosaic GPU interpreter (CPU); default: True unless
       the default backend is a GPU.
@@ -1070,7 +1179,7 @@ def elas_ffn(
   _check_servable(h.dtype, interpret)
   d = default_tiles(k, n, interpret=interpret)
   given = dict(block_t=block_t, block_f=block_f, block_f_dw=block_f_dw, sub_f=sub_f,
-               block_n=block_n, block_k=block_k,
+               block_n=block_n, block_k=block_k, block_n_dw=block_n_dw, dw_split=dw_split,
                stages=stages, materialize_relu=materialize_relu)
   tiles = dataclasses.replace(d, **{k_: v for k_, v in given.items() if v is not None})
   tiles.check()
@@ -1081,3 +1190,27 @@ def elas_ffn(
   out, stats = _ffn_core(mode, float(dense_fraction), plan_args, h_TxK, w_in_FxK, w_out_NxF,
                          sparse_on)
   return out.reshape(*lead, -1), stats
+
+
+def kernel_specs(t: int, f: int, k: int, n: int, *, mode: str = "masked", dtype=jnp.bfloat16,
+                 train: bool = True, interpret: bool = False, **tile_kw) -> dict[str, list[KernelSpec]]:
+  """The kernels one call launches, by phase (``forward``; with ``train`` the
+  ``backward`` of the 2:4 phase and the ``dense warm-up`` backward), as built
+  for the GPU (default tiles unless given): grids, stages, shared memory,
+  wgmma instructions per program, FLOPs and HBM bytes (the static report's input)."""
+  d = default_tiles(k, n, interpret=interpret)
+  tiles = dataclasses.replace(d, **tile_kw)
+  tiles.check()
+  c = _Plan(t, f, k, n, dtype, mode, tiles, interpret)
+  out = {"forward": [_fwd_spec(c, store=train and mode != "ste")]}
+  if train:
+    recompute = _recompute_source(c)
+
+    def bwd(source, dw_mask):
+      first = [_relu_spec(c)] if source == "dense" else []
+      return first + [_dh_spec(c, source), _dwin_spec(c, source), _dwout_spec(c, source, dw_mask)]
+
+    out["backward"] = bwd(recompute if mode == "ste" else "compressed",
+                          {"masked": "none", "ste": "ste", "split": "tokens"}[mode])
+    out["dense warm-up"] = bwd(recompute, "none")
+  return out
