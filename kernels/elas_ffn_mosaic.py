@@ -101,7 +101,8 @@ class Tiles:
   """Tile sizes (see the module docstring).
 
   ``block_t`` tokens per forward / ``dh`` program and per weight-gradient
-  pipeline step (64: one warpgroup); ``block_f`` features per pipeline step of
+  pipeline step (64, or 128: twice the registers; the interpreter's default, fewer
+  steps to interpret); ``block_f`` features per pipeline step of
   the forward and ``dh`` kernels, ``block_f_dw`` per program of the weight-
   gradient kernels (their accumulator is ``[block_f_dw, block_k]``), both
   multiples of ``sub_f`` (8 planes of ``sub_f / 8``, ``sub_f`` a multiple of
@@ -121,9 +122,9 @@ class Tiles:
   materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: by rank)
 
   def check(self) -> None:
-    if self.block_t != TOKENS:
-      raise ValueError(f"elas_ffn_mosaic: block_t={self.block_t} must be {TOKENS} "
-                       "(one warpgroup's wgmma tile)")
+    if self.block_t not in (TOKENS, 2 * TOKENS):
+      raise ValueError(f"elas_ffn_mosaic: block_t={self.block_t} must be {TOKENS} or "
+                       f"{2 * TOKENS} (one warpgroup's wgmma rows)")
     if self.sub_f % 64 or not 64 <= self.sub_f <= 256:
       raise ValueError(f"elas_ffn_mosaic: sub_f={self.sub_f} must be 64, 128, 192 or 256")
     for name in ("block_f", "block_f_dw"):
@@ -171,6 +172,12 @@ class _Plan:
     q = np.arange(self.f_pad)
     s, j, c = q // self.ft, (q % self.ft) // self.p, q % self.p
     self.perm = s * self.ft + PLANES * c + j
+    split = tiles.dw_split
+    if split is not None:
+      for steps in {self.nt, self.t_pad // (self.bt * self.rp)}:
+        if steps % split:
+          raise ValueError(f"elas_ffn_mosaic: dw_split={split} does not divide the {steps} "
+                           f"token steps of a weight-gradient kernel ({t} tokens, block_t={self.bt})")
     self.order = self.tok_dense = None
     if mode == "split":
       self.order, self.tok_dense = _split_order(t, self.t_pad, self.bt)
@@ -375,14 +382,14 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
       # planes, half the work of selecting the dropped 8); dropped = total - kept per row.
       a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
       b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
-      zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
-      total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
-      kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
       if store:
         scr["vals_s"].at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate(
             [a0, a1, b0, b1], axis=1)
         mc.store_as(scr["meta_s"].at[slot, pl.ds(s * c.meta_sub, c.meta_sub)],
                     cm.pack_meta(nib_a, nib_b), c.interpret)
+      kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
+      zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
+      total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
     if store:
       mg.commit_smem()
 
@@ -1119,8 +1126,8 @@ def _check_servable(dtype, interpret: bool) -> None:
 def default_tiles(k: int, n: int, *, interpret: bool) -> Tiles:
   """Tiles by rank: 128 features per step up to rank 128, else 64 (shared memory:
   a step holds a ``[block_f, K]`` and a ``[block_f, block_n]`` weight tile per stage)."""
-  if interpret:  # one sub-tile per step: the interpreter's compile time grows with the body
-    return Tiles(block_f=128, block_f_dw=128, sub_f=128)
+  if interpret:  # few, large tiles: the interpreter's time goes by steps and kernel body size
+    return Tiles(block_t=2 * TOKENS, block_f=256, block_f_dw=256, sub_f=256)
   # split's dw_out holds 4 row planes of y2: 64 output columns keep it within registers
   return Tiles(block_f=128 if max(k, n) <= 128 else 64, block_f_dw=64, sub_f=64, block_n_dw=64)
 
@@ -1186,6 +1193,7 @@ def elas_ffn(
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, k)
   plan_args = (h_TxK.shape[0], f, k, n, h.dtype, mode, tiles, interpret)
+  _Plan(*plan_args)  # bad tiles fail here, before anything is traced
   sparse_on = jnp.asarray(sparse_on, dtype=bool)
   out, stats = _ffn_core(mode, float(dense_fraction), plan_args, h_TxK, w_in_FxK, w_out_NxF,
                          sparse_on)

@@ -69,23 +69,30 @@ def check_ffn(mode, sparse_on, t, f, k, n, dtype, seed=0, **tiles):
                                rtol=1e-4 if dtype == jnp.float32 else 2e-2, atol=1e-6, err_msg=key)
 
 
-# t, f, k, n, tiles. Ragged: 50 tokens (pad 64), 203 features (3 dense tail, 200 -> 256
-# padded), ranks 40 / 24 (pad 64). Steps: 2 feature steps of 2 sub-tiles each, 2 rank
-# blocks (only the first n-block's programs write statistics and the compressed activation).
+# t, f, k, n, tiles. Ragged: 50 tokens (pad 128; split 512), 203 features (3 dense tail,
+# 200 padded to 256), ranks 40 / 24 (pad 64), the interpreter's default tiles (one
+# 128-token tile, one 256-feature step). Steps: the GPU's 64-token tiles, 2 feature steps
+# of 2 sub-tiles (forward, dh) and 4 programs of 64 features (weight gradients), 2 rank
+# blocks (only the first n-block's programs write statistics and the compressed
+# activation) and the weight-gradient token loop split over 2 programs.
 RAGGED = (50, 203, 40, 24, {})
-STEPS = (64, 256, 128, 128, dict(block_f=128, sub_f=64, block_n=64, block_k=64))
+GPU_TILES = dict(block_t=64, block_f=128, block_f_dw=64, sub_f=64, block_n=64, block_k=64,
+                 dw_split=2)
+STEPS = (128, 256, 128, 128, GPU_TILES)
+SPLIT_STEPS = (300, 256, 128, 128, GPU_TILES)  # 512 tokens: 2 dw_out steps of 4 x 64 rows
 
 
-@pytest.mark.parametrize("mode,shape", [("masked", RAGGED), ("split", RAGGED), ("ste", STEPS)],
-                         ids=["masked-ragged", "split-ragged", "ste-steps"])
+@pytest.mark.parametrize("mode,shape", [("masked", RAGGED), ("split", SPLIT_STEPS),
+                                        ("ste", STEPS)],
+                         ids=["masked-ragged", "split-steps", "ste-steps"])
 def test_fp32_matches_reference(mode, shape):
   t, f, k, n, tiles = shape
   check_ffn(mode, True, t, f, k, n, jnp.float32, seed=t + f, **tiles)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,shape", [("masked", STEPS), ("split", STEPS), ("ste", RAGGED)],
-                         ids=["masked-steps", "split-steps", "ste-ragged"])
+@pytest.mark.parametrize("mode,shape", [("masked", STEPS), ("split", RAGGED), ("ste", RAGGED)],
+                         ids=["masked-steps", "split-ragged", "ste-ragged"])
 def test_fp32_matches_reference_more_shapes(mode, shape):
   t, f, k, n, tiles = shape
   check_ffn(mode, True, t, f, k, n, jnp.float32, seed=t + f + 1, **tiles)
@@ -106,7 +113,8 @@ def test_dense_warmup_through_the_relu_kernel():
 
 @pytest.mark.parametrize("mode", ["masked", "split"])
 def test_bf16_within_documented_tolerance(mode):
-  check_ffn(mode, True, 64, 256, 64, 64, jnp.bfloat16, seed=6, block_f=128, sub_f=64)
+  check_ffn(mode, True, 64, 256, 64, 64, jnp.bfloat16, seed=6, block_t=64, block_f=128,
+            block_f_dw=128, sub_f=64)
 
 
 def test_saved_activation_is_the_compressed_relu():
@@ -188,7 +196,28 @@ def test_bad_arguments_fail_clearly():
     em.elas_ffn(h, w_in, w_out, True, mode="mvue")
   with pytest.raises(ValueError, match="sub_f=32 must be"):
     em.elas_ffn(h, w_in, w_out, True, sub_f=32)
-  with pytest.raises(ValueError, match="block_f=192 must be a multiple of sub_f=128"):
+  with pytest.raises(ValueError, match="block_f=192 must be a multiple of sub_f=256"):
     em.elas_ffn(h, w_in, w_out, True, block_f=192)
-  with pytest.raises(ValueError, match="block_t=32 must be 64"):
+  with pytest.raises(ValueError, match="block_t=32 must be 64 or 128"):
     em.elas_ffn(h, w_in, w_out, True, block_t=32)
+  with pytest.raises(ValueError, match="dw_split=3 does not divide"):
+    em.elas_ffn(h, w_in, w_out, True, dw_split=3)
+
+
+@pytest.mark.parametrize("f,r", [(2064, 128), (3072, 256), (4104, 256), (8191, 512)])
+def test_gpu_plans_fit_shared_memory_at_paper_shapes(f, r):
+  # The tile plan for the H200 (no compile): every kernel of every mode within the 227 KiB a
+  # block may opt into, with its pipelines double-buffered where that fits. The compiled
+  # truth (Mosaic's own allocation, registers, spills) is tests/test_gpu_compile_mosaic.py.
+  for mode in ("masked", "ste", "split"):
+    for phase, specs in em.kernel_specs(16384, f, r, r, mode=mode).items():
+      for s in specs:
+        assert s.smem_bytes <= em.SMEM_LIMIT - em.SMEM_MARGIN, (mode, phase, s.name)
+        assert s.programs >= 132, (mode, phase, s.name, s.grid)  # at least one wave's worth
+
+
+def test_ranks_beyond_shared_memory_raise_not_implemented():
+  # rank 1024: one [64, 1024] bf16 token tile and one weight tile per step exceed the block's
+  # shared memory; the dispatcher must be told so before anything compiles.
+  with pytest.raises(NotImplementedError, match="shared memory"):
+    em.kernel_specs(16384, 4096, 1024, 1024, mode="masked")
