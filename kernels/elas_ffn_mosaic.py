@@ -321,19 +321,21 @@ def _copy_in(src, dst, barrier):
 
 
 def _store_out(acc: jax.Array, out_ref, out_s, row0, col0) -> None:
-  """Write an fp32 ``[M, C]`` register tile to ``out_ref[row0:, col0:]`` in 64x64
-  chunks through a double-buffered shared-memory tile ``out_s [2, 64, 64]``."""
+  """Write an fp32 ``[M, C]`` register tile to ``out_ref[row0:, col0:]`` in chunks
+  through a double-buffered shared-memory tile ``out_s [2, cm, cc]`` (64x64 on a
+  GPU, to spare shared memory; the whole tile when interpreting: fewer copies)."""
   mg = mc.plgpu()
   m, c = acc.shape
+  cm, cc = out_s.shape[1:]
   chunk = 0
-  for mi in range(m // 64):
-    for ci in range(c // 64):
+  for mi in range(m // cm):
+    for ci in range(c // cc):
       slot = chunk % 2
       mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that last used this slot
-      out_s[slot] = acc[mi * 64:(mi + 1) * 64, ci * 64:(ci + 1) * 64]
+      out_s[slot] = acc[mi * cm:(mi + 1) * cm, ci * cc:(ci + 1) * cc]
       mg.commit_smem()
-      mg.copy_smem_to_gmem(out_s.at[slot], out_ref.at[pl.ds(row0 + mi * 64, 64),
-                                                      pl.ds(col0 + ci * 64, 64)])
+      mg.copy_smem_to_gmem(out_s.at[slot], out_ref.at[pl.ds(row0 + mi * cm, cm),
+                                                      pl.ds(col0 + ci * cc, cc)])
       chunk += 1
 
 
@@ -720,8 +722,9 @@ def _with_stages(c: _Plan, stages: int) -> _Plan:
   return c.replace(tiles=dataclasses.replace(c.tiles, stages=stages))
 
 
-def _out_chunks(s: _Scratch) -> _Scratch:
-  return s.add("out_s", (2, 64, 64), jnp.float32)
+def _out_chunks(s: _Scratch, c: _Plan, acc_shape) -> _Scratch:
+  """The output staging of :func:`_store_out`."""
+  return s.add("out_s", (2, *(acc_shape if c.interpret else (64, 64))), jnp.float32)
 
 
 @dataclasses.dataclass
@@ -781,7 +784,7 @@ def _fwd_spec(c: _Plan, store: bool) -> KernelSpec:
   """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``."""
   dt, it = c.dtype, c.dtype.itemsize
   s = _Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad)
-  _out_chunks(s).add("stats_s", (3, c.bt), jnp.float32)
+  _out_chunks(s, c, (c.bt, c.nb)).add("stats_s", (3, c.bt), jnp.float32)
   s.pipelined(((c.k_pad, c.fs), dt), ((c.fs, c.nb), dt))
   if store:
     s.add("vals_s", (2, c.bt, c.fs // 2), dt, c.ft // 2)
@@ -832,7 +835,7 @@ def _src_bytes(source: str, c: _Plan) -> int:
 
 def _dh_spec(c: _Plan, source: str) -> KernelSpec:
   dt, it = c.dtype, c.dtype.itemsize
-  s = _out_chunks(_Scratch().add("g_s", (c.bt, c.n_pad), dt, c.n_pad))
+  s = _out_chunks(_Scratch().add("g_s", (c.bt, c.n_pad), dt, c.n_pad), c, (c.bt, c.kb))
   s.pipelined(((c.n_pad, c.fs), dt), ((c.fs, c.kb), dt), *_src_blocks(source, c, c.bt))
   if source == "recompute":
     s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.k_pad, c.fs), dt))
@@ -853,7 +856,7 @@ def _dh_spec(c: _Plan, source: str) -> KernelSpec:
 def _dwin_spec(c: _Plan, source: str) -> KernelSpec:
   c = c.for_dw()
   dt, it = c.dtype, c.dtype.itemsize
-  s = _out_chunks(_Scratch().add("wout_s", (c.n_pad, c.fs), dt, c.fs))
+  s = _out_chunks(_Scratch().add("wout_s", (c.n_pad, c.fs), dt, c.fs), c, (c.fs, c.kb))
   s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
   h_cols = c.k_pad if source == "recompute" else c.kb
   s.pipelined(((c.bt, c.n_pad), dt), ((c.bt, h_cols), dt), *_src_blocks(source, c, c.bt))
@@ -880,7 +883,7 @@ def _dwout_spec(c: _Plan, source: str, dw_mask: str) -> KernelSpec:
   dt, it = c.dtype, c.dtype.itemsize
   rp = c.rp if dw_mask == "tokens" else 1
   sr = c.bt * rp
-  s = _out_chunks(_Scratch()).add("y2_s", (sr, c.fs), dt, c.ft)
+  s = _out_chunks(_Scratch(), c, (c.nb, c.fs)).add("y2_s", (sr, c.fs), dt, c.ft)
   s.pipelined(((sr, c.nb), dt), *_src_blocks(source, c, sr))
   if source == "recompute":
     s.add("winT_s", (c.k_pad, c.fs), dt, c.fs).pipelined(((sr, c.k_pad), dt))
