@@ -377,9 +377,6 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
       r = _planes(_relu(y1, dt), p)
       y2 = [x * x for x in r]
       keep = _keep_24(y2[:4]) + _keep_24(y2[4:])
-      y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(PLANES)]
-      mc.wgmma_a(scr["acc"], jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)],
-                 scr.get("stage_s"), c.interpret)
       # Statistics: zeros and mass of y2, mass kept by 2:4 (from the 4 compressed value
       # planes, half the work of selecting the dropped 8); dropped = total - kept per row.
       a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
@@ -390,6 +387,9 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
         mc.store_as(scr["meta_s"].at[slot, pl.ds(s * c.meta_sub, c.meta_sub)],
                     cm.pack_meta(nib_a, nib_b), c.interpret)
       kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
+      y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(PLANES)]
+      mc.wgmma_a(scr["acc"], jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)],
+                 scr.get("stage_s"), c.interpret)
       zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
       total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
     if store:
