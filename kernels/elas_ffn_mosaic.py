@@ -45,8 +45,9 @@ fp32 accumulation in wgmma accumulators):
 - ``dw_in`` per feature step x ``block_k``, ``dw_out`` per feature step x
   ``block_n``, looping over tokens: ``dy1`` / the activation ``w_out``'s
   gradient sees are written to shared memory and read transposed by wgmma
-  (``dw_in += dy1ᵀ h``, ``dw_out += gᵀ y2``). ``split`` loads 4 row planes of
-  64 tokens per step and applies token-wise 2:4 across them element-wise.
+  (``dw_in += dy1ᵀ h``, ``dw_out += gᵀ y2``); the token loop is split over
+  ``dw_split`` programs so the grid fills the GPU. ``split`` loads 4 row planes
+  of 64 tokens per step and applies token-wise 2:4 across them element-wise.
 - ``relu`` (only where a recompute would not fit shared memory: ranks above
   256 in ``ste`` / the dense warm-up): ``relu(y1)`` written once for the three
   backward kernels to read.
@@ -101,13 +102,17 @@ class Tiles:
   """Tile sizes (see the module docstring).
 
   ``block_t`` tokens per forward / ``dh`` program and per weight-gradient
-  pipeline step (64, or 128: twice the registers; the interpreter's default, fewer
-  steps to interpret); ``block_f`` features per pipeline step of
-  the forward and ``dh`` kernels, ``block_f_dw`` per program of the weight-
-  gradient kernels (their accumulator is ``[block_f_dw, block_k]``), both
-  multiples of ``sub_f`` (8 planes of ``sub_f / 8``, ``sub_f`` a multiple of
-  64); ``block_n`` / ``block_k`` output columns per program (multiples of 64,
-  at most 256); ``stages`` pipeline buffers.
+  pipeline step (64, or 128: twice the registers; the interpreter's default,
+  fewer steps to interpret); ``block_f`` features per pipeline step of the
+  forward and ``dh`` kernels, ``block_f_dw`` per program of the weight-gradient
+  kernels (their accumulator is ``[block_f_dw, block_k]``), both multiples of
+  ``sub_f`` (8 planes of ``sub_f / 8``; one wgmma N); ``block_n`` / ``block_k``
+  output columns per program (multiples of 64, at most 256), ``block_n_dw``
+  split mode's ``dw_out`` columns; ``dw_split`` programs sharing one weight-
+  gradient token loop (partial sums added in XLA); ``stages`` pipeline buffers
+  (fewer where shared memory is short); ``materialize_relu``: the recomputing
+  backward reads ``relu(y1)`` from the ``relu`` kernel instead of recomputing
+  it in ``dh`` / ``dw_in`` / ``dw_out``.
   """
 
   block_t: int = TOKENS
@@ -125,8 +130,8 @@ class Tiles:
     if self.block_t not in (TOKENS, 2 * TOKENS):
       raise ValueError(f"elas_ffn_mosaic: block_t={self.block_t} must be {TOKENS} or "
                        f"{2 * TOKENS} (one warpgroup's wgmma rows)")
-    if self.sub_f % 64 or not 64 <= self.sub_f <= 256:
-      raise ValueError(f"elas_ffn_mosaic: sub_f={self.sub_f} must be 64, 128, 192 or 256")
+    if self.sub_f not in (64, 128, 256):
+      raise ValueError(f"elas_ffn_mosaic: sub_f={self.sub_f} must be 64, 128 or 256")
     for name in ("block_f", "block_f_dw"):
       v = getattr(self, name)
       if v % self.sub_f or v > 256:

@@ -22,12 +22,13 @@ jax[cuda12] 0.11.2 and 0.12.0.1):
   (what ``pl.run_state`` + ``plgpu.ACC.init`` lower to): the kernels write
   their pipelined outputs with plain copies and accumulate into
   ``pl.run_scoped`` accumulators. No shim needed; noted so they stay that way.
-- ``emit_pipeline`` carries an ``out_specs`` block index that is a Python
-  int as a constant, which Mosaic's lowering refuses; index maps here return
-  traced values only where that matters (in the kernels' own copies).
+- Mosaic GPU (0.11.2 and 0.12) converts a 2-element register vector of bools
+  (2 bits) to no wider type, and lowers a boolean ``not`` through such a
+  conversion: the kernels count with selects and write selection without ``not``.
 - jax 0.10.2 (Python 3.11): the interpreter lacks transposed wgmma operands
-  (``TransposeTransform`` has no ``indices``), which the kernels need:
-  :func:`unavailable_reason` says so and the op raises ``NotImplementedError``.
+  (``TransposeTransform`` has no ``indices``), which the kernels need (and
+  nothing was checked on that version's GPU lowering): :func:`unavailable_reason`
+  says so and the op raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
