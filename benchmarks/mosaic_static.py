@@ -30,7 +30,6 @@ here is a measurement: the estimate is only as good as the efficiency assumed.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -181,8 +180,8 @@ def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float
     out.append(f"| {w['mode']} | {w['phase']} | `{w['kernel']}` | {'x'.join(map(str, w['grid']))} "
                f"| {mma} | {smem} | {w['registers']} | {w['spill_bytes']} | {w['programs_per_sm']} "
                f"| {w['waves']:.2f} | {w['gflop']:.1f} | {w['hbm_mb']:.0f} | {w['est_us']:.0f} |")
-  out += ["", f"| mode | forward est. µs | fwd+bwd est. µs (2:4) | fwd+bwd est. µs (warm-up) "
-          f"| lower bound fwd µs | lower bound fwd+bwd µs |", "|---|---|---|---|---|---|"]
+  out += ["", "| mode | forward est. µs | fwd+bwd est. µs (2:4) | fwd+bwd est. µs (warm-up) "
+          "| lower bound fwd µs | lower bound fwd+bwd µs |", "|---|---|---|---|---|---|"]
   lb_f, lb_t = lower_bound_us(f, r, tokens, target, False), lower_bound_us(f, r, tokens, target, True)
   for mode in MODES:
     sel = [w for w in rows if w["mode"] == mode]

@@ -82,6 +82,9 @@ from kernels import common as cm
 from kernels import mosaic_compat as mc
 from kernels.elas_ffn import reference  # noqa: F401  (the shared plain-jnp reference)
 
+__all__ = ["KernelSpec", "Tiles", "default_tiles", "elas_ffn", "kernel_specs", "meta_TxG",
+           "reference"]
+
 GROUP = 4
 TOKENS = 64  # token rows of one wgmma tile (M)
 PLANES = 8  # features per metadata byte: two 2:4 groups
@@ -493,7 +496,6 @@ class _Relu:
       return _decompress(vals, meta, p)
     if self.source == "dense":
       return _planes(mc.load(refs[0].at[rows, pl.ds(s * ft, ft)]), p)
-    mg = mc.plgpu()
     y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
     return _planes(_relu(y1, c.dtype), p)
 
@@ -1052,8 +1054,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
   h, w_in, w_out, sparse_on, vals, meta, r_tail = res
   c = _Plan(*plan_args)
   g_out = cot[0].astype(h.dtype)
-  t, k = h.shape
-  f, n = c.f, c.n
+  k, n = c.k, c.n
   hk = _pad_cols(c.rows_in(h), c.k_pad)
   gk = _pad_cols(c.rows_in(g_out), c.n_pad)
   win, wout = _prep_weights(w_in, w_out, c)
