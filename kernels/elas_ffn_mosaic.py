@@ -994,7 +994,8 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
   dropped = jnp.sum(stats_rows[:, 2])
   r_tail = None
   if c.f_main != f:  # dense tail features: y2 = relu(h w_tailᵀ)², never dropped
-    r_tail = jnp.maximum(sparsity._matmul_t(h, w_in[c.f_main:]), 0)
+    y1_tail = jnp.einsum("tk,fk->tf", h, w_in[c.f_main:], preferred_element_type=jnp.float32)
+    r_tail = jnp.maximum(y1_tail.astype(h.dtype), 0)
     y2_tail = r_tail * r_tail
     out = out + jnp.einsum("tf,nf->tn", y2_tail, w_out[:, c.f_main:],
                            preferred_element_type=jnp.float32)
@@ -1202,7 +1203,9 @@ def elas_ffn(
   lead = h.shape[:-1]
   h_TxK = h.reshape(-1, k)
   plan_args = (h_TxK.shape[0], f, k, n, h.dtype, mode, tiles, interpret)
-  _Plan(*plan_args)  # bad tiles fail here, before anything is traced
+  # Bad tiles (ValueError) and shapes whose kernels exceed shared memory
+  # (NotImplementedError) fail here, forward and backward, before anything is traced.
+  _all_specs(_Plan(*plan_args), train=True)
   sparse_on = jnp.asarray(sparse_on, dtype=bool)
   out, stats = _ffn_core(mode, float(dense_fraction), plan_args, h_TxK, w_in_FxK, w_out_NxF,
                          sparse_on)
@@ -1218,7 +1221,11 @@ def kernel_specs(t: int, f: int, k: int, n: int, *, mode: str = "masked", dtype=
   d = default_tiles(k, n, interpret=interpret)
   tiles = dataclasses.replace(d, **tile_kw)
   tiles.check()
-  c = _Plan(t, f, k, n, dtype, mode, tiles, interpret)
+  return _all_specs(_Plan(t, f, k, n, dtype, mode, tiles, interpret), train=train)
+
+
+def _all_specs(c: _Plan, train: bool) -> dict[str, list[KernelSpec]]:
+  mode = c.mode
   out = {"forward": [_fwd_spec(c, store=train and mode != "ste")]}
   if train:
     recompute = _recompute_source(c)

@@ -5,11 +5,12 @@ wgmma and the pipelines interpreted), on the same code that compiles for an
 H200. Outputs, statistics and ``jax.grad`` are compared with
 ``kernels.elas_ffn.reference`` (plain jnp, differentiated by jax itself) for
 every backward mode, sparse on and off, ragged shapes (padded tokens,
-features and ranks, the dense ``F % 4`` tail), several feature steps, sub-tiles
-and rank blocks, fp32 and bf16. The interpreter compiles slowly (about 10-20 s
-per forward + backward on 2 cores), so shapes are tiny and each case checks
-everything at once. Skipped where the installed jax has no usable Mosaic GPU
-interpreter (jax < 0.11).
+features and ranks, the dense ``F % 4`` tail), the GPU's tile shapes (several
+feature steps, sub-tiles, rank blocks, split token loops), the relu kernel
+path, fp32 and bf16. The interpreter compiles slowly (5-15 s per forward +
+backward on 2 cores), so shapes are tiny and each case checks everything at
+once (the file: ~80 s). Skipped where the installed jax has no usable Mosaic
+GPU interpreter (jax < 0.11).
 """
 
 import jax
@@ -182,9 +183,14 @@ def test_each_kernel_launches_once_per_call(mode, launches):
 
 
 def test_unservable_inputs_raise_not_implemented():
-  # What a dispatcher must be able to fall through from: fp32 compiled for a GPU.
+  # What a dispatcher must be able to fall through from: fp32 compiled for a GPU, ranks
+  # beyond shared memory.
   h, w_in, w_out, _ = ffn_inputs(0, 16, 64, 16, 16, jnp.float32)
   with pytest.raises(NotImplementedError, match="16-bit"):
+    em.elas_ffn(h, w_in, w_out, True, interpret=False)
+  # rank 1024 in bf16: the tiles exceed shared memory; refused at the call, before tracing
+  h, w_in, w_out, _ = ffn_inputs(0, 16, 64, 1024, 1024, jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="shared memory"):
     em.elas_ffn(h, w_in, w_out, True, interpret=False)
 
 
