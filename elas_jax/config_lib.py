@@ -145,8 +145,9 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"  # parameter (and optimizer state) dtype: float32 | bfloat16
   # 2:4 FFN implementation (elas_jax/ops/ffn.py): xla (pure JAX) | triton (the Pallas
-  # kernels of kernels/; interpreted off GPUs; "pallas" is its old name) | auto (triton
-  # when compiling for a GPU, xla elsewhere)
+  # Triton kernels of kernels/; "pallas" is its old name) | mosaic (the Pallas Mosaic GPU
+  # kernels, Hopper, jax >= 0.11); both interpreted off GPUs | auto (compiling for a GPU:
+  # mosaic, else triton, else xla, whichever serves first; xla elsewhere)
   m.kernel = "auto"
   # causal attention: xla (jax.nn.dot_product_attention) | cudnn (flash, CUDA GPUs, bf16)
   # | chunked (pure-JAX flash-style, any backend) | auto (cudnn where it can run, else

@@ -7,8 +7,16 @@ implementation ``config.model.kernel`` names:
   ``xla``     :func:`elas_jax.ops.sparsity.relu2_sparse_ffn`, pure JAX (the ground truth)
   ``triton``  the Pallas kernels of ``kernels/elas_ffn.py`` (Pallas' Triton lowering;
               interpreted on CPU); ``pallas`` is its old name and still accepted
-  ``auto``    the first implementation in :data:`AUTO_ORDER` for the platform of the
-              devices the step is compiled for (the mesh's), not of this process
+  ``mosaic``  the Pallas Mosaic GPU kernels of ``kernels/elas_ffn_mosaic.py`` (Hopper:
+              TMA, wgmma; jax >= 0.11; interpreted on CPU)
+  ``auto``    for the devices the step is compiled for (the mesh's, not this
+              process's): on a GPU the first of :data:`AUTO_ORDER` that serves the
+              call, elsewhere ``xla``
+
+An implementation that cannot serve a call (a dtype, a shape, a GPU, a jax
+version) raises ``NotImplementedError`` with the reason when it is traced;
+``auto`` then logs the reason and falls through to the next one (tokamax's
+pattern); an explicit choice fails with that reason.
 
 Every implementation has the same arguments, results and gradients. A Pallas
 call is opaque to XLA's SPMD partitioner, which would gather the whole batch
@@ -25,6 +33,7 @@ import dataclasses
 from typing import Callable
 
 import jax
+from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from elas_jax import sharding
@@ -76,15 +85,34 @@ def _triton(device) -> FfnFn:
   return fn
 
 
+def _mosaic(device) -> FfnFn:
+  from kernels import elas_ffn_mosaic
+
+  interpret = sharding.platform_of(device) != "gpu"
+  if not interpret:
+    target = spec.for_device(device)
+    if target is not None and target.compute_capability[0] != 9:
+      raise NotImplementedError(f"the Mosaic GPU kernels need a Hopper GPU (sm_90); "
+                                f"{device.device_kind} is sm_{''.join(map(str, target.compute_capability))}")
+
+  def fn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
+    return elas_ffn_mosaic.elas_ffn(h, w_in, w_out, sparse_on, mode=mode,
+                                    dense_fraction=dense_fraction, interpret=interpret)
+
+  return fn
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": Implementation(_xla, per_device=False),
     "triton": Implementation(_triton, per_device=True),
+    "mosaic": Implementation(_mosaic, per_device=True),
 }
 ALIASES = {"pallas": "triton"}  # names saved configs may hold
-# What ``auto`` picks, by the compile target's platform (the first one).
-AUTO_ORDER = {"gpu": ("triton", "xla")}
+# What ``auto`` tries, in order, by the compile target's platform.
+AUTO_ORDER = {"gpu": ("mosaic", "triton", "xla")}
 DEFAULT_ORDER = ("xla",)
 KERNELS = ("auto", *IMPLEMENTATIONS, *ALIASES)  # the values of config.model.kernel
+_LOGGED: set[str] = set()
 
 
 def platform(mesh: jax.sharding.Mesh | None) -> str:
@@ -93,14 +121,15 @@ def platform(mesh: jax.sharding.Mesh | None) -> str:
   return sharding.platform_of(sharding.target_device(mesh))
 
 
-def resolve_kernel(kernel: str, mesh: jax.sharding.Mesh | None) -> str:
-  """The implementation ``kernel`` (a ``config.model.kernel`` value) names on ``mesh``."""
+def resolve_kernel(kernel: str, mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
+  """The implementations ``kernel`` (a ``config.model.kernel`` value) may run on ``mesh``,
+  in the order tried: one for an explicit choice, :data:`AUTO_ORDER`'s for ``auto``."""
   kernel = ALIASES.get(kernel, kernel)
   if kernel == "auto":
-    return AUTO_ORDER.get(platform(mesh), DEFAULT_ORDER)[0]
+    return AUTO_ORDER.get(platform(mesh), DEFAULT_ORDER)
   if kernel not in IMPLEMENTATIONS:
     raise ValueError(f"unknown FFN kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
-  return kernel
+  return (kernel,)
 
 
 def _batch_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
@@ -119,7 +148,22 @@ def sparse_ffn(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_o
   (``h`` is ``[B, L, K]`` in the model, split over the mesh's batch axes);
   ``mesh`` is the mesh the step is compiled for (None: one device).
   """
-  name = resolve_kernel(kernel, mesh)
+  names = resolve_kernel(kernel, mesh)
+  for i, name in enumerate(names):
+    try:
+      return _run(name, h, w_in_FxK, w_out_NxF, sparse_on, mode=mode, dense_fraction=dense_fraction,
+                  mesh=mesh)
+    except NotImplementedError as e:
+      if i == len(names) - 1:
+        raise
+      why = f"model.kernel = {kernel}: {name} cannot serve this FFN ({e}); trying {names[i + 1]}"
+      if why not in _LOGGED:  # once per reason, not per traced layer
+        _LOGGED.add(why)
+        logging.warning(why)
+  raise AssertionError("unreachable")
+
+
+def _run(name: str, h, w_in_FxK, w_out_NxF, sparse_on, *, mode, dense_fraction, mesh):
   impl = IMPLEMENTATIONS[name]
   fn = impl.make(sharding.target_device(mesh))
 

@@ -1,0 +1,239 @@
+"""Static performance of the Mosaic GPU ELAS FFN kernels, from deviceless H200 compiles.
+
+    JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 \\
+      python -m benchmarks.mosaic_static --sizes 60m,130m,350m,1b --tokens 16384 --out /tmp/mgs
+
+Needs the jax CUDA plugin (``pip install "jax[cuda12]==<jax version>"``), no GPU.
+Per paper size, one program holds the forward (evaluation) and
+``jax.value_and_grad`` in every backward mode (each with its dense warm-up
+branch: ``sparse_on`` is an input), compiled for the H200 by XLA and Mosaic GPU
+(ptxas for sm_90a). Per kernel it reports what the compiler made:
+
+  * ``wgmma``: the instructions per program (``m64nNk16`` x count), from the
+    kernel plan (``kernels.elas_ffn_mosaic.kernel_specs``); the shapes are
+    checked against the instructions in the PTX Mosaic emitted;
+  * shared memory (Mosaic's own allocation), registers and spill bytes
+    (``ptxas -v`` of Mosaic's PTX, via ``MOSAIC_GPU_DUMP_TO``);
+  * programs per SM (one warpgroup of 128 threads per program; limited by
+    registers and shared memory, ``elas_jax.targets.Target.programs_per_sm``)
+    and waves of the grid over 132 SMs;
+  * an estimated time ``max(FLOPs / (efficiency x peak), HBM bytes / bandwidth)``
+    with the FLOP time stretched by the last, partial wave (``ceil(waves) /
+    waves``); FLOPs are the kernel's own wgmma work (padding and recomputes
+    included), bytes the traffic it cannot avoid (weights once: they stay in L2).
+
+beside the roofline lower bound of the whole FFN core (the fused op's minimum
+FLOPs and bytes at the H200's dense bf16 peak and HBM bandwidth). Nothing
+here is a measurement: the estimate is only as good as the efficiency assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+SIZES = {"60m": (2064, 128), "130m": (3072, 256), "350m": (4104, 256), "1b": (8191, 512)}
+MODES = ("masked", "ste", "split")
+_MOSAIC_ENV = ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_PTX")
+
+
+def mosaic_resources(dump_dir: str) -> dict[str, dict]:
+  """Per Mosaic kernel name (without Mosaic's ``_<n>`` suffix): registers, spill bytes
+  (stores + loads), shared memory and the wgmma instruction shapes of its PTX; the
+  maximum over kernels of one name (a name compiled twice is the same kernel)."""
+  out: dict[str, dict] = {}
+  for fn in sorted(os.listdir(dump_dir)):
+    if not fn.endswith(".ptxas"):
+      continue
+    base = fn[: -len(".ptxas")]
+    name = re.sub(r"_\d+$", "", base)
+    with open(os.path.join(dump_dir, fn), errors="replace") as fh:
+      txt = fh.read()
+    regs = re.search(r"Used (\d+) registers", txt)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+    res_path = os.path.join(dump_dir, base + ".resources.txt")
+    smem = None
+    if os.path.exists(res_path):
+      with open(res_path) as fh:
+        m = re.search(r"smem_scratch_bytes=(\d+)", fh.read())
+      smem = int(m.group(1)) if m else None
+    shapes = set()
+    ptx_path = os.path.join(dump_dir, base + ".ptx")
+    if os.path.exists(ptx_path):
+      with open(ptx_path, errors="replace") as fh:
+        shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", fh.read()))
+    row = {"registers": int(regs.group(1)) if regs else None,
+           "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None,
+           "smem_bytes": smem, "ptx_wgmma": sorted(shapes)}
+    old = out.get(name)
+    if old is None:
+      out[name] = row
+    else:
+      for key in ("registers", "spill_bytes", "smem_bytes"):
+        if row[key] is not None:
+          old[key] = max(old[key] or 0, row[key])
+      old["ptx_wgmma"] = sorted(set(old["ptx_wgmma"]) | shapes)
+  return out
+
+
+def gate_program(f: int, r: int, tokens: int, modes=MODES):
+  """One program: the forward (evaluation) and value_and_grad per mode; its abstract inputs."""
+  import jax
+  import jax.numpy as jnp
+
+  from kernels import elas_ffn_mosaic as em
+
+  def program(h, w_in, w_out, sparse_on):
+    out = [em.elas_ffn(h, w_in, w_out, sparse_on, interpret=False)[0]]
+    for mode in modes:
+      def loss(h, w_in, w_out, mode=mode):
+        y, st = em.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, interpret=False)
+        return jnp.sum(y.astype(jnp.float32)) + st["dropped_mass"]
+      out.append(jax.value_and_grad(loss, argnums=(0, 1, 2))(h, w_in, w_out))
+    return out
+
+  bf16 = jnp.bfloat16
+  args = (jax.ShapeDtypeStruct((tokens, r), bf16), jax.ShapeDtypeStruct((f, r), bf16),
+          jax.ShapeDtypeStruct((r, f), bf16), jax.ShapeDtypeStruct((), jnp.bool_))
+  return program, args
+
+
+def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
+  """(XLA compile report, Mosaic per-kernel resources) of :func:`gate_program`."""
+  from elas_jax import targets
+
+  program, args = gate_program(f, r, tokens, modes)
+  dump = tempfile.mkdtemp(prefix="elas-mosaic-")
+  saved = {k: os.environ.get(k) for k in _MOSAIC_ENV}
+  os.environ.update(MOSAIC_GPU_DUMP_TO=dump, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1")
+  try:
+    report = targets.compile_for_target(program, *args, target=target)
+    resources = mosaic_resources(dump)
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    shutil.rmtree(dump, ignore_errors=True)
+  return report, resources
+
+
+def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, efficiency: float,
+                modes=MODES) -> list[dict]:
+  """One row per (phase, kernel) of every mode's launches, with the static estimate."""
+  from kernels import elas_ffn_mosaic as em
+
+  rows = []
+  for mode in modes:
+    for phase, specs in em.kernel_specs(tokens, f, r, r, mode=mode).items():
+      for s in specs:
+        res = resources.get(s.name, {})
+        regs, smem = res.get("registers"), res.get("smem_bytes") or s.smem_bytes
+        pps = target.programs_per_sm(128, regs, smem)
+        waves = target.waves(s.programs, pps)
+        stretch = math.ceil(waves) / waves if waves else float("inf")
+        flop_s = s.flops / (efficiency * target.bf16_flops_per_s) * stretch
+        byte_s = s.hbm_bytes / target.hbm_bytes_per_s
+        rows.append({
+            "mode": mode, "phase": phase, "kernel": s.name, "grid": list(s.grid),
+            "programs": s.programs, "stages": s.stages, "wgmma": s.wgmma,
+            "ptx_wgmma": res.get("ptx_wgmma"), "smem_bytes": smem, "registers": regs,
+            "spill_bytes": res.get("spill_bytes"), "programs_per_sm": pps, "waves": waves,
+            "gflop": s.flops / 1e9, "hbm_mb": s.hbm_bytes / 1e6,
+            "est_us": max(flop_s, byte_s) * 1e6, "bound": "flops" if flop_s >= byte_s else "bytes"})
+  return rows
+
+
+def lower_bound_us(f: int, r: int, tokens: int, target, train: bool) -> float:
+  """Roofline of the fused FFN core (``K = N = r``): forward ``2TF(K+N)`` FLOPs moving
+  ``h``, ``out`` (bf16) and the compressed activation (9/16 of dense); backward
+  ``4TF(K+N)`` moving ``g``, ``h``, the compressed activation, ``dh`` and the weight
+  gradients; the weights once. The physical limit, not an estimate."""
+  t, k, n = tokens, r, r
+  comp = t * f * 2 * 9 / 16
+  weights = f * (k + n) * 2
+  flops = 2 * t * f * (k + n)
+  bytes_ = t * k * 2 + t * n * 2 + comp + weights
+  if train:
+    flops += 4 * t * f * (k + n)
+    bytes_ += t * n * 2 + t * k * 2 + comp + t * k * 2 + weights + f * (k + n) * 4
+  return max(flops / target.bf16_flops_per_s, bytes_ / target.hbm_bytes_per_s) * 1e6
+
+
+def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float) -> str:
+  f, r = SIZES[size]
+  out = [f"### {size} (F {f}, r {r}), {tokens} tokens",
+         "",
+         "| mode | phase | kernel | grid | wgmma per program | smem KiB | regs | spill B "
+         "| programs/SM | waves | GFLOP | MB | est. µs |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for w in rows:
+    mma = ", ".join(f"{k} x{v}" for k, v in sorted(w["wgmma"].items()))
+    smem = "-" if w["smem_bytes"] is None else f"{w['smem_bytes'] / 1024:.0f}"
+    out.append(f"| {w['mode']} | {w['phase']} | `{w['kernel']}` | {'x'.join(map(str, w['grid']))} "
+               f"| {mma} | {smem} | {w['registers']} | {w['spill_bytes']} | {w['programs_per_sm']} "
+               f"| {w['waves']:.2f} | {w['gflop']:.1f} | {w['hbm_mb']:.0f} | {w['est_us']:.0f} |")
+  out += ["", "| mode | forward est. µs | fwd+bwd est. µs (2:4) | fwd+bwd est. µs (warm-up) "
+          "| lower bound fwd µs | lower bound fwd+bwd µs |", "|---|---|---|---|---|---|"]
+  lb_f, lb_t = lower_bound_us(f, r, tokens, target, False), lower_bound_us(f, r, tokens, target, True)
+  for mode in MODES:
+    sel = [w for w in rows if w["mode"] == mode]
+    fwd = sum(w["est_us"] for w in sel if w["phase"] == "forward")
+    bwd = sum(w["est_us"] for w in sel if w["phase"] == "backward")
+    warm = sum(w["est_us"] for w in sel if w["phase"] == "dense warm-up")
+    out.append(f"| {mode} | {fwd:.0f} | {fwd + bwd:.0f} | {fwd + warm:.0f} | {lb_f:.0f} | {lb_t:.0f} |")
+  out.append("")
+  out.append(f"Estimates at {efficiency:.0%} of the {target.bf16_flops_per_s / 1e12:.0f} TFLOP/s "
+             f"dense bf16 peak and {target.hbm_bytes_per_s / 1e12:.1f} TB/s.")
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--sizes", default="60m,130m,350m,1b")
+  ap.add_argument("--tokens", type=int, default=16384)
+  ap.add_argument("--target", default="h200")
+  ap.add_argument("--efficiency", type=float, default=0.5,
+                  help="assumed fraction of the dense bf16 tensor-core peak the kernels reach")
+  ap.add_argument("--out", default=None, help="directory for results.json and results.md")
+  args = ap.parse_args(argv)
+  from elas_jax import targets
+
+  targets.check_environment()
+  target = targets.get(args.target)
+  sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+  bad = [s for s in sizes if s not in SIZES]
+  if bad:
+    ap.error(f"--sizes: unknown {bad}; choose from {sorted(SIZES)}")
+  results, md = {}, []
+  for i, size in enumerate(sizes):
+    f, r = SIZES[size]
+    print(f"[{i + 1}/{len(sizes)}] compiling {size} (F {f}, r {r}, {args.tokens} tokens) ...",
+          file=sys.stderr, flush=True)
+    report, resources = compile_size(f, r, args.tokens, target)
+    rows = kernel_rows(f, r, args.tokens, target, resources, args.efficiency)
+    results[size] = {"compiled": report.compiled, "reason": report.reason,
+                     "compile_s": report.compile_s, "kernels": rows}
+    print(f"    compiled={report.compiled} in {report.compile_s:.0f} s"
+          + (f": {report.reason}" if report.reason else ""), file=sys.stderr, flush=True)
+    md.append(markdown(size, args.tokens, rows, target, args.efficiency))
+  text = "\n\n".join(md)
+  print(text)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+      json.dump(results, fh, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as fh:
+      fh.write(text + "\n")
+  return 0 if all(v["compiled"] for v in results.values()) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,122 @@
+"""The 2:4 FFN dispatch (elas_jax/ops/ffn.py): one table, choices for the compile
+target, fall-through on NotImplementedError, the model running what it names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks.harness import rel_err
+from elas_jax import config_lib, model as model_lib
+from elas_jax.ops import ffn, sparsity
+from kernels import mosaic_compat
+from tests.helpers import tiny_train_config
+
+
+class _Device:
+  def __init__(self, platform: str, device_kind: str):
+    self.platform, self.device_kind = platform, device_kind
+
+
+class _Mesh:
+  """What the dispatch reads of a mesh: its devices (and no batch axes to split)."""
+
+  def __init__(self, device):
+    self.devices = np.array([device], dtype=object)
+    self.axis_names, self.shape = (), {}
+
+
+def test_choices_follow_the_compile_target():
+  cpu = _Mesh(_Device("cpu", "cpu"))
+  h200 = _Mesh(_Device("gpu", "NVIDIA H200"))  # as a deviceless topology reports it
+  assert ffn.resolve_kernel("auto", cpu) == ("xla",)
+  assert ffn.resolve_kernel("auto", None) == ("xla",)  # this CPU process
+  assert ffn.resolve_kernel("auto", h200) == ("mosaic", "triton", "xla")
+  assert ffn.resolve_kernel("pallas", h200) == ("triton",)  # the old name
+  for name in ("xla", "triton", "mosaic"):
+    assert ffn.resolve_kernel(name, cpu) == (name,)
+  with pytest.raises(ValueError, match="unknown FFN kernel 'cuda'"):
+    ffn.resolve_kernel("cuda", cpu)
+  assert set(ffn.KERNELS) == {"auto", "xla", "triton", "mosaic", "pallas"}
+  # Saved configs with the old name still validate.
+  config_lib.validate(tiny_train_config("elas", **{"model.kernel": "pallas"}))
+
+
+def test_mosaic_refuses_a_gpu_that_is_not_hopper():
+  with pytest.raises(NotImplementedError, match="Hopper"):
+    ffn.IMPLEMENTATIONS["mosaic"].make(_Device("gpu", "NVIDIA A100-SXM4-80GB"))
+
+
+def _inputs():
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  return (jax.random.normal(ks[0], (2, 8, 16)), jax.random.normal(ks[1], (36, 16)) / 4,
+          jax.random.normal(ks[2], (16, 36)) / 6, jnp.asarray(True))
+
+
+def test_auto_falls_through_what_cannot_serve_and_says_why(monkeypatch):
+  calls = []
+
+  def refusing(device):
+    def fn(*args, **kwargs):
+      calls.append("refused")
+      raise NotImplementedError("fp32 inputs on this device")
+    return fn
+
+  monkeypatch.setitem(ffn.IMPLEMENTATIONS, "refusing", ffn.Implementation(refusing, per_device=False))
+  monkeypatch.setattr(ffn, "DEFAULT_ORDER", ("refusing", "xla"))
+  monkeypatch.setattr(ffn, "_LOGGED", set())
+  logged = []
+  monkeypatch.setattr(ffn.logging, "warning", lambda msg, *a: logged.append(msg % a if a else msg))
+  h, wi, wo, on = _inputs()
+  out, stats = ffn.sparse_ffn(h, wi, wo, on, kernel="auto", mode="masked", dense_fraction=0.05)
+  want, want_stats = sparsity.relu2_sparse_ffn(h, wi, wo, on, mode="masked")
+  np.testing.assert_array_equal(out, want)
+  np.testing.assert_array_equal(stats["dropped_mass"], want_stats["dropped_mass"])
+  assert calls == ["refused"]
+  assert len(logged) == 1 and "refusing cannot serve this FFN (fp32 inputs on this device); trying xla" in logged[0]
+  # An explicit choice does not fall through: the reason is the error.
+  with pytest.raises(NotImplementedError, match="fp32 inputs on this device"):
+    ffn.sparse_ffn(h, wi, wo, on, kernel="refusing", mode="masked", dense_fraction=0.05)
+
+
+def test_the_model_runs_the_named_implementation(monkeypatch):
+  # The model calls the dispatch with config.model.kernel: a table entry that
+  # records its calls proves which implementation the model traced.
+  seen = []
+
+  def recording(device):
+    def fn(h, w_in, w_out, sparse_on, **kw):
+      seen.append((h.shape, w_in.shape))
+      return sparsity.relu2_sparse_ffn(h, w_in, w_out, sparse_on, **kw)
+    return fn
+
+  monkeypatch.setitem(ffn.IMPLEMENTATIONS, "recording", ffn.Implementation(recording, per_device=False))
+  cfg = tiny_train_config("elas").model
+  cfg.kernel = "recording"
+  m = model_lib.build_model(cfg)
+  m(jnp.zeros((2, 8), jnp.int32), True)
+  assert seen == [((2, 8, cfg.rank), (cfg.ffn_dim, cfg.rank))] * cfg.n_layers
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(mosaic_compat.unavailable_reason() is not None,
+                    reason=str(mosaic_compat.unavailable_reason()))
+def test_tiny_model_with_mosaic_equals_xla():
+  # config.model.kernel = mosaic (the Mosaic GPU kernels through jax's interpreter
+  # on CPU): loss and gradients of the 2:4-phase model equal the XLA op's.
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 4096)
+
+  def loss_and_grads(kernel):
+    cfg = tiny_train_config("elas", **{"model.kernel": kernel}).model
+    graphdef, params = nnx.split(model_lib.build_model(cfg, seed=3), nnx.Param)
+
+    def loss(p):
+      logits, _ = nnx.merge(graphdef, p)(tokens, True)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    return jax.value_and_grad(loss)(params)
+
+  (lx, gx), (lm, gm) = loss_and_grads("xla"), loss_and_grads("mosaic")
+  assert rel_err(lm, lx) < 1e-5
+  assert rel_err(jax.tree.leaves(gm), jax.tree.leaves(gx)) < 1e-4

@@ -1,0 +1,62 @@
+"""The GPU compile gate for the Mosaic GPU kernels: every paper shape, compiled for the H200.
+
+``pytest -m gpu_compile`` in a venv with ``jax[cuda12]`` (no GPU needed; run
+with ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``). Per paper size,
+one program holds ``kernels.elas_ffn_mosaic.elas_ffn``'s forward (evaluation)
+and ``jax.value_and_grad`` in the masked, ste and split modes, each with its
+dense warm-up branch, at the per-GPU micro-batch of the paper (16384 tokens),
+with the default GPU tiles. XLA and Mosaic GPU compile it for sm_90a (Mosaic
+runs ptxas on its own PTX; its lowering refuses more shared memory than the
+H200's 232448 bytes). Asserted per Mosaic kernel (``MOSAIC_GPU_DUMP_PTXAS``):
+found and compiled, no register spill, shared memory within the limit, and a
+grid of at least one wave. Skipped, with the reason, where the CUDA plugin or
+a usable Mosaic GPU is absent. About 2-3 minutes per size on 2 cores.
+"""
+
+import pytest
+
+from elas_jax import targets
+from kernels import mosaic_compat as mc
+
+pytestmark = pytest.mark.gpu_compile
+
+TOKENS = 16384
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deviceless():
+  if mc.unavailable_reason():
+    pytest.skip(f"Mosaic GPU unavailable: {mc.unavailable_reason()}")
+  if not targets.plugin_available():
+    pytest.skip(f"needs the jax CUDA plugin: {targets.install_hint()}")
+  try:
+    targets.check_environment()
+  except targets.MissingCudaPlugin as e:
+    pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("size", ["60m", "130m", "350m", "1b"])
+def test_every_mosaic_kernel_fits_the_h200(size):
+  from benchmarks import mosaic_static as ms
+
+  f, r = ms.SIZES[size]
+  target = targets.get("h200")
+  report, resources = ms.compile_size(f, r, TOKENS, target)
+  assert report.compiled, report.reason
+  rows = ms.kernel_rows(f, r, TOKENS, target, resources, efficiency=0.5)
+  bad = []
+  for row in rows:
+    name = row["kernel"]
+    if row["registers"] is None:
+      bad.append(f"{name}: not found among Mosaic's compiled kernels {sorted(resources)}")
+      continue
+    if row["spill_bytes"]:
+      bad.append(f"{name}: {row['spill_bytes']} bytes of register spills")
+    if row["smem_bytes"] > target.smem_per_block:
+      bad.append(f"{name}: {row['smem_bytes']} bytes of shared memory > {target.smem_per_block}")
+    if row["waves"] < 1:
+      bad.append(f"{name}: {row['programs']} programs make {row['waves']:.2f} waves")
+    # the instructions the plan counts are the ones Mosaic emitted
+    if set(row["wgmma"]) - set(row["ptx_wgmma"]):
+      bad.append(f"{name}: planned {sorted(row['wgmma'])}, PTX has {row['ptx_wgmma']}")
+  assert not bad, f"{size}: " + "; ".join(sorted(set(bad)))
