@@ -33,53 +33,13 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
-import tempfile
+
+from elas_jax.targets.compile import mosaic_resources  # the parser lives with the report
 
 SIZES = {"60m": (2064, 128), "130m": (3072, 256), "350m": (4104, 256), "1b": (8191, 512)}
 MODES = ("masked", "ste", "split")
-_MOSAIC_ENV = ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_PTX")
-
-
-def mosaic_resources(dump_dir: str) -> dict[str, dict]:
-  """Per Mosaic kernel name (without Mosaic's ``_<n>`` suffix): registers, spill bytes
-  (stores + loads), shared memory and the wgmma instruction shapes of its PTX; the
-  maximum over kernels of one name (a name compiled twice is the same kernel)."""
-  out: dict[str, dict] = {}
-  for fn in sorted(os.listdir(dump_dir)):
-    if not fn.endswith(".ptxas"):
-      continue
-    base = fn[: -len(".ptxas")]
-    name = re.sub(r"_\d+$", "", base)
-    with open(os.path.join(dump_dir, fn), errors="replace") as fh:
-      txt = fh.read()
-    regs = re.search(r"Used (\d+) registers", txt)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
-    res_path = os.path.join(dump_dir, base + ".resources.txt")
-    smem = None
-    if os.path.exists(res_path):
-      with open(res_path) as fh:
-        m = re.search(r"smem_scratch_bytes=(\d+)", fh.read())
-      smem = int(m.group(1)) if m else None
-    shapes = set()
-    ptx_path = os.path.join(dump_dir, base + ".ptx")
-    if os.path.exists(ptx_path):
-      with open(ptx_path, errors="replace") as fh:
-        shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", fh.read()))
-    row = {"registers": int(regs.group(1)) if regs else None,
-           "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None,
-           "smem_bytes": smem, "ptx_wgmma": sorted(shapes)}
-    old = out.get(name)
-    if old is None:
-      out[name] = row
-    else:
-      for key in ("registers", "spill_bytes", "smem_bytes"):
-        if row[key] is not None:
-          old[key] = max(old[key] or 0, row[key])
-      old["ptx_wgmma"] = sorted(set(old["ptx_wgmma"]) | shapes)
-  return out
 
 
 def gate_program(f: int, r: int, tokens: int, modes=MODES):
@@ -109,19 +69,11 @@ def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
   from elas_jax import targets
 
   program, args = gate_program(f, r, tokens, modes)
-  dump = tempfile.mkdtemp(prefix="elas-mosaic-")
-  saved = {k: os.environ.get(k) for k in _MOSAIC_ENV}
-  os.environ.update(MOSAIC_GPU_DUMP_TO=dump, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1")
-  try:
-    report = targets.compile_for_target(program, *args, target=target)
-    resources = mosaic_resources(dump)
+  report = targets.compile_for_target(program, *args, target=target, keep_dump=True)
+  try:  # Mosaic's own dump of the compile (PTX, ptxas -v, resources)
+    resources = mosaic_resources(os.path.join(report.dump_dir, "mosaic_gpu"))
   finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    shutil.rmtree(dump, ignore_errors=True)
+    shutil.rmtree(report.dump_dir, ignore_errors=True)
   return report, resources
 
 

@@ -4,13 +4,17 @@
         [--settings default,loss,attn,loss+attn,remat_block,remat_lowrank,loss+attn+scan,
                     remat_block+scan,remat_lowrank+scan] [--batches 4,8]
         [--depths 1,2 | --depths full] [--check-fit B] [--check-depth N] [--json out.json] [--gpu-peak]
+        [--target h200]
     python -m benchmarks.step_memory --from-json a.json b.json ...   # table of earlier runs
     python -m benchmarks.step_memory --preset smoke
 
 For each model size x variant x memory setting, the real jitted train step
 (``trainer.make_train_step``, state donated as in training) is lowered with
 abstract inputs and compiled on the local backend (CPU is enough: nothing is
-executed), and ``compiled.memory_analysis()`` gives XLA's buffer assignment:
+executed), or with ``--target h200|h100|a100`` by XLA's GPU compiler for that
+GPU on a deviceless topology (needs the jax CUDA plugin; no GPU: the GPU's own
+buffer assignment, fusions and cuDNN attention), and
+``compiled.memory_analysis()`` gives XLA's buffer assignment:
 argument (the train state and the batch), output, alias (outputs written into
 donated arguments) and temp bytes (everything else live at some point of the
 step: activations kept for backward, gradients, optimizer temporaries).
@@ -37,8 +41,8 @@ extrapolation's error there; ``--depths full`` skips the extrapolation.
 Settings are config overrides (``SETTINGS``); a setting whose config field or
 value does not exist in this checkout is skipped with a note, so the script
 runs at every stage of the feature work. "attn" means the memory-efficient
-attention of the backend the compile runs on: ``chunked`` on CPU, ``cudnn`` on
-GPU. ``default`` pins today's step (XLA attention, full logits, no remat) even
+attention of the compile target: ``chunked`` on CPU, ``cudnn`` on a GPU (or
+``--target``). ``default`` pins today's step (XLA attention, full logits, no remat) even
 after the config defaults change.
 
 ``--gpu-peak`` (GPU only) also runs one real step per point at the largest
@@ -50,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -67,7 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
-from elas_jax import config_lib, flops, trainer  # noqa: E402
+from elas_jax import config_lib, deviceless, flops, targets, trainer  # noqa: E402
 
 SIZES = {s: harness.CONFIG_FILES[s] for s in ("60m", "350m", "1b")}  # the sizes of the full preset
 CAPACITIES_GB = {"H200": 141, "80GB": 80}
@@ -75,17 +78,20 @@ LOSS_CHUNK = 512  # tokens per chunk of the chunked loss: live logits [512, V] f
 TODAY = {"model.attention": "xla", "model.loss_chunk": 0, "model.remat": "none", "model.scan_layers": False}
 
 
-def _attn() -> str:
-  return "cudnn" if jax.default_backend() == "gpu" else "chunked"
+def _attn(target: str | None) -> str:
+  """The memory-saving attention of the compile target: cuDNN on a GPU, else chunked."""
+  gpu = target is not None or jax.default_backend() == "gpu"
+  return "cudnn" if gpu else "chunked"
 
 
-def settings(loss_chunk: int = LOSS_CHUNK) -> dict[str, dict[str, Any]]:
+def settings(loss_chunk: int = LOSS_CHUNK, target: str | None = None) -> dict[str, dict[str, Any]]:
   """Setting name -> config overrides (``default`` = today's step)."""
-  both = {**TODAY, "model.loss_chunk": loss_chunk, "model.attention": _attn()}  # every field pinned
+  attn = _attn(target)
+  both = {**TODAY, "model.loss_chunk": loss_chunk, "model.attention": attn}  # every field pinned
   return {
       "default": dict(TODAY),
       "loss": {**TODAY, "model.loss_chunk": loss_chunk},
-      "attn": {**TODAY, "model.attention": _attn()},
+      "attn": {**TODAY, "model.attention": attn},
       "loss+attn": both,
       "remat_block": {**both, "model.remat": "block"},
       "remat_lowrank": {**both, "model.remat": "lowrank"},
@@ -158,24 +164,41 @@ def make_config(spec: str, overrides: dict[str, Any], *, layers: int | None, bat
   return cfg
 
 
-def build(cfg) -> trainer.Run:
-  """``trainer.build`` without a tokenizer: compiling needs no data, and the
-  paper configs name their tokenizer file only at training time."""
-  return trainer.build(cfg, devices=jax.devices()[:1], with_tokenizer=False)
+def build(cfg, target: str | None = None) -> trainer.Run:
+  """``trainer.build`` without a tokenizer (compiling needs no data, and the paper
+  configs name their tokenizer file only at training time) on one device: this
+  process's, or with ``target`` one of that GPU's deviceless topology."""
+  devices = targets.topology(target).devices if target else jax.devices()[:1]
+  return trainer.build(cfg, devices=devices, with_tokenizer=False)
 
 
-def compile_step(cfg):
-  """(compiled train step, run) for ``cfg``, lowered with abstract inputs."""
-  run = build(cfg)
-  step = trainer.make_train_step(run.graphdef, run.tx, run.schedule, cfg)
+def _step_and_args(cfg, target: str | None):
+  run = build(cfg, target)
+  step = trainer.make_train_step(run.graphdef, run.tx, run.schedule, cfg, run.mesh)
   shape = (cfg.train.batch_size, cfg.train.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding)
            for k in ("inputs", "targets", "mask")}
   jitted = jax.jit(step, in_shardings=(run.state_shardings, run.batch_sharding), donate_argnums=0)
-  return jitted.lower(run.abstract_state, batch).compile(), run
+  return jitted, (run.abstract_state, batch), run
 
 
-def measure(cfg) -> Point:
+def compile_step(cfg):
+  """(compiled train step, run) for ``cfg`` on this process's backend, lowered with
+  abstract inputs."""
+  jitted, args, run = _step_and_args(cfg, None)
+  return jitted.lower(*args).compile(), run
+
+
+def measure(cfg, target: str | None = None) -> Point:
+  """The compiled train step's bytes: by this process's backend's compiler, or with
+  ``target`` (``h200``, ...) by XLA's GPU compiler for that GPU, no GPU needed."""
+  if target:
+    jitted, args, run = _step_and_args(cfg, target)
+    report = targets.compile_for_target(jitted, *args, target=target, mesh=run.mesh, ptxas=False)
+    if not report.compiled:
+      raise RuntimeError(f"the {target} train step does not compile: {report.reason}")
+    m = report.memory
+    return Point(*(float(m[k]) for k in ("argument", "output", "alias", "temp", "generated_code")))
   compiled = compile_step(cfg)[0]
   m = harness.memory_analysis(compiled)
   if m is None:
@@ -229,27 +252,22 @@ class Row:
 
   def fit(self) -> tuple[float, float] | None:
     """(fixed bytes, bytes per sequence) of ``peak = fixed + b x per_seq``."""
-    if len(self.points) < 2:
-      return None
-    b1, b2 = sorted(self.points)[:2]
-    slope = (self.points[b2].peak - self.points[b1].peak) / (b2 - b1)
-    if slope < 1e-3 * self.points[b2].peak / b2:
+    fit = deviceless.linear_fit({b: p.peak for b, p in self.points.items()})
+    b2 = sorted(self.points)[1] if len(self.points) > 1 else None
+    if fit is None or fit[1] < 1e-3 * self.points[b2].peak / b2:
       # The peak is not where activations live (e.g. the optimizer update) at
       # either micro-batch: no slope to fit; compile larger micro-batches.
       return None
-    return self.points[b1].peak - slope * b1, slope
+    return fit
 
   def max_batch(self, capacity_gb: float) -> int | None:
     fit = self.fit()
-    if fit is None:
-      return None
-    fixed, per_seq = fit
-    return max(0, math.floor((capacity_gb * 1e9 - fixed) / per_seq))
+    return None if fit is None else deviceless.max_fitting(*fit, capacity_gb * 1e9)
 
 
 def measure_row(size: str, spec: str, variant: str, setting: str, overrides: dict[str, Any],
                 batches: tuple[int, ...], depths: tuple[int, int] | None,
-                seq_len: int | None, log=print) -> Row:
+                seq_len: int | None, log=print, target: str | None = None) -> Row:
   """All compiles of one table row (raises :class:`UnknownSetting`)."""
   full_cfg = make_config(f"{spec}:{variant}", overrides, layers=None, batch=batches[0], seq_len=seq_len)
   n_layers = full_cfg.model.n_layers
@@ -261,10 +279,11 @@ def measure_row(size: str, spec: str, variant: str, setting: str, overrides: dic
     t0 = time.perf_counter()
     if depths is None or depths[1] >= n_layers:
       points[b] = measure(make_config(f"{spec}:{variant}", overrides, layers=None, batch=b,
-                                      seq_len=seq_len))
+                                      seq_len=seq_len), target)
     else:
       n1, n2 = depths
-      p1, p2 = (measure(make_config(f"{spec}:{variant}", overrides, layers=n, batch=b, seq_len=seq_len))
+      p1, p2 = (measure(make_config(f"{spec}:{variant}", overrides, layers=n, batch=b, seq_len=seq_len),
+                        target)
                 for n in (n1, n2))
       points[b] = p1.scaled(p2, (n_layers - n1) / (n2 - n1))
     log(f"  {size} {variant} {setting} b={b}: temp {points[b].temp / 1e9:.3f} GB, "
@@ -329,20 +348,22 @@ def summary(rows: list[Row]) -> list[str]:
   return lines
 
 
-def check_fit(row: Row, spec: str, overrides, b3: int, depths, seq_len, log=print) -> float:
+def check_fit(row: Row, spec: str, overrides, b3: int, depths, seq_len, log=print,
+              target: str | None = None) -> float:
   """Relative error of the linear-in-batch fit at a third micro-batch ``b3``."""
-  third = measure_row(row.size, spec, row.variant, row.setting, overrides, (b3,), depths, seq_len, log)
+  third = measure_row(row.size, spec, row.variant, row.setting, overrides, (b3,), depths, seq_len, log,
+                      target)
   fixed, per_seq = row.fit()
   predicted = fixed + b3 * per_seq
   return (predicted - third.at(b3).peak) / third.at(b3).peak
 
 
 def check_depth(spec: str, variant: str, overrides, batch: int, depths, n_check: int,
-                seq_len) -> float:
+                seq_len, target: str | None = None) -> float:
   """Relative error of the depth extrapolation (temp bytes) at ``n_check`` blocks."""
   cfg = lambda n: make_config(f"{spec}:{variant}", overrides, layers=n, batch=batch, seq_len=seq_len)
-  p1, p2 = measure(cfg(depths[0])), measure(cfg(depths[1]))
-  actual = measure(cfg(n_check))
+  p1, p2 = measure(cfg(depths[0]), target), measure(cfg(depths[1]), target)
+  actual = measure(cfg(n_check), target)
   predicted = p1.scaled(p2, (n_check - depths[0]) / (depths[1] - depths[0]))
   return (predicted.temp - actual.temp) / actual.temp
 
@@ -379,13 +400,13 @@ def load_rows(paths: list[str]) -> list[Row]:
 
 
 def run(sizes: dict[str, str], variants, setting_names, batches, depths, seq_len=None,
-        log=print, base: dict[str, Any] | None = None, loss_chunk: int = LOSS_CHUNK
-        ) -> tuple[list[Row], list[str]]:
+        log=print, base: dict[str, Any] | None = None, loss_chunk: int = LOSS_CHUNK,
+        target: str | None = None) -> tuple[list[Row], list[str]]:
   """Measures every row; returns (rows, notes on skipped settings).
 
   ``base``: config overrides applied to every row before the setting's.
   """
-  all_settings = settings(loss_chunk)
+  all_settings = settings(loss_chunk, target)
   rows, notes = [], []
   for size, path in sizes.items():
     spec = path if os.path.isabs(path) else os.path.join(harness.ROOT, path)
@@ -393,7 +414,7 @@ def run(sizes: dict[str, str], variants, setting_names, batches, depths, seq_len
       for variant in variants:
         try:
           rows.append(measure_row(size, spec, variant, setting, {**(base or {}), **all_settings[setting]},
-                                  tuple(batches), depths, seq_len, log))
+                                  tuple(batches), depths, seq_len, log, target))
         except UnknownSetting as e:
           note = f"setting {setting} skipped: {e}"
           if note not in notes:
@@ -415,9 +436,14 @@ def main(argv=None) -> None:
   ap.add_argument("--check-depth", type=int, default=0, help="depth to verify the extrapolation (first row)")
   ap.add_argument("--gpu-peak", action="store_true",
                   help="GPU: allocator peak of a real step per row (process-wide peak: run one row per process)")
+  ap.add_argument("--target", choices=("h200", "h100", "a100"), default=None,
+                  help="compile with XLA's GPU compiler for this GPU, deviceless (needs the jax CUDA "
+                       "plugin); default: this process's backend")
   ap.add_argument("--json", default="", help="write the rows here")
   ap.add_argument("--from-json", nargs="+", default=[], help="--json files: print their table, no compiling")
   a = ap.parse_args(argv)
+  if a.target:  # before anything starts jax's backends
+    targets.check_environment()
   if a.from_json:
     rows = sort_rows(load_rows(a.from_json), SIZES, settings())
     print(table(rows) + "\n")
@@ -441,26 +467,27 @@ def main(argv=None) -> None:
     raise SystemExit(f"--settings: unknown {unknown}; choose from {', '.join(settings())}")
   log = lambda s: print(s, file=sys.stderr, flush=True)
   t0 = time.perf_counter()
-  rows, notes = run(sizes, variants, names, batches, depths, seq_len, log, base, loss_chunk)
+  rows, notes = run(sizes, variants, names, batches, depths, seq_len, log, base, loss_chunk, a.target)
   first_spec = next(iter(sizes.values()))
   first_spec = first_spec if os.path.isabs(first_spec) else os.path.join(harness.ROOT, first_spec)
-  over = lambda r: {**(base or {}), **settings(loss_chunk)[r.setting]}
+  over = lambda r: {**(base or {}), **settings(loss_chunk, a.target)[r.setting]}
   checks = []
   if rows and a.check_fit:
     r = rows[0]
-    err = check_fit(r, first_spec, over(r), a.check_fit, depths, seq_len, log)
+    err = check_fit(r, first_spec, over(r), a.check_fit, depths, seq_len, log, a.target)
     checks.append(f"fit check ({r.size} {r.variant} {r.setting}): predicted peak at b={a.check_fit} "
                   f"off by {100 * err:+.2f}%")
   if rows and a.check_depth and depths:
     r = rows[0]
-    err = check_depth(first_spec, r.variant, over(r), max(batches), depths, a.check_depth, seq_len)
+    err = check_depth(first_spec, r.variant, over(r), max(batches), depths, a.check_depth, seq_len, a.target)
     checks.append(f"depth check ({r.size} {r.variant} {r.setting} b={max(batches)}): temp extrapolated "
                   f"from {depths} to {a.check_depth} blocks off by {100 * err:+.2f}%")
   if a.gpu_peak:
     for r in rows:
       r.gpu_peak = gpu_peak(make_config(f"{os.path.join(harness.ROOT, sizes[r.size])}:{r.variant}", over(r),
                                         layers=None, batch=max(r.points), seq_len=seq_len))
-  print(f"# Whole train step memory (XLA memory_analysis, {jax.default_backend()} compile), "
+  compiler = f"{a.target} (deviceless GPU)" if a.target else jax.default_backend()
+  print(f"# Whole train step memory (XLA memory_analysis, {compiler} compile), "
         f"jax {jax.__version__}, seq_len {rows[0].seq_len if rows else '?'}, micro-batches {batches}, "
         f"depths {a.depths if not a.preset else 'full'}, {time.perf_counter() - t0:.0f} s\n")
   print(table(rows))
@@ -473,7 +500,7 @@ def main(argv=None) -> None:
             f"{_gb(r.gpu_peak)} GB (XLA estimate {_gb(r.at().peak)} GB)")
   if a.json:
     with open(a.json, "w") as f:
-      json.dump({"jax": jax.__version__, "backend": jax.default_backend(), "notes": notes, "checks": checks,
+      json.dump({"jax": jax.__version__, "backend": compiler, "notes": notes, "checks": checks,
                  "rows": [{**dataclasses.asdict(r), "temp_per_token": r.temp_per_token,
                            "fit": r.fit(), "max_batch": {k: r.max_batch(c) for k, c in CAPACITIES_GB.items()}}
                           for r in rows]}, f, indent=1, default=str)

@@ -3,7 +3,8 @@ settings, seconds each), as a user runs them: ``python -m benchmarks.<name>``.
 
 The others are run by tests/test_step_memory.py, test_train_throughput.py,
 test_quality.py, test_generate.py (inference), test_kernels.py (ffn_kernels),
-test_lm_eval.py (downstream) and test_gpu_compile.py (kernel_tiles).
+test_lm_eval.py (downstream), test_gpu_compile.py (kernel_tiles) and
+test_gpu_compile_mosaic.py (mosaic_static).
 Each check compares the benchmark's numbers with a count made without it.
 """
 
@@ -30,6 +31,7 @@ def test_every_benchmark_has_a_smoke_test():
             "downstream",  # tests/test_lm_eval.py
             "prepare_scale", "data_startup",
             "kernel_tiles",  # needs the CUDA plugin: run by tests/test_gpu_compile.py (--one)
+            "mosaic_static",  # needs the CUDA plugin: run by tests/test_gpu_compile_mosaic.py
             "step_memory", "train_throughput", "quality", "inference", "ffn_kernels"}
   names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
            if f.endswith(".py") and f not in ("__init__.py", "harness.py")}

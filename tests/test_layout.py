@@ -38,7 +38,7 @@ def test_package_dependencies_equal_requirements_txt():
   assert project["dependencies"] == [r for r in reqs if r]
   assert project["requires-python"] == ">=3.11"
   assert set(project["scripts"]) == {"elas-train", "elas-eval", "elas-generate", "elas-export",
-                                     "elas-summary", "elas-prepare", "elas-lm-eval"}
+                                     "elas-summary", "elas-prepare", "elas-lm-eval", "elas-aot"}
   for target in project["scripts"].values():  # every entry point exists
     module, _, func = target.partition(":")
     assert module.startswith("elas_jax.cli."), target  # the programs live together

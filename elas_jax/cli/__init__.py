@@ -8,8 +8,9 @@ the library). Each has a console script and a ``python -m`` name:
   ``summary``   elas-summary    python -m elas_jax.summary
   ``prepare``   elas-prepare    python -m elas_jax.data.prepare
   ``lm_eval``   elas-lm-eval    python -m elas_jax.lm_eval
+  ``aot``       elas-aot        python -m elas_jax.aot
 
-``common`` is the shared plumbing (``--config`` with one-line errors, ``--mesh``),
+``common`` is the shared plumbing (``--config`` with one-line errors),
 ``distributed`` the multi-process start-up flags. The ``python -m elas_jax.<name>``
 modules (and ``elas_jax.data.prepare``) are aliases of these.
 """

@@ -160,9 +160,10 @@ def abstract_args(mesh, *args):
 class KernelInfo:
   """One GPU kernel of a compiled program.
 
-  ``kind``: ``pallas`` (a Pallas/Triton ``pallas_call``), ``triton`` (an XLA
+  ``kind``: ``pallas`` (a Pallas/Triton ``pallas_call``), ``mosaic`` (a Pallas
+  Mosaic GPU kernel: no launch in XLA's dump, so no grid), ``triton`` (an XLA
   Triton fusion), ``xla`` (an XLA-emitted fusion) or ``custom`` (another
-  custom call: cuDNN, Mosaic GPU, ...). ``grid``/``threads``/
+  custom call: cuDNN, cuBLAS, ...). ``grid``/``threads``/
   ``shared_memory_bytes`` are the launch XLA recorded; ``registers``,
   ``spill_bytes`` (stores + loads) and ``stack_bytes`` come from ``ptxas -v`` on
   the dumped PTX (None where no PTX was found: cuDNN, Mosaic GPU).
@@ -230,8 +231,10 @@ class CompileReport:
                    f"{', '.join(k.name for k in self.kernels)}")
 
   def custom_kernels(self) -> list[KernelInfo]:
-    """The kernels that are not XLA's own fusions (Pallas, cuDNN, Mosaic GPU)."""
-    return [k for k in self.kernels if k.kind in ("pallas", "custom")]
+    """The kernels that are not XLA's own fusions (Pallas, cuDNN, Mosaic GPU). Unnamed
+    custom calls (``kCustomCall``: library calls such as cuBLAS, and Mosaic GPU
+    kernels, listed by name from Mosaic's dump) are left out."""
+    return [k for k in self.kernels if k.kind in ("pallas", "mosaic", "custom") and k.name != "kCustomCall"]
 
   def as_dict(self) -> dict[str, Any]:
     return {"target": self.target, "compiled": self.compiled, "reason": self.reason,
@@ -401,6 +404,45 @@ def _collect_kernels(dump_dir: str, target: spec.Target, ptxas: bool) -> list[Ke
   return list(by_launch.values())
 
 
+def mosaic_resources(dump_dir: str) -> dict[str, dict]:
+  """Per Mosaic kernel name (without Mosaic's ``_<n>`` suffix): registers, spill bytes
+  (stores + loads), shared memory and the wgmma instruction shapes of its PTX; the
+  maximum over kernels of one name (a name compiled twice is the same kernel)."""
+  out: dict[str, dict] = {}
+  for fn in sorted(os.listdir(dump_dir)):
+    if not fn.endswith(".ptxas"):
+      continue
+    base = fn[: -len(".ptxas")]
+    name = re.sub(r"_\d+$", "", base)
+    with open(os.path.join(dump_dir, fn), errors="replace") as fh:
+      txt = fh.read()
+    regs = re.search(r"Used (\d+) registers", txt)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+    res_path = os.path.join(dump_dir, base + ".resources.txt")
+    smem = None
+    if os.path.exists(res_path):
+      with open(res_path) as fh:
+        m = re.search(r"smem_scratch_bytes=(\d+)", fh.read())
+      smem = int(m.group(1)) if m else None
+    shapes = set()
+    ptx_path = os.path.join(dump_dir, base + ".ptx")
+    if os.path.exists(ptx_path):
+      with open(ptx_path, errors="replace") as fh:
+        shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", fh.read()))
+    row = {"registers": int(regs.group(1)) if regs else None,
+           "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None,
+           "smem_bytes": smem, "ptx_wgmma": sorted(shapes)}
+    old = out.get(name)
+    if old is None:
+      out[name] = row
+    else:
+      for key in ("registers", "spill_bytes", "smem_bytes"):
+        if row[key] is not None:
+          old[key] = max(old[key] or 0, row[key])
+      old["ptx_wgmma"] = sorted(set(old["ptx_wgmma"]) | shapes)
+  return out
+
+
 def _memory(compiled) -> dict[str, int] | None:
   try:
     m = compiled.memory_analysis()
@@ -427,6 +469,35 @@ def target_context(mesh):
 
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     yield
+
+
+_MOSAIC_ENV = {"MOSAIC_GPU_DUMP_TO": None, "MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_PTX": "1"}
+
+
+@contextlib.contextmanager
+def _mosaic_dump_env(dump_dir: str):
+  """Mosaic GPU kernels compile in their own pipeline, outside XLA's dump: its
+  environment switches make it write each kernel's PTX, ``ptxas -v`` output and
+  resources (shared memory) to ``dump_dir``, for this compile only."""
+  saved = {k: os.environ.get(k) for k in _MOSAIC_ENV}
+  os.environ.update({k: v or dump_dir for k, v in _MOSAIC_ENV.items()})
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def _mosaic_kernels(dump_dir: str) -> list[KernelInfo]:
+  """One row per Mosaic GPU kernel (XLA's thunk dump names it only ``kCustomCall``,
+  without a launch): registers, spills and shared memory from Mosaic's own dump."""
+  if not os.path.isdir(dump_dir):
+    return []
+  return [KernelInfo(name=name, kind="mosaic", shared_memory_bytes=r["smem_bytes"], registers=r["registers"],
+                     spill_bytes=r["spill_bytes"]) for name, r in sorted(mosaic_resources(dump_dir).items())]
 
 
 def compile_for_target(fn: Callable, *args, target: str | spec.Target = "h200", mesh=None,
@@ -469,9 +540,10 @@ def compile_for_target(fn: Callable, *args, target: str | spec.Target = "h200", 
     opts["xla_gpu_fail_ptx_compilation_on_register_spilling"] = True
   opts.update(compiler_options or {})
   report = CompileReport(target=tgt.name, compiled=False, dump_dir=dump if keep_dump else None)
+  mosaic_dump = os.path.join(dump, "mosaic_gpu")
   start = time.perf_counter()
   try:
-    with target_context(mesh):
+    with target_context(mesh), _mosaic_dump_env(mosaic_dump):
       lowered = jitted.trace(*placed).lower()
       compiled = lowered.compile(compiler_options=opts)
   except Exception as e:  # a refusal of the GPU compiler is a result, not a crash
@@ -485,7 +557,7 @@ def compile_for_target(fn: Callable, *args, target: str | spec.Target = "h200", 
   report.compiled = True
   report.compiled_object = compiled
   report.memory = _memory(compiled)
-  report.kernels = _collect_kernels(dump, tgt, ptxas=ptxas)
+  report.kernels = _collect_kernels(dump, tgt, ptxas=ptxas) + _mosaic_kernels(mosaic_dump)
   if not keep_dump:
     shutil.rmtree(dump, ignore_errors=True)
   return report

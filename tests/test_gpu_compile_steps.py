@@ -1,0 +1,107 @@
+"""The GPU compile gate for whole steps: the 60M and 1B (2 blocks) train, eval and
+decode steps of the ELAS configs, compiled for the H200 with no GPU present
+(``elas_jax.deviceless``, what ``python -m elas_jax.aot`` runs).
+
+Marker ``gpu_compile``: run where the jax CUDA plugin is installed, with
+``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` (CI's GPU-compile stage);
+skipped with the reason elsewhere. The steps are the paper's: batch 512 x 256
+tokens in micro-batches of 64 (one H200's share of the paper batch on 8), the
+config's defaults otherwise. What is checked is what a process on an H200
+would compile: the kernels the dispatch names, for the GPU (not interpreted),
+cuDNN attention, fitting one H200.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from elas_jax import config_lib, targets
+from tests.helpers import ROOT, load_config
+
+pytestmark = pytest.mark.gpu_compile
+
+TRITON = {"elas_ffn_fwd", "elas_ffn_dh", "elas_ffn_dw_in", "elas_ffn_dw_out"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deviceless():
+  if not targets.plugin_available():
+    pytest.skip(f"needs the jax CUDA plugin: {targets.install_hint()}")
+  try:
+    targets.check_environment()
+  except targets.MissingCudaPlugin as e:
+    pytest.skip(str(e))
+
+
+def _config(size: str, **changes):
+  cfg = load_config(f"configs/llama_{size}.py", "elas")
+  config_lib.override(cfg, {"model.n_layers": 2, **changes})
+  config_lib.validate(cfg)
+  return cfg
+
+
+@pytest.mark.parametrize("size", ["60m", "1b"])
+def test_train_eval_and_decode_steps_compile_for_the_h200(size):
+  from elas_jax import deviceless
+
+  report = deviceless.compile_steps(_config(size, **{"model.kernel": "triton"}), "h200", micro_batch=64,
+                                    fit=False)
+  assert set(report.programs) == {"train", "eval", "prefill", "decode"}
+  assert report.compiled, report.failures
+  h200 = targets.get("h200")
+  for name, r in report.programs.items():
+    assert 0 < r.peak_bytes < h200.memory_bytes, name
+    pallas = {k.name.split("__")[0] for k in r.kernels if k.kind == "pallas"}
+    # The Triton kernels, compiled for the GPU (interpreted, they would be XLA loops).
+    assert pallas == (TRITON if name == "train" else {"elas_ffn_fwd"}), (name, pallas)
+    for k in r.kernels:
+      if k.kind == "pallas":
+        assert k.spill_bytes == 0 and k.shared_memory_bytes <= h200.smem_per_block, (name, k)
+  # attention = auto picks cuDNN's flash attention for a bf16 model on an H200.
+  assert any(k.name == "kCuDnn" for k in report.programs["train"].kernels)
+
+
+@pytest.mark.parametrize("size", ["60m", "1b"])
+def test_train_step_with_the_mosaic_kernels_compiles_for_the_h200(size):
+  from elas_jax import deviceless
+  from kernels import mosaic_compat
+
+  if mosaic_compat.unavailable_reason():
+    pytest.skip(mosaic_compat.unavailable_reason())
+  report = deviceless.compile_steps(_config(size, **{"model.kernel": "mosaic"}), "h200", micro_batch=64,
+                                    programs=("train",), fit=False)
+  assert report.compiled, report.failures
+  train = report.programs["train"]
+  mosaic = {k.name for k in train.kernels if k.kind == "mosaic"}
+  assert {"elas_mgpu_fwd", "elas_mgpu_dh"} <= mosaic, mosaic
+  assert not any(k.kind == "pallas" for k in train.kernels)  # no Triton kernel slipped in
+  assert all(k.spill_bytes == 0 for k in train.kernels if k.kind == "mosaic")
+
+
+def test_auto_takes_mosaic_for_bf16_and_falls_back_to_triton_for_fp32():
+  from elas_jax import deviceless
+  from kernels import mosaic_compat
+
+  if mosaic_compat.unavailable_reason():
+    pytest.skip(mosaic_compat.unavailable_reason())
+  kinds = {}
+  for dtype in ("bfloat16", "float32"):  # Mosaic's wgmma operands must be 16-bit
+    cfg = _config("60m", **{"model.kernel": "auto", "model.dtype": dtype, "model.n_layers": 1})
+    r = deviceless.compile_steps(cfg, "h200", micro_batch=64, programs=("eval",), fit=False)
+    assert r.compiled, r.failures
+    kinds[dtype] = {k.kind for k in r.programs["eval"].kernels} & {"mosaic", "pallas"}
+  assert kinds == {"bfloat16": {"mosaic"}, "float32": {"pallas"}}
+
+
+def test_aot_cli_reports_a_step_that_does_not_compile_in_one_line():
+  # Rank 1024 needs more shared memory than the Mosaic kernels' tiles allow: an
+  # explicit kernel=mosaic does not fall through, the step does not compile.
+  p = subprocess.run([sys.executable, "-m", "elas_jax.aot", "--config", "configs/llama_1b.py:elas",
+                      "--target", "h200", "--config.model.n_layers=1", "--config.model.rank=1024",
+                      "--config.model.kernel=mosaic", "--no-fit"], cwd=ROOT, env=targets.deviceless_env(),
+                     capture_output=True, text=True, timeout=1800)
+  assert p.returncode == 1, p.stderr[-2000:]
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith("error: does not compile for h200: train: "), p.stderr[-2000:]
+  assert "Traceback" not in p.stderr
