@@ -422,7 +422,7 @@ def relu_planes(x: jax.Array | None, w_ref, gs, dtype, *, x_ref=None, rows=None,
 def accumulate_planes_over_tokens(
     dw_ref, *, block_t: int, n_tblocks: int,
     products: Callable[[jax.Array], list[list[tuple[jax.Array, jax.Array]]]],
-    first_block=0) -> None:
+    first_block=0, transposed: bool = False) -> None:
   """The weight-gradient loop: ``dw_ref[j] = Σ_token blocks Σ_terms aᵀ b`` for the 8 planes.
 
   ``products(t0)`` gives, for the token block starting at row ``t0``, a list
@@ -431,18 +431,28 @@ def accumulate_planes_over_tokens(
   order, in fp32 registers, and stored once. ``first_block``: the token block
   the loop starts at (a token split's share: blocks ``first_block ..
   first_block + n_tblocks - 1``).
+
+  ``transposed``: accumulate ``(bᵀ a)`` ``[N, M]`` and store its transpose, so
+  ``a`` is the dot's right operand in its natural ``[K, N]`` orientation and
+  only ``b`` is transposed. Triton (3.x, sm_90) aborts the process ("LLVM
+  Fatal Error ... Dimensions must match") on a transposed left operand that
+  was selected by a mask computed from a dot's result (``relu2_sparsify``'s
+  dw: the 2:4 choice of the recomputed ``y1`` picks the cotangent); the
+  other orientation compiles.
   """
+  m, n = dw_ref.shape[1:]
 
   def body(ti, acc):
     out = list(acc)
     for term in products(pl.multiple_of((first_block + ti) * block_t, block_t)):
-      out = [out[j] + dot_tn(*term[j]) for j in range(PLANES)]
+      out = [out[j] + (dot_tn(term[j][1], term[j][0]) if transposed else dot_tn(*term[j]))
+             for j in range(PLANES)]
     return tuple(out)
 
-  zeros = tuple(jnp.zeros(dw_ref.shape[1:], jnp.float32) for _ in range(PLANES))
+  zeros = tuple(jnp.zeros((n, m) if transposed else (m, n), jnp.float32) for _ in range(PLANES))
   acc = jax.lax.fori_loop(0, n_tblocks, body, zeros)
   for j in range(PLANES):
-    dw_ref[j] = acc[j]
+    dw_ref[j] = acc[j].T if transposed else acc[j]
 
 
 def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -84,6 +84,10 @@ def _dz_kernel(z_ref, w_ref, dv_ref, dz_ref, *, gb: int, n_fblocks: int, chunk: 
 
 
 def _dw_kernel(z_ref, w_ref, dv_ref, dw_ref, *, block_t: int, n_tblocks: int, chunk: int):
+  """dw planes of one (feature block, rank block, token split): Σ_t dy1ᵀ z, dy1
+  rebuilt per token block, accumulated as (zᵀ dy1)ᵀ: dy1 is selected by the 2:4
+  mask of the recomputed y1, and as a transposed left dot operand Triton aborts
+  on it (``cm.accumulate_planes_over_tokens``, ``transposed``)."""
   gb, kb = dw_ref.shape[1], dw_ref.shape[2]
   ks = pl.ds(pl.program_id(1) * kb, kb)
   k = z_ref.shape[1]
@@ -96,7 +100,7 @@ def _dw_kernel(z_ref, w_ref, dv_ref, dw_ref, *, block_t: int, n_tblocks: int, ch
     return [[(dy1[j], z_k) for j in range(PLANES)]]
 
   cm.accumulate_planes_over_tokens(dw_ref, block_t=block_t, n_tblocks=n_tblocks, products=products,
-                                   first_block=pl.program_id(2) * n_tblocks)
+                                   first_block=pl.program_id(2) * n_tblocks, transposed=True)
 
 
 def _operands(z, w, tiles: cm.Tiles):

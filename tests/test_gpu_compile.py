@@ -11,9 +11,9 @@ paper (16384 tokens: 64 sequences of 256, the 512-sequence batch on 8 GPUs),
 with the kernels' default tiles for the H200. Asserted per Pallas kernel:
 compiled by XLA's GPU pipeline (Triton, ptxas for sm_90a), shared memory
 within the opt-in limit, no register spill (ptxas -v on the PTX XLA made),
-and a grid of at least one wave (programs >= SMs x programs per SM); the
-kernels of ``benchmarks.kernel_tiles.KNOWN`` are reported, left out, and
-held by a strict xfail.
+and a grid of at least one wave (programs >= SMs x programs per SM). The
+kernels of ``benchmarks.kernel_tiles.KNOWN`` (none at present) would be
+reported, left out, and held by a strict xfail.
 Skipped, with the reason, where the CUDA plugin is absent.
 """
 

@@ -72,6 +72,42 @@ def test_dump_parsers_read_xla_thunk_dumps():
   assert targets.parse_thunk_metadata(METADATA) == {3: "pallas_call.3"}
 
 
+# A Mosaic GPU custom call as XLA 0.12's compiled HLO prints it (shortened).
+MOSAIC_HLO = (r'  %mpmd_map.0 = (f32[64,8]{1,0}) custom-call(%p0), custom_call_target="mosaic_gpu_v2", '
+              r'api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(f)/elas_mgpu_fwd/mpmd_map"}, '
+              r'backend_config="MLIR\00stable_mosaic_gpu.version\00stable_mosaic_gpu\00'
+              r'mosaic_gpu.dump_basename\00elas_mgpu_fwd\00llvm.emit_c_interface\00'
+              r'elas_mgpu_fwd_mosaic_gpu\00ordering\00{TILE}"')
+
+
+def test_mosaic_kernels_are_reported_from_the_dump_or_from_the_compile_that_built_them(tmp_path, monkeypatch):
+  monkeypatch.setattr(tcompile, "_MOSAIC_SEEN", {})
+  hlo = MOSAIC_HLO.replace("{TILE}", "128")
+  assert [n for n, _ in tcompile._mosaic_calls(hlo)] == ["elas_mgpu_fwd"]
+  (tmp_path / "elas_mgpu_fwd_0.ptxas").write_text(
+      "ptxas info    : Used 249 registers, used 1 barriers\n"
+      "ptxas info    : 0 bytes stack frame, 0 bytes spill stores, 8 bytes spill loads\n")
+  (tmp_path / "elas_mgpu_fwd_0.resources.txt").write_text("smem_scratch_bytes=183296\n")
+  [k] = tcompile._mosaic_kernels(str(tmp_path), hlo)
+  assert (k.name, k.kind, k.registers, k.spill_bytes, k.shared_memory_bytes) == (
+      "elas_mgpu_fwd", "mosaic", 249, 8, 183296)
+  # Mosaic builds a kernel once per process: a later compile of the same kernel
+  # leaves no dump, its numbers come from the first; a different kernel of the
+  # same name (other tiles) is listed without numbers rather than with wrong ones.
+  empty = tmp_path / "later"
+  empty.mkdir()
+  [again] = tcompile._mosaic_kernels(str(empty), hlo)
+  assert (again.registers, again.shared_memory_bytes) == (249, 183296)
+  [other] = tcompile._mosaic_kernels(str(empty), MOSAIC_HLO.replace("{TILE}", "256"))
+  assert other.name == "elas_mgpu_fwd" and other.registers is None
+
+
+def test_deviceless_compiles_run_without_the_llvm_symbolizer(monkeypatch):
+  monkeypatch.delenv("LLVM_DISABLE_SYMBOLIZATION", raising=False)
+  assert targets.deviceless_env({})["LLVM_DISABLE_SYMBOLIZATION"] == "1"
+  assert targets.deviceless_env({"LLVM_DISABLE_SYMBOLIZATION": ""})["LLVM_DISABLE_SYMBOLIZATION"] == ""
+
+
 def test_missing_plugin_names_the_install_command(monkeypatch):
   monkeypatch.setattr(tcompile, "plugin_available", lambda: False)
   with pytest.raises(targets.MissingCudaPlugin,
