@@ -73,33 +73,45 @@ def test_dump_parsers_read_xla_thunk_dumps():
 
 
 # A Mosaic GPU custom call as XLA 0.12's compiled HLO prints it (shortened).
-MOSAIC_HLO = (r'  %mpmd_map.0 = (f32[64,8]{1,0}) custom-call(%p0), custom_call_target="mosaic_gpu_v2", '
-              r'api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(f)/elas_mgpu_fwd/mpmd_map"}, '
+MOSAIC_HLO = (r'  %mpmd_map.0 = (f32[{T},8]{1,0}) custom-call(%p0), custom_call_target="mosaic_gpu_v2", '
+              r'operand_layout_constraints={bf16[{T},8]{1,0}}, api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(f)/elas_mgpu_fwd/mpmd_map"}, '
               r'backend_config="MLIR\00stable_mosaic_gpu.version\00stable_mosaic_gpu\00'
               r'mosaic_gpu.dump_basename\00elas_mgpu_fwd\00llvm.emit_c_interface\00'
-              r'elas_mgpu_fwd_mosaic_gpu\00ordering\00{TILE}"')
+              r'elas_mgpu_fwd_mosaic_gpu\00ordering\00loc(model.py:{LINE})"')
 
 
 def test_mosaic_kernels_are_reported_from_the_dump_or_from_the_compile_that_built_them(tmp_path, monkeypatch):
   monkeypatch.setattr(tcompile, "_MOSAIC_SEEN", {})
-  hlo = MOSAIC_HLO.replace("{TILE}", "128")
+  hlo = MOSAIC_HLO.replace("{T}", "64").replace("{LINE}", "10")
   assert [n for n, _ in tcompile._mosaic_calls(hlo)] == ["elas_mgpu_fwd"]
   (tmp_path / "elas_mgpu_fwd_0.ptxas").write_text(
       "ptxas info    : Used 249 registers, used 1 barriers\n"
       "ptxas info    : 0 bytes stack frame, 0 bytes spill stores, 8 bytes spill loads\n")
-  (tmp_path / "elas_mgpu_fwd_0.resources.txt").write_text("smem_scratch_bytes=183296\n")
+  # written when lowered, with its own counter (the .ptxas when compiled)
+  (tmp_path / "elas_mgpu_fwd_3.resources.txt").write_text("smem_scratch_bytes=183296\n")
   [k] = tcompile._mosaic_kernels(str(tmp_path), hlo)
   assert (k.name, k.kind, k.registers, k.spill_bytes, k.shared_memory_bytes) == (
       "elas_mgpu_fwd", "mosaic", 249, 8, 183296)
   # Mosaic builds a kernel once per process: a later compile of the same kernel
   # leaves no dump, its numbers come from the first; a different kernel of the
-  # same name (other tiles) is listed without numbers rather than with wrong ones.
-  empty = tmp_path / "later"
-  empty.mkdir()
-  [again] = tcompile._mosaic_kernels(str(empty), hlo)
+  # same name (other shapes, or other tiles: other shared memory) is listed
+  # without numbers rather than with wrong ones.
+  later = tmp_path / "later"
+  later.mkdir()
+  # (the module carries source locations: another call site of the kernel differs there)
+  [again] = tcompile._mosaic_kernels(str(later), hlo.replace("model.py:10", "model.py:99"))
   assert (again.registers, again.shared_memory_bytes) == (249, 183296)
-  [other] = tcompile._mosaic_kernels(str(empty), MOSAIC_HLO.replace("{TILE}", "256"))
+  # (a lowering still dumps its shared memory; the registers come from the first build)
+  (later / "elas_mgpu_fwd_7.resources.txt").write_text("smem_scratch_bytes=183296\n")
+  [again] = tcompile._mosaic_kernels(str(later), hlo)
+  assert (again.registers, again.spill_bytes, again.shared_memory_bytes) == (249, 8, 183296)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  [other] = tcompile._mosaic_kernels(str(empty), MOSAIC_HLO.replace("{T}", "128").replace("{LINE}", "10"))
   assert other.name == "elas_mgpu_fwd" and other.registers is None
+  (empty / "elas_mgpu_fwd_8.resources.txt").write_text("smem_scratch_bytes=99328\n")
+  [other] = tcompile._mosaic_kernels(str(empty), hlo)
+  assert (other.registers, other.shared_memory_bytes) == (None, 99328)
 
 
 def test_deviceless_compiles_run_without_the_llvm_symbolizer(monkeypatch):

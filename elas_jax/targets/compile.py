@@ -415,39 +415,42 @@ def _collect_kernels(dump_dir: str, target: spec.Target, ptxas: bool) -> list[Ke
 def mosaic_resources(dump_dir: str) -> dict[str, dict]:
   """Per Mosaic kernel name (without Mosaic's ``_<n>`` suffix): registers, spill bytes
   (stores + loads), shared memory and the wgmma instruction shapes of its PTX; the
-  maximum over kernels of one name (a name compiled twice is the same kernel)."""
+  maximum over kernels of one name (a name compiled twice is the same kernel).
+
+  The files of one kernel do not share a suffix: ``<name>_<i>.resources.txt``
+  (shared memory) is written when the kernel is lowered, ``<name>_<j>.ptx`` and
+  ``.ptxas`` when it is compiled, each with its own counter; so they are joined
+  by name."""
   out: dict[str, dict] = {}
+
+  def row(name: str) -> dict:
+    return out.setdefault(name, {"registers": None, "spill_bytes": None, "smem_bytes": None, "ptx_wgmma": []})
+
+  def bump(r: dict, key: str, value: int) -> None:
+    r[key] = max(r[key] or 0, value)
+
   for fn in sorted(os.listdir(dump_dir)):
-    if not fn.endswith(".ptxas"):
+    base, dot, ext = fn.partition(".")
+    if ext not in ("ptxas", "resources.txt", "ptx"):
       continue
-    base = fn[: -len(".ptxas")]
     name = re.sub(r"_\d+$", "", base)
     with open(os.path.join(dump_dir, fn), errors="replace") as fh:
       txt = fh.read()
-    regs = re.search(r"Used (\d+) registers", txt)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
-    res_path = os.path.join(dump_dir, base + ".resources.txt")
-    smem = None
-    if os.path.exists(res_path):
-      with open(res_path) as fh:
-        m = re.search(r"smem_scratch_bytes=(\d+)", fh.read())
-      smem = int(m.group(1)) if m else None
-    shapes = set()
-    ptx_path = os.path.join(dump_dir, base + ".ptx")
-    if os.path.exists(ptx_path):
-      with open(ptx_path, errors="replace") as fh:
-        shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", fh.read()))
-    row = {"registers": int(regs.group(1)) if regs else None,
-           "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None,
-           "smem_bytes": smem, "ptx_wgmma": sorted(shapes)}
-    old = out.get(name)
-    if old is None:
-      out[name] = row
+    r = row(name)
+    if ext == "ptxas":
+      regs = re.search(r"Used (\d+) registers", txt)
+      spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+      if regs:
+        bump(r, "registers", int(regs.group(1)))
+      if spill:
+        bump(r, "spill_bytes", int(spill.group(1)) + int(spill.group(2)))
+    elif ext == "resources.txt":
+      m = re.search(r"smem_scratch_bytes=(\d+)", txt)
+      if m:
+        bump(r, "smem_bytes", int(m.group(1)))
     else:
-      for key in ("registers", "spill_bytes", "smem_bytes"):
-        if row[key] is not None:
-          old[key] = max(old[key] or 0, row[key])
-      old["ptx_wgmma"] = sorted(set(old["ptx_wgmma"]) | shapes)
+      shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", txt))
+      r["ptx_wgmma"] = sorted(set(r["ptx_wgmma"]) | shapes)
   return out
 
 
@@ -508,46 +511,55 @@ def _mosaic_dump_env(dump_dir: str):
 
 # Mosaic GPU compiles each distinct kernel once per process and dumps it only
 # then; a later compile holding the same kernel reuses it silently. Resources
-# seen in a dump are kept here, keyed by (kernel name, hash of its custom call's
-# serialized module), for the reports of those later compiles.
-_MOSAIC_SEEN: dict[tuple[str, str], dict] = {}
+# seen in a dump are kept here, per (kernel name, types of its custom call), for
+# the reports of those later compiles.
+_MOSAIC_SEEN: dict[tuple[str, str], list[dict]] = {}
 _MOSAIC_CALL = re.compile(r'custom_call_target="mosaic_gpu[^"]*"')
 _MOSAIC_NAME = re.compile(r"(?<=\\00)([A-Za-z_]\w*?)_mosaic_gpu\\00")
-_BACKEND_CONFIG = re.compile(r'backend_config="((?:[^"\\]|\\.)*)"')
 
 
 def _mosaic_calls(hlo_text: str) -> list[tuple[str, str]]:
-  """(kernel name, module hash) of every Mosaic GPU custom call in compiled HLO."""
-  import hashlib
-
+  """(kernel name, signature) of every Mosaic GPU custom call in compiled HLO; the
+  signature is the call's result and operand types (the serialized module itself
+  differs between compiles of one kernel: it carries source locations)."""
   calls = []
   for m in _MOSAIC_CALL.finditer(hlo_text):
     line = hlo_text[hlo_text.rfind("\n", 0, m.start()) + 1: hlo_text.find("\n", m.end())]
     # The kernel's LLVM entry symbol, "<name>_mosaic_gpu", in the serialized module
     # ("stable_mosaic_gpu" is the dialect's version attribute, not a kernel).
     names = [n for n in _MOSAIC_NAME.findall(line) if n != "stable"]
-    config = _BACKEND_CONFIG.search(line)
+    result = re.search(r"=\s*(.*?)\s+custom-call\(", line)
+    operands = re.search(r"operand_layout_constraints=(\{.*?\})(?:,|$)", line)
     calls.append((names[-1] if names else "mosaic_gpu",
-                  hashlib.sha1((config.group(1) if config else line).encode()).hexdigest()))
+                  f"{result.group(1) if result else ''} <- {operands.group(1) if operands else ''}"))
   return calls
 
 
 def _mosaic_kernels(dump_dir: str, hlo_text: str) -> list[KernelInfo]:
   """One row per Mosaic GPU kernel (XLA's thunk dump names it only ``kCustomCall``,
   without a launch): registers, spills and shared memory from Mosaic's own dump,
-  or from the dump of the compile in this process that built the kernel first."""
+  or, for a kernel this process built before, from the dump of that build."""
+  fields = ("registers", "spill_bytes", "smem_bytes")
   fresh = mosaic_resources(dump_dir) if os.path.isdir(dump_dir) else {}
   rows: dict[str, dict] = {}
-  for name, key in _mosaic_calls(hlo_text):
-    if name in fresh:
-      _MOSAIC_SEEN.setdefault((name, key), fresh[name])
-    seen = fresh.get(name) or _MOSAIC_SEEN.get((name, key))
-    row = rows.setdefault(name, {"registers": None, "spill_bytes": None, "smem_bytes": None})
-    for field in row:  # the maximum over the calls of one name
-      if seen and seen[field] is not None:
-        row[field] = max(row[field] or 0, seen[field])
+  for name, signature in _mosaic_calls(hlo_text):
+    now = fresh.get(name, dict.fromkeys(fields))
+    builds = _MOSAIC_SEEN.setdefault((name, signature), [])
+    if now["registers"] is not None:  # built by this compile
+      entry = {f: now[f] for f in fields}
+      if entry not in builds:
+        builds.append(entry)
+      value = entry
+    else:  # built before: the build of the same signature (and the same shared memory
+      # when this lowering dumped it: it tells tile plans apart); none if ambiguous
+      match = [b for b in builds if now["smem_bytes"] in (None, b["smem_bytes"])]
+      value = match[0] if len(match) == 1 else now
+    row = rows.setdefault(name, dict.fromkeys(fields))
+    for f in fields:  # the maximum over the calls of one name
+      if value[f] is not None:
+        row[f] = max(row[f] or 0, value[f])
   for name, r in fresh.items():  # a dumped kernel the HLO scan did not name
-    rows.setdefault(name, {f: r[f] for f in ("registers", "spill_bytes", "smem_bytes")})
+    rows.setdefault(name, {f: r[f] for f in fields})
   return [KernelInfo(name=name, kind="mosaic", shared_memory_bytes=r["smem_bytes"], registers=r["registers"],
                      spill_bytes=r["spill_bytes"]) for name, r in sorted(rows.items())]
 
