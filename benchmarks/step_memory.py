@@ -273,7 +273,7 @@ def measure_row(size: str, spec: str, variant: str, setting: str, overrides: dic
   n_layers = full_cfg.model.n_layers
   if overrides.get("model.scan_layers"):
     depths = None  # a scanned step compiles in the same time at any depth
-  state = state_bytes(build(full_cfg).abstract_state)
+  state = state_bytes(build(full_cfg, target).abstract_state)
   points = {}
   for b in batches:
     t0 = time.perf_counter()
@@ -429,7 +429,7 @@ def main(argv=None) -> None:
   ap.add_argument("--preset", choices=sorted(PRESETS))
   ap.add_argument("--sizes", default="60m,350m,1b")
   ap.add_argument("--variants", default=",".join(harness.VARIANTS))
-  ap.add_argument("--settings", default=",".join(settings()))
+  ap.add_argument("--settings", default="", help="comma-separated (default: all; see settings())")
   ap.add_argument("--batches", default="4,8", help="micro-batches (sequences) to compile; two give the fit")
   ap.add_argument("--depths", default="1,2", help="'n1,n2' blocks to compile and extrapolate, or 'full'")
   ap.add_argument("--check-fit", type=int, default=0, help="third micro-batch to verify the fit (first row)")
@@ -442,8 +442,9 @@ def main(argv=None) -> None:
   ap.add_argument("--json", default="", help="write the rows here")
   ap.add_argument("--from-json", nargs="+", default=[], help="--json files: print their table, no compiling")
   a = ap.parse_args(argv)
-  if a.target:  # before anything starts jax's backends
+  if a.target:  # before anything starts jax's backends (settings() reads the backend)
     targets.check_environment()
+  a.settings = a.settings or ",".join(settings(target=a.target))
   if a.from_json:
     rows = sort_rows(load_rows(a.from_json), SIZES, settings())
     print(table(rows) + "\n")
