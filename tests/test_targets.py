@@ -1,7 +1,6 @@
 """elas_jax.targets without the CUDA plugin: target configs, occupancy arithmetic,
 dump parsing, the missing-plugin error, the static roofline, the tile tables."""
 
-
 import jax
 import pytest
 
