@@ -14,6 +14,8 @@ size (brief section 6; ``h [T, r]`` is the rank-r code, ``w_in = B_up [F, r]``,
     - ``xla dense``: ``relu(h w_inᵀ)² w_outᵀ`` in plain jnp (the ``loro_relu2`` FFN),
     - ``xla sparse/<mode>``: ``elas_jax.ops.sparsity.relu2_sparse_ffn`` (the pure-JAX op),
     - ``pallas elas_ffn/<mode>``: ``kernels.elas_ffn.elas_ffn`` (fused forward, 2 backward kernels);
+    - ``mosaic elas_ffn/<mode>``: ``kernels.elas_ffn_mosaic.elas_ffn`` (Mosaic GPU; by default on
+      a GPU only, ``--mosaic true`` to interpret it on CPU);
   * ``sparsify``: ``kernels.relu2_sparsify`` (``z wᵀ -> ReLU² -> 2:4 -> compress``)
     against XLA writing the dense ``relu(z wᵀ)²`` and XLA ``compress_24``;
   * ``spmm``: ``kernels.sparse_matmul.sparse24_matmul`` (compressed 2:4 x dense)
@@ -162,6 +164,13 @@ def pallas_ffn(mode: str, interpret: bool, blocks: tuple[int, int] | None = None
                                                   block_t=bt, block_f=bf)
 
 
+def mosaic_ffn(mode: str, interpret: bool) -> Callable:
+  from kernels import elas_ffn_mosaic
+
+  return lambda h, w_in, w_out, on: elas_ffn_mosaic.elas_ffn(h, w_in, w_out, on, mode=mode,
+                                                          interpret=interpret)
+
+
 def parse_blocks(spec: str | None) -> list[tuple[int, int] | None]:
   """``"32x128,64x256"`` -> [(32, 128), (64, 256)]; None: the kernel's defaults only."""
   if not spec:
@@ -237,8 +246,9 @@ def copy_bandwidth(bench: Bench, mib: int) -> float | None:
 
 
 def ffn_rows(bench: Bench, shape: Shape, t: int, x: dict, modes: list[str], interpret: bool,
-             block_list: list[tuple[int, int] | None] = (None,)) -> None:
-  """The whole FFN core, fwd and fwd+bwd: XLA dense, XLA sparse, Pallas, per mode (and tiles)."""
+             block_list: list[tuple[int, int] | None] = (None,), mosaic: bool = False) -> None:
+  """The whole FFN core, fwd and fwd+bwd: XLA dense, XLA sparse, Pallas Triton (per tiles)
+  and, with ``mosaic``, Pallas Mosaic GPU, per mode."""
   args = (x["h"], x["w_in"], x["w_out"], x["ct"], x["on"])
   for pass_, wrap in (("fwd", fwd_only), ("fwd+bwd", fwd_bwd)):
     bench.run(Row(shape.size, t, "ffn", "xla_dense", "xla dense ffn", pass_), wrap(dense_ffn), args)
@@ -249,6 +259,11 @@ def ffn_rows(bench: Bench, shape: Shape, t: int, x: dict, modes: list[str], inte
         tiles = f" {blocks[0]}x{blocks[1]}" if blocks else ""
         row = Row(shape.size, t, "ffn", "pallas", f"pallas elas_ffn/{mode}{tiles}", pass_, mode)
         out = bench.run(row, wrap(pallas_ffn(mode, interpret, blocks)), args)
+        row.max_rel_err = bench.error(out, ref)
+        del out
+      if mosaic:  # a shape it cannot serve is a row with its NotImplementedError
+        row = Row(shape.size, t, "ffn", "mosaic", f"mosaic elas_ffn/{mode}", pass_, mode)
+        out = bench.run(row, wrap(mosaic_ffn(mode, interpret)), args)
         row.max_rel_err = bench.error(out, ref)
         del out
       del ref
@@ -496,6 +511,9 @@ def parse_args() -> argparse.Namespace:
   ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
   ap.add_argument("--interpret", choices=("auto", "true", "false"), default="auto",
                   help="Pallas interpret mode (auto: unless the backend is a GPU)")
+  ap.add_argument("--mosaic", choices=("auto", "true", "false"), default="auto",
+                  help="also the Mosaic GPU kernels (kernels/elas_ffn_mosaic.py; auto: on a GPU where "
+                       "this jax has Mosaic GPU; interpreted on CPU they take minutes per row)")
   ap.add_argument("--peak_memory", action=argparse.BooleanOptionalAction, default=None,
                   help="allocator peak of one fwd+bwd step in a child process per (size, T)")
   ap.add_argument("--peak_timeout_s", type=int, default=300)
@@ -515,6 +533,12 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
   args = parse_args()
   interpret = {"true": True, "false": False, "auto": jax.default_backend() != "gpu"}[args.interpret]
+  from kernels import mosaic_compat
+
+  mosaic = {"true": True, "false": False,
+            "auto": not interpret and mosaic_compat.unavailable_reason() is None}[args.mosaic]
+  if mosaic and mosaic_compat.unavailable_reason():
+    raise SystemExit(f"--mosaic true: {mosaic_compat.unavailable_reason()}")
   if args._peak_child:
     size, t, mode = args._peak_child.split(":")
     print(json.dumps(step_peak(size, int(t), args.dtype, interpret, mode)))
@@ -555,7 +579,7 @@ def main() -> None:
         print(f"  skip {size} T={t}: inputs: {why}")
         bench.rows.append(Row(size, t, "ffn", "-", "inputs", status="skipped: " + why))
         continue
-      ffn_rows(bench, shape, t, x, modes, interpret, parse_blocks(args.blocks))
+      ffn_rows(bench, shape, t, x, modes, interpret, parse_blocks(args.blocks), mosaic=mosaic)
       kernel_rows(bench, shape, t, x, interpret)
       del x
       if args.peak_memory and not args.dry_run:

@@ -53,9 +53,9 @@ def value_and_grads(fn, h, w_in, w_out, cot):
   return out, stats, grads
 
 
-def check_ffn(mode, sparse_on, t, f, k, n, dtype, seed=0, **tiles):
+def check_ffn(mode, sparse_on, t, f, k, n, dtype, seed=0, interpret=True, **tiles):
   h, w_in, w_out, cot = ffn_inputs(seed, t, f, k, n, dtype)
-  kern = lambda h, wi, wo: em.elas_ffn(h, wi, wo, sparse_on, mode=mode, interpret=True, **tiles)
+  kern = lambda h, wi, wo: em.elas_ffn(h, wi, wo, sparse_on, mode=mode, interpret=interpret, **tiles)
   ref = lambda h, wi, wo: reference(h, wi, wo, sparse_on, mode=mode)
   out_k, st_k, g_k = value_and_grads(kern, h, w_in, w_out, cot)
   out_r, st_r, g_r = value_and_grads(ref, h, w_in, w_out, cot)
@@ -227,3 +227,41 @@ def test_ranks_beyond_shared_memory_raise_not_implemented():
   # shared memory; the dispatcher must be told so before anything compiles.
   with pytest.raises(NotImplementedError, match="shared memory"):
     em.kernel_specs(16384, 4096, 1024, 1024, mode="masked")
+
+
+@pytest.mark.slow
+def test_kernel_benchmark_times_the_mosaic_kernels_beside_xla(tmp_path):
+  # benchmarks/ffn_kernels.py --mosaic true (what a GPU run does by default): the
+  # Mosaic rows sit beside XLA's and the Triton kernels', each checked against the
+  # XLA op it is timed with.
+  import json
+  import subprocess
+  import sys
+
+  from tests.helpers import ROOT
+
+  p = subprocess.run([sys.executable, "-m", "benchmarks.ffn_kernels", "--preset", "cpu", "--modes", "masked",
+                      "--repeats", "1", "--mosaic", "true", "--out", str(tmp_path)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = json.load(open(tmp_path / "results.json"))["rows"]
+  mosaic = {(r["op"], r["pass_"]): r for r in rows if r["impl"] == "mosaic"}
+  assert sorted(mosaic) == [("mosaic elas_ffn/masked", "fwd"), ("mosaic elas_ffn/masked", "fwd+bwd")]
+  for r in mosaic.values():
+    assert r["status"] == "ok" and r["max_rel_err"] is not None and r["max_rel_err"] < 2e-2, r
+  assert {r["impl"] for r in rows if r["op"].endswith("ffn/masked") or r["op"] == "xla dense ffn"} == {
+      "xla_dense", "xla_sparse", "pallas", "mosaic"}
+
+
+ON_HOPPER = jax.default_backend() == "gpu" and any(
+    name in jax.devices()[0].device_kind.upper() for name in ("H100", "H200"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (H100 / H200): the kernels compile for sm_90a")
+@pytest.mark.parametrize("mode", ["masked", "ste", "split"])
+def test_mosaic_ffn_on_the_gpu_matches_the_reference(mode):
+  # Compiled (not interpreted), the 60M shapes at 1,000 tokens (ragged: 8 pad rows),
+  # sparse and the dense warm-up, against the same jnp reference as on CPU.
+  for sparse_on in (True, False):
+    check_ffn(mode, sparse_on, 1000, 2064, 128, 128, jnp.bfloat16, seed=7, interpret=False)
