@@ -430,7 +430,7 @@ def mosaic_resources(dump_dir: str) -> dict[str, dict]:
     r[key] = max(r[key] or 0, value)
 
   for fn in sorted(os.listdir(dump_dir)):
-    base, dot, ext = fn.partition(".")
+    base, _, ext = fn.partition(".")
     if ext not in ("ptxas", "resources.txt", "ptx"):
       continue
     name = re.sub(r"_\d+$", "", base)
