@@ -146,6 +146,7 @@ class Attention(nnx.Module):
     # model.attention, auto resolved for the devices the step is compiled for
     self.impl = attention.resolve(cfg, sharding.target_device(mesh))
     self.block = cfg.attention_block
+    self.mesh = mesh  # the step's: the cuDNN call's operand layout
     self.q = Projection(d, d, axes=("heads", "embed"), **lin)
     self.k = Projection(d, d, axes=("heads", "embed"), **lin)
     self.v = Projection(d, d, axes=("heads", "embed"), **lin)
@@ -157,7 +158,7 @@ class Attention(nnx.Module):
     q = rotary(split(self.q(x_BxLxD)), self.theta)
     k = rotary(split(self.k(x_BxLxD)), self.theta)
     v = split(self.v(x_BxLxD))
-    o_BxLxNxH = attention.attend(q, k, v, impl=self.impl, block=self.block)
+    o_BxLxNxH = attention.attend(q, k, v, impl=self.impl, block=self.block, mesh=self.mesh)
     o_BxLxNxH = checkpoint_name(o_BxLxNxH, ATTN_OUT)
     return self.o(o_BxLxNxH.reshape(b, l, d))
 

@@ -112,3 +112,21 @@ def test_aot_cli_reports_a_step_that_does_not_compile_in_one_line():
   errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and errors[0].startswith("error: does not compile for h200: train: "), p.stderr[-2000:]
   assert "Traceback" not in p.stderr
+
+
+def test_a_train_step_sharded_over_two_hosts_of_eight_h200s_compiles():
+  # 16 GPUs (topology 1x2x8), FSDP over all of them: the step compiles with its
+  # collectives, cuDNN attention included (its partitioner wants q, k and v in one
+  # layout), and each GPU holds about a sixteenth of the parameters.
+  from elas_jax import deviceless
+
+  cfg = _config("60m")
+  one = deviceless.compile_steps(cfg, "h200", micro_batch=64, programs=("eval",), fit=False)
+  r = deviceless.compile_steps(cfg, "h200", hosts=2, gpus_per_host=8, mesh=(1, -1, 1), micro_batch=64,
+                               programs=("train", "eval"), fit=False)
+  assert one.compiled and r.compiled, (one.failures, r.failures)
+  hlo = r.programs["train"].compiled_object.as_text()
+  assert "all-gather" in hlo and "reduce-scatter" in hlo
+  assert any(k.name == "kCuDnn" for k in r.programs["train"].kernels)
+  # eval's arguments are the parameters and one batch
+  assert r.programs["eval"].memory["argument"] < one.programs["eval"].memory["argument"] / 8

@@ -83,12 +83,30 @@ def check_backend(model_cfg, device=None) -> None:
       raise ConfigError(f"config.model.attention = 'cudnn': {why}; use auto, xla or chunked")
 
 
+def qkv_sharding(mesh: jax.sharding.Mesh, n_heads: int) -> jax.sharding.NamedSharding:
+  """``[B, L, N, H]`` split like the batch (data x fsdp) and, where they divide, the
+  heads over ``tensor``: the one layout the cuDNN call gets for q, k and v."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  tensor = mesh.shape.get("tensor", 1)
+  heads = "tensor" if tensor > 1 and n_heads % tensor == 0 else None
+  return NamedSharding(mesh, P(sharding.BATCH_AXES, None, heads, None))
+
+
 def attend(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array, *,
-           impl: str, block: int = DEFAULT_BLOCK) -> jax.Array:
-  """Causal attention with the resolved implementation ``impl``."""
+           impl: str, block: int = DEFAULT_BLOCK, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+  """Causal attention with the resolved implementation ``impl`` (``mesh``: the
+  step's, for the cuDNN call's operand layout)."""
   if impl == "xla":
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True)
   if impl == "cudnn":
+    if mesh is not None and mesh.size > 1:
+      # cuDNN's custom partitioner refuses q, k and v sharded differently ("Query,
+      # key and value should have same sharding"), which XLA's propagation makes
+      # of FSDP-sharded projections in the backward pass; pin one layout.
+      qkv = qkv_sharding(mesh, q_BxLxNxH.shape[2])
+      q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (jax.lax.with_sharding_constraint(t, qkv)
+                                         for t in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True,
                                         implementation="cudnn")
   if impl == "chunked":
