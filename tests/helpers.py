@@ -7,6 +7,21 @@ from elas_jax import config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def require_deviceless() -> None:
+  """Skip (with the reason) unless this process can compile for a GPU with no GPU
+  present: the jax CUDA plugin installed and the deviceless environment set."""
+  import pytest
+
+  from elas_jax import targets
+
+  if not targets.plugin_available():
+    pytest.skip(f"needs the jax CUDA plugin: {targets.install_hint()}")
+  try:
+    targets.check_environment()
+  except targets.MissingCudaPlugin as e:
+    pytest.skip(str(e))
+
+
 def load_config(path: str, variant: str):
   """A config from ``configs/`` (path relative to the repository root)."""
   return config_lib.load(f"{os.path.join(ROOT, path)}:{variant}")

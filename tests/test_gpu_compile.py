@@ -25,7 +25,7 @@ import pytest
 
 from benchmarks.kernel_tiles import KNOWN, PROGRAMS, SIZES, check_gate, gate_program
 from elas_jax import targets
-from tests.helpers import ROOT
+from tests.helpers import ROOT, require_deviceless
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -34,12 +34,7 @@ TOKENS = 16384
 
 @pytest.fixture(scope="module", autouse=True)
 def deviceless():
-  if not targets.plugin_available():
-    pytest.skip(f"needs the jax CUDA plugin: {targets.install_hint()}")
-  try:
-    targets.check_environment()
-  except targets.MissingCudaPlugin as e:
-    pytest.skip(str(e))
+  require_deviceless()
 
 
 REPORTS = {}

@@ -17,6 +17,7 @@ import pytest
 
 from elas_jax import targets
 from kernels import mosaic_compat as mc
+from tests.helpers import require_deviceless
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -27,12 +28,7 @@ TOKENS = 16384
 def deviceless():
   if mc.unavailable_reason():
     pytest.skip(f"Mosaic GPU unavailable: {mc.unavailable_reason()}")
-  if not targets.plugin_available():
-    pytest.skip(f"needs the jax CUDA plugin: {targets.install_hint()}")
-  try:
-    targets.check_environment()
-  except targets.MissingCudaPlugin as e:
-    pytest.skip(str(e))
+  require_deviceless()
 
 
 @pytest.mark.parametrize("size", ["60m", "130m", "350m", "1b"])

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from elas_jax import config_lib, targets
-from tests.helpers import ROOT, load_config
+from tests.helpers import ROOT, load_config, require_deviceless
 
 pytestmark = pytest.mark.gpu_compile
 
@@ -26,12 +26,7 @@ TRITON = {"elas_ffn_fwd", "elas_ffn_dh", "elas_ffn_dw_in", "elas_ffn_dw_out"}
 
 @pytest.fixture(scope="module", autouse=True)
 def deviceless():
-  if not targets.plugin_available():
-    pytest.skip(f"needs the jax CUDA plugin: {targets.install_hint()}")
-  try:
-    targets.check_environment()
-  except targets.MissingCudaPlugin as e:
-    pytest.skip(str(e))
+  require_deviceless()
 
 
 def _config(size: str, **changes):
