@@ -1,10 +1,10 @@
 """Builds and validates the ml_collections configs of ``configs/``, from tables.
 
-:data:`SIZES` holds one row per model size (shapes and schedule, brief section
-2), :data:`VARIANTS` what each variant changes, :data:`VARIANT_OPTIMIZERS` each
-variant family's optimizer settings. :func:`llama_config` builds a size's config
-in a variant; ``configs/<size>.py`` is that call (plus, for ``tiny``, its CPU
-settings). Every field has one default, set there. :data:`LEGACY_DEFAULTS` says
+:data:`SIZES` holds one row per model size (shapes and schedule of the LLaMA family
+the LORO and ELAS papers train), :data:`VARIANTS` what each variant changes,
+:data:`VARIANT_OPTIMIZERS` each variant family's optimizer settings. :func:`llama_config`
+builds a size's config in a variant; ``configs/<size>.py`` is that call (plus, for
+``tiny``, its CPU settings). Every field has one default, set there. :data:`LEGACY_DEFAULTS` says
 what the fields added later meant for configs saved before them.
 :func:`validate` rejects a config that cannot work with an error naming the
 field; it runs at load and again after command-line overrides.
@@ -24,7 +24,7 @@ from elas_jax.data.sources import FORMATS
 from elas_jax.errors import ConfigError  # re-exported
 from elas_jax.sharding import MESH_AXES
 from elas_jax.ops import attention, ffn
-from elas_jax.ops.sparsity import BACKWARD_MODES
+from elas_kernels.ffn import BACKWARD_MODES
 
 LINEAR_KINDS = ("full", "lowrank", "cola")
 FFN_KINDS = ("swiglu", "relu2")
@@ -36,8 +36,8 @@ RELU2_WIDTH_FACTOR = 1.5  # ReLU² FFN width = int(1.5 x SwiGLU width): same par
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-  """One model size: shapes and schedule (brief section 2; the official LORO and CoLA
-  scripts). A row of :data:`SIZES`."""
+  """One model size: shapes and schedule (the ELAS paper's table, the official LORO and
+  CoLA scripts). A row of :data:`SIZES`."""
 
   d_model: int  # hidden size d
   n_layers: int  # decoder blocks
@@ -90,7 +90,7 @@ VARIANTS = {
     "cola": Variant("cola", "swiglu", False, "cola"),  # CoLA, a second low-rank baseline
 }
 
-# Optimizer settings per variant family, from a size's row (brief sections 4-5).
+# Optimizer settings per variant family, from a size's row (docs/optimizer.md).
 VARIANT_OPTIMIZERS: dict[str, Callable[[Size], dict[str, Any]]] = {
     "full": lambda s: dict(name="adamw", lr=s.full_lr, schedule="cosine", warmup_steps=s.warmup_steps,
                            weight_decay=0.0, grad_clip=0.0, lr_adjust_steps=0),
@@ -144,10 +144,11 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6  # RMSNorm epsilon
   m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
   m.param_dtype = "float32"  # parameter (and optimizer state) dtype: float32 | bfloat16
-  # 2:4 FFN implementation (elas_jax/ops/ffn.py): xla (pure JAX) | triton (the Pallas
-  # Triton kernels of kernels/; "pallas" is its old name) | mosaic (the Pallas Mosaic GPU
-  # kernels, Hopper, jax >= 0.11); both interpreted off GPUs | auto (compiling for a GPU:
-  # mosaic, else triton, else xla, whichever serves first; xla elsewhere)
+  # 2:4 FFN implementation, one of elas_kernels.ffn.IMPLEMENTATIONS (elas_jax/ops/ffn.py):
+  # xla (pure JAX) | triton (the Pallas Triton kernels of kernels/; "pallas" is its old
+  # name) | mosaic (the Pallas Mosaic GPU kernels, Hopper, jax >= 0.11); both interpreted
+  # off GPUs | auto (compiling for a GPU: mosaic, else triton, else xla, whichever serves
+  # first; xla elsewhere)
   m.kernel = "auto"
   # causal attention: xla (jax.nn.dot_product_attention) | cudnn (flash, CUDA GPUs, bf16)
   # | chunked (pure-JAX flash-style, any backend) | auto (cudnn where it can run, else

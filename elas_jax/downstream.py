@@ -59,6 +59,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from elas_jax import decode, sharding
 from elas_jax.errors import UserError
+from elas_jax.ops import ffn
 
 MODEL_NAME = "elas_jax"
 GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
@@ -152,15 +153,15 @@ class ElasJaxLM(TemplateLM):
     if jax.process_count() > 1:
       raise UserError("the elas_jax lm-eval model runs in one process (its mesh spans that "
                       "process's devices); start lm-eval once per host with its own share of tasks")
-    if kernel not in (None, "auto", "xla", "pallas"):
-      raise UserError(f"model_args kernel={kernel!r}: expected auto, xla or pallas")
+    if kernel is not None and kernel not in ffn.KERNELS:
+      raise UserError(f"model_args kernel={kernel!r}: expected one of {', '.join(ffn.KERNELS)}")
     dense = _as_bool(dense, "dense")
     batch = _batch_size(batch_size, max_batch_size)
     step = None if step is None else _as_int(step, "step", minimum=0)
     self.max_gen_toks = _as_int(max_gen_toks, "max_gen_toks")
     del device  # lm-eval's torch device string; the mesh decides here
 
-    run, params, self.step = decode.load(str(workdir), step, mesh=_as_mesh(mesh), kernel=kernel,
+    run, params, self.step = decode.load(str(workdir), step, mesh_shape=_as_mesh(mesh), kernel=kernel,
                                          devices=devices)
     self.run, self.params, self.cfg, self.tok = run, params, run.cfg, run.tokenizer
     self._max_length = (_as_int(max_length, "max_length") if max_length is not None

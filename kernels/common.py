@@ -13,7 +13,7 @@ decompression are element-wise across planes. The compressed activation is
 stored the same way:
 
     vals_4xTxG  plane p holds ``compress_24`` values ``[:, 4g + p]``
-    meta_TxG    uint8, identical to ``elas_jax.ops.sparsity.compress_24``'s metadata
+    meta_TxG    uint8, identical to ``sparse24.compress_24``'s metadata
 
 i.e. exactly the bytes of ``compress_24`` (9/16 of the dense bf16 activation),
 only the values are stored plane-major. :func:`to_planes` / :func:`from_planes`
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels import tiles as tile_tables
+from elas_kernels import tiles as tile_tables
 
 PLANES = 8  # features per metadata byte: two 2:4 groups
 GROUP = 4
@@ -249,16 +249,6 @@ def resolve_tiles(what: str, kernels: Sequence[str], t: int, f: int, k: int, n: 
   return Tiles(tuple(entries)), interpret
 
 
-def resolve_blocks(what: str, t: int, f: int, k: int, n: int, *, block_t: int | None,
-                   block_f: int | None, block_n: int | None = None, interpret: bool | None,
-                   split: bool = False) -> tuple[Blocks, bool]:
-  """One :class:`Blocks` for all kernels (the interface before per-kernel tiles)."""
-  tiles, interpret = resolve_tiles(what, ("all",), t, f, k, n, block_t=block_t, block_f=block_f,
-                                   block_n=block_n, interpret=interpret, split=split,
-                                   target=None, tiles=None)
-  return tiles["all"], interpret
-
-
 def rank_size(n: int) -> int:
   """Padded size of a rank (``K``/``N``) dimension: a power of two, at least 16."""
   return max(MIN_DOT, pl.next_power_of_2(n))
@@ -308,7 +298,7 @@ def compiler_params(interpret: bool, num_warps: int = 4, num_stages: int = 2):
 def keep_24(a: list[jax.Array]) -> list[jax.Array]:
   """Keep-masks of the 2 largest of 4 planes; ties go to the lower plane.
 
-  Same rule as ``elas_jax.ops.sparsity.mask_24`` with ``a`` already magnitudes.
+  Same rule as ``sparse24.mask_24`` with ``a`` already magnitudes.
   """
   keep = []
   for i in range(GROUP):

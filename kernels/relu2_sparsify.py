@@ -3,7 +3,7 @@
     vals_4xTxG, meta_TxG = relu2_sparsify(z_TxK, w_FxK)     # G = F / 8
 
 returns the 2:4-compressed ``sparsify_24(relu(z wᵀ)²)`` in the plane layout of
-``kernels/common.py`` (the bytes of ``elas_jax.ops.sparsity.compress_24``, values
+``kernels/common.py`` (the bytes of ``sparse24.compress_24``, values
 plane-major). With ``z`` the rank-r code and ``w = B_up`` this is the first
 half of the ELAS FFN; its cost is reading ``z`` and writing 9/16 of the dense
 activation, so it should run near copy bandwidth.
@@ -23,16 +23,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from elas_jax.ops import sparsity
-from kernels import common as cm
-from kernels.common import PLANES
+from elas_kernels import common as cm
+from elas_kernels import sparse24
+from elas_kernels.common import PLANES
+from elas_kernels.gpu import GpuSpec
 
 
 def reference(z_TxK: jax.Array, w_FxK: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Pure jnp: ``compress_24(sparsify_24(relu(z wᵀ)²))`` in the plane layout."""
   y1 = jnp.einsum("tk,fk->tf", z_TxK, w_FxK, preferred_element_type=jnp.float32).astype(z_TxK.dtype)
   r = jnp.maximum(y1, 0)
-  values, meta = sparsity.compress_24(r * r)
+  values, meta = sparse24.compress_24(r * r)
   return cm.to_planes(values), meta
 
 
@@ -171,6 +172,29 @@ def _bwd(tiles, interpret, res, cot):
   return dz[:t, :k].astype(z.dtype), d_w.astype(w.dtype)
 
 
+VARIANTS = {name: [{}] for name in KERNELS}  # one code path per kernel
+
+
+def kernel_program(kernel: str, variant: dict, t: int, f: int, r: int, blocks: cm.Blocks,
+                   dtype=jnp.bfloat16):
+  """``(fn, abstract args)``: one kernel of :data:`KERNELS` alone, compiled for a GPU with
+  ``blocks`` for every kernel, on operands padded as the op pads them (``T`` tokens,
+  ``F`` features, rank ``r``). What a compile-time tile search compiles."""
+  del variant  # one code path per kernel
+  S = jax.ShapeDtypeStruct
+  tiles = cm.Tiles.uniform(KERNELS, blocks)
+  tp, kp = cm.padded(t, blocks.block_t * max(1, blocks.split_t)), cm.rank_size(r)
+  fp = cm.padded(f - f % PLANES, blocks.block_f)
+  z, w = S((tp, kp), dtype), S((fp, kp), dtype)
+  if kernel == "relu2_sparsify_fwd":
+    return (lambda z, w: _forward(tiles, False, z, w)), (z, w)
+  if kernel in ("relu2_sparsify_dz", "relu2_sparsify_dw"):
+    def fn(z, w, dv):
+      return _bwd(tiles, False, (z, w), (dv, None))[0 if kernel.endswith("dz") else 1]
+    return fn, (z, w, S((4, tp, fp // PLANES), dtype))
+  raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _core(tiles, interpret, z, w):
   return _forward(tiles, interpret, z, w)
@@ -186,14 +210,14 @@ def relu2_sparsify(
     block_t: int | None = None,
     block_f: int | None = None,
     interpret: bool | None = None,
-    target: str | None = None,
+    gpu: GpuSpec | None = None,
     tiles: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """2:4-compressed ``relu(z wᵀ)²``: values ``[4, T, F/8]`` and uint8 metadata ``[T, F/8]``.
 
   ``F`` must be a multiple of 8 (two 2:4 groups per metadata byte); ``T``
-  and ``F`` need not divide the blocks (padded). ``interpret``, ``target``
-  and ``tiles`` (per kernel of :data:`KERNELS`) as in ``kernels.elas_ffn.elas_ffn``.
+  and ``F`` need not divide the blocks (padded). ``interpret``, ``gpu``
+  and ``tiles`` (per kernel of :data:`KERNELS`) as in :class:`elas_kernels.ffn.triton.TritonFfn`.
   """
   if z_TxK.ndim != 2 or w_FxK.ndim != 2 or z_TxK.shape[1] != w_FxK.shape[1]:
     raise ValueError(f"relu2_sparsify: expected z [T, K] and w [F, K]; got {z_TxK.shape}, "
@@ -204,6 +228,7 @@ def relu2_sparsify(
     raise ValueError(f"relu2_sparsify: F={f} is not a multiple of 8 (two 2:4 groups per "
                      "metadata byte); split off the tail and handle it densely")
   tiles_, interpret = cm.resolve_tiles("relu2_sparsify", KERNELS, t, f, k, k, block_t=block_t,
-                                       block_f=block_f, interpret=interpret, target=target,
-                                       tiles=tiles, whole_out={"relu2_sparsify_dz": "block_k"})
+                                       block_f=block_f, interpret=interpret,
+                                       target=None if gpu is None else gpu.name, tiles=tiles,
+                                       whole_out={"relu2_sparsify_dz": "block_k"})
   return _core(tiles_, interpret, z_TxK, w_FxK.astype(z_TxK.dtype))

@@ -21,10 +21,71 @@ FLOP/B, above the H200's ridge of 989/4.8 = 206 FLOP/B: compute-bound.
 
 from __future__ import annotations
 
-from elas_jax.targets import bounds as rl
-from elas_jax.targets import spec
+import dataclasses
+
+from elas_kernels.gpu import H200, GpuSpec
 
 BF16, F32 = 2, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+  """One computation at one target's peaks.
+
+  ``flops``: the arithmetic the computation must do (2 per multiply-add);
+  ``bytes``: the HBM traffic it cannot avoid (every input read once, every
+  output written once). ``time_s = max(flops / peak, bytes / bandwidth)``
+  is a lower bound no kernel beats.
+  """
+
+  name: str
+  flops: float
+  bytes: float
+  target: str
+  peak_flops_per_s: float
+  bytes_per_s: float
+
+  @property
+  def intensity(self) -> float:
+    """FLOP per byte."""
+    return self.flops / self.bytes if self.bytes else float("inf")
+
+  @property
+  def compute_s(self) -> float:
+    return self.flops / self.peak_flops_per_s
+
+  @property
+  def memory_s(self) -> float:
+    return self.bytes / self.bytes_per_s
+
+  @property
+  def time_s(self) -> float:
+    return max(self.compute_s, self.memory_s)
+
+  @property
+  def bound(self) -> str:
+    return "compute" if self.compute_s >= self.memory_s else "memory"
+
+  def as_dict(self) -> dict:
+    return {"name": self.name, "flops": self.flops, "bytes": self.bytes,
+            "intensity": self.intensity, "time_us": self.time_s * 1e6, "bound": self.bound,
+            "target": self.target}
+
+
+def roofline(name: str, flops: float, bytes_: float, gpu: GpuSpec = H200) -> Roofline:
+  """A :class:`Roofline` at ``gpu``'s dense bf16 tensor-core peak and HBM bandwidth."""
+  return Roofline(name, float(flops), float(bytes_), gpu.name, gpu.bf16_flops_per_s,
+                  gpu.hbm_bytes_per_s)
+
+
+def markdown(rows: list[Roofline]) -> str:
+  """A markdown table of rooflines."""
+  out = ["| computation | GFLOP | MB moved | FLOP/B | lower bound µs | bound |",
+         "|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r.name} | {r.flops / 1e9:.2f} | {r.bytes / 1e6:.1f} | {r.intensity:.0f} "
+               f"| {r.time_s * 1e6:.1f} | {r.bound} |")
+  return "\n".join(out)
 
 
 def _act_bytes(t: int, f: int) -> float:
@@ -33,7 +94,7 @@ def _act_bytes(t: int, f: int) -> float:
 
 
 def ffn_kernels(t: int, f: int, r: int, *, mode: str = "masked", train: bool = True,
-                target: str | spec.Target = "h200") -> list[rl.Roofline]:
+                gpu: GpuSpec = H200) -> list[Roofline]:
   """Rooflines of ``elas_ffn``'s kernels and of the whole FFN core (last row).
 
   ``train``: forward stores the compressed activation and the backward runs;
@@ -42,7 +103,7 @@ def ffn_kernels(t: int, f: int, r: int, *, mode: str = "masked", train: bool = T
   """
   w = 2 * f * r * BF16  # w_in and w_out, once
   fwd_bytes = t * r * BF16 + w + t * r * F32 + (_act_bytes(t, f) if train and mode != "ste" else 0)
-  rows = [rl.roofline("elas_ffn_fwd", 4 * t * f * r, fwd_bytes, target)]
+  rows = [roofline("elas_ffn_fwd", 4 * t * f * r, fwd_bytes, gpu)]
   if not train:
     return rows
   recompute = mode == "ste"
@@ -50,35 +111,19 @@ def ffn_kernels(t: int, f: int, r: int, *, mode: str = "masked", train: bool = T
   y1 = 2 * t * f * r if recompute else 0
   rows += [
       # dh: dy2 = g w_out, dh = dy1 w_in
-      rl.roofline("elas_ffn_dh", 4 * t * f * r + y1,
-                  t * r * BF16 + src_bytes + w + t * r * F32, target),
+      roofline("elas_ffn_dh", 4 * t * f * r + y1,
+               t * r * BF16 + src_bytes + w + t * r * F32, gpu),
       # dw_in: dy2 again, dw_in = dy1ᵀ h
-      rl.roofline("elas_ffn_dw_in", 4 * t * f * r + y1,
-                  t * r * BF16 + src_bytes + (0 if recompute else t * r * BF16) + w + f * r * F32,
-                  target),
+      roofline("elas_ffn_dw_in", 4 * t * f * r + y1,
+               t * r * BF16 + src_bytes + (0 if recompute else t * r * BF16) + w + f * r * F32,
+               gpu),
       # dw_out = gᵀ y2s
-      rl.roofline("elas_ffn_dw_out", 2 * t * f * r + y1,
-                  t * r * BF16 + src_bytes + f * r * BF16 + f * r * F32, target),
+      roofline("elas_ffn_dw_out", 2 * t * f * r + y1,
+               t * r * BF16 + src_bytes + f * r * BF16 + f * r * F32, gpu),
   ]
   total_flops = sum(x.flops for x in rows)
   # The core as a whole: h, g in; the activation out and back in; out, dh, dW out.
   total_bytes = (2 * t * r * BF16 + (0 if recompute else 2 * _act_bytes(t, f)) + w
                  + 2 * t * r * F32 + 2 * f * r * F32)
-  rows.append(rl.roofline(f"elas_ffn fwd+bwd ({mode})", total_flops, total_bytes, target))
+  rows.append(roofline(f"elas_ffn fwd+bwd ({mode})", total_flops, total_bytes, gpu))
   return rows
-
-
-def op_kernels(t: int, f: int, r: int, target: str | spec.Target = "h200") -> list[rl.Roofline]:
-  """Rooflines of ``relu2_sparsify`` and ``sparse24_matmul``, forward and backward."""
-  act = _act_bytes(t, f)
-  return [
-      rl.roofline("relu2_sparsify_fwd", 2 * t * f * r, t * r * BF16 + f * r * BF16 + act, target),
-      rl.roofline("relu2_sparsify_dz", 4 * t * f * r,
-                  t * r * BF16 + f * r * BF16 + t * f / 2 * BF16 + t * r * F32, target),
-      rl.roofline("relu2_sparsify_dw", 4 * t * f * r,
-                  t * r * BF16 + f * r * BF16 + t * f / 2 * BF16 + f * r * F32, target),
-      rl.roofline("sparse24_matmul_fwd", 2 * t * f * r, act + f * r * BF16 + t * r * BF16, target),
-      rl.roofline("sparse24_matmul_dvals", 2 * t * f * r,
-                  t * r * BF16 + t * f / 8 + f * r * BF16 + t * f / 2 * BF16, target),
-      rl.roofline("sparse24_matmul_dw", 2 * t * f * r, t * r * BF16 + act + f * r * F32, target),
-  ]

@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from elas_jax.ops import sparsity
-from kernels import common as cm
-from kernels.common import PLANES
+from elas_kernels import common as cm
+from elas_kernels import sparse24
+from elas_kernels.common import PLANES
+from elas_kernels.gpu import GpuSpec
 
 
 def reference(vals_4xTxG: jax.Array, meta_TxG: jax.Array, w_NxF: jax.Array) -> jax.Array:
   """Pure jnp: ``decompress_24(vals, meta) @ wᵀ`` (fp32 accumulation)."""
-  dense = sparsity.decompress_24(cm.from_planes(vals_4xTxG), meta_TxG)
+  dense = sparse24.decompress_24(cm.from_planes(vals_4xTxG), meta_TxG)
   return jnp.einsum("tf,nf->tn", dense, w_NxF,
                     preferred_element_type=jnp.float32).astype(vals_4xTxG.dtype)
 
@@ -149,6 +150,29 @@ def _bwd(tiles, interpret, res, g_out):
   return d_vals[:, :t, : vals.shape[2]], None, d_w
 
 
+VARIANTS = {name: [{}] for name in KERNELS}  # one code path per kernel
+
+
+def kernel_program(kernel: str, variant: dict, t: int, f: int, r: int, blocks: cm.Blocks,
+                   dtype=jnp.bfloat16):
+  """``(fn, abstract args)``: one kernel of :data:`KERNELS` alone, compiled for a GPU with
+  ``blocks`` for every kernel, on operands padded as the op pads them (``T`` tokens,
+  ``F`` features, output rank ``r``). What a compile-time tile search compiles."""
+  del variant  # one code path per kernel
+  S = jax.ShapeDtypeStruct
+  tiles = cm.Tiles.uniform(KERNELS, blocks)
+  tp, n = cm.padded(t, blocks.block_t * max(1, blocks.split_t)), cm.rank_size(r)
+  fp = cm.padded(f - f % PLANES, blocks.block_f)
+  v, m, w = S((4, tp, fp // PLANES), dtype), S((tp, fp // PLANES), jnp.uint8), S((n, fp), dtype)
+  if kernel == "sparse24_matmul_fwd":
+    return (lambda v, m, w: _forward(tiles, False, v, m, w)), (v, m, w)
+  if kernel in ("sparse24_matmul_dvals", "sparse24_matmul_dw"):
+    def fn(v, m, w, go):
+      return _bwd(tiles, False, (v, m, w), go)[0 if kernel.endswith("dvals") else 2]
+    return fn, (v, m, w, S((tp, n), dtype))
+  raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _core(tiles, interpret, vals, meta, w):
   return _forward(tiles, interpret, vals, meta, w)
@@ -167,14 +191,14 @@ def sparse24_matmul(
     block_f: int | None = None,
     block_n: int | None = None,
     interpret: bool | None = None,
-    target: str | None = None,
+    gpu: GpuSpec | None = None,
     tiles: dict | None = None,
 ) -> jax.Array:
   """``decompress_24(vals, meta) @ wᵀ`` from the compressed plane layout; ``[T, N]``.
 
   Differentiable in ``vals`` (gradient at the kept positions) and ``w``.
-  ``interpret``, ``target`` and ``tiles`` (per kernel of :data:`KERNELS`) as in
-  ``kernels.elas_ffn.elas_ffn``.
+  ``interpret``, ``gpu`` and ``tiles`` (per kernel of :data:`KERNELS`) as in
+  :class:`elas_kernels.ffn.triton.TritonFfn`.
   """
   if vals_4xTxG.ndim != 3 or vals_4xTxG.shape[0] != 4:
     raise ValueError(f"sparse24_matmul: vals must be [4, T, F/8], got {vals_4xTxG.shape}")
@@ -187,5 +211,6 @@ def sparse24_matmul(
   n = w_NxF.shape[0]
   tiles_, interpret = cm.resolve_tiles("sparse24_matmul", KERNELS, t, g * PLANES, n, n,
                                        block_t=block_t, block_f=block_f, block_n=block_n,
-                                       interpret=interpret, target=target, tiles=tiles)
+                                       interpret=interpret,
+                                       target=None if gpu is None else gpu.name, tiles=tiles)
   return _core(tiles_, interpret, vals_4xTxG, meta_TxG, w_NxF.astype(vals_4xTxG.dtype))

@@ -2,7 +2,7 @@
 
 ``kernels/tiles_<target>.json`` (written by ``python -m benchmarks.kernel_tiles
 --target <target>``, a compile-time search; see docs/kernels.md) holds, per
-shape class, the :class:`kernels.common.Blocks` fields of every kernel:
+shape class, the :class:`elas_kernels.common.Blocks` fields of every kernel:
 
     {"target": "h200", "tokens": 16384,
      "classes": {"r128": {"elas_ffn_fwd": {"block_t": 64, ...}, ...}, ...}}
@@ -46,7 +46,7 @@ def shape_class(k: int, n: int) -> str:
 
 def lookup(target: str, kernels: Sequence[str], *, t: int, f: int, k: int, n: int,
            split: bool = False) -> dict:
-  """Kernel name -> its ``kernels.common.Blocks`` fields (a dict) from ``target``'s table for
+  """Kernel name -> its ``elas_kernels.common.Blocks`` fields (a dict) from ``target``'s table for
   this shape (missing names left out)."""
   entry = load(target).get("classes", {}).get(shape_class(k, n), {})
   out = {}

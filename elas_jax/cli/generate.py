@@ -98,7 +98,7 @@ def main(argv) -> None:
   texts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
 
   run, params, step = decode.load(_WORKDIR.value, _STEP.value,
-                                  mesh=sharding.parse_mesh(_MESH.value),
+                                  mesh_shape=sharding.parse_mesh(_MESH.value),
                                   kernel=_KERNEL.value)
   cfg, tok = run.cfg, run.tokenizer
   max_len = _MAX_LEN.value or cfg.train.seq_len

@@ -1,118 +1,58 @@
-"""The 2:4-sparse FFN core and its implementations: one table, one entry point.
+"""The 2:4-sparse FFN core in the model: an implementation chosen for the compile target.
 
 ``sparse_ffn(h, w_in, w_out, sparse_on, kernel=..., mesh=...)`` computes
 ``sparsify_24(relu(h @ w_inᵀ)²) @ w_outᵀ`` (and its statistics) with the
-implementation ``config.model.kernel`` names:
+implementation ``config.model.kernel`` names, from the one table of
+implementations, :data:`elas_kernels.ffn.IMPLEMENTATIONS` (``xla``, ``triton``,
+``mosaic``; ``pallas`` is ``triton``'s old name and still accepted), or
+``auto``: for the devices the step is compiled for (the mesh's, not this
+process's), on a GPU the first of :data:`AUTO_ORDER` that serves the call,
+elsewhere ``xla``.
 
-  ``xla``     :func:`elas_jax.ops.sparsity.relu2_sparse_ffn`, pure JAX (the ground truth)
-  ``triton``  the Pallas kernels of ``kernels/elas_ffn.py`` (Pallas' Triton lowering;
-              interpreted on CPU); ``pallas`` is its old name and still accepted
-  ``mosaic``  the Pallas Mosaic GPU kernels of ``kernels/elas_ffn_mosaic.py`` (Hopper:
-              TMA, wgmma; jax >= 0.11; interpreted on CPU)
-  ``auto``    for the devices the step is compiled for (the mesh's, not this
-              process's): on a GPU the first of :data:`AUTO_ORDER` that serves the
-              call, elsewhere ``xla``
-
-An implementation that cannot serve a call (a dtype, a shape, a GPU, a jax
-version) raises ``NotImplementedError`` with the reason when it is traced;
-``auto`` then logs the reason and falls through to the next one (tokamax's
-pattern); an explicit choice fails with that reason.
+Each implementation is built for the mesh's devices: Pallas kernels interpreted
+off GPUs, and on a GPU given that GPU's facts (tile tables, SMs, shared memory:
+:class:`elas_kernels.gpu.GpuSpec` from :mod:`elas_jax.targets`). One that cannot
+serve a call (a dtype, a shape, a GPU, a jax version) raises
+``NotImplementedError`` with the reason when it is traced; ``auto`` then logs
+the reason and falls through to the next one (tokamax's pattern); an explicit
+choice fails with that reason.
 
 Every implementation has the same arguments, results and gradients. A Pallas
 call is opaque to XLA's SPMD partitioner, which would gather the whole batch
 onto every device; on a mesh whose batch axes split the tokens, such an
-implementation runs in ``shard_map`` over those axes with the (small,
-low-rank) weights whole on every device, and its statistics are averaged over
-the shards (split mode then permutes tokens within a shard). The mesh is an
-argument, never read from ambient state.
+implementation (``per_device``) runs in ``shard_map`` over those axes with the
+(small, low-rank) weights whole on every device, and its statistics are
+averaged over the shards (split mode then permutes tokens within a shard). The
+mesh is an argument, never read from ambient state.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Callable
 
 import jax
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from elas_jax import sharding
-from elas_jax.ops import sparsity
 from elas_jax.targets import spec
+from elas_kernels import ffn as kernel_ffn
 
-FfnFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-  """One way to compute the FFN core.
-
-  ``make(device)`` returns the function ``(h, w_in, w_out, sparse_on, *,
-  mode, dense_fraction) -> (out, stats)`` compiled for devices like ``device``
-  (one of the mesh's, perhaps of a deviceless GPU topology), e.g. a kernel in
-  interpret mode off GPUs, with the tile table of its GPU on one.
-  ``per_device``: an opaque custom call, run per device under ``shard_map``.
-  """
-
-  make: Callable[[str], FfnFn]
-  per_device: bool
-
-
-def _xla(device) -> FfnFn:
-  del device  # XLA compiles it for any backend
-  return sparsity.relu2_sparse_ffn
-
-
-def _gpu_target(device) -> str | None:
-  """The name of ``device``'s GPU target (its tile table), None off GPUs or for an
-  unknown GPU (the kernels then take the H200's table)."""
-  if sharding.platform_of(device) != "gpu":
-    return None
-  target = spec.for_device(device)
-  return None if target is None else target.name
-
-
-def _triton(device) -> FfnFn:
-  from kernels import elas_ffn  # the repository's kernels package (see kernels/__init__.py)
-
-  interpret = sharding.platform_of(device) != "gpu"
-  target = _gpu_target(device)
-
-  def fn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
-    return elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction,
-                             interpret=interpret, target=target)
-
-  return fn
-
-
-def _mosaic(device) -> FfnFn:
-  from kernels import elas_ffn_mosaic
-
-  interpret = sharding.platform_of(device) != "gpu"
-  if not interpret:
-    target = spec.for_device(device)
-    if target is not None and target.compute_capability[0] != 9:
-      raise NotImplementedError(f"the Mosaic GPU kernels need a Hopper GPU (sm_90); "
-                                f"{device.device_kind} is sm_{''.join(map(str, target.compute_capability))}")
-
-  def fn(h, w_in, w_out, sparse_on, *, mode, dense_fraction):
-    return elas_ffn_mosaic.elas_ffn(h, w_in, w_out, sparse_on, mode=mode,
-                                    dense_fraction=dense_fraction, interpret=interpret)
-
-  return fn
-
-
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    "xla": Implementation(_xla, per_device=False),
-    "triton": Implementation(_triton, per_device=True),
-    "mosaic": Implementation(_mosaic, per_device=True),
-}
+IMPLEMENTATIONS = kernel_ffn.IMPLEMENTATIONS  # name -> FfnCore subclass: the one table
 ALIASES = {"pallas": "triton"}  # names saved configs may hold
 # What ``auto`` tries, in order, by the compile target's platform.
 AUTO_ORDER = {"gpu": ("mosaic", "triton", "xla")}
 DEFAULT_ORDER = ("xla",)
 KERNELS = ("auto", *IMPLEMENTATIONS, *ALIASES)  # the values of config.model.kernel
 _LOGGED: set[str] = set()
+
+
+def build(name: str, device) -> kernel_ffn.FfnCore:
+  """Implementation ``name`` built for devices like ``device`` (one of the mesh's, perhaps
+  of a deviceless GPU topology): interpreted off GPUs, given the GPU's facts on one (an
+  unknown GPU: the kernels' defaults)."""
+  on_gpu = sharding.platform_of(device) == "gpu"
+  target = spec.for_device(device) if on_gpu else None
+  return IMPLEMENTATIONS[name](interpret=not on_gpu,
+                               gpu=None if target is None else target.gpu_spec())
 
 
 def platform(mesh: jax.sharding.Mesh | None) -> str:
@@ -144,7 +84,7 @@ def sparse_ffn(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_o
                mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """``sparsify_24(relu(h @ w_inᵀ)²) @ w_outᵀ`` and its statistics, by ``kernel``.
 
-  Arguments and results as :func:`elas_jax.ops.sparsity.relu2_sparse_ffn`
+  Arguments and results as :class:`elas_kernels.ffn.FfnCore`
   (``h`` is ``[B, L, K]`` in the model, split over the mesh's batch axes);
   ``mesh`` is the mesh the step is compiled for (None: one device).
   """
@@ -164,13 +104,12 @@ def sparse_ffn(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_o
 
 
 def _run(name: str, h, w_in_FxK, w_out_NxF, sparse_on, *, mode, dense_fraction, mesh):
-  impl = IMPLEMENTATIONS[name]
-  fn = impl.make(sharding.target_device(mesh))
+  op = build(name, sharding.target_device(mesh))
 
   def local(h, w_in, w_out, sparse_on):
-    return fn(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction)
+    return op(h, w_in, w_out, sparse_on, mode=mode, dense_fraction=dense_fraction)
 
-  batch = _batch_axes(mesh) if impl.per_device else ()
+  batch = _batch_axes(mesh) if op.per_device else ()
   if not batch:
     return local(h, w_in_FxK, w_out_NxF, sparse_on)
 

@@ -27,8 +27,8 @@ API:
     ``jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`` and compiles with
     XLA dump options scoped to that compile; never raises for a compiler
     refusal. ``fail_on_spill=True`` adds XLA's own spill gate.
-  * :func:`roofline` -> :class:`Roofline` (module ``bounds``; :func:`markdown` tables them): FLOPs and bytes -> intensity and
-    the lower-bound time at a target's peaks.
+  * :class:`Roofline` / :func:`markdown` (from :mod:`elas_kernels.roofline`, at a
+    ``Target.gpu_spec()``'s peaks): FLOPs and bytes -> intensity and the lower-bound time.
   * :func:`check_environment` / :func:`plugin_available` / :func:`deviceless_env`:
     the CUDA plugin must be importable (``pip install "jax[cuda12]==<jax version>"``)
     and the process run with ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``;
@@ -42,12 +42,12 @@ from elas_jax.targets.compile import (ENV, CompileReport, KernelInfo, MissingCud
                                       deviceless_env, install_hint, make_mesh, one_line,
                                       parse_thunk_metadata, parse_thunk_sequence, plugin_available,
                                       ptxas_resources, target_context, topology)
-from elas_jax.targets.bounds import Roofline, markdown, roofline
 from elas_jax.targets.spec import TARGETS, Target, config_path, for_device, get
+from elas_kernels.roofline import Roofline, markdown
 
 __all__ = [
     "ENV", "TARGETS", "CompileReport", "KernelInfo", "MissingCudaPlugin", "Roofline", "Target", "markdown",
     "abstract_args", "check_environment", "compile_for_target", "config_path", "deviceless_env", "for_device",
     "get", "install_hint", "make_mesh", "one_line", "parse_thunk_metadata", "parse_thunk_sequence",
-    "plugin_available", "ptxas_resources", "roofline", "target_context", "topology",
+    "plugin_available", "ptxas_resources", "target_context", "topology",
 ]

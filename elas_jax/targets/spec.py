@@ -16,6 +16,7 @@ import os
 import re
 
 from elas_jax import flops
+from elas_kernels.gpu import GpuSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("h200", "h100", "a100")
@@ -68,6 +69,12 @@ class Target:
   def ridge_flops_per_byte(self) -> float:
     """Arithmetic intensity above which a kernel is compute-bound at the peaks."""
     return self.bf16_flops_per_s / self.hbm_bytes_per_s
+
+  def gpu_spec(self) -> GpuSpec:
+    """What the kernels need of this GPU (they never import this package)."""
+    return GpuSpec(name=self.name, compute_capability=self.compute_capability,
+                   sm_count=self.sm_count, smem_per_block=self.smem_per_block,
+                   bf16_flops_per_s=self.bf16_flops_per_s, hbm_bytes_per_s=self.hbm_bytes_per_s)
 
   def programs_per_sm(self, threads: int, registers: int | None, smem_bytes: int) -> int:
     """Thread blocks of one kernel resident on one SM at once (its occupancy).

@@ -1,6 +1,7 @@
-"""The whole 2:4-sparse squared-ReLU FFN core as Pallas kernels, forward and backward.
+"""The 2:4-sparse squared-ReLU FFN core as Pallas Triton kernels, forward and backward.
 
-Computes what ``elas_jax.ops.sparsity.relu2_sparse_ffn`` computes (its reference):
+The ``triton`` implementation of :mod:`elas_kernels.ffn.base`'s contract (its reference:
+``base.reference``):
 
     out_TxN = sparsify_24(relu(h_TxK @ w_inᵀ)²) @ w_outᵀ       w_in [F, K], w_out [N, F]
 
@@ -38,50 +39,13 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
-from elas_jax.ops import sparsity
-from kernels import common as cm
-from kernels.common import PLANES
+from elas_kernels import common as cm
+from elas_kernels import sparse24
+from elas_kernels.common import PLANES
+from elas_kernels.ffn import base
+from elas_kernels.gpu import GpuSpec
 
-
-def reference(h: jax.Array, w_in_FxK: jax.Array, w_out_NxF: jax.Array, sparse_on, *,
-              mode: str = "masked", dense_fraction: float = 0.05
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Plain jnp, no ``custom_vjp``: what ``relu2_sparse_ffn`` computes, differentiated
-  by ``jax.grad`` itself, so the tests' gradients do not share the code under test.
-
-  Each backward mode is written as the forward whose autodiff is that mode:
-  ``masked`` is autodiff of the 2:4-masked forward; ``ste`` adds the mask as a
-  constant (``y2 + stop_gradient(y2s - y2)``: the value is ``y2s``, the gradient
-  passes the mask); ``split`` feeds ``w_out`` a zero-valued term whose
-  gradient is the token-wise 2:4 activation. Only the selection rules
-  (``mask_24``, ``token_keep_24``, ``densest_features``) come from
-  ``elas_jax.ops.sparsity``; they are plain jnp and tested there against numpy.
-  """
-  lead = h.shape[:-1]
-  h_TxK = h.reshape(-1, h.shape[-1])
-  sparse_on = jnp.asarray(sparse_on, bool)
-  y1 = jnp.einsum("tk,fk->tf", h_TxK, w_in_FxK, preferred_element_type=jnp.float32)
-  r = jnp.maximum(y1.astype(h.dtype), 0)
-  y2 = r * r
-  keep24 = sparsity.mask_24(y2)
-  y2s = jnp.where(keep24 | ~sparse_on, y2, jnp.zeros((), y2.dtype))
-  if mode == "ste":
-    y2s = y2 + jax.lax.stop_gradient(y2s - y2)
-  if mode != "split":
-    out = jnp.einsum("tf,nf->tn", y2s, w_out_NxF, preferred_element_type=jnp.float32)
-  else:  # w_out's gradient from a zero-valued term: gᵀ y2_dw
-    y2c = jax.lax.stop_gradient(y2s)
-    dense_F = sparsity.densest_features(jnp.sum(y2c != 0, axis=0), dense_fraction)
-    y2_dw = jnp.where(sparsity.token_keep_24(y2c, dense_F) | ~sparse_on, y2c, 0)
-    w_const = jax.lax.stop_gradient(w_out_NxF)
-    out = (jnp.einsum("tf,nf->tn", y2s, w_const, preferred_element_type=jnp.float32)
-           + jnp.einsum("tf,nf->tn", y2_dw, w_out_NxF - w_const, preferred_element_type=jnp.float32))
-  y2f = jax.lax.stop_gradient(y2).astype(jnp.float32)
-  total = jnp.sum(y2f)
-  stats = {"zero_frac": jnp.mean((y2f == 0).astype(jnp.float32)),
-           "dropped_mass": jnp.sum(jnp.where(keep24, 0.0, y2f))
-           / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)}
-  return out.astype(h.dtype).reshape(*lead, -1), stats
+reference = base.reference  # the op's plain-jnp definition, which the tests compare with
 
 
 # --------------------------------------------------------------------------
@@ -404,6 +368,47 @@ def _dw_call(h, g_out, win_p, wout_p, vals, meta, dense_f, tok_dense, source, dw
                        interpret))
 
 
+# The code paths one tile must serve, per kernel (what a tile search compiles): the
+# backward kernels run on the compressed activation (masked / split) or recompute it
+# (ste, the dense warm-up); dw_out masks by ste or, in split mode, by tokens (its own
+# tile-table entry, "elas_ffn_dw_out/split").
+VARIANTS = {
+    "elas_ffn_fwd": [dict(store=True, want_nnz=True), dict(store=False, want_nnz=False)],
+    "elas_ffn_dh": [dict(source="compressed"), dict(source="recompute")],
+    "elas_ffn_dw_in": [dict(source="compressed"), dict(source="recompute")],
+    "elas_ffn_dw_out": [dict(source="compressed", dw_mask="none"),
+                        dict(source="recompute", dw_mask="ste")],
+    "elas_ffn_dw_out/split": [dict(source="compressed", dw_mask="tokens")],
+}
+
+
+def kernel_program(kernel: str, variant: dict, t: int, f: int, r: int, blocks: cm.Blocks,
+                   dtype=jnp.bfloat16):
+  """``(fn, abstract args)``: one kernel of :data:`VARIANTS` alone, compiled for a GPU
+  with ``blocks``, on operands padded and planed as the op pads them (``T`` tokens,
+  ``F`` features, ranks ``K = N = r``). What a compile-time tile search compiles."""
+  S = jax.ShapeDtypeStruct
+  k = n = cm.rank_size(r)
+  fp = cm.padded(f - f % 4, blocks.block_f)
+  tp = cm.padded(t, blocks.block_t * max(1, blocks.split_t))
+  g = fp // PLANES
+  h, go, wi, wo = S((tp, k), dtype), S((tp, n), dtype), S((PLANES, g, k), dtype), S((PLANES, n, g), dtype)
+  vals, meta = S((4, tp, g), dtype), S((tp, g), jnp.uint8)
+  name = kernel.split("/")[0]
+  if name == "elas_ffn_fwd":
+    return (lambda flag, h, wi, wo: _fwd_call(flag, h, wi, wo, blocks, False, **variant),
+            (S((1,), jnp.int32), h, wi, wo))
+  if name == "elas_ffn_dh":
+    return (lambda *a: _dh_call(*a, variant["source"], blocks, False), (h, go, wi, wo, vals, meta))
+  if name == "elas_ffn_dw_in":
+    return (lambda *a: _dw_in_call(*a, variant["source"], blocks, False),
+            (h, go, wi, wo, vals, meta))
+  if name == "elas_ffn_dw_out":
+    return (lambda *a: _dw_out_call(*a, variant["source"], variant["dw_mask"], blocks, False),
+            (h, go, wi, vals, meta, S((PLANES, g), jnp.int32), S((tp,), jnp.int32)))
+  raise ValueError(f"unknown kernel {kernel!r}; expected one of {list(VARIANTS)}")
+
+
 # --------------------------------------------------------------------------
 # Layout of one call: padding, planes, the dense tail, the split token order.
 # --------------------------------------------------------------------------
@@ -436,12 +441,12 @@ def _split_order(t: int, t_pad: int, bt: int):
   """Kernel token order for split mode, and which rows keep all tokens.
 
   The reference groups tokens ``perm[4m .. 4m+3]`` (``perm`` =
-  ``sparsity.split_token_order(t)``); the dw kernel groups the
+  ``sparse24.split_token_order(t)``); the dw kernel groups the
   rows ``i, i + bt/4, i + bt/2, i + 3bt/4`` of each token block, so sequence
   position ``4m + j`` goes to row ``b·bt + j·bt/4 + i`` with ``m = b·bt/4 + i``.
   The ``t % 4`` tokens of an incomplete group stay dense, as in the reference.
   """
-  seq = np.concatenate([sparsity.split_token_order(t), np.arange(t, t_pad)])
+  seq = np.concatenate([sparse24.split_token_order(t), np.arange(t, t_pad)])
   full = t - t % 4
   dense_seq = np.zeros(t_pad, np.int32)
   dense_seq[full:] = 1
@@ -480,33 +485,19 @@ def _forward(mode, tiles, interpret, h, w_in, w_out, sparse_on, store=False):
   outs = _fwd_call(flag, hk, win_p, wout_p, tiles["elas_ffn_fwd"], interpret, store, want_nnz)
   out_k, stats_rows = outs[:2]
   vals, meta = outs[2:4] if store else (None, None)
-  out = lay.rows_out(out_k)[:, :n]
-  stats_rows = lay.rows_out(stats_rows.T)  # [t, 3], padded tokens dropped
-  zeros = jnp.sum(stats_rows[:, 0]) - t * (lay.f_pad - lay.f_main)  # padded features are zeros
-  total = jnp.sum(stats_rows[:, 1])
-  dropped = jnp.sum(stats_rows[:, 2])
-  r_tail = None
-  if lay.f_main != f:  # dense tail features: y2 = relu(h w_tailᵀ)², never dropped
-    r_tail = jnp.maximum(sparsity.matmul_t(h, w_in[lay.f_main:]), 0)
-    y2_tail = r_tail * r_tail
-    out = out + jnp.einsum("tf,nf->tn", y2_tail, w_out[:, lay.f_main:],
-                           preferred_element_type=jnp.float32)
-    y2t = y2_tail.astype(jnp.float32)
-    zeros = zeros + jnp.sum((y2t == 0).astype(jnp.float32))
-    total = total + jnp.sum(y2t)
-  stats = {"zero_frac": zeros / (t * f),
-           "dropped_mass": dropped / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)}
+  out, stats, r_tail = base.finish_forward(lay.rows_out(out_k)[:, :n], lay.rows_out(stats_rows.T),
+                                           h, w_in, w_out, lay.f_pad)
   # split: per-feature non-zero counts, reduced now so the residual is [8, G] (not per token)
   nnz = jnp.sum(outs[-1], axis=0) if want_nnz else None
-  return out.astype(h.dtype), stats, (lay, vals, meta, r_tail, nnz)
+  return out, stats, (lay, vals, meta, r_tail, nnz)
 
 
 def _ffn_fwd(mode, dense_fraction, tiles, interpret, h, w_in, w_out, sparse_on):
   # ste recomputes relu(y1) from h in backward: it stores (and keeps) nothing f-wide.
   out, stats, (_, vals, meta, r_tail, nnz) = _forward(
       mode, tiles, interpret, h, w_in, w_out, sparse_on, store=mode != "ste")
-  # Named so that a remat policy saving sparsity.SAVED_24_NAME keeps them (remat = lowrank).
-  vals, meta, r_tail, nnz = (None if x is None else checkpoint_name(x, sparsity.SAVED_24_NAME)
+  # Named so that a remat policy saving base.SAVED_24_NAME keeps them (remat = lowrank).
+  vals, meta, r_tail, nnz = (None if x is None else checkpoint_name(x, base.SAVED_24_NAME)
                              for x in (vals, meta, r_tail, nnz))
   return (out, stats), (h, w_in, w_out, sparse_on, vals, meta, r_tail, nnz)
 
@@ -534,7 +525,7 @@ def _ffn_bwd(mode, dense_fraction, tiles, interpret, res, cot):
     nnz_f = cm.weight_unplanes(nnz[..., None])[: lay.f_main, 0]
     if r_tail is not None:
       nnz_f = jnp.concatenate([nnz_f, jnp.sum(r_tail * r_tail != 0, axis=0, dtype=jnp.int32)])
-    dense_all = sparsity.densest_features(nnz_f, dense_fraction)
+    dense_all = sparse24.densest_features(nnz_f, dense_fraction)
     dense_main = cm.pad_to(dense_all[: lay.f_main], 0, tiles.f_multiple).astype(jnp.int32)
     dense_f = cm.weight_planes(dense_main[:, None])[..., 0]
     tok_dense = jnp.asarray(lay.tok_dense)
@@ -554,13 +545,9 @@ def _ffn_bwd(mode, dense_fraction, tiles, interpret, res, cot):
   d_h = lay.rows_out(dh)[:, :k]
   d_w_in = cm.weight_unplanes(dwin_p)[: lay.f_main, :k]
   d_w_out = cm.out_weight_unplanes(dwout_p)[:n, : lay.f_main]
-  if r_tail is not None:  # the dense tail, in XLA with the XLA op's backward
-    y2_tail = r_tail * r_tail
-    if mode == "split":
-      keep = sparsity.token_keep_24(y2_tail, dense_all[lay.f_main:])
-      y2_tail = jax.lax.select(sparse_on, jnp.where(keep, y2_tail, 0), y2_tail)
-    dh_tail, dwin_tail, dwout_tail = sparsity.ffn_grads(
-        g_out, h, w_in[lay.f_main:], w_out[:, lay.f_main:], 2 * r_tail, y2_tail)
+  if r_tail is not None:  # the dense tail, in XLA
+    dh_tail, dwin_tail, dwout_tail = base.tail_grads(g_out, h, w_in, w_out, lay.f_main, r_tail,
+                                                     mode, dense_all, sparse_on)
     d_h = d_h + dh_tail
     d_w_in = jnp.concatenate([d_w_in, dwin_tail], axis=0)
     d_w_out = jnp.concatenate([d_w_out, dwout_tail], axis=1)
@@ -576,52 +563,49 @@ def _ffn_core(mode, dense_fraction, tiles, interpret, h, w_in, w_out, sparse_on)
 _ffn_core.defvjp(_ffn_fwd, _ffn_bwd)
 
 
-def elas_ffn(
-    h: jax.Array,
-    w_in_FxK: jax.Array,
-    w_out_NxF: jax.Array,
-    sparse_on: jax.Array | bool,
-    *,
-    mode: str = "masked",
-    dense_fraction: float = 0.05,
-    block_t: int | None = None,
-    block_f: int | None = None,
-    interpret: bool | None = None,
-    target: str | None = None,
-    tiles: dict | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Pallas version of ``relu2_sparse_ffn``: same arguments, results and gradients.
+class TritonFfn(base.FfnCore):
+  """The FFN core as Pallas Triton kernels (NVIDIA GPUs; interpreted on CPU).
 
   Args:
-    h, w_in_FxK, w_out_NxF, sparse_on, mode, dense_fraction: as in
-      ``elas_jax.ops.sparsity.relu2_sparse_ffn``.
+    interpret, gpu: as :class:`~elas_kernels.ffn.base.FfnCore`; ``gpu.name``
+      picks the tile table (``kernels/tiles_<name>.json``; none: the H200's).
+      Naming a GPU builds for it (``interpret`` then defaults to False).
     block_t, block_f: tile sizes of every kernel (powers of two; ``block_f >= 8``).
-    interpret: run the kernels in the Pallas interpreter (CPU); default: False
-      when ``target`` is given, else True unless the default backend is a GPU.
-    target: the GPU the kernels are compiled for (``h200``, ``h100``, ``a100``;
-      ``elas_jax.targets``): its tile table (``kernels/tiles_<target>.json``)
-      gives the default tiles; None: the ``h200`` table (same SMs as the H100).
-    tiles: per-kernel tiles, ``{kernel name: kernels.common.Blocks or its fields}``
-      for any of :data:`KERNELS` (the rest default).
+    tiles: per-kernel tiles, ``{kernel name: common.Blocks or its fields}`` for any
+      of :data:`KERNELS` (the rest default).
   """
-  sparsity.check_ffn_options(mode, dense_fraction)
-  if h.ndim < 1 or w_in_FxK.ndim != 2 or w_out_NxF.ndim != 2:
-    raise ValueError(f"elas_ffn: expected h [..., K], w_in [F, K], w_out [N, F]; got "
-                     f"{h.shape}, {w_in_FxK.shape}, {w_out_NxF.shape}")
-  k = h.shape[-1]
-  f = w_in_FxK.shape[0]
-  if w_in_FxK.shape[1] != k or w_out_NxF.shape[1] != f:
-    raise ValueError(f"elas_ffn: shapes do not chain: h {h.shape}, w_in {w_in_FxK.shape}, "
-                     f"w_out {w_out_NxF.shape}")
-  if f < 4:
-    raise ValueError(f"elas_ffn: {f} features form no 2:4 group")
-  lead = h.shape[:-1]
-  h_TxK = h.reshape(-1, k)
-  tiles_, interpret = cm.resolve_tiles(
-      "elas_ffn", KERNELS, h_TxK.shape[0], f, k, w_out_NxF.shape[0], block_t=block_t,
-      block_f=block_f, interpret=interpret, split=mode == "split", target=target, tiles=tiles,
-      whole_out={"elas_ffn_fwd": "block_n", "elas_ffn_dh": "block_k"})
-  sparse_on = jnp.asarray(sparse_on, dtype=bool)
-  out, stats = _ffn_core(mode, float(dense_fraction), tiles_, interpret, h_TxK, w_in_FxK,
-                         w_out_NxF, sparse_on)
-  return out.reshape(*lead, -1), stats
+
+  name = "triton"
+
+  def __init__(self, *, interpret: bool | None = None, gpu: GpuSpec | None = None,
+               block_t: int | None = None, block_f: int | None = None,
+               tiles: dict | None = None):
+    super().__init__(interpret=interpret, gpu=gpu)
+    self.block_t, self.block_f, self.tiles = block_t, block_f, tiles
+
+  def resolve(self, call: base.Call) -> cm.Tiles:
+    """The per-kernel tiles of ``call`` (checked: bad tiles raise ``ValueError``)."""
+    tiles, _ = cm.resolve_tiles(
+        self.what, KERNELS, call.t, call.f, call.k, call.n, block_t=self.block_t,
+        block_f=self.block_f, interpret=self.interpret, split=call.mode == "split",
+        target=None if self.gpu is None else self.gpu.name, tiles=self.tiles,
+        whole_out={"elas_ffn_fwd": "block_n", "elas_ffn_dh": "block_k"})
+    return tiles
+
+  def check_servable(self, call):
+    self.resolve(call)  # bad tiles fail here, before anything is traced
+
+  def _core(self, call, h_TxK, w_in_FxK, w_out_NxF, sparse_on):
+    return _ffn_core(call.mode, call.dense_fraction, self.resolve(call), self.interpret, h_TxK,
+                     w_in_FxK, w_out_NxF, sparse_on)
+
+  def saved_activation(self, h, w_in_FxK, w_out_NxF, *, mode="masked"):
+    call = base.check_args(self.what, h, w_in_FxK, w_out_NxF, mode, 0.05)
+    if mode == "ste":
+      raise NotImplementedError(f"{self.what}: mode 'ste' keeps no compressed activation")
+    _, _, (lay, vals, meta, _, _) = _forward(mode, self.resolve(call), self.interpret,
+                                             h.reshape(call.t, call.k), w_in_FxK, w_out_NxF,
+                                             jnp.asarray(True), store=True)
+    groups = call.f_main // 4
+    return (lay.rows_out(cm.from_planes(vals))[:, : 2 * groups],
+            lay.rows_out(meta)[:, : -(-groups // 2)])

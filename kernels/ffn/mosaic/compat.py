@@ -1,6 +1,6 @@
 """What the Mosaic GPU kernels need from jax, across versions and the interpreter.
 
-The ELAS Mosaic GPU kernels (``kernels/elas_ffn_mosaic.py``) are written
+The ELAS Mosaic GPU kernels (this package) are written
 against the Pallas Mosaic GPU API that jax 0.11.2 (the H200 benchmark machine)
 and 0.12 (the CPU tests) share. This module holds the few places where they
 differ, and the workarounds for what jax's Mosaic GPU *interpreter* (CPU,

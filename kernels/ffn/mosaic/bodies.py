@@ -1,0 +1,490 @@
+"""The Mosaic GPU FFN kernels' bodies: what one program of each kernel does.
+
+Each body is a ``plgpu.kernel`` body over one warpgroup (128 threads): tiles
+in shared memory by TMA, the weight / activation streams through
+``plgpu.emit_pipeline``, fp32 accumulation in wgmma accumulators, the
+ReLU² / 2:4 / compress / statistics work element-wise across the 8 feature
+planes in registers (``plan.py`` has the layouts). :func:`launch` runs a
+:class:`~elas_kernels.ffn.mosaic.plan.KernelSpec` (grid, scratch, options) on
+its body; ``compat.py`` holds the few places where jax versions and the CPU
+interpreter differ.
+
+- ``fwd``, per 64 tokens x ``block_n`` outputs: per sub-tile ``y1`` by wgmma,
+  ReLU², 2:4 select + compress, ``acc += y2s @ w_outᵀ`` with ``y2s`` in
+  registers; per-row statistics. ``y1`` and the dense ``y2`` never reach HBM.
+- ``relu``: ``relu(y1)`` written once for the backward kernels (ranks above
+  256 in ``ste`` / the dense warm-up, where a recompute would not fit).
+- ``dh``, per 64 tokens x ``block_k`` columns: ``dy2 = g @ w_out`` by wgmma,
+  ``relu(y1)`` decompressed or recomputed, ``dy1 = dy2 · 2 relu(y1)`` in
+  registers as the A operand of ``dh += dy1 @ w_in``.
+- ``dw_in`` / ``dw_out``, per feature step x rank block, looping over token
+  tiles: ``dy1`` / the activation ``w_out``'s gradient sees go through shared
+  memory and are read transposed by wgmma; split mode applies token-wise 2:4
+  across 4 row planes element-wise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from elas_kernels import common as cm
+from elas_kernels.ffn.mosaic import compat as mc
+from elas_kernels.ffn.mosaic import plan
+
+
+# --------------------------------------------------------------------------
+# In-register pieces (element-wise across planes).
+# --------------------------------------------------------------------------
+
+
+def _keep_24(a: list[jax.Array]) -> list[jax.Array]:
+  """Keep-masks of the 2 largest of 4 same-shape arrays; ties go to the lower index
+  (``sparse24.mask_24``'s rule). ``i`` is kept iff it beats at least 2 of the
+  other 3 (``i`` beats ``j`` iff ``a_i >= a_j`` for ``i < j``, ``a_i > a_j`` for ``i > j``):
+  a majority of comparisons, no counting (fewer live registers than ranks by sums) and
+  no boolean ``not`` (Mosaic GPU lowers it through a 2-bit register conversion)."""
+  keep = []
+  for i in range(plan.GROUP):
+    w = [(a[i] >= a[j]) if i < j else (a[i] > a[j]) for j in range(plan.GROUP) if j != i]
+    keep.append((w[0] & w[1]) | (w[2] & (w[0] | w[1])))
+  return keep
+
+
+def _count(b: jax.Array, dtype=jnp.int32) -> jax.Array:
+  """1 where ``b``, else 0, by a select: Mosaic GPU cannot convert a 2-element
+  register vector of bools (2 bits) to a wider type."""
+  return jnp.where(b, jnp.ones((), dtype), jnp.zeros((), dtype))
+
+
+def _planes(x: jax.Array, p: int) -> list[jax.Array]:
+  """The 8 plane slices ``[:, jp:(j+1)p]`` of a sub-tile (register views)."""
+  return [x[:, j * p:(j + 1) * p] for j in range(plan.PLANES)]
+
+
+def _relu(y1: jax.Array, dtype) -> jax.Array:
+  """``relu(y1)`` rounded to the compute dtype first, as the XLA op rounds ``y1``."""
+  return jnp.maximum(y1.astype(dtype), jnp.zeros((), dtype))
+
+
+def _decompress(vals: jax.Array, meta: jax.Array, p: int) -> list[jax.Array]:
+  """8 dense planes of ``relu(y1)`` (zeros where 2:4 dropped) from one sub-tile's
+  values ``[bt, 4p]`` and metadata ``[bt, p]``."""
+  v = [vals[:, i * p:(i + 1) * p] for i in range(4)]
+  nib_a, nib_b = cm.unpack_meta(meta)
+  return cm.decompress_group(v[0], v[1], nib_a) + cm.decompress_group(v[2], v[3], nib_b)
+
+
+def _wgmma_k(acc, a_ref, b_ref, chunk: int = 128) -> None:
+  """``acc += a @ b`` for shared-memory ``a [M, K]``, ``b [K, N]``, issued ``chunk``
+  of K at a time in a loop: one unrolled wgmma per 16 of K for the whole rank
+  keeps every operand descriptor live (measured: 400 bytes of spills at K = 512)."""
+  mg = mc.plgpu()
+  k = a_ref.shape[1]
+  if k <= chunk:
+    mg.wgmma(acc, a_ref, b_ref)
+    return
+
+  def body(i, carry):
+    ks = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+    mg.wgmma(acc, a_ref.at[:, ks], b_ref.at[ks])
+    return carry
+
+  lax.fori_loop(0, k // chunk, body, 0)
+
+
+def _dot_acc(shape, fn):
+  """Run ``fn(acc_ref)`` (issuing wgmmas into a fresh fp32 accumulator) and read it."""
+  mg = mc.plgpu()
+
+  def scope(acc_ref):
+    fn(acc_ref)
+    return acc_ref[...]
+
+  return pl.run_scoped(scope, mg.ACC(shape, jnp.float32))
+
+
+def _copy_in(src, dst, barrier):
+  """TMA one block into shared memory and wait for it."""
+  mg = mc.plgpu()
+  mg.copy_gmem_to_smem(src, dst, barrier)
+  mg.barrier_wait(barrier)
+
+
+def store_out(acc: jax.Array, out_ref, out_s, row0, col0) -> None:
+  """Write an fp32 ``[M, C]`` register tile to ``out_ref[row0:, col0:]`` in chunks
+  through a double-buffered shared-memory tile ``out_s [2, cm, cc]`` (64x64 on a
+  GPU, to spare shared memory; the whole tile when interpreting: fewer copies)."""
+  mg = mc.plgpu()
+  m, c = acc.shape
+  cm, cc = out_s.shape[1:]
+  chunk = 0
+  for mi in range(m // cm):
+    for ci in range(c // cc):
+      slot = chunk % 2
+      mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that last used this slot
+      out_s[slot] = acc[mi * cm:(mi + 1) * cm, ci * cc:(ci + 1) * cc]
+      mg.commit_smem()
+      mg.copy_smem_to_gmem(out_s.at[slot], out_ref.at[pl.ds(row0 + mi * cm, cm),
+                                                      pl.ds(col0 + ci * cc, cc)])
+      chunk += 1
+
+
+
+# --------------------------------------------------------------------------
+# Kernels.
+# --------------------------------------------------------------------------
+
+
+def _spec(shape, index_map, dtype, swizzle_minor=None):
+  """A pipelined input: a shared-memory block TMA fills, swizzled for wgmma."""
+  mg = mc.plgpu()
+  if swizzle_minor is None:
+    return mg.BlockSpec(shape, index_map)
+  return mg.BlockSpec(shape, index_map, transforms=mc.swizzle_transforms(dtype, swizzle_minor))
+
+
+def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
+                pl_: plan.Plan, store: bool, **scr):
+  """``out[rows, n-block] = Σ_steps y2s @ w_outᵀ``; per-row statistics and (``store``)
+  the compressed activation come from the first n-block's programs."""
+  mg = mc.plgpu()
+  c = pl_
+  dt, bt, fs, ft, p = c.dtype, c.bt, c.fs, c.ft, c.p
+  ti, nb = lax.axis_index("t"), lax.axis_index("n")
+  rows = pl.ds(ti * bt, bt)
+  first_nb = nb == 0
+  dense = flag_ref[0] == 0  # the dense warm-up: keep everything
+  _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[0])
+  zero = jnp.zeros((), dt)
+
+  def step(idx, winT_s, woutT_s, carry):
+    (fi,) = idx
+    zeros, total, kept = carry
+    slot = lax.rem(fi, 2)
+    if store:
+      mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copies that last used this slot
+    for s in range(fs // ft):
+      y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
+      r = _planes(_relu(y1, dt), p)
+      y2 = [x * x for x in r]
+      keep = _keep_24(y2[:4]) + _keep_24(y2[4:])
+      # Statistics: zeros and mass of y2, mass kept by 2:4 (from the 4 compressed value
+      # planes, half the work of selecting the dropped 8); dropped = total - kept per row.
+      a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
+      b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
+      if store:
+        scr["vals_s"].at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate(
+            [a0, a1, b0, b1], axis=1)
+        mc.store_as(scr["meta_s"].at[slot, pl.ds(s * c.meta_sub, c.meta_sub)],
+                    cm.pack_meta(nib_a, nib_b), c.interpret)
+      kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
+      y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(plan.PLANES)]
+      mc.wgmma_a(scr["acc"], jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)],
+                 scr.get("stage_s"), c.interpret)
+      zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
+      total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
+    if store:
+      mg.commit_smem()
+
+      @pl.when(first_nb)
+      def _():
+        mg.copy_smem_to_gmem(scr["vals_s"].at[slot],
+                             store_refs[0].at[rows, pl.ds(fi * (fs // 2), fs // 2)],
+                             commit_group=False)
+        mrows = c.n_sub_step * c.meta_sub
+        mg.copy_smem_to_gmem(scr["meta_s"].at[slot], store_refs[1].at[ti, pl.ds(fi * mrows, mrows)],
+                             commit_group=False)
+        mg.commit_smem_to_gmem_group()
+    mg.wgmma_wait(0)  # the w_out slot is refilled after this step
+    return zeros, total, kept
+
+  def run(acc_ref):
+    scr["acc"] = acc_ref
+    z = mc.zeros((bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
+    carry = mg.emit_pipeline(
+        step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
+        in_specs=[_spec((c.k_pad, fs), lambda f: (0, f), dt, fs),
+                  _spec((fs, c.nb), lambda f: (f, nb), dt, c.nb)],
+        init_carry=(z, z, z))(winT_ref, woutT_ref)
+    return acc_ref[...], carry
+
+  acc, (zeros, total, kept) = pl.run_scoped(run, mg.ACC((bt, c.nb), jnp.float32))
+  stats = (zeros, total, total - kept)
+  store_out(acc, out_ref, scr["out_s"], ti * bt, nb * c.nb)
+
+  @pl.when(first_nb)
+  def _():
+    for i in range(3):
+      scr["stats_s"][i] = stats[i]
+    mg.commit_smem()
+    mg.copy_smem_to_gmem(scr["stats_s"], stats_ref.at[:, rows])
+
+  mg.wait_smem_to_gmem(0)
+
+
+def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, **scr):
+  """``relu(y1)`` of 64 tokens, every feature, written in kernel feature order."""
+  mg = mc.plgpu()
+  c = pl_
+  bt, fs, ft = c.bt, c.fs, c.ft
+  ti = lax.axis_index("t")
+  rows = pl.ds(ti * bt, bt)
+  _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[0])
+
+  def step(idx, winT_s):
+    (fi,) = idx
+    slot = lax.rem(fi, 2)
+    mg.wait_smem_to_gmem(1, wait_read_only=True)
+    for s in range(fs // ft):
+      y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
+      scr["r_s"].at[slot][:, s * ft:(s + 1) * ft] = _relu(y1, c.dtype)
+    mg.commit_smem()
+    mg.copy_smem_to_gmem(scr["r_s"].at[slot], r_ref.at[rows, pl.ds(fi * fs, fs)])
+
+  mg.emit_pipeline(step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
+                   in_specs=[_spec((c.k_pad, fs), lambda f: (0, f), c.dtype, fs)])(winT_ref)
+  mg.wait_smem_to_gmem(0)
+
+
+class _Relu:
+  """Where a backward kernel's ``relu(y1)`` planes come from: ``compressed`` (the
+  forward's vals + meta), ``recompute`` (wgmma of ``h`` and ``w_inᵀ``) or ``dense``
+  (the ``relu`` kernel's output)."""
+
+  def __init__(self, source: str, c: plan.Plan):
+    self.source, self.c = source, c
+
+  def specs(self, rows_idx, fi_of, step_rows: int):
+    """Pipelined inputs for ``step_rows`` tokens at token-block ``rows_idx(step)``."""
+    c = self.c
+    if self.source == "compressed":
+      rp = step_rows // c.bt
+      return [_spec((step_rows, c.fs // 2), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype,
+                    c.ft // 2),
+              _spec((rp, c.n_sub_step * c.meta_sub, 16),
+                    lambda *i: (rows_idx(*i), fi_of(*i), 0), jnp.uint8)]
+    if self.source == "dense":
+      return [_spec((step_rows, c.fs), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype, c.ft)]
+    return []  # recompute: h and w_inᵀ are passed separately
+
+  def planes(self, refs, q: int, s: int, h_rows=None, winT_s=None) -> list[jax.Array]:
+    """The 8 ``relu(y1)`` planes of row plane ``q``, sub-tile ``s`` of a step, loaded (or
+    recomputed) just for it: a step's other tiles stay in shared memory, not registers."""
+    c = self.c
+    ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
+    if self.source == "compressed":
+      vals_s, meta_s = refs
+      vals = mc.load(vals_s.at[rows, pl.ds(s * ft // 2, ft // 2)])
+      meta = mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, p), c.interpret)
+      return _decompress(vals, meta, p)
+    if self.source == "dense":
+      return _planes(mc.load(refs[0].at[rows, pl.ds(s * ft, ft)]), p)
+    y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
+    return _planes(_relu(y1, c.dtype), p)
+
+
+def _dy1_planes(dy2: jax.Array, r: list[jax.Array], c: plan.Plan) -> jax.Array:
+  """``dy1 = dy2 · 2 relu(y1)`` (zero where 2:4 dropped, when ``r`` is decompressed),
+  rounded to the compute dtype as the XLA op rounds it; planes side by side."""
+  d = _planes(dy2, c.p)
+  return jnp.concatenate([(d[j] * (2 * r[j]).astype(jnp.float32)).astype(c.dtype)
+                          for j in range(plan.PLANES)], axis=1)
+
+
+def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, **scr):
+  """``dh[rows, k-block] = Σ_steps dy1 @ w_in``."""
+  mg = mc.plgpu()
+  c = pl_
+  bt, fs, ft = c.bt, c.fs, c.ft
+  ins, dh_ref = refs[:-1], refs[-1]
+  if relu.source == "recompute":
+    h_ref, winT_ref, src_refs = ins[0], ins[1], ()
+  else:
+    h_ref = winT_ref = None
+    src_refs = ins
+  ti, kb = lax.axis_index("t"), lax.axis_index("k")
+  rows = pl.ds(ti * bt, bt)
+  _copy_in(g_ref.at[rows], scr["g_s"], scr["bar"].at[0])
+  if h_ref is not None:
+    _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[1])
+
+  def step(idx, wout_s, win_s, *rest):
+    winT_s = rest[0] if relu.source == "recompute" else None
+    src = rest if relu.source != "recompute" else ()
+    for s in range(fs // ft):
+      # relu(y1) first: a recomputed y1's accumulator is free again before dy2's is taken
+      r = relu.planes(src, 0, s, scr.get("h_s"), winT_s)
+      dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["g_s"], wout_s.at[:, pl.ds(s * ft, ft)]))
+      mc.wgmma_a(scr["acc"], _dy1_planes(dy2, r, c), win_s.at[pl.ds(s * ft, ft)],
+                 scr.get("stage_s"), c.interpret)
+    mg.wgmma_wait(0)
+
+  def run(acc_ref):
+    scr["acc"] = acc_ref
+    specs = [_spec((c.n_pad, fs), lambda f: (0, f), c.dtype, fs),
+             _spec((fs, c.kb), lambda f: (f, kb), c.dtype, c.kb)]
+    args = [wout_ref, win_ref]
+    if relu.source == "recompute":
+      specs.append(_spec((c.k_pad, fs), lambda f: (0, f), c.dtype, fs))
+      args.append(winT_ref)
+    specs += relu.specs(lambda f: ti, lambda f: f, bt)
+    args += list(src_refs)
+    mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=specs,
+                     max_concurrent_steps=min(c.tiles.stages, c.n_steps))(*args)
+    return acc_ref[...]
+
+  acc = pl.run_scoped(run, mg.ACC((bt, c.kb), jnp.float32))
+  store_out(acc, dh_ref, scr["out_s"], ti * bt, kb * c.kb)
+  mg.wait_smem_to_gmem(0)
+
+
+def _dwin_kernel(g_ref, h_ref, wout_ref, *refs, pl_: plan.Plan, relu: _Relu, **scr):
+  """``dw_in[f-step, k-block] = Σ_token tiles dy1ᵀ h`` (rows in kernel feature order)."""
+  mg = mc.plgpu()
+  c = pl_
+  bt, fs, ft = c.bt, c.fs, c.ft
+  ins, dwin_ref = refs[:-1], refs[-1]
+  winT_ref = ins[0] if relu.source == "recompute" else None
+  src_refs = () if relu.source == "recompute" else ins
+  fi, kb, si = lax.axis_index("f"), lax.axis_index("k"), lax.axis_index("s")
+  t0 = si * c.dw_steps  # this program's share of the token tiles (split-K over tokens)
+  _copy_in(wout_ref.at[:, pl.ds(fi * fs, fs)], scr["wout_s"], scr["bar"].at[0])
+  if winT_ref is not None:
+    _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[1])
+  recompute = relu.source == "recompute"
+
+  def step(idx, g_s, h_s, *src):
+    for s in range(fs // ft):
+      r = relu.planes(src, 0, s, h_s, scr.get("winT_s"))  # before dy2, as in dh
+      dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, g_s, scr["wout_s"].at[:, pl.ds(s * ft, ft)]))
+      scr["dy1_s"][:, s * ft:(s + 1) * ft] = _dy1_planes(dy2, r, c)
+    mg.commit_smem()  # dy1 in shared memory before wgmma reads it
+    h_k = h_s.at[:, pl.ds(kb * c.kb, c.kb)] if recompute else h_s
+    mg.wgmma(scr["acc"], scr["dy1_s"].T, h_k)
+    mg.wgmma_wait(0)
+
+  def run(acc_ref):
+    scr["acc"] = acc_ref
+    h_spec = (_spec((bt, c.k_pad), lambda t: (t0 + t, 0), c.dtype, c.k_pad) if recompute
+              else _spec((bt, c.kb), lambda t: (t0 + t, kb), c.dtype, c.kb))
+    specs = [_spec((bt, c.n_pad), lambda t: (t0 + t, 0), c.dtype, c.n_pad), h_spec]
+    specs += relu.specs(lambda t: t0 + t, lambda t: fi, bt)
+    mg.emit_pipeline(step, grid=(c.dw_steps,), in_specs=specs,
+                     max_concurrent_steps=min(c.tiles.stages, c.dw_steps))(g_ref, h_ref, *src_refs)
+    return acc_ref[...]
+
+  acc = pl.run_scoped(run, mg.ACC((fs, c.kb), jnp.float32))
+  store_out(acc, dwin_ref.at[si], scr["out_s"], fi * fs, kb * c.kb)
+  mg.wait_smem_to_gmem(0)
+
+
+def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr):
+  """``dw_out[n-block, f-step] = Σ_token steps gᵀ y2``; ``y2`` as the backward mode
+  defines it: ``none`` (as rebuilt), ``ste`` (2:4 of the recomputed ``y2``) or
+  ``tokens`` (split: token-wise 2:4 across the 4 row planes of a step, except
+  the dense features and the rows of an incomplete token group)."""
+  mg = mc.plgpu()
+  c = pl_
+  bt, fs, ft, p = c.bt, c.fs, c.ft, c.p
+  rp = c.rp if dw_mask == "tokens" else 1
+  sr = bt * rp  # tokens per pipeline step
+  refs = list(refs)
+  dwout_ref = refs.pop()
+  h_ref = winT_ref = densef_ref = tokd_ref = None
+  if relu.source == "recompute":
+    h_ref, winT_ref = refs.pop(0), refs.pop(0)
+  if dw_mask == "tokens":
+    densef_ref, tokd_ref = refs.pop(0), refs.pop(0)
+  src_refs = refs
+  fi, nb, si = lax.axis_index("f"), lax.axis_index("n"), lax.axis_index("s")
+  t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
+  if winT_ref is not None:
+    _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[0])
+  if densef_ref is not None:
+    _copy_in(densef_ref.at[pl.ds(fi * fs, fs)], scr["densef_s"], scr["bar"].at[1])
+  zero = jnp.zeros((), c.dtype)
+
+  def step(idx, g_s, *rest):
+    rest = list(rest)
+    h_s = rest.pop(0) if h_ref is not None else None
+    tokd_s = rest.pop(0) if tokd_ref is not None else None
+    src = rest
+    tok_dense = [None] * rp
+    if tokd_s is not None:
+      tok_dense = [mc.load(tokd_s.at[pl.ds(q * bt, bt)], mg.Layout.WGMMA.reduce(1)) != 0
+                   for q in range(rp)]
+    for s in range(fs // ft):
+      y2 = []
+      for q in range(rp):
+        h_q = h_s.at[pl.ds(q * bt, bt)] if h_s is not None else None
+        y2q = [x * x for x in relu.planes(src, q, s, h_q, scr.get("winT_s"))]
+        if dw_mask == "ste":  # straight-through: w_out sees the 2:4 forward activation
+          keep = _keep_24(y2q[:4]) + _keep_24(y2q[4:])
+          y2q = [jnp.where(keep[j], y2q[j], zero) for j in range(plan.PLANES)]
+        y2.append(y2q)
+      if dw_mask == "tokens":
+        for j in range(plan.PLANES):
+          dense_f = mc.load(scr["densef_s"].at[pl.ds(s * ft + j * p, p)],
+                            mg.Layout.WGMMA.reduce(0)) != 0
+          keep = _keep_24([y2[q][j] for q in range(rp)])  # along tokens
+          for q in range(rp):
+            keep_qj = (keep[q] | lax.broadcast_in_dim(dense_f, (bt, p), [1])
+                       | lax.broadcast_in_dim(tok_dense[q], (bt, p), [0]))
+            y2[q][j] = jnp.where(keep_qj, y2[q][j], zero)
+      for q in range(rp):
+        scr["y2_s"][q * bt:(q + 1) * bt, s * ft:(s + 1) * ft] = jnp.concatenate(y2[q], axis=1)
+    mg.commit_smem()
+    mg.wgmma(scr["acc"], g_s.T, scr["y2_s"])
+    mg.wgmma_wait(0)
+
+  def run(acc_ref):
+    scr["acc"] = acc_ref
+    specs = [_spec((sr, c.nb), lambda t: (t0 + t, nb), c.dtype, c.nb)]
+    args = [g_ref]
+    if h_ref is not None:
+      specs.append(_spec((sr, c.k_pad), lambda t: (t0 + t, 0), c.dtype, c.k_pad))
+      args.append(h_ref)
+    if tokd_ref is not None:
+      specs.append(_spec((sr,), lambda t: (t0 + t,), jnp.int32))
+      args.append(tokd_ref)
+    specs += relu.specs(lambda t: t0 + t, lambda t: fi, sr)
+    args += src_refs
+    mg.emit_pipeline(step, grid=(c.dw_steps,), in_specs=specs,
+                     max_concurrent_steps=min(c.tiles.stages, c.dw_steps))(*args)
+    return acc_ref[...]
+
+  acc = pl.run_scoped(run, mg.ACC((c.nb, fs), jnp.float32))
+  store_out(acc, dwout_ref.at[si], scr["out_s"], nb * c.nb, fi * fs)
+  mg.wait_smem_to_gmem(0)
+
+
+
+def _named(fn, name: str):
+  """Give a kernel body a name (Mosaic GPU names the compiled kernel after it)."""
+
+  @functools.wraps(fn)
+  def body(*args, **kwargs):
+    return fn(*args, **kwargs)
+
+  body.__name__ = body.__qualname__ = name
+  return body
+
+
+BODIES = {"fwd": _fwd_kernel, "relu": _relu_kernel, "dh": _dh_kernel, "dw_in": _dwin_kernel,
+          "dw_out": _dwout_kernel}
+
+
+def launch(spec: plan.KernelSpec, *args):
+  """Run the kernel ``spec`` describes on ``args`` (its operands, in the body's order)."""
+  options = dict(spec.options)
+  if "source" in options:  # where the backward kernel's relu(y1) planes come from
+    options["relu"] = _Relu(options.pop("source"), spec.c)
+  body = functools.partial(BODIES[spec.body], pl_=spec.c, **options)
+  return mc.kernel(_named(body, spec.name), out_shape=spec.out_shape, scratch=spec.scratch,
+                   grid=spec.grid, grid_names=spec.grid_names, interpret=spec.c.interpret)(*args)
+

@@ -1,0 +1,509 @@
+"""The Mosaic GPU FFN kernels' planner: tiles, the static plan of a call, shared memory.
+
+Nothing here runs on a GPU: from a call's shapes, backward mode, tiles and
+:class:`~elas_kernels.gpu.GpuSpec` it derives every kernel launch as a
+:class:`KernelSpec` (grid, pipeline stages fitted to the GPU's shared memory,
+scratch buffers, wgmma instructions, FLOPs, HBM bytes), which
+``bodies.launch`` runs and the static performance report reads
+(:func:`kernel_specs`). A kernel that cannot fit the GPU raises
+``NotImplementedError`` here, before anything is traced.
+
+Layouts (``vjp.py``'s module docstring has the whole picture):
+
+* features in *steps* of ``block_f`` made of *sub-tiles* of ``sub_f = 8·P``;
+  sub-tile column ``j·P + c`` holds feature ``8c + j`` (:attr:`Plan.perm`), so
+  one wgmma gives 8 *planes* ``[:, jP:(j+1)P]`` with the same register layout
+  and the two 2:4 groups of features ``8c .. 8c+7`` are planes 0-3 and 4-7;
+* the compressed activation: ``vals [T, F/2]`` (per sub-tile 4 value planes)
+  and ``meta [token tiles, sub-tiles · 64P/16, 16]`` (:func:`meta_TxG` converts
+  to ``sparse24.compress_24``'s ``[T, F/8]`` bytes);
+* split mode: tokens in :func:`split_order` (4 row planes per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from elas_kernels import common as cm
+from elas_kernels import sparse24
+from elas_kernels.ffn.mosaic import compat as mc
+from elas_kernels.gpu import H200, GpuSpec
+
+GROUP = 4
+TOKENS = 64  # token rows of one wgmma tile (M)
+PLANES = 8  # features per metadata byte: two 2:4 groups
+RANK_ALIGN = 64  # ranks pad to multiples of 64: a 128-byte swizzle K group of bf16
+SMEM_MARGIN = 4096  # barriers, alignment and Mosaic's 2 KiB cross-warp reduction scratch
+GPU_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+# --------------------------------------------------------------------------
+# Tiles and the static plan of one call.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes (see the module docstring).
+
+  ``block_t`` tokens per forward / ``dh`` program and per weight-gradient
+  pipeline step (64, or 128: twice the registers; the interpreter's default,
+  fewer steps to interpret); ``block_f`` features per pipeline step of the
+  forward and ``dh`` kernels, ``block_f_dw`` per program of the weight-gradient
+  kernels (their accumulator is ``[block_f_dw, block_k]``), both multiples of
+  ``sub_f`` (8 planes of ``sub_f / 8``; one wgmma N); ``block_n`` / ``block_k``
+  output columns per program (multiples of 64, at most 256), ``block_n_dw``
+  split mode's ``dw_out`` columns; ``dw_split`` programs sharing one weight-
+  gradient token loop (partial sums added in XLA); ``stages`` pipeline buffers
+  (fewer where shared memory is short); ``materialize_relu``: the recomputing
+  backward reads ``relu(y1)`` from the ``relu`` kernel instead of recomputing
+  it in ``dh`` / ``dw_in`` / ``dw_out``.
+  """
+
+  block_t: int = TOKENS
+  block_f: int = 128
+  block_f_dw: int = 64
+  sub_f: int = 64
+  block_n: int = 256
+  block_k: int = 256
+  block_n_dw: int | None = None  # split mode's dw_out columns (None: block_n)
+  dw_split: int | None = None  # weight-gradient token splits (None: by grid size)
+  stages: int = 2
+  materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: by rank)
+
+  def check(self) -> None:
+    if self.block_t not in (TOKENS, 2 * TOKENS):
+      raise ValueError(f"elas_ffn (mosaic): block_t={self.block_t} must be {TOKENS} or "
+                       f"{2 * TOKENS} (one warpgroup's wgmma rows)")
+    if self.sub_f not in (64, 128, 256):
+      raise ValueError(f"elas_ffn (mosaic): sub_f={self.sub_f} must be 64, 128 or 256")
+    for name in ("block_f", "block_f_dw"):
+      v = getattr(self, name)
+      if v % self.sub_f or v > 256:
+        raise ValueError(f"elas_ffn (mosaic): {name}={v} must be a multiple of "
+                         f"sub_f={self.sub_f} and at most 256")
+    for name in ("block_n", "block_k", "block_n_dw"):
+      v = getattr(self, name)
+      if v is None and name == "block_n_dw":
+        continue
+      if v % RANK_ALIGN or not 0 < v <= 256:
+        raise ValueError(f"elas_ffn (mosaic): {name}={v} must be a multiple of 64, at most 256")
+    if self.stages < 1:
+      raise ValueError(f"elas_ffn (mosaic): stages={self.stages} must be >= 1")
+
+
+def _rank_blocks(size: int, block: int) -> tuple[int, int]:
+  """(padded size, block): fewest blocks of at most ``block``, each a multiple of 64."""
+  size = cm.padded(size, RANK_ALIGN)
+  n_blocks = -(-size // block)
+  blk = cm.padded(-(-size // n_blocks), RANK_ALIGN)
+  return blk * n_blocks, blk
+
+
+class Plan:
+  """Static facts of one call: padded sizes, tiles, feature permutation, split order."""
+
+  def __init__(self, t: int, f: int, k: int, n: int, dtype, mode: str, tiles: Tiles,
+               interpret: bool, gpu: GpuSpec = H200):
+    self.t, self.f, self.k, self.n = t, f, k, n
+    self.dtype, self.mode, self.tiles, self.interpret = jnp.dtype(dtype), mode, tiles, interpret
+    self.gpu = gpu  # shared memory per block and SMs: the stages and grids planned
+    self.bt, self.fs, self.ft = tiles.block_t, tiles.block_f, tiles.sub_f
+    self.p = self.ft // PLANES
+    self.meta_sub = self.bt * self.p // 16  # one sub-tile's [bt, P] metadata bytes, 16 a row
+    self.rp = 4 if mode == "split" else 1  # row planes per weight-gradient step (split: token 2:4)
+    self.f_main = f - f % 4  # the f % 4 tail forms no 2:4 group: dense, in XLA
+    self.t_pad = cm.padded(t, self.bt * self.rp)
+    self.f_pad = cm.padded(self.f_main, math.lcm(tiles.block_f, tiles.block_f_dw))
+    self.k_pad, self.kb = _rank_blocks(k, tiles.block_k)
+    self.n_pad, self.nb = _rank_blocks(n, tiles.block_n)
+    self.nt = self.t_pad // self.bt
+    self.n_sub = self.f_pad // self.ft
+    # Kernel feature order: sub-tile column j·P + c holds feature 8c + j of the sub-tile.
+    q = np.arange(self.f_pad)
+    s, j, c = q // self.ft, (q % self.ft) // self.p, q % self.p
+    self.perm = s * self.ft + PLANES * c + j
+    split = tiles.dw_split
+    if split is not None:
+      for steps in {self.nt, self.t_pad // (self.bt * self.rp)}:
+        if steps % split:
+          raise ValueError(f"elas_ffn (mosaic): dw_split={split} does not divide the {steps} "
+                           f"token steps of a weight-gradient kernel ({t} tokens, block_t={self.bt})")
+    self.order = self.tok_dense = None
+    if mode == "split":
+      self.order, self.tok_dense = split_order(t, self.t_pad, self.bt)
+
+  @property
+  def n_steps(self) -> int:
+    """Feature steps of ``fs`` (the forward's and dh's, or a weight-gradient kernel's)."""
+    return self.f_pad // self.fs
+
+  @property
+  def n_sub_step(self) -> int:
+    return self.fs // self.ft
+
+  def replace(self, **attrs) -> "Plan":
+    c = object.__new__(Plan)
+    c.__dict__.update(self.__dict__, **attrs)
+    return c
+
+  def for_dw(self) -> "Plan":
+    return self.replace(fs=self.tiles.block_f_dw)
+
+  def rows_in(self, x: jax.Array) -> jax.Array:
+    """Pad the tokens and (split) put them in kernel order."""
+    x = cm.pad_to(x, 0, self.t_pad)
+    return x if self.order is None else x[self.order]
+
+  def rows_out(self, x: jax.Array) -> jax.Array:
+    if self.order is not None:
+      x = x[np.argsort(self.order)]
+    return x[: self.t]
+
+  def features_in(self, x: jax.Array, axis: int) -> jax.Array:
+    """Main features zero-padded to whole steps, in kernel order, along ``axis``."""
+    x = lax.slice_in_dim(x, 0, self.f_main, axis=axis)
+    return jnp.take(cm.pad_to(x, axis, self.f_pad), self.perm, axis=axis)
+
+  def features_out(self, x: jax.Array, axis: int) -> jax.Array:
+    x = jnp.take(x, np.argsort(self.perm), axis=axis)
+    return lax.slice_in_dim(x, 0, self.f_main, axis=axis)
+
+
+def split_order(t: int, t_pad: int, bt: int):
+  """Kernel token order for split mode, and which rows keep all tokens.
+
+  The reference groups tokens ``perm[4m .. 4m+3]`` (``perm`` =
+  ``sparse24.split_token_order(t)``); the ``dw_out`` kernel takes 4 row
+  planes of ``bt`` tokens per step and groups rows ``i, i + bt, i + 2bt,
+  i + 3bt``, so sequence position ``4m + j`` goes to row ``b·4bt + j·bt + i``
+  with ``m = b·bt + i``. The ``t % 4`` tokens of an incomplete group stay
+  dense, as in the reference.
+  """
+  seq = np.concatenate([sparse24.split_token_order(t), np.arange(t, t_pad)])
+  dense_seq = np.zeros(t_pad, np.int32)
+  dense_seq[t - t % 4:] = 1
+  pos = np.arange(t_pad)
+  m, j = pos // 4, pos % 4
+  row = (m // bt) * 4 * bt + j * bt + m % bt
+  order = np.empty(t_pad, np.int64)
+  order[row] = seq
+  tok_dense = np.empty(t_pad, np.int32)
+  tok_dense[row] = dense_seq
+  return order, tok_dense
+
+
+
+# --------------------------------------------------------------------------
+# Kernel specs: grids, scratch, shared-memory budgets.
+# --------------------------------------------------------------------------
+
+
+def _nbytes(shape, dtype) -> int:
+  return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+class Scratch:
+  """Scratch buffers of one kernel by name, with their bytes; pipeline buffers are
+  added to the budget with :meth:`pipelined` (``stages`` copies each)."""
+
+  def __init__(self):
+    self.buffers, self.pipeline_bytes = {}, 0
+
+  def add(self, name, shape, dtype, swizzle_minor=None):
+    mg = mc.plgpu()
+    tr = () if swizzle_minor is None else mc.swizzle_transforms(dtype, swizzle_minor)
+    self.buffers[name] = mg.SMEM(tuple(shape), dtype, transforms=tr)
+    return self
+
+  def pipelined(self, *blocks):
+    self.pipeline_bytes += sum(_nbytes(s, d) for s, d in blocks)
+    return self
+
+  def bytes(self, stages: int) -> int:
+    own = sum(_nbytes(b.shape, b.dtype) for b in self.buffers.values())
+    return own + stages * self.pipeline_bytes
+
+  def build(self, n_barriers: int):
+    mg = mc.plgpu()
+    return dict(self.buffers, bar=mg.Barrier(num_barriers=n_barriers))
+
+
+def _fit_stages(what: str, scratch: Scratch, c: Plan, steps: int) -> int:
+  """Most pipeline stages (<= ``tiles.stages`` and the step count) that fit shared memory;
+  ``NotImplementedError`` when even one does not (interpret mode has no limit)."""
+  want = max(1, min(c.tiles.stages, steps))
+  if c.interpret:
+    return want
+  limit = c.gpu.smem_per_block
+  for stages in range(want, 0, -1):
+    if scratch.bytes(stages) <= limit - SMEM_MARGIN:
+      return stages
+  raise NotImplementedError(
+      f"elas_ffn (mosaic) {what}: {scratch.bytes(1)} bytes of shared memory with one pipeline "
+      f"stage exceed the {limit} a block of the {c.gpu.name} has (K={c.k_pad}, N={c.n_pad}, "
+      f"block_f={c.fs}); use kernel=triton or xla for these ranks")
+
+
+def _with_stages(c: Plan, stages: int) -> Plan:
+  return c.replace(tiles=dataclasses.replace(c.tiles, stages=stages))
+
+
+def _out_chunks(s: Scratch, c: Plan, acc_shape) -> Scratch:
+  """The output staging of ``bodies.store_out``: double-buffered 64x64 fp32 chunks on a GPU."""
+  return s.add("out_s", (2, *(acc_shape if c.interpret else (64, 64))), jnp.float32)
+
+
+@dataclasses.dataclass
+class KernelSpec:
+  """One kernel launch as built for a call: what the static report reads.
+
+  ``wgmma``: instruction shape -> count per program (``m64nNk16``, each
+  ``2·64·N·16`` FLOPs); ``flops``: the launch's tensor-core FLOPs (recomputes
+  included); ``hbm_bytes``: the HBM traffic it cannot avoid (activations and
+  outputs once, weights once: they stay in the 50 MB L2); ``smem_bytes``: the
+  scratch this module allocates (Mosaic adds barriers and 2 KiB for reductions).
+  """
+
+  name: str
+  grid: tuple[int, ...]
+  grid_names: tuple[str, ...]
+  stages: int
+  smem_bytes: int
+  wgmma: dict[str, int]
+  hbm_bytes: int
+  out_shape: object = dataclasses.field(repr=False)
+  scratch: object = dataclasses.field(repr=False)
+  body: str = dataclasses.field(repr=False, default="")  # a kernel body of bodies.BODIES
+  options: dict = dataclasses.field(repr=False, default_factory=dict)  # the body's options
+  c: object = dataclasses.field(repr=False, default=None)  # the Plan it was built for
+
+  @property
+  def programs(self) -> int:
+    return math.prod(self.grid)
+
+  @property
+  def flops(self) -> int:
+    return self.programs * sum(2 * 64 * int(k.split("n")[1].split("k")[0]) * 16 * v
+                               for k, v in self.wgmma.items())
+
+
+def _mma(counts: dict[str, int], n: int, k: int, times: int = 1) -> None:
+  """Add the m64 wgmma instructions of one ``[64, k] x [k, n]`` product (``times`` of them)."""
+  key = f"m64n{n}k16"
+  counts[key] = counts.get(key, 0) + times * k // 16
+
+
+def _spec_of(name, c: Plan, s: Scratch, steps: int, grid, grid_names, out_shape, body: str,
+             wgmma, hbm_bytes, **options) -> KernelSpec:
+  c = _with_stages(c, _fit_stages(name, s, c, steps))
+  return KernelSpec(name=name, grid=grid, grid_names=grid_names, stages=c.tiles.stages,
+                    smem_bytes=s.bytes(c.tiles.stages), wgmma=wgmma, hbm_bytes=int(hbm_bytes),
+                    out_shape=out_shape, scratch=s.build(2), body=body, options=options, c=c)
+
+
+def fwd_spec(c: Plan, store: bool) -> KernelSpec:
+  """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``."""
+  dt, it = c.dtype, c.dtype.itemsize
+  s = Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad)
+  _out_chunks(s, c, (c.bt, c.nb)).add("stats_s", (3, c.bt), jnp.float32)
+  s.pipelined(((c.k_pad, c.fs), dt), ((c.fs, c.nb), dt))
+  if store:
+    s.add("vals_s", (2, c.bt, c.fs // 2), dt, c.ft // 2)
+    s.add("meta_s", (2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
+  if c.interpret:
+    s.add("stage_s", (c.bt, c.ft), dt, c.ft)
+  out_shape = [jax.ShapeDtypeStruct((c.t_pad, c.n_pad), jnp.float32),
+               jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
+  if store:
+    out_shape += [jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt),
+                  jax.ShapeDtypeStruct((c.nt, c.n_sub * c.meta_sub, 16), jnp.uint8)]
+  mma = {}
+  _mma(mma, c.ft, c.k_pad, c.n_sub)
+  _mma(mma, c.nb, c.ft, c.n_sub)
+  hbm = (c.t_pad * c.k_pad * it + c.t_pad * c.n_pad * 4 + 12 * c.t_pad
+         + c.f_pad * (c.k_pad + c.n_pad) * it
+         + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0))
+  return _spec_of("elas_mgpu_fwd" + ("_store" if store else ""), c, s, c.n_steps,
+                  (c.nt, c.n_pad // c.nb), ("t", "n"), out_shape,
+                  "fwd", mma, hbm, store=store)
+
+
+def relu_spec(c: Plan) -> KernelSpec:
+  dt, it = c.dtype, c.dtype.itemsize
+  s = Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad).add("r_s", (2, c.bt, c.fs), dt, c.ft)
+  s.pipelined(((c.k_pad, c.fs), dt))
+  mma = {}
+  _mma(mma, c.ft, c.k_pad, c.n_sub)
+  hbm = c.t_pad * c.k_pad * it + c.f_pad * c.k_pad * it + c.t_pad * c.f_pad * it
+  return _spec_of("elas_mgpu_relu", c, s, c.n_steps, (c.nt,), ("t",),
+                  jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt), "relu", mma, hbm)
+
+
+def _src_blocks(source: str, c: Plan, rows: int):
+  if source == "compressed":
+    return [((rows, c.fs // 2), c.dtype), ((rows // c.bt, c.n_sub_step * c.meta_sub, 16), jnp.uint8)]
+  if source == "dense":
+    return [((rows, c.fs), c.dtype)]
+  return []
+
+
+def _src_bytes(source: str, c: Plan) -> int:
+  """HBM bytes of the backward's relu(y1) source: compressed (9/16 of dense), dense, or h."""
+  it = c.dtype.itemsize
+  return {"compressed": c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8,
+          "dense": c.t_pad * c.f_pad * it, "recompute": c.t_pad * c.k_pad * it}[source]
+
+
+def dh_spec(c: Plan, source: str) -> KernelSpec:
+  dt, it = c.dtype, c.dtype.itemsize
+  s = _out_chunks(Scratch().add("g_s", (c.bt, c.n_pad), dt, c.n_pad), c, (c.bt, c.kb))
+  s.pipelined(((c.n_pad, c.fs), dt), ((c.fs, c.kb), dt), *_src_blocks(source, c, c.bt))
+  if source == "recompute":
+    s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.k_pad, c.fs), dt))
+  if c.interpret:
+    s.add("stage_s", (c.bt, c.ft), dt, c.ft)
+  mma = {}
+  _mma(mma, c.ft, c.n_pad, c.n_sub)
+  if source == "recompute":
+    _mma(mma, c.ft, c.k_pad, c.n_sub)
+  _mma(mma, c.kb, c.ft, c.n_sub)
+  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * c.k_pad * 4
+         + c.f_pad * (c.k_pad + c.n_pad) * it)
+  return _spec_of(f"elas_mgpu_dh_{source}", c, s, c.n_steps, (c.nt, c.k_pad // c.kb), ("t", "k"),
+                  jax.ShapeDtypeStruct((c.t_pad, c.k_pad), jnp.float32),
+                  "dh", mma, hbm, source=source)
+
+
+def dwin_spec(c: Plan, source: str) -> KernelSpec:
+  c = c.for_dw()
+  dt, it = c.dtype, c.dtype.itemsize
+  s = _out_chunks(Scratch().add("wout_s", (c.n_pad, c.fs), dt, c.fs), c, (c.fs, c.kb))
+  s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
+  h_cols = c.k_pad if source == "recompute" else c.kb
+  s.pipelined(((c.bt, c.n_pad), dt), ((c.bt, h_cols), dt), *_src_blocks(source, c, c.bt))
+  if source == "recompute":
+    s.add("winT_s", (c.k_pad, c.fs), dt, c.fs)
+  mma = {}
+  c = _with_dw_split(c, c.nt, c.n_steps * (c.k_pad // c.kb))
+  _mma(mma, c.ft, c.n_pad, c.dw_steps * c.n_sub_step)
+  if source == "recompute":
+    _mma(mma, c.ft, c.k_pad, c.dw_steps * c.n_sub_step)
+  _mma(mma, c.kb, c.bt, c.dw_steps * c.fs // 64)  # [fs, bt] x [bt, kb]: fs/64 m64 rows per tile
+  hbm = (c.t_pad * (c.n_pad + c.k_pad) * it + _src_bytes(source, c) * (source != "recompute")
+         + c.f_pad * (c.k_pad + c.n_pad) * it + c.dw_split * c.f_pad * c.k_pad * 4)
+  return _spec_of(f"elas_mgpu_dw_in_{source}", c, s, c.dw_steps,
+                  (c.n_steps, c.k_pad // c.kb, c.dw_split), ("f", "k", "s"),
+                  jax.ShapeDtypeStruct((c.dw_split, c.f_pad, c.k_pad), jnp.float32),
+                  "dw_in", mma, hbm, source=source)
+
+
+def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
+  c = c.for_dw()
+  if dw_mask == "tokens" and c.tiles.block_n_dw:
+    c = c.replace(nb=min(c.tiles.block_n_dw, c.nb))
+  dt, it = c.dtype, c.dtype.itemsize
+  rp = c.rp if dw_mask == "tokens" else 1
+  sr = c.bt * rp
+  s = _out_chunks(Scratch(), c, (c.nb, c.fs)).add("y2_s", (sr, c.fs), dt, c.ft)
+  s.pipelined(((sr, c.nb), dt), *_src_blocks(source, c, sr))
+  if source == "recompute":
+    s.add("winT_s", (c.k_pad, c.fs), dt, c.fs).pipelined(((sr, c.k_pad), dt))
+  if dw_mask == "tokens":
+    s.add("densef_s", (c.fs,), jnp.int32).pipelined(((sr,), jnp.int32))
+  c = _with_dw_split(c, c.t_pad // sr, c.n_steps * (c.n_pad // c.nb))
+  mma = {}
+  if source == "recompute":
+    _mma(mma, c.ft, c.k_pad, c.dw_steps * rp * c.n_sub_step)
+  _mma(mma, c.fs, sr, c.dw_steps * c.nb // 64)  # [nb, sr] x [sr, fs]
+  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.f_pad * c.k_pad * it
+         + c.dw_split * c.n_pad * c.f_pad * 4)
+  return _spec_of(f"elas_mgpu_dw_out_{source}_{dw_mask}", c, s, c.dw_steps,
+                  (c.n_steps, c.n_pad // c.nb, c.dw_split), ("f", "n", "s"),
+                  jax.ShapeDtypeStruct((c.dw_split, c.n_pad, c.f_pad), jnp.float32),
+                  "dw_out", mma, hbm, source=source, dw_mask=dw_mask)
+
+
+def _with_dw_split(c: Plan, steps: int, programs: int) -> Plan:
+  """Split a weight-gradient kernel's token loop over ``dw_split`` programs (partial sums
+  added in XLA): the feature x rank grid alone is ~33 programs at 60M shapes for 132
+  SMs. Auto (``Tiles.dw_split=None``): the fewest splits, dividing ``steps``, that
+  give two programs per SM of the plan's GPU (one when interpreting)."""
+  split = c.tiles.dw_split
+  if split is None:
+    split = 1
+    if not c.interpret:
+      while split < steps and (programs * split < 2 * c.gpu.sm_count or steps % split):
+        split += 1
+  if steps % split:
+    raise ValueError(f"elas_ffn (mosaic): dw_split={split} does not divide the {steps} token steps")
+  return c.replace(dw_split=split, dw_steps=steps // split)
+
+
+def recompute_source(c: Plan) -> str:
+  """``recompute`` where its kernels fit shared memory (ranks <= 256), else ``dense``
+  (``relu(y1)`` written once by the relu kernel); ``Tiles.materialize_relu`` overrides."""
+  materialize = c.tiles.materialize_relu
+  if materialize is None:
+    materialize = max(c.k_pad, c.n_pad) > 256
+  return "dense" if materialize else "recompute"
+
+
+def meta_TxG(meta: jax.Array, c: Plan) -> jax.Array:
+  """The kernels' metadata ``[token tiles, sub-tiles · bt·P/16, 16]`` -> ``[T, F/8]`` uint8
+  (column = sub-tile·P + c: ``sparse24.compress_24``'s byte of groups 2g, 2g+1)."""
+  m = meta.reshape(c.nt, c.n_sub, c.bt, c.p)
+  return m.transpose(0, 2, 1, 3).reshape(c.t_pad, c.n_sub * c.p)
+
+
+def vals_TxF2(vals: jax.Array, c: Plan) -> jax.Array:
+  """The kernels' values ``[T, F/2]`` (per sub-tile 4 planes of ``P``) -> ``sparse24.compress_24``'s
+  order (the 2 kept values of group ``g`` at ``2g, 2g + 1``)."""
+  v = vals.reshape(c.t_pad, c.n_sub, 4, c.p)
+  return v.transpose(0, 1, 3, 2).reshape(c.t_pad, c.n_sub * c.p * 4)
+
+
+def default_tiles(k: int, n: int, *, interpret: bool) -> Tiles:
+  """Tiles by rank: 128 features per step up to rank 128, else 64 (shared memory:
+  a step holds a ``[block_f, K]`` and a ``[block_f, block_n]`` weight tile per stage)."""
+  if interpret:  # few, large tiles: the interpreter's time goes by steps and kernel body size
+    return Tiles(block_t=2 * TOKENS, block_f=256, block_f_dw=256, sub_f=256)
+  # split's dw_out holds 4 row planes of y2: 64 output columns keep it within registers
+  return Tiles(block_f=128 if max(k, n) <= 128 else 64, block_f_dw=64, sub_f=64, block_n_dw=64)
+
+
+def kernel_specs(t: int, f: int, k: int, n: int, *, mode: str = "masked", dtype=jnp.bfloat16,
+                 train: bool = True, interpret: bool = False, gpu: GpuSpec = H200,
+                 **tile_kw) -> dict[str, list[KernelSpec]]:
+  """The kernels one call launches, by phase (``forward``; with ``train`` the
+  ``backward`` of the 2:4 phase and the ``dense warm-up`` backward), as built
+  for ``gpu`` (default tiles unless given): grids, stages, shared memory,
+  wgmma instructions per program, FLOPs and HBM bytes (the static report's input).
+  ``NotImplementedError`` when a kernel does not fit the GPU's shared memory."""
+  d = default_tiles(k, n, interpret=interpret)
+  tiles = dataclasses.replace(d, **tile_kw)
+  tiles.check()
+  return all_specs(Plan(t, f, k, n, dtype, mode, tiles, interpret, gpu), train=train)
+
+
+def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
+  """Every kernel of a call on plan ``c``, by phase (see :func:`kernel_specs`)."""
+  mode = c.mode
+  out = {"forward": [fwd_spec(c, store=train and mode != "ste")]}
+  if train:
+    recompute = recompute_source(c)
+
+    def bwd(source, dw_mask):
+      first = [relu_spec(c)] if source == "dense" else []
+      return first + [dh_spec(c, source), dwin_spec(c, source), dwout_spec(c, source, dw_mask)]
+
+    out["backward"] = bwd(recompute if mode == "ste" else "compressed",
+                          {"masked": "none", "ste": "ste", "split": "tokens"}[mode])
+    out["dense warm-up"] = bwd(recompute, "none")
+  return out

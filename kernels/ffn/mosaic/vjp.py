@@ -1,0 +1,302 @@
+"""The ELAS FFN core in Pallas Mosaic GPU (Hopper: TMA, wgmma): the op and its VJP.
+
+The ``mosaic`` implementation of :mod:`elas_kernels.ffn.base`'s contract (same
+arguments, results and gradients as the ``xla`` and ``triton`` ones):
+
+    out_TxN = sparsify_24(relu(h_TxK @ w_inᵀ)²) @ w_outᵀ       w_in [F, K], w_out [N, F]
+
+with ``h`` the rank-r code of a low-rank FFN (``K``, ``N`` are ranks). The
+plain-jnp reference the tests compare with is ``base.reference``. This module
+pads and permutes the operands, launches the kernels (``plan.py`` plans them,
+``bodies.py`` holds their bodies) and wires forward and backward into a
+``jax.custom_vjp``.
+
+Feature layout. Every program works on 64-token tiles (one warpgroup, wgmma
+``M = 64``) and walks the features in *steps* of ``block_f`` (one TMA tile of
+each weight per step), each made of *sub-tiles* of ``sub_f = 8·P`` features
+(one wgmma ``N = sub_f >= 64``). The wrapper reorders the small weights (XLA,
+outside the kernels) so that sub-tile column ``j·P + c`` is feature ``8c + j``
+of the sub-tile: one wgmma gives ``y1 [64, 8P]`` whose column slices
+``[:, jP:(j+1)P]`` are 8 *planes* with the same register layout, and the two
+2:4 groups of features ``8c .. 8c+7`` are planes 0-3 and 4-7 at one position.
+Selection, compression and decompression are element-wise across planes (no
+shuffles), and the selected ``y2s`` tile, planes side by side, is the register
+A operand of ``y2s @ w_outᵀ`` as FlashAttention-3 uses its P tile.
+
+Compressed activation (what ``masked`` / ``split`` keep for backward, 9/16 of
+the dense bytes): ``vals [T, F/2]`` (per sub-tile 4 value planes: first and
+second kept value of group a, then of group b; ``relu(y1)`` at the kept
+positions, so backward rebuilds ``y2s = v·v`` exactly) and ``meta`` uint8, one
+byte per position (group a's index pair ``i0 | i1 << 2`` in the low nibble,
+b's in the high: ``sparse24.compress_24``'s byte), stored as
+``[token tiles, sub-tiles · 64P/16, 16]``: each (token tile, sub-tile)'s
+``[64, P]`` bytes as rows of 16, so every TMA row is 16 bytes and a kernel
+can fetch any run of sub-tiles (``meta_TxG`` converts).
+
+Kernels (each a ``plgpu.kernel``; tiles in shared memory by TMA, the weight /
+activation streams through ``plgpu.emit_pipeline`` with ``stages`` buffers,
+fp32 accumulation in wgmma accumulators):
+
+- forward, per 64 tokens x ``block_n`` outputs: per sub-tile ``y1`` by wgmma,
+  ReLU², 2:4 select + compress, ``acc += y2s @ w_outᵀ`` with ``y2s`` in
+  registers; per-row statistics. ``y1`` and the dense ``y2`` never reach HBM.
+- ``dh``, per 64 tokens x ``block_k`` columns: ``dy2 = g @ w_out`` by wgmma,
+  ``relu(y1)`` decompressed (``masked``, ``split``) or recomputed
+  (``ste``, dense warm-up), ``dy1 = dy2 · 2 relu(y1)`` in registers as the A
+  operand of ``dh += dy1 @ w_in``.
+- ``dw_in`` per feature step x ``block_k``, ``dw_out`` per feature step x
+  ``block_n``, looping over tokens: ``dy1`` / the activation ``w_out``'s
+  gradient sees are written to shared memory and read transposed by wgmma
+  (``dw_in += dy1ᵀ h``, ``dw_out += gᵀ y2``); the token loop is split over
+  ``dw_split`` programs so the grid fills the GPU. ``split`` loads 4 row planes
+  of 64 tokens per step and applies token-wise 2:4 across them element-wise.
+- ``relu`` (only where a recompute would not fit shared memory: ranks above
+  256 in ``ste`` / the dense warm-up): ``relu(y1)`` written once for the three
+  backward kernels to read.
+
+Shapes that don't divide: tokens, features and ranks are zero-padded (zeros
+flow through exactly) and the ``F % 4`` tail is dense in XLA, as in the
+Triton wrapper. Ranks above 256 are split over programs (``block_n`` /
+``block_k`` <= 256: a wgmma's N and the register budget), which recomputes
+``y1`` (forward) or ``dy2`` (``dh``, ``dw_in``) once per extra block.
+
+GPU: bf16 or fp16 inputs (wgmma's register A operand is 16-bit). fp32 runs in
+the interpreter only (``interpret=True``); compiled it raises
+``NotImplementedError`` so a dispatcher can fall back. Needs jax >= 0.11
+(``compat.py`` lists the API differences it covers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from elas_kernels import common as cm
+from elas_kernels import sparse24
+from elas_kernels.ffn import base
+from elas_kernels.ffn.mosaic import bodies, plan
+from elas_kernels.ffn.mosaic import compat as mc
+from elas_kernels.gpu import H200, GpuSpec
+
+reference = base.reference  # the op's plain-jnp definition, which the tests compare with
+
+
+# --------------------------------------------------------------------------
+# Kernel launches.
+# --------------------------------------------------------------------------
+
+
+def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool):
+  return bodies.launch(plan.fwd_spec(c, store), flag, h, winT, woutT)
+
+
+def _relu_call(h, winT, c: plan.Plan):
+  return bodies.launch(plan.relu_spec(c), h, winT)
+
+
+def _dh_call(g, h, wout, win, winT, src, source: str, c: plan.Plan):
+  args = [g, wout, win] + ([h, winT] if source == "recompute" else []) + list(src)
+  return bodies.launch(plan.dh_spec(c, source), *args)
+
+
+def _dwin_call(g, h, wout, winT, src, source: str, c: plan.Plan):
+  args = [g, h, wout] + ([winT] if source == "recompute" else []) + list(src)
+  return jnp.sum(bodies.launch(plan.dwin_spec(c, source), *args), axis=0)
+
+
+def _dwout_call(g, h, winT, src, dense_f, tok_dense, source: str, dw_mask: str, c: plan.Plan):
+  args = ([g] + ([h, winT] if source == "recompute" else [])
+          + ([dense_f, tok_dense] if dw_mask == "tokens" else []) + list(src))
+  return jnp.sum(bodies.launch(plan.dwout_spec(c, source, dw_mask), *args), axis=0)
+
+
+# --------------------------------------------------------------------------
+# custom_vjp op.
+# --------------------------------------------------------------------------
+
+
+def _prep_weights(w_in, w_out, c: plan.Plan):
+  """Kernel operands of the weights: padded, in kernel feature order, both orientations."""
+  win = cm.pad_to(c.features_in(w_in, 0), 1, c.k_pad)  # [F, K]
+  wout = cm.pad_to(c.features_in(w_out, 1), 0, c.n_pad)  # [N, F]
+  return win, wout
+
+
+def _pad_cols(x, size):
+  return cm.pad_to(x, 1, size)
+
+
+def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
+  """Output, statistics and what backward needs; ``store``: write the compressed activation."""
+  c = plan.Plan(*plan_args)
+  hk = _pad_cols(c.rows_in(h), c.k_pad)
+  win, wout = _prep_weights(w_in, w_out, c)
+  flag = jnp.asarray(sparse_on, jnp.int32).reshape(1)
+  outs = _fwd_call(flag, hk, win.T, wout.T, c, store)
+  out_k, stats_rows = outs[:2]
+  vals, meta = outs[2:4] if store else (None, None)
+  out, stats, r_tail = base.finish_forward(c.rows_out(out_k)[:, :c.n], c.rows_out(stats_rows.T),
+                                           h, w_in, w_out, c.f_pad)
+  return out, stats, (vals, meta, r_tail)
+
+
+def _nnz_per_feature(vals: jax.Array, meta: jax.Array, c: plan.Plan) -> jax.Array:
+  """Split mode: per-feature non-zeros of ``y2s`` (original order, main features),
+  counted in XLA from the compressed activation (reads it once more)."""
+  n_sub = c.f_pad // c.ft
+  v = vals.reshape(c.t_pad, n_sub, 4, c.p)
+  nz = (v * v != 0).astype(jnp.int32)  # y2s = v·v in the compute dtype, as the reference counts
+  m = plan.meta_TxG(meta, c).reshape(c.t_pad, n_sub, c.p).astype(jnp.int32)
+  counts = []
+  for grp in range(2):
+    nib = (m >> (4 * grp)) & 0xF
+    pos = (nib & 3, nib >> 2)  # in-group index of the first and second kept value
+    cnt = sum(jnp.sum(nz[:, :, 2 * grp + w, :, None]
+                      * (pos[w][..., None] == jnp.arange(4)), axis=0) for w in range(2))
+    counts.append(cnt)  # [n_sub, P, 4]
+  nnz = jnp.concatenate(counts, axis=-1).reshape(-1)  # feature s·FT + 8c + 4·grp + idx
+  return nnz[: c.f_main]
+
+
+def _fwd_rule(mode, dense_fraction, plan_args, h, w_in, w_out, sparse_on):
+  # ste recomputes relu(y1) in backward: it stores (and keeps) nothing f-wide.
+  out, stats, (vals, meta, r_tail) = _forward(mode, plan_args, h, w_in, w_out, sparse_on,
+                                              store=mode != "ste")
+  # Named so that a remat policy saving base.SAVED_24_NAME keeps them (remat = lowrank).
+  vals, meta, r_tail = (None if x is None else checkpoint_name(x, base.SAVED_24_NAME)
+                        for x in (vals, meta, r_tail))
+  return (out, stats), (h, w_in, w_out, sparse_on, vals, meta, r_tail)
+
+
+def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
+  h, w_in, w_out, sparse_on, vals, meta, r_tail = res
+  c = plan.Plan(*plan_args)
+  g_out = cot[0].astype(h.dtype)
+  k, n = c.k, c.n
+  hk = _pad_cols(c.rows_in(h), c.k_pad)
+  gk = _pad_cols(c.rows_in(g_out), c.n_pad)
+  win, wout = _prep_weights(w_in, w_out, c)
+  winT = win.T
+  no_dense_f = jnp.zeros((c.f_pad,), jnp.int32)
+  no_tok_dense = jnp.zeros((c.t_pad,), jnp.int32)
+
+  # Split mode: the dense_fraction features with the most non-zeros keep all
+  # tokens, and the rows of an incomplete token group too.
+  dense_f, tok_dense, dense_all = no_dense_f, no_tok_dense, None
+  if mode == "split":
+    nnz_f = _nnz_per_feature(vals, meta, c)
+    if r_tail is not None:
+      nnz_f = jnp.concatenate([nnz_f, jnp.sum(r_tail * r_tail != 0, axis=0, dtype=jnp.int32)])
+    dense_all = sparse24.densest_features(nnz_f, dense_fraction)
+    dense_f = c.features_in(dense_all.astype(jnp.int32), 0)
+    tok_dense = jnp.asarray(c.tok_dense)
+
+  def grads(source, dw_mask, dense_f, tok_dense):
+    src = (vals, meta) if source == "compressed" else ()
+    if source == "dense":
+      src = (_relu_call(hk, winT, c),)
+    dh = _dh_call(gk, hk, wout, win, winT, src, source, c)
+    dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
+    dwout = _dwout_call(gk, hk, winT, src, dense_f, tok_dense, source, dw_mask, c)
+    return dh, dwin, dwout
+
+  recompute = plan.recompute_source(c)
+  sparse_source = recompute if mode == "ste" else "compressed"
+  sparse_grads = functools.partial(grads, sparse_source,
+                                   {"masked": "none", "ste": "ste", "split": "tokens"}[mode],
+                                   dense_f, tok_dense)
+  # dense warm-up: the exact gradient of the dense FFN, recomputed from h
+  dense_grads = functools.partial(grads, recompute, "none", no_dense_f, no_tok_dense)
+  dh, dwin_k, dwout_k = jax.lax.cond(sparse_on, sparse_grads, dense_grads)
+  d_h = c.rows_out(dh)[:, :k]
+  d_w_in = c.features_out(dwin_k, 0)[:, :k]
+  d_w_out = c.features_out(dwout_k, 1)[:n]
+  if r_tail is not None:  # the dense tail, in XLA
+    dh_tail, dwin_tail, dwout_tail = base.tail_grads(g_out, h, w_in, w_out, c.f_main, r_tail, mode,
+                                                     dense_all, sparse_on)
+    d_h = d_h + dh_tail
+    d_w_in = jnp.concatenate([d_w_in, dwin_tail], axis=0)
+    d_w_out = jnp.concatenate([d_w_out, dwout_tail], axis=1)
+  return d_h.astype(h.dtype), d_w_in.astype(w_in.dtype), d_w_out.astype(w_out.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ffn_core(mode, dense_fraction, plan_args, h, w_in, w_out, sparse_on):
+  out, stats, _ = _forward(mode, plan_args, h, w_in, w_out, sparse_on)
+  return out, stats
+
+
+_ffn_core.defvjp(_fwd_rule, _bwd_rule)
+
+
+class MosaicFfn(base.FfnCore):
+  """The FFN core as Pallas Mosaic GPU kernels (Hopper; interpreted on CPU; jax >= 0.11).
+
+  Args:
+    interpret, gpu: as :class:`~elas_kernels.ffn.base.FfnCore`; the kernels are
+      planned for ``gpu``'s shared memory and SMs (default the H200's) and need a
+      Hopper GPU (sm_90) when compiled.
+    **tiles: fields of :class:`~elas_kernels.ffn.mosaic.plan.Tiles` (``block_t``,
+      ``block_f``, ``block_f_dw``, ``sub_f``, ``block_n``, ``block_k``,
+      ``block_n_dw``, ``dw_split``, ``stages``, ``materialize_relu``); None or
+      missing: by rank (:func:`~elas_kernels.ffn.mosaic.plan.default_tiles`).
+
+  Cannot serve (``NotImplementedError``, with the reason): jax < 0.11, a GPU
+  that is not Hopper, fp32 compiled (wgmma's register A operand is 16-bit),
+  ranks whose tiles exceed the GPU's shared memory.
+  """
+
+  name = "mosaic"
+
+  def __init__(self, *, interpret: bool | None = None, gpu: GpuSpec | None = None, **tiles):
+    super().__init__(interpret=interpret, gpu=gpu)
+    fields = {f.name for f in dataclasses.fields(plan.Tiles)}
+    unknown = sorted(set(tiles) - fields)
+    if unknown:
+      raise ValueError(f"{self.what}: unknown tile option(s) {unknown}; expected some of "
+                       f"{sorted(fields)}")
+    self.tile_options = {k: v for k, v in tiles.items() if v is not None}
+
+  def plan_args(self, call: base.Call) -> tuple:
+    """The static arguments of the op (hashable), tiles checked."""
+    tiles = dataclasses.replace(plan.default_tiles(call.k, call.n, interpret=self.interpret),
+                                **self.tile_options)
+    tiles.check()
+    return (call.t, call.f, call.k, call.n, call.dtype, call.mode, tiles, self.interpret,
+            self.gpu or H200)
+
+  def check_servable(self, call):
+    mc.require()
+    gpu = self.gpu or H200
+    if not self.interpret:
+      if not gpu.is_hopper:
+        raise NotImplementedError(
+            f"{self.what}: the Mosaic GPU kernels need a Hopper GPU (sm_90); the {gpu.name} is "
+            f"sm_{''.join(map(str, gpu.compute_capability))}")
+      if call.dtype not in [jnp.dtype(d) for d in plan.GPU_DTYPES]:
+        raise NotImplementedError(
+            f"{self.what}: {call.dtype.name} inputs on a GPU: wgmma's register A operand "
+            "(the y2s / dy1 tiles) must be 16-bit (bf16, f16); use kernel=triton or xla")
+    # Bad tiles (ValueError) and kernels beyond shared memory (NotImplementedError) fail
+    # here, forward and backward, before anything is traced.
+    plan.all_specs(plan.Plan(*self.plan_args(call)), train=True)
+
+  def _core(self, call, h_TxK, w_in_FxK, w_out_NxF, sparse_on):
+    return _ffn_core(call.mode, call.dense_fraction, self.plan_args(call), h_TxK, w_in_FxK,
+                     w_out_NxF, sparse_on)
+
+  def saved_activation(self, h, w_in_FxK, w_out_NxF, *, mode="masked"):
+    call = base.check_args(self.what, h, w_in_FxK, w_out_NxF, mode, 0.05)
+    self.check_servable(call)
+    if mode == "ste":
+      raise NotImplementedError(f"{self.what}: mode 'ste' keeps no compressed activation")
+    args = self.plan_args(call)
+    _, _, (vals, meta, _) = _forward(mode, args, h.reshape(call.t, call.k), w_in_FxK, w_out_NxF,
+                                     jnp.asarray(True), store=True)
+    c = plan.Plan(*args)
+    groups = call.f_main // 4
+    return (c.rows_out(plan.vals_TxF2(vals, c))[:, : 2 * groups],
+            c.rows_out(plan.meta_TxG(meta, c))[:, : -(-groups // 2)])
