@@ -1,11 +1,9 @@
-"""KV-cached decoding: the model's own layers, run against a fixed-size cache.
+"""KV-cached generation: compiled prefill and decode steps, sampling, text in and out.
 
-The cached forward (:func:`forward_cached`) calls the pieces of
-:class:`elas_jax.model.Transformer` (``embed``, each block's ``attn_norm``,
-``attn.q/k/v/o``, ``ffn_norm``, ``ffn``, then ``final_norm`` and ``lm_head``)
-in the order ``Transformer.__call__`` does, so it computes the same function;
-only the attention reads keys and values from the cache. Low-rank linears stay
-factored (``Projection``), and the ELAS FFN takes the same ``sparse_on`` switch
+The cached forward is the model's own (:meth:`elas_jax.model.Transformer.forward_cached`:
+the same blocks as training, in either layer layout; only the attention reads
+keys and values from the cache, :class:`elas_jax.model.KVCache`). Low-rank
+linears stay factored, and the ELAS FFN takes the same ``sparse_on`` switch
 (2:4 after the dense warm-up) and kernel (``model.kernel``).
 
 Layout: the cache holds ``[layers, B, max_len, heads, head_dim]`` keys and
@@ -21,7 +19,7 @@ new token nor a new prompt length within a bucket recompiles.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,67 +28,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elas_jax import model as model_lib, sharding
-from elas_jax.ops import sparsity
 from elas_jax.errors import UserError
-
-
-class KVCache(NamedTuple):
-  k: jax.Array  # [layers, B, max_len, heads, head_dim]
-  v: jax.Array
-
-
-def init_cache(model_cfg, batch: int, max_len: int) -> KVCache:
-  """A zero cache for ``batch`` rows of ``max_len`` tokens, in the model's dtype."""
-  shape = (model_cfg.n_layers, batch, max_len, model_cfg.n_heads, model_cfg.d_model // model_cfg.n_heads)
-  dtype = model_lib.DTYPES[model_cfg.dtype]
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
-def check_supported(model_cfg) -> None:
-  """Cached decoding walks the blocks one by one: a scanned model must be converted
-  first (:func:`elas_jax.trainer.with_unscanned_layers`, as :func:`load` does)."""
-  if model_cfg.scan_layers:
-    raise UserError("config.model.scan_layers = True: cached decoding needs the per-layer blocks; "
-                    "convert with trainer.with_unscanned_layers (decode.load does)")
-
-
-def forward_cached(model: model_lib.Transformer, cache: KVCache, tokens_BxT: jax.Array,
-                   start_B: jax.Array, sparse_on: jax.Array) -> tuple[jax.Array, KVCache]:
-  """Runs ``T`` new tokens per row, at positions ``start_B[b] + 0..T-1``.
-
-  Writes their keys and values into the cache at those slots (writes past
-  the cache are dropped) and returns the last block's output ``[B, T, D]``
-  (before ``final_norm``; see :func:`logits`) and the updated cache.
-  """
-  b, t = tokens_BxT.shape
-  s = cache.k.shape[2]
-  pos_BxT = start_B[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-  # Query at position p sees slots 0..p of its own row (causal, padding-free).
-  mask_Bx1xTxS = (jnp.arange(s)[None, None, :] <= pos_BxT[:, :, None])[:, None]
-  rows_Bx1 = jnp.arange(b)[:, None]
-  k_all, v_all = cache
-  x = model.embed(tokens_BxT)
-  for i, block in enumerate(model.blocks):
-    attn = block.attn
-    y = block.attn_norm(x)
-    d = y.shape[-1]
-    split = lambda u: u.reshape(b, t, attn.n_heads, d // attn.n_heads)
-    q = model_lib.rotary(split(attn.q(y)), attn.theta, pos_BxT)
-    k = model_lib.rotary(split(attn.k(y)), attn.theta, pos_BxT)
-    v = split(attn.v(y))
-    k_all = k_all.at[i, rows_Bx1, pos_BxT].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[i, rows_Bx1, pos_BxT].set(v.astype(v_all.dtype), mode="drop")
-    o_BxTxNxH = jax.nn.dot_product_attention(q, k_all[i].astype(q.dtype), v_all[i].astype(q.dtype),
-                                             mask=mask_Bx1xTxS)
-    x = x + attn.o(o_BxTxNxH.reshape(b, t, d))
-    ffn_out, _ = block.ffn(block.ffn_norm(x), sparse_on)
-    x = x + ffn_out
-  return x, KVCache(k_all, v_all)
-
-
-def logits(model: model_lib.Transformer, h: jax.Array) -> jax.Array:
-  """fp32 logits of block outputs, as at the end of ``Transformer.__call__``."""
-  return model.lm_head(model.final_norm(h)).astype(jnp.float32)
+from elas_jax.ops import sparsity
 
 
 def sample(logits_BxV: jax.Array, key: jax.Array, *, temperature: float, top_k: int = 0,
@@ -137,7 +76,6 @@ class Generator:
   def __init__(self, graphdef, params, model_cfg, *, batch_size: int, max_len: int,
                sparse_on: bool, eos_id: int, pad_id: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, mesh: jax.sharding.Mesh | None = None):
-    check_supported(model_cfg)
     if max_len < 1:
       raise UserError(f"--max_len={max_len}: must be positive")
     if temperature < 0:
@@ -158,14 +96,14 @@ class Generator:
 
     def prefill(params, cache, tokens_BxP, lengths_B, sparse_on, key):
       model = nnx.merge(graphdef, params)
-      h, cache = forward_cached(model, cache, tokens_BxP, jnp.zeros_like(lengths_B), sparse_on)
+      h, cache = model.forward_cached(tokens_BxP, sparse_on, cache, jnp.zeros_like(lengths_B))
       last_BxD = jnp.take_along_axis(h, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-      return sample(logits(model, last_BxD), key, **pick), cache
+      return sample(model.logits(last_BxD), key, **pick), cache
 
     def decode(params, cache, tok_B, pos_B, sparse_on, key):
       model = nnx.merge(graphdef, params)
-      h, cache = forward_cached(model, cache, tok_B[:, None], pos_B, sparse_on)
-      return sample(logits(model, h[:, 0]), key, **pick), cache
+      h, cache = model.forward_cached(tok_B[:, None], sparse_on, cache, pos_B)
+      return sample(model.logits(h[:, 0]), key, **pick), cache
 
     jit = dict(donate_argnums=(1,))
     if mesh is not None:
@@ -173,14 +111,14 @@ class Generator:
       layer_sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES))
       rep = sharding.replicated(mesh)
       p_sh = jax.tree.map(lambda a: a.sharding, params)
-      cache_sh = KVCache(layer_sh, layer_sh)
+      cache_sh = model_lib.KVCache(layer_sh, layer_sh)
       jit.update(in_shardings=(p_sh, cache_sh, rows, rows, rep, rep), out_shardings=(rows, cache_sh))
-    make = lambda: init_cache(model_cfg, self.batch, max_len)
+    make = lambda: model_lib.init_cache(model_cfg, self.batch, max_len)
     self._new_cache = jax.jit(make, **({} if mesh is None else {"out_shardings": cache_sh}))
     self._prefill = jax.jit(prefill, **jit)
     self._decode = jax.jit(decode, **jit)
 
-  def new_cache(self) -> KVCache:
+  def new_cache(self) -> model_lib.KVCache:
     """A zero cache for this generator's batch (compiled once, placed on the mesh)."""
     return self._new_cache()
 
@@ -254,15 +192,15 @@ class Generator:
 # --------------------------------------------------------------------------
 
 
-def load(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
+def load(workdir: str, step: int | None = None, *, mesh_shape: tuple[int, int, int] | None = None,
          kernel: str | None = None, devices=None):
-  """``(run, params, step)`` of a checkpoint for decoding: restored onto the local mesh as
-  evaluation does, scanned layers converted to the per-layer layout."""
+  """``(run, params, step)`` of a checkpoint for decoding, restored onto the local mesh as
+  evaluation does (``mesh_shape``: (data, fsdp, tensor) instead of the saved one)."""
   from elas_jax import trainer  # the trainer does not import this module
 
-  run, state = trainer.restore_run(workdir, step, mesh=mesh, kernel=kernel, devices=devices)
-  run, params = trainer.with_unscanned_layers(run, state.params)
-  return run, params, int(state.step)
+  run, state = trainer.restore_run(workdir, step, mesh_shape=mesh_shape, kernel=kernel,
+                                   devices=devices)
+  return run, state.params, int(state.step)
 
 
 def sparse_on_for(cfg, step: int, dense: bool) -> bool:

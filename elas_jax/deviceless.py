@@ -105,10 +105,6 @@ class StepsReport:
             "kernels": self.kernels()}
 
 
-def _mesh_sizes(cfg) -> tuple[int, int, int]:
-  return cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor
-
-
 def _train_program(run, cfg):
   import jax
   import jax.numpy as jnp
@@ -139,10 +135,9 @@ def _decode_programs(cfg, devices, batch: int):
   import jax
   import jax.numpy as jnp
 
-  from elas_jax import decode, sharding, trainer
+  from elas_jax import decode, model as model_lib, sharding, trainer
 
   flat = cfg.copy_and_resolve_references()
-  flat.model.scan_layers = False  # cached decoding walks the blocks one by one
   run = trainer.build(flat, devices, with_tokenizer=False)
   params = run.abstract_state.params
   max_len = flat.train.seq_len
@@ -150,7 +145,7 @@ def _decode_programs(cfg, devices, batch: int):
                          sparse_on=True, eos_id=1, pad_id=0, mesh=run.mesh)
   rows = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
   rep = sharding.replicated(run.mesh)
-  cache = jax.eval_shape(lambda: decode.init_cache(flat.model, gen.batch, max_len))
+  cache = jax.eval_shape(lambda: model_lib.init_cache(flat.model, gen.batch, max_len))
   layer = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
   cache = jax.tree.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=layer), cache)
   S = jax.ShapeDtypeStruct

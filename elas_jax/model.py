@@ -9,7 +9,7 @@ FFN kinds: ``swiglu`` (down(silu(gate x) · up x); down(gate x · up x) with
 the latter optionally 2:4-sparse (ELAS) through :func:`elas_jax.ops.ffn.sparse_ffn`
 (``config.model.kernel`` picks its implementation).
 
-Weights are stored as ``[out, in]`` (the brief's math orientation, which the
+Weights are stored as ``[out, in]`` (the orientation of ``W`` in ``y = x Wᵀ``, which the
 LORO optimizer works in). Every parameter carries ``logical_axes`` metadata
 for sharding rules.
 
@@ -30,7 +30,7 @@ follow its devices, and the FFN kernels run per device on it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from elas_jax import sharding, stacking
-from elas_jax.ops import attention, ffn as ffn_ops, sparsity
+from elas_jax.ops import attention, ffn as ffn_ops
+from elas_kernels import ffn as kernel_ffn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -47,7 +48,7 @@ REMAT_MODES = ("none", "block", "lowrank")
 LOWRANK_CODE = "lowrank_code"  # x Aᵀ [T, r] of every lowrank / cola linear
 ATTN_OUT = "attn_out"  # attention output [T, d] (before the o projection)
 ATTN_STATS = "attn_stats"  # softmax statistics, where the attention implementation exposes them
-LOWRANK_SAVED = (LOWRANK_CODE, ATTN_OUT, ATTN_STATS, sparsity.SAVED_24_NAME)
+LOWRANK_SAVED = (LOWRANK_CODE, ATTN_OUT, ATTN_STATS, kernel_ffn.SAVED_24_NAME)
 
 
 def _normal(std: float):
@@ -135,6 +136,30 @@ def rotary(x_BxLxNxH: jax.Array, theta: float, positions: jax.Array | None = Non
   return out.astype(x_BxLxNxH.dtype)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer for cached decoding, ``[layers, B, max_len, heads, head_dim]``."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+class LayerCache(NamedTuple):
+  """What one block's attention reads and writes: the whole cache and its layer index
+  (an int, or traced under ``lax.scan``)."""
+
+  k: jax.Array
+  v: jax.Array
+  layer: Any
+
+
+def init_cache(model_cfg, batch: int, max_len: int) -> KVCache:
+  """A zero cache for ``batch`` rows of ``max_len`` tokens, in the model's dtype."""
+  shape = (model_cfg.n_layers, batch, max_len, model_cfg.n_heads,
+           model_cfg.d_model // model_cfg.n_heads)
+  dtype = DTYPES[model_cfg.dtype]
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
 class Attention(nnx.Module):
   """Causal multi-head self-attention with rotary embeddings and no biases."""
 
@@ -152,15 +177,36 @@ class Attention(nnx.Module):
     self.v = Projection(d, d, axes=("heads", "embed"), **lin)
     self.o = Projection(d, d, axes=("embed", "heads"), **lin)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, cache: "LayerCache | None" = None,
+               positions_BxL: jax.Array | None = None) -> tuple[jax.Array, "LayerCache | None"]:
+    """The block's attention output, and with a ``cache`` (decoding) the updated cache.
+
+    Without a cache: causal attention over ``x`` itself (positions ``0 .. L-1``),
+    by the configured implementation. With one: the new tokens at
+    ``positions_BxL`` write their keys and values into the cache's slots of
+    this layer and attend to every slot ``<=`` their own position (right-padded
+    rows, positions starting at 0 at each row's first token; stale slots past a
+    row's last token are never seen).
+    """
     b, l, d = x_BxLxD.shape
     split = lambda t: t.reshape(b, l, self.n_heads, d // self.n_heads)
-    q = rotary(split(self.q(x_BxLxD)), self.theta)
-    k = rotary(split(self.k(x_BxLxD)), self.theta)
+    q = rotary(split(self.q(x_BxLxD)), self.theta, positions_BxL)
+    k = rotary(split(self.k(x_BxLxD)), self.theta, positions_BxL)
     v = split(self.v(x_BxLxD))
-    o_BxLxNxH = attention.attend(q, k, v, impl=self.impl, block=self.block, mesh=self.mesh)
-    o_BxLxNxH = checkpoint_name(o_BxLxNxH, ATTN_OUT)
-    return self.o(o_BxLxNxH.reshape(b, l, d))
+    if cache is None:
+      o_BxLxNxH = attention.attend(q, k, v, impl=self.impl, block=self.block, mesh=self.mesh)
+      o_BxLxNxH = checkpoint_name(o_BxLxNxH, ATTN_OUT)
+      return self.o(o_BxLxNxH.reshape(b, l, d)), None
+    k_all, v_all, i = cache
+    rows_Bx1 = jnp.arange(b)[:, None]
+    k_all = k_all.at[i, rows_Bx1, positions_BxL].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[i, rows_Bx1, positions_BxL].set(v.astype(v_all.dtype), mode="drop")
+    s = k_all.shape[2]
+    # Query at position p sees slots 0..p of its own row (causal, padding-free).
+    mask_Bx1xLxS = (jnp.arange(s)[None, None, :] <= positions_BxL[:, :, None])[:, None]
+    o_BxLxNxH = jax.nn.dot_product_attention(q, k_all[i].astype(q.dtype), v_all[i].astype(q.dtype),
+                                             mask=mask_Bx1xLxS)
+    return self.o(o_BxLxNxH.reshape(b, l, d)), LayerCache(k_all, v_all, i)
 
 
 class FFN(nnx.Module):
@@ -211,10 +257,13 @@ class Block(nnx.Module):
     self.ffn_norm = nnx.RMSNorm(cfg.d_model, **norm)
     self.ffn = FFN(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, mesh=mesh)
 
-  def __call__(self, x: jax.Array, sparse_on: jax.Array):
-    x = x + self.attn(self.attn_norm(x))
+  def __call__(self, x: jax.Array, sparse_on: jax.Array, cache: "LayerCache | None" = None,
+               positions_BxL: jax.Array | None = None):
+    """``(output, FFN statistics or None, updated cache or None)``; see :meth:`Attention.__call__`."""
+    a, cache = self.attn(self.attn_norm(x), cache, positions_BxL)
+    x = x + a
     y, stats = self.ffn(self.ffn_norm(x), sparse_on)
-    return x + y, stats
+    return x + y, stats, cache
 
 
 def remat_policy(mode: str):
@@ -265,7 +314,8 @@ class Transformer(nnx.Module):
     policy = remat_policy(self.remat)
 
     def apply(graphdef, state, x):
-      return nnx.merge(graphdef, state)(x, sparse_on)
+      x, stats, _ = nnx.merge(graphdef, state)(x, sparse_on)
+      return x, stats
 
     if self.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
@@ -282,7 +332,7 @@ class Transformer(nnx.Module):
     per_layer = []
     for block in self.blocks:
       if policy is None:
-        x_BxLxD, stats = block(x_BxLxD, sparse_on)
+        x_BxLxD, stats, _ = block(x_BxLxD, sparse_on)
       else:
         graphdef, state = nnx.split(block)
         x_BxLxD, stats = jax.checkpoint(
@@ -291,6 +341,44 @@ class Transformer(nnx.Module):
         per_layer.append(stats)
     stats = {k: jnp.stack([s[k] for s in per_layer]) for k in per_layer[0]} if per_layer else {}
     return x_BxLxD, stats
+
+  def forward_cached(self, tokens_BxT: jax.Array, sparse_on: jax.Array, cache: KVCache,
+                     start_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Cached decoding through the model's own blocks (either layout, no remat).
+
+    Runs ``T`` new tokens per row at positions ``start_B[b] + 0..T-1``, writes
+    their keys and values into ``cache`` at those slots (writes past the cache
+    are dropped) and returns the last block's output ``[B, T, D]`` (before
+    ``final_norm``: :meth:`logits` finishes it) and the updated cache.
+    """
+    t = tokens_BxT.shape[1]
+    pos_BxT = start_B[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+    x = self.embed(tokens_BxT)
+    if self.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def body(carry, state):
+        x, k_all, v_all, i = carry
+        x, _, c = nnx.merge(graphdef, state)(x, sparse_on, LayerCache(k_all, v_all, i), pos_BxT)
+        return (x, c.k, c.v, i + 1), None
+
+      (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache.k, cache.v, jnp.int32(0)), stacked)
+      return x, KVCache(k_all, v_all)
+    k_all, v_all = cache
+    for i, block in enumerate(self.blocks):
+      x, _, c = block(x, sparse_on, LayerCache(k_all, v_all, i), pos_BxT)
+      k_all, v_all = c.k, c.v
+    return x, KVCache(k_all, v_all)
+
+  def logits(self, h_BxTxD: jax.Array) -> jax.Array:
+    """fp32 logits of block outputs, as at the end of :meth:`__call__`."""
+    return self.lm_head(self.final_norm(h_BxTxD)).astype(jnp.float32)
+
+  def layer(self, i: int) -> Block:
+    """Decoder block ``i`` as a module of its own, in either layout."""
+    if not self.scan_layers:
+      return self.blocks[i]
+    return stacking.unstacked_layer(self.blocks, i)
 
   def __call__(self, tokens_BxL: jax.Array, sparse_on: jax.Array | bool = True
                ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -59,7 +59,7 @@ def activation_bytes(cfg, model: nnx.Module, seq_len: int) -> dict[str, float]:
     return memory.total_bytes_per_token(memory.token_residuals(
         lambda b: (state, jax.ShapeDtypeStruct((b, seq_len, d), dtype)), fn, seq_len))
 
-  block = stacking.layer(model, 0)
+  block = model.layer(0)
   ffn = measure(block.ffn, lambda m, x: m(x, True)[0])
   blk = measure(block, lambda m, x: m(x, True)[0])
 

@@ -5,20 +5,15 @@ leading ``layers`` axis (logical axis ``layers``, never sharded) so that
 :class:`elas_jax.model.Transformer` runs them with ``jax.lax.scan``.
 :func:`stack_layers` / :func:`unstack_layers` convert parameters (and the
 optimizer moments that mirror them) between the two layouts, for the
-trainer, export and decoding; :func:`layer` gives one block of a model in
-either layout as a module of its own.
+trainer and export; :func:`unstacked_layer` gives one block of the stacked
+blocks as a module of its own. A leaf module: it knows parameters, not the model.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-if TYPE_CHECKING:  # the model imports this module, not the other way round
-  from elas_jax.model import Block, Transformer
 
 
 def is_var(x) -> bool:
@@ -93,9 +88,7 @@ def unstack_layers(params):
   return _with_blocks(params, nnx.State(per_layer) if isinstance(blocks, nnx.State) else per_layer)
 
 
-def layer(model: "Transformer", i: int) -> "Block":
-  """Decoder block ``i`` as a module of its own, in either layout."""
-  if not model.scan_layers:
-    return model.blocks[i]
-  graphdef, state = nnx.split(model.blocks)
+def unstacked_layer(stacked_blocks: nnx.Module, i: int) -> nnx.Module:
+  """Layer ``i`` of a scanned model's stacked blocks, as a module of its own."""
+  graphdef, state = nnx.split(stacked_blocks)
   return nnx.merge(graphdef, jax.tree.map(lambda x: _unstack_var(x, i), state, is_leaf=is_var))

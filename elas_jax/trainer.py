@@ -241,32 +241,34 @@ class Run:
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss)), "eval_tokens": int(count)}
 
 
-def restore_run(workdir: str, step: int | None = None, *, mesh: tuple[int, int, int] | None = None,
-                kernel: str | None = None, devices=None) -> tuple[Run, TrainState]:
+def restore_run(workdir: str, step: int | None = None, *,
+                mesh_shape: tuple[int, int, int] | None = None, kernel: str | None = None,
+                devices=None) -> tuple[Run, TrainState]:
   """The run (with the config saved in the checkpoint) and train state of checkpoint
   ``step`` (default: the latest) of ``workdir``, restored onto this machine's mesh
-  (``mesh`` = data, fsdp, tensor overrides the saved one; ``kernel`` the FFN kernel)."""
+  (``mesh_shape`` = data, fsdp, tensor overrides the saved one; ``kernel`` the FFN kernel)."""
   cfg, step = checkpointing.load_config(workdir, step)
-  if mesh is not None:
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  if mesh_shape is not None:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
   if kernel is not None:
     cfg.model.kernel = kernel
   run = build(cfg, devices)
   return run, checkpointing.restore_state(workdir, step, run.abstract_state)
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None,
-                        devices=None) -> dict:
+def evaluate_checkpoint(workdir: str, step: int | None = None,
+                        mesh_shape: tuple[int, int, int] | None = None, devices=None) -> dict:
   """``{"step", "eval_loss", "eval_ppl", "eval_tokens"}`` of checkpoint ``step`` (default:
-  the latest) of ``workdir`` on its validation stream, restored onto this machine's mesh."""
-  run, state = restore_run(workdir, step, mesh=mesh, devices=devices)
+  the latest) of ``workdir`` on its validation stream, restored onto this machine's mesh
+  (``mesh_shape``: data, fsdp, tensor instead of the saved one)."""
+  run, state = restore_run(workdir, step, mesh_shape=mesh_shape, devices=devices)
   batches, _ = run.eval_batches()
   return {"step": int(state.step), **run.evaluate(run.jit_eval_step(), state.params, state.step, batches)}
 
 
 def with_unscanned_layers(run: Run, params: nnx.State) -> tuple[Run, nnx.State]:
-  """A ``scan_layers`` run and its params in the per-layer layout (for decoding and
-  export, which walk the blocks one by one); other runs are returned as they are."""
+  """A ``scan_layers`` run and its params in the per-layer layout (for export, which
+  writes the blocks one by one); other runs are returned as they are."""
   if not run.cfg.model.scan_layers:
     return run, params
   cfg = run.cfg.copy_and_resolve_references()
