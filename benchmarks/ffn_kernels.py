@@ -6,19 +6,19 @@
     python -m benchmarks.ffn_kernels --preset gpu --interpret false --dry_run    # trace only
 
 Times, in one process and side by side, on the low-rank FFN core of each model
-size (brief section 6; ``h [T, r]`` is the rank-r code, ``w_in = B_up [F, r]``,
+size (docs/kernels.md; ``h [T, r]`` is the rank-r code, ``w_in = B_up [F, r]``,
 ``w_out = A_down [r, F]``, shapes read from ``configs/llama_<size>.py:elas``):
 
   * ``ffn``: the whole FFN core, forward and forward+backward (``jax.value_and_grad``
     of ``sum(out * cotangent)`` w.r.t. ``h, w_in, w_out``), for
     - ``xla dense``: ``relu(h w_inᵀ)² w_outᵀ`` in plain jnp (the ``loro_relu2`` FFN),
-    - ``xla sparse/<mode>``: ``elas_jax.ops.sparsity.relu2_sparse_ffn`` (the pure-JAX op),
-    - ``pallas elas_ffn/<mode>``: ``kernels.elas_ffn.elas_ffn`` (fused forward, 2 backward kernels);
-    - ``mosaic elas_ffn/<mode>``: ``kernels.elas_ffn_mosaic.elas_ffn`` (Mosaic GPU; by default on
-      a GPU only, ``--mosaic true`` to interpret it on CPU);
-  * ``sparsify``: ``kernels.relu2_sparsify`` (``z wᵀ -> ReLU² -> 2:4 -> compress``)
+    - ``xla sparse ffn/<mode>``: the ``xla`` implementation of the FFN core (the pure-JAX op),
+    - ``<impl> elas_ffn/<mode>``: every other implementation of ``elas_kernels.ffn.IMPLEMENTATIONS``
+      chosen by ``--impls`` (default: all of them on a GPU, ``triton`` on CPU, where the
+      Mosaic GPU interpreter takes minutes per row);
+  * ``sparsify``: ``elas_kernels.relu2_sparsify`` (``z wᵀ -> ReLU² -> 2:4 -> compress``)
     against XLA writing the dense ``relu(z wᵀ)²`` and XLA ``compress_24``;
-  * ``spmm``: ``kernels.sparse_matmul.sparse24_matmul`` (compressed 2:4 x dense)
+  * ``spmm``: ``elas_kernels.sparse_matmul.sparse24_matmul`` (compressed 2:4 x dense)
     against an XLA dense matmul of the same (sparsified) activation and XLA
     ``decompress_24`` + matmul.
 
@@ -70,9 +70,9 @@ import numpy as np  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Bench, Row, Timer, fmt, is_oom, markdown_table, short_error  # noqa: E402
 from elas_jax import memory  # noqa: E402
-from elas_jax.ops import sparsity  # noqa: E402
-from kernels import common as cm  # noqa: E402
-from kernels import elas_ffn, relu2_sparsify, sparse_matmul  # noqa: E402
+from elas_kernels import common as cm  # noqa: E402
+from elas_kernels import relu2_sparsify, sparse24, sparse_matmul  # noqa: E402
+from elas_kernels.ffn import BACKWARD_MODES, IMPLEMENTATIONS  # noqa: E402
 
 F32 = jnp.float32
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -155,20 +155,28 @@ def dense_ffn(h, w_in, w_out, on):
 
 
 def xla_sparse_ffn(mode: str) -> Callable:
-  return lambda h, w_in, w_out, on: sparsity.relu2_sparse_ffn(h, w_in, w_out, on, mode=mode)
+  return kernel_ffn("xla", mode, interpret=False)
 
 
-def pallas_ffn(mode: str, interpret: bool, blocks: tuple[int, int] | None = None) -> Callable:
-  bt, bf = blocks or (None, None)
-  return lambda h, w_in, w_out, on: elas_ffn.elas_ffn(h, w_in, w_out, on, mode=mode, interpret=interpret,
-                                                  block_t=bt, block_f=bf)
+def kernel_ffn(name: str, mode: str, interpret: bool, blocks: tuple[int, int] | None = None
+               ) -> Callable:
+  """Implementation ``name`` of the FFN core in ``mode``; ``blocks`` (``block_t``,
+  ``block_f``): the Triton kernels' tile sweep."""
+  options = {} if blocks is None else dict(block_t=blocks[0], block_f=blocks[1])
+  op = IMPLEMENTATIONS[name](interpret=interpret, **options)
+  return lambda h, w_in, w_out, on: op(h, w_in, w_out, on, mode=mode)
 
 
-def mosaic_ffn(mode: str, interpret: bool) -> Callable:
-  from kernels import elas_ffn_mosaic
-
-  return lambda h, w_in, w_out, on: elas_ffn_mosaic.elas_ffn(h, w_in, w_out, on, mode=mode,
-                                                          interpret=interpret)
+def kernel_impls(spec: str, interpret: bool) -> list[str]:
+  """``--impls``: the FFN implementations timed beside XLA (``auto``: every one but xla on a
+  GPU, ``triton`` interpreted); each must be in the table."""
+  names = [n for n in IMPLEMENTATIONS if n != "xla"] if spec == "auto" else spec.split(",")
+  if spec == "auto" and interpret:
+    names = ["triton"]
+  unknown = sorted(set(names) - set(IMPLEMENTATIONS) - {""})
+  if unknown:
+    raise SystemExit(f"--impls: unknown {unknown}; expected some of {sorted(IMPLEMENTATIONS)}")
+  return [n for n in names if n and n != "xla"]
 
 
 def parse_blocks(spec: str | None) -> list[tuple[int, int] | None]:
@@ -210,12 +218,12 @@ def relu2_dense(z, w):
 
 def relu2_compress_xla(z, w):
   """XLA: relu(z wᵀ)² -> 2:4 -> compress, in the kernels' plane layout."""
-  vals, meta = sparsity.compress_24(relu2_dense(z, w))
+  vals, meta = sparse24.compress_24(relu2_dense(z, w))
   return cm.to_planes(vals), meta
 
 
 def decompress_matmul_xla(vals, meta, w):
-  y = sparsity.decompress_24(cm.from_planes(vals), meta)
+  y = sparse24.decompress_24(cm.from_planes(vals), meta)
   return jnp.einsum("tf,nf->tn", y, w, preferred_element_type=F32).astype(y.dtype)
 
 
@@ -246,26 +254,23 @@ def copy_bandwidth(bench: Bench, mib: int) -> float | None:
 
 
 def ffn_rows(bench: Bench, shape: Shape, t: int, x: dict, modes: list[str], interpret: bool,
-             block_list: list[tuple[int, int] | None] = (None,), mosaic: bool = False) -> None:
-  """The whole FFN core, fwd and fwd+bwd: XLA dense, XLA sparse, Pallas Triton (per tiles)
-  and, with ``mosaic``, Pallas Mosaic GPU, per mode."""
+             impls: list[str], block_list: list[tuple[int, int] | None] = (None,)) -> None:
+  """The whole FFN core, fwd and fwd+bwd: XLA dense, XLA sparse and each of ``impls``
+  (Triton per tile of ``block_list``), per mode. A shape an implementation cannot serve
+  is a row with its NotImplementedError."""
   args = (x["h"], x["w_in"], x["w_out"], x["ct"], x["on"])
   for pass_, wrap in (("fwd", fwd_only), ("fwd+bwd", fwd_bwd)):
     bench.run(Row(shape.size, t, "ffn", "xla_dense", "xla dense ffn", pass_), wrap(dense_ffn), args)
     for mode in modes:
       ref = bench.run(Row(shape.size, t, "ffn", "xla_sparse", f"xla sparse ffn/{mode}", pass_, mode),
                       wrap(xla_sparse_ffn(mode)), args)
-      for blocks in block_list:
-        tiles = f" {blocks[0]}x{blocks[1]}" if blocks else ""
-        row = Row(shape.size, t, "ffn", "pallas", f"pallas elas_ffn/{mode}{tiles}", pass_, mode)
-        out = bench.run(row, wrap(pallas_ffn(mode, interpret, blocks)), args)
-        row.max_rel_err = bench.error(out, ref)
-        del out
-      if mosaic:  # a shape it cannot serve is a row with its NotImplementedError
-        row = Row(shape.size, t, "ffn", "mosaic", f"mosaic elas_ffn/{mode}", pass_, mode)
-        out = bench.run(row, wrap(mosaic_ffn(mode, interpret)), args)
-        row.max_rel_err = bench.error(out, ref)
-        del out
+      for name in impls:
+        for blocks in (block_list if name == "triton" else [None]):
+          tiles = f" {blocks[0]}x{blocks[1]}" if blocks else ""
+          row = Row(shape.size, t, "ffn", name, f"{name} elas_ffn/{mode}{tiles}", pass_, mode)
+          out = bench.run(row, wrap(kernel_ffn(name, mode, interpret, blocks)), args)
+          row.max_rel_err = bench.error(out, ref)
+          del out
       del ref
 
 
@@ -286,7 +291,7 @@ def kernel_rows(bench: Bench, shape: Shape, t: int, x: dict, interpret: bool) ->
                  relu2_dense, (z, w_up), io_bytes=True)
   ref = bench.run(Row(shape.size, t, "sparsify", "xla_sparse", "xla relu2+compress_24" + tag),
                   relu2_compress_xla, (z, w_up), io_bytes=True)
-  row = Row(shape.size, t, "sparsify", "pallas", "pallas relu2_sparsify" + tag)
+  row = Row(shape.size, t, "sparsify", "triton", "triton relu2_sparsify" + tag)
   out = bench.run(row, lambda z, w: relu2_sparsify.relu2_sparsify(z, w, interpret=interpret),
                   (z, w_up), io_bytes=True)
   row.max_rel_err = bench.error(out, ref)
@@ -295,24 +300,24 @@ def kernel_rows(bench: Bench, shape: Shape, t: int, x: dict, interpret: bool) ->
   # Compressed 2:4 x dense. Inputs come from XLA so this row does not depend on the
   # sparsify kernel; the dense baseline multiplies the same activation, 2:4-zeroed.
   if ref is None or y2 is None:
-    bench.rows.append(Row(shape.size, t, "spmm", "pallas", "pallas sparse24_matmul" + tag,
+    bench.rows.append(Row(shape.size, t, "spmm", "triton", "triton sparse24_matmul" + tag,
                           status="error: no XLA-compressed input (see the sparsify rows)"))
     return
   vals, meta = ref
-  y2s = build_inputs(sparsity.sparsify_24, y2, dry_run=bench.dry_run)
+  y2s = build_inputs(sparse24.sparsify_24, y2, dry_run=bench.dry_run)
   del y2
   bench.run(Row(shape.size, t, "spmm", "xla_dense", "xla dense matmul" + tag), dense_matmul_xla,
             (y2s, w_down), io_bytes=True)
   del y2s
   ref = bench.run(Row(shape.size, t, "spmm", "xla_sparse", "xla decompress_24+matmul" + tag),
                   decompress_matmul_xla, (vals, meta, w_down), io_bytes=True)
-  row = Row(shape.size, t, "spmm", "pallas", "pallas sparse24_matmul" + tag)
+  row = Row(shape.size, t, "spmm", "triton", "triton sparse24_matmul" + tag)
   out = bench.run(row, lambda v, m, w: sparse_matmul.sparse24_matmul(v, m, w, interpret=interpret),
                   (vals, meta, w_down), io_bytes=True)
   row.max_rel_err = bench.error(out, ref)
 
 
-def residual_memory(shape: Shape, modes: list[str], dtype, interpret: bool,
+def residual_memory(shape: Shape, modes: list[str], dtype, interpret: bool, impls: list[str],
                     seq: int = 1024) -> list[dict]:
   """Bytes per token each FFN keeps for backward (traced: nothing allocated).
 
@@ -324,13 +329,13 @@ def residual_memory(shape: Shape, modes: list[str], dtype, interpret: bool,
   w_out = jax.ShapeDtypeStruct((shape.r, shape.f), dtype)
   make = lambda b: (jax.ShapeDtypeStruct((b * seq, shape.r), dtype), w_in, w_out)
   ops = [("xla dense ffn", dense_ffn)] + [(f"xla sparse ffn/{m}", xla_sparse_ffn(m)) for m in modes]
-  ops += [(f"pallas elas_ffn/{m}", m) for m in modes]
+  ops += [(f"{name} elas_ffn/{m}", (name, m)) for name in impls for m in modes]
   one_copy = shape.f * np.dtype(dtype).itemsize  # one dense f-wide activation per token
   out = []
   for name, op in ops:
     entry = {"size": shape.size, "op": name}
     try:
-      ffn = pallas_ffn(op, interpret) if isinstance(op, str) else op
+      ffn = kernel_ffn(*op, interpret) if isinstance(op, tuple) else op
 
       def loss(h, w_in, w_out, ffn=ffn):
         y = ffn(h, w_in, w_out, jnp.bool_(True))
@@ -351,8 +356,8 @@ def residual_memory(shape: Shape, modes: list[str], dtype, interpret: bool,
   return out
 
 
-def step_peak(size: str, t: int, dtype_name: str, interpret: bool, mode: str) -> dict:
-  """Allocator peak of one fwd+bwd step, pallas first then dense (child process).
+def step_peak(size: str, t: int, dtype_name: str, interpret: bool, mode: str, impl: str) -> dict:
+  """Allocator peak of one fwd+bwd step, implementation ``impl`` first then dense (child process).
 
   The allocator's peak only grows, so a fresh process per (size, T) measures
   the smaller (sparse) step first; dense is reported only if it raised the peak.
@@ -366,7 +371,8 @@ def step_peak(size: str, t: int, dtype_name: str, interpret: bool, mode: str) ->
   args = (x["h"], x["w_in"], x["w_out"], x["ct"], x["on"])
   base = dev.memory_stats().get("bytes_in_use", 0)
   out = {"inputs_bytes": int(base)}
-  for name, ffn in ((f"pallas elas_ffn/{mode}", pallas_ffn(mode, interpret)), ("xla dense ffn", dense_ffn)):
+  for name, ffn in ((f"{impl} elas_ffn/{mode}", kernel_ffn(impl, mode, interpret)),
+                    ("xla dense ffn", dense_ffn)):
     try:
       before = dev.memory_stats().get("peak_bytes_in_use", 0)
       compiled = jax.jit(fwd_bwd(ffn)).lower(*args).compile()
@@ -379,8 +385,8 @@ def step_peak(size: str, t: int, dtype_name: str, interpret: bool, mode: str) ->
   return out
 
 
-def peak_in_child(args, size: str, t: int, mode: str) -> dict:
-  cmd = [sys.executable, "-m", "benchmarks.ffn_kernels", "--_peak_child", f"{size}:{t}:{mode}",
+def peak_in_child(args, size: str, t: int, mode: str, impl: str) -> dict:
+  cmd = [sys.executable, "-m", "benchmarks.ffn_kernels", "--_peak_child", f"{size}:{t}:{mode}:{impl}",
          "--dtype", args.dtype, "--interpret", args.interpret]
   try:
     p = subprocess.run(cmd, cwd=harness.ROOT, capture_output=True, text=True, timeout=args.peak_timeout_s,
@@ -410,7 +416,7 @@ def add_ratios(rows: list[Row], copy_gbps: float | None) -> None:
     dense = timed.get((r.size, r.tokens, r.group, r.pass_, "xla_dense", ""))
     sparse = timed.get((r.size, r.tokens, r.group, r.pass_, "xla_sparse", r.mode))
     r.vs_dense = dense / r.time_ms if dense else None
-    r.vs_sparse = sparse / r.time_ms if sparse and r.impl == "pallas" else None
+    r.vs_sparse = sparse / r.time_ms if sparse and r.impl in IMPLEMENTATIONS else None
 
 
 def markdown(meta: dict, rows: list[Row], resid: list[dict], steps: list[dict]) -> str:
@@ -444,8 +450,8 @@ def markdown(meta: dict, rows: list[Row], resid: list[dict], steps: list[dict]) 
   return "\n".join(lines) + "\n"
 
 
-def step_memory(rows: list[Row], peaks: dict, mode: str) -> list[dict]:
-  """Dense vs Pallas fwd+bwd memory per (size, T): XLA buffers and allocator peak."""
+def step_memory(rows: list[Row], peaks: dict, mode: str, impls: list[str]) -> list[dict]:
+  """Dense vs the kernels' fwd+bwd memory per (size, T): XLA buffers and allocator peak."""
   out = []
   mib = 2.0**20
   by = {(r.size, r.tokens, r.op): r for r in rows if r.pass_ == "fwd+bwd"}
@@ -453,7 +459,7 @@ def step_memory(rows: list[Row], peaks: dict, mode: str) -> list[dict]:
     peak = peaks.get(f"{size}:{t}", {})
     dense = by.get((size, t, "xla dense ffn"))
     dense_buf = dense.xla_buffers["total"] if dense and dense.xla_buffers else None
-    for op in ("xla dense ffn", f"xla sparse ffn/{mode}", f"pallas elas_ffn/{mode}"):
+    for op in ("xla dense ffn", f"xla sparse ffn/{mode}", *(f"{n} elas_ffn/{mode}" for n in impls)):
       r = by.get((size, t, op))
       if r is None:
         continue
@@ -471,16 +477,15 @@ def step_memory(rows: list[Row], peaks: dict, mode: str) -> list[dict]:
 
 def goals(rows: list[Row], copy_gbps: float | None) -> list[str]:
   out = []
-  hit = [r for r in rows if r.op == "pallas elas_ffn/masked" and r.pass_ == "fwd+bwd"
+  hit = [r for r in rows if r.op.endswith(" elas_ffn/masked") and r.pass_ == "fwd+bwd"
          and r.size == "1b" and r.tokens == 65536]
-  if hit:
-    r = hit[0]
-    out.append(f"pallas elas_ffn/masked fwd+bwd at 1b / 64K tokens: {fmt(r.vs_dense, '.2f', 'x')} vs XLA "
+  for r in hit:
+    out.append(f"{r.op} fwd+bwd at 1b / 64K tokens: {fmt(r.vs_dense, '.2f', 'x')} vs XLA "
                f"dense (goal >= 1.2x), {fmt(r.vs_sparse, '.2f', 'x')} vs XLA sparse")
-  else:
+  if not hit:
     out.append("1b / 64K tokens not in this run (goal: elas fwd+bwd >= 1.2x XLA dense)")
   for r in rows:
-    if r.op.startswith("pallas relu2_sparsify"):
+    if r.op.startswith("triton relu2_sparsify"):
       out.append(f"relu2_sparsify {r.size} T={r.tokens}: {fmt(r.pct_copy, '.0f', '%')} of copy "
                  f"bandwidth {fmt(copy_gbps, '.1f')} GB/s (goal >= 80%)")
   return out
@@ -505,15 +510,16 @@ def parse_args() -> argparse.Namespace:
                   help="each measurement repeats the call back to back until it lasts this long")
   ap.add_argument("--timer", choices=("wall", "do_bench"), default="wall")
   ap.add_argument("--blocks", default=None,
-                  help="tile sweep for the Pallas FFN rows: comma list of block_t x block_f, "
+                  help="tile sweep for the Triton FFN rows: comma list of block_t x block_f, "
                        "e.g. 32x128,64x128,64x256 (default: the kernel's per-shape defaults)")
   ap.add_argument("--copy_mib", type=int, help="size of the copy-bandwidth array")
   ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
   ap.add_argument("--interpret", choices=("auto", "true", "false"), default="auto",
                   help="Pallas interpret mode (auto: unless the backend is a GPU)")
-  ap.add_argument("--mosaic", choices=("auto", "true", "false"), default="auto",
-                  help="also the Mosaic GPU kernels (kernels/elas_ffn_mosaic.py; auto: on a GPU where "
-                       "this jax has Mosaic GPU; interpreted on CPU they take minutes per row)")
+  ap.add_argument("--impls", default="auto",
+                  help="comma list of FFN implementations (elas_kernels.ffn.IMPLEMENTATIONS) timed "
+                       "beside XLA; auto: all on a GPU, triton interpreted (the Mosaic GPU "
+                       "interpreter takes minutes per row)")
   ap.add_argument("--peak_memory", action=argparse.BooleanOptionalAction, default=None,
                   help="allocator peak of one fwd+bwd step in a child process per (size, T)")
   ap.add_argument("--peak_timeout_s", type=int, default=300)
@@ -533,31 +539,26 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
   args = parse_args()
   interpret = {"true": True, "false": False, "auto": jax.default_backend() != "gpu"}[args.interpret]
-  from kernels import mosaic_compat
-
-  mosaic = {"true": True, "false": False,
-            "auto": not interpret and mosaic_compat.unavailable_reason() is None}[args.mosaic]
-  if mosaic and mosaic_compat.unavailable_reason():
-    raise SystemExit(f"--mosaic true: {mosaic_compat.unavailable_reason()}")
+  impls = kernel_impls(args.impls, interpret)
   if args._peak_child:
-    size, t, mode = args._peak_child.split(":")
-    print(json.dumps(step_peak(size, int(t), args.dtype, interpret, mode)))
+    size, t, mode, impl = args._peak_child.split(":")
+    print(json.dumps(step_peak(size, int(t), args.dtype, interpret, mode, impl)))
     return
 
   dtype = DTYPES[args.dtype]
   sizes = [s for s in args.sizes.split(",") if s]
   tokens = [int(t) for t in str(args.tokens).split(",") if t]
   modes = [m for m in args.modes.split(",") if m]
-  bad = set(modes) - set(sparsity.BACKWARD_MODES)
+  bad = set(modes) - set(BACKWARD_MODES)
   if bad:
-    raise SystemExit(f"unknown modes {sorted(bad)}; expected {sparsity.BACKWARD_MODES}")
+    raise SystemExit(f"unknown modes {sorted(bad)}; expected {BACKWARD_MODES}")
   main_mode = "masked" if "masked" in modes else modes[0]
   timer = Timer(args.repeats, args.warmup, args.min_time_ms / 1e3, args.timer)
   bench = Bench(timer, args.dry_run)
   dev = jax.devices()[0]
   meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
           "backend": jax.default_backend(), "device_kind": dev.device_kind, "dtype": args.dtype,
-          "interpret": interpret, "timer": timer.kind, "repeats": args.repeats, "warmup": args.warmup,
+          "interpret": interpret, "impls": impls, "timer": timer.kind, "repeats": args.repeats, "warmup": args.warmup,
           "preset": args.preset, "dry_run": args.dry_run}
   print(f"# {meta['date']}  jax {meta['jax']}  {meta['backend']} / {meta['device_kind']}  "
         f"interpret={interpret}  sizes {sizes}  T {tokens}  modes {modes}", flush=True)
@@ -568,7 +569,7 @@ def main() -> None:
   for size in sizes:
     shape = shapes[size] = load_shape(size)
     print(f"## {size}: d={shape.d} F={shape.f} r={shape.r} ({shape.source})", flush=True)
-    resid += residual_memory(shape, modes, dtype, interpret)
+    resid += residual_memory(shape, modes, dtype, interpret, impls)
     for t in tokens:
       start = time.perf_counter()
       try:
@@ -579,17 +580,17 @@ def main() -> None:
         print(f"  skip {size} T={t}: inputs: {why}")
         bench.rows.append(Row(size, t, "ffn", "-", "inputs", status="skipped: " + why))
         continue
-      ffn_rows(bench, shape, t, x, modes, interpret, parse_blocks(args.blocks), mosaic=mosaic)
+      ffn_rows(bench, shape, t, x, modes, interpret, impls, parse_blocks(args.blocks))
       kernel_rows(bench, shape, t, x, interpret)
       del x
-      if args.peak_memory and not args.dry_run:
-        peaks[f"{size}:{t}"] = peak_in_child(args, size, t, main_mode)
+      if args.peak_memory and not args.dry_run and impls:
+        peaks[f"{size}:{t}"] = peak_in_child(args, size, t, main_mode, impls[0])
       print(f"  T={t}: {time.perf_counter() - start:.1f} s", flush=True)
 
   add_ratios(bench.rows, copy_gbps)
   meta.update(copy_gbps=copy_gbps, shapes={k: dataclasses.asdict(v) for k, v in shapes.items()},
               goals=goals(bench.rows, copy_gbps))
-  steps = step_memory(bench.rows, peaks, main_mode)
+  steps = step_memory(bench.rows, peaks, main_mode, impls)
   md = markdown(meta, bench.rows, resid, steps)
   print("\n" + md)
   if args.out:

@@ -7,8 +7,9 @@
 Needs the jax CUDA plugin (``pip install "jax[cuda12]==<jax version>"``) and
 runs with ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1`` (set here).
 
-Each kernel (``kernels.elas_ffn``, ``relu2_sparsify``, ``sparse_matmul``) is
-compiled alone, through its own ``pallas_call`` builder, for every candidate
+Each kernel (the ``triton`` FFN core's four, ``relu2_sparsify``'s and
+``sparse_matmul``'s three) is compiled alone, through its module's public
+``kernel_program`` (the kernel on operands padded as its op pads them), for every candidate
 in a small grid of tiles x ``num_warps`` x ``num_stages``, at the paper shapes
 of each shape class (rank 128: 60M; 256: 130M and 350M; 512: 1B) and the
 paper's per-GPU micro-batch (``--tokens``, default 16384 = 64 sequences of
@@ -63,72 +64,26 @@ ALL = FFN + OPS + ("elas_ffn_dw_out/split",)
 # --------------------------------------------------------------------------
 
 
+def _module(kernel: str):
+  """The kernel module that builds ``kernel`` (its ``VARIANTS`` and ``kernel_program``)."""
+  from elas_kernels import relu2_sparsify, sparse_matmul
+  from elas_kernels.ffn import triton
+
+  for module in (triton, relu2_sparsify, sparse_matmul):
+    if kernel in module.VARIANTS:
+      return module
+  raise ValueError(f"unknown kernel {kernel!r}: expected one of {ALL}")
+
+
 def _variants(kernel: str) -> list[dict]:
-  """The code paths one tile must serve."""
-  if kernel == "elas_ffn_fwd":
-    return [dict(store=True, want_nnz=True), dict(store=False, want_nnz=False)]
-  if kernel in ("elas_ffn_dh", "elas_ffn_dw_in"):
-    return [dict(source="compressed"), dict(source="recompute")]
-  if kernel == "elas_ffn_dw_out":
-    return [dict(source="compressed", dw_mask="none"), dict(source="recompute", dw_mask="ste")]
-  if kernel == "elas_ffn_dw_out/split":
-    return [dict(source="compressed", dw_mask="tokens")]
-  return [{}]
+  """The code paths one tile must serve (the kernel module's own list)."""
+  return _module(kernel).VARIANTS[kernel]
 
 
 def kernel_fn(kernel: str, variant: dict, t: int, f: int, r: int, blocks):
-  """``(fn, args)``: the kernel's ``pallas_call`` on abstract, padded, planed operands."""
-  import jax
-  import jax.numpy as jnp
-
-  from kernels import common as cm
-  from kernels import elas_ffn, relu2_sparsify, sparse_matmul
-
-  bf16, i32, u8 = jnp.bfloat16, jnp.int32, jnp.uint8
-  k = n = cm.rank_size(r)
-  f_main = f - f % 4 if kernel.startswith("elas_ffn") else f - f % 8
-  fp = cm.padded(f_main, blocks.block_f)
-  tp = cm.padded(t, blocks.block_t * max(1, blocks.split_t))
-  g = fp // cm.PLANES
-  S = jax.ShapeDtypeStruct
-  tiles = cm.Tiles.uniform(relu2_sparsify.KERNELS if kernel.startswith("relu2")
-                           else sparse_matmul.KERNELS, blocks)
-  if kernel == "elas_ffn_fwd":
-    fn = lambda flag, h, wi, wo: elas_ffn._fwd_call(flag, h, wi, wo, blocks, False, **variant)
-    return fn, (S((1,), i32), S((tp, k), bf16), S((8, g, k), bf16), S((8, n, g), bf16))
-  common_args = (S((tp, k), bf16), S((tp, n), bf16), S((8, g, k), bf16), S((8, n, g), bf16),
-                 S((4, tp, g), bf16), S((tp, g), u8))
-  if kernel == "elas_ffn_dh":
-    fn = lambda h, go, wi, wo, v, m: elas_ffn._dh_call(h, go, wi, wo, v, m, variant["source"],
-                                                        blocks, False)
-    return fn, common_args
-  if kernel == "elas_ffn_dw_in":
-    fn = lambda h, go, wi, wo, v, m: elas_ffn._dw_in_call(h, go, wi, wo, v, m, variant["source"],
-                                                           blocks, False)
-    return fn, common_args
-  if kernel.startswith("elas_ffn_dw_out"):
-    def fn(h, go, wi, v, m, df, td):
-      return elas_ffn._dw_out_call(h, go, wi, v, m, df, td, variant["source"], variant["dw_mask"],
-                                   blocks, False)
-    h, go, wi, _, v, m = common_args
-    return fn, (h, go, wi, v, m, S((8, g), i32), S((tp,), i32))
-  if kernel == "relu2_sparsify_fwd":
-    return (lambda z, w: relu2_sparsify._forward(tiles, False, z, w),
-            (S((tp, k), bf16), S((fp, k), bf16)))
-  if kernel in ("relu2_sparsify_dz", "relu2_sparsify_dw"):
-    def fn(z, w, dv):
-      out = relu2_sparsify._bwd(tiles, False, (z, w), (dv, None))
-      return out[0] if kernel.endswith("dz") else out[1]
-    return fn, (S((tp, k), bf16), S((fp, k), bf16), S((4, tp, g), bf16))
-  if kernel == "sparse24_matmul_fwd":
-    return (lambda v, m, w: sparse_matmul._forward(tiles, False, v, m, w),
-            (S((4, tp, g), bf16), S((tp, g), u8), S((n, fp), bf16)))
-  if kernel in ("sparse24_matmul_dvals", "sparse24_matmul_dw"):
-    def fn(v, m, w, go):
-      out = sparse_matmul._bwd(tiles, False, (v, m, w), go)
-      return out[0] if kernel.endswith("dvals") else out[2]
-    return fn, (S((4, tp, g), bf16), S((tp, g), u8), S((n, fp), bf16), S((tp, n), bf16))
-  raise ValueError(f"unknown kernel {kernel!r}")
+  """``(fn, args)``: the kernel alone on abstract, padded operands (its module's public
+  ``kernel_program``)."""
+  return _module(kernel).kernel_program(kernel, variant, t, f, r, blocks)
 
 
 def _pallas_name(kernel: str) -> str:
@@ -255,7 +210,7 @@ def recipe(kernel: str, r: int):
   128 features, 64-wide output tiles and reduction chunks, 8 warps, no software
   pipelining (``num_stages=1``: with 2 stages the 8 planes' staged tiles cost
   registers and, at rank 512, shared memory)."""
-  from kernels.common import Blocks
+  from elas_kernels.common import Blocks
 
   # Reduction chunks of 64 at every rank: loading a whole rank-128 operand for
   # the 8 planes at once spills (398 bytes at 60M).
@@ -314,17 +269,20 @@ def gate_program(f: int, r: int, tokens: int = 16384, target: str = "h200", tile
   import jax
   import jax.numpy as jnp
 
-  from kernels import elas_ffn, relu2_sparsify, sparse_matmul
+  from elas_kernels import relu2_sparsify, sparse_matmul
+  from elas_kernels.ffn.triton import TritonFfn
 
   bf = jnp.bfloat16
   S = jax.ShapeDtypeStruct
+  gpu = (targets.get(target) if isinstance(target, str) else target).gpu_spec()
   if op == "elas_ffn":
+    ffn_op = TritonFfn(gpu=gpu, tiles=tiles)
+
     def program(h, w_in, w_out, sparse_on):
-      outs = [elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, target=target, tiles=tiles)[0]]
+      outs = [ffn_op(h, w_in, w_out, sparse_on)[0]]
       for mode in MODES:
         def loss(h, w_in, w_out, mode=mode):
-          out, _ = elas_ffn.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, target=target,
-                                     tiles=tiles)
+          out, _ = ffn_op(h, w_in, w_out, sparse_on, mode=mode)
           return jnp.sum(out.astype(jnp.float32))
         outs.append(jax.value_and_grad(loss, argnums=(0, 1, 2))(h, w_in, w_out))
       return outs
@@ -334,13 +292,13 @@ def gate_program(f: int, r: int, tokens: int = 16384, target: str = "h200", tile
     # The gradients in z and w: a pallas_call whose output is unused is dead code to
     # XLA, so both are needed for dz and dw to be compiled.
     def program(z, w):
-      loss = lambda z, w: jnp.sum(relu2_sparsify.relu2_sparsify(z, w, target=target, tiles=tiles)[0]
+      loss = lambda z, w: jnp.sum(relu2_sparsify.relu2_sparsify(z, w, gpu=gpu, tiles=tiles)[0]
                                   .astype(jnp.float32))
       return jax.value_and_grad(loss, argnums=(0, 1))(z, w)
     return program, (S((tokens, r), bf), S((f8, r), bf))
   if op == "sparse24_matmul":
     def program(v, m, w):
-      loss = lambda v, w: jnp.sum(sparse_matmul.sparse24_matmul(v, m, w, target=target,
+      loss = lambda v, w: jnp.sum(sparse_matmul.sparse24_matmul(v, m, w, gpu=gpu,
                                                                  tiles=tiles).astype(jnp.float32))
       return jax.value_and_grad(loss, argnums=(0, 1))(v, w)
     return program, (S((4, tokens, f8 // 8), bf), S((tokens, f8 // 8), jnp.uint8), S((r, f8), bf))
@@ -451,12 +409,12 @@ def main(argv=None):
   a = p.parse_args(argv)
   os.environ.update(targets.ENV)
   targets.check_environment()
-  from kernels import tiles as tile_tables
+  from elas_kernels import tiles as tile_tables
 
   if a.report:
     return 1 if report_sizes(a.target, a.tokens, a.sizes) else 0
   if a.one:
-    from kernels.common import Blocks
+    from elas_kernels.common import Blocks
     res = compile_candidate(a.one[0], a.one[1], Blocks(**json.loads(a.one[2])), a.target, a.tokens)
     print(json.dumps(dataclasses.asdict(res)))
     return 0

@@ -10,7 +10,7 @@ branch: ``sparse_on`` is an input), compiled for the H200 by XLA and Mosaic GPU
 (ptxas for sm_90a). Per kernel it reports what the compiler made:
 
   * ``wgmma``: the instructions per program (``m64nNk16`` x count), from the
-    kernel plan (``kernels.elas_ffn_mosaic.kernel_specs``); the shapes are
+    kernel plan (``elas_kernels.ffn.mosaic.kernel_specs``); the shapes are
     checked against the instructions in the PTX Mosaic emitted;
   * shared memory (Mosaic's own allocation), registers and spill bytes
     (``ptxas -v`` of Mosaic's PTX, via ``MOSAIC_GPU_DUMP_TO``);
@@ -42,18 +42,21 @@ SIZES = {"60m": (2064, 128), "130m": (3072, 256), "350m": (4104, 256), "1b": (81
 MODES = ("masked", "ste", "split")
 
 
-def gate_program(f: int, r: int, tokens: int, modes=MODES):
-  """One program: the forward (evaluation) and value_and_grad per mode; its abstract inputs."""
+def gate_program(f: int, r: int, tokens: int, modes=MODES, gpu=None):
+  """One program: the forward (evaluation) and value_and_grad per mode; its abstract inputs.
+  ``gpu``: the :class:`elas_kernels.gpu.GpuSpec` the kernels are built for (default H200)."""
   import jax
   import jax.numpy as jnp
 
-  from kernels import elas_ffn_mosaic as em
+  from elas_kernels.ffn.mosaic import MosaicFfn
+
+  op = MosaicFfn(interpret=False, gpu=gpu)
 
   def program(h, w_in, w_out, sparse_on):
-    out = [em.elas_ffn(h, w_in, w_out, sparse_on, interpret=False)[0]]
+    out = [op(h, w_in, w_out, sparse_on)[0]]
     for mode in modes:
       def loss(h, w_in, w_out, mode=mode):
-        y, st = em.elas_ffn(h, w_in, w_out, sparse_on, mode=mode, interpret=False)
+        y, st = op(h, w_in, w_out, sparse_on, mode=mode)
         return jnp.sum(y.astype(jnp.float32)) + st["dropped_mass"]
       out.append(jax.value_and_grad(loss, argnums=(0, 1, 2))(h, w_in, w_out))
     return out
@@ -68,7 +71,7 @@ def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
   """(XLA compile report, Mosaic per-kernel resources) of :func:`gate_program`."""
   from elas_jax import targets
 
-  program, args = gate_program(f, r, tokens, modes)
+  program, args = gate_program(f, r, tokens, modes, gpu=target.gpu_spec())
   report = targets.compile_for_target(program, *args, target=target, keep_dump=True)
   try:  # Mosaic's own dump of the compile (PTX, ptxas -v, resources)
     resources = mosaic_resources(os.path.join(report.dump_dir, "mosaic_gpu"))
@@ -80,11 +83,11 @@ def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
 def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, efficiency: float,
                 modes=MODES) -> list[dict]:
   """One row per (phase, kernel) of every mode's launches, with the static estimate."""
-  from kernels import elas_ffn_mosaic as em
+  from elas_kernels.ffn.mosaic import kernel_specs
 
   rows = []
   for mode in modes:
-    for phase, specs in em.kernel_specs(tokens, f, r, r, mode=mode).items():
+    for phase, specs in kernel_specs(tokens, f, r, r, mode=mode, gpu=target.gpu_spec()).items():
       for s in specs:
         res = resources.get(s.name, {})
         regs, smem = res.get("registers"), res.get("smem_bytes") or s.smem_bytes
