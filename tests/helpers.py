@@ -22,6 +22,76 @@ def require_deviceless() -> None:
     pytest.skip(str(e))
 
 
+def ffn_inputs(seed: int, t: int, f: int, k: int, n: int, dtype):
+  """Random ``h [t, k]``, ``w_in [f, k]``, ``w_out [n, f]`` (scaled like the model's) in
+  ``dtype`` and an fp32 output cotangent ``[t, n]``, for the FFN core's tests."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  h = jax.random.normal(ks[0], (t, k), jnp.float32)
+  w_in = jax.random.normal(ks[1], (f, k), jnp.float32) / np.sqrt(k)
+  w_out = jax.random.normal(ks[2], (n, f), jnp.float32) / np.sqrt(f)
+  cot = jax.random.normal(ks[3], (t, n), jnp.float32)
+  return h.astype(dtype), w_in.astype(dtype), w_out.astype(dtype), cot
+
+
+def ffn_value_and_grads(fn, h, w_in, w_out, cot):
+  """``(out, stats, (d_h, d_w_in, d_w_out))`` of ``fn(h, w_in, w_out) -> (out, stats)``
+  under ``jit``, for the loss ``sum(out · cot)``."""
+  import jax
+  import jax.numpy as jnp
+
+  def loss(h, w_in, w_out):
+    out, stats = fn(h, w_in, w_out)
+    return jnp.sum(out.astype(jnp.float32) * cot), (out, stats)
+
+  (_, (out, stats)), grads = jax.jit(
+      jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(h, w_in, w_out)
+  return out, stats, grads
+
+
+# The primitives a Pallas kernel launch appears as in a jaxpr (pallas_call: Triton-style
+# and Mosaic GPU's pallas_call; plgpu.kernel: core_map / mpmd_map, by jax version).
+KERNEL_PRIMITIVES = ("pallas_call", "core_map", "mpmd_map")
+
+
+def _sub_jaxprs(params):
+  for v in params:
+    if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns"):
+      yield v
+    elif isinstance(v, (tuple, list)):
+      yield from _sub_jaxprs(v)
+
+
+def kernel_launches(jaxpr) -> int:
+  """Pallas kernels one evaluation of ``jaxpr`` launches, counted through its
+  sub-jaxprs (jit, shard_map, custom_vjp, ...); of a ``cond``'s branches, the
+  one that launches most (one branch runs)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in KERNEL_PRIMITIVES:
+      total += 1
+      continue
+    subs = [kernel_launches(j) for j in _sub_jaxprs(eqn.params.values())]
+    total += max(subs, default=0) if eqn.primitive.name == "cond" else sum(subs)
+  return total
+
+
+def pallas_out_shapes(jaxpr) -> list[str]:
+  """Output shapes of every ``pallas_call`` in ``jaxpr`` and its sub-jaxprs, sorted."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      out.append(" ".join(str(v.aval) for v in eqn.outvars))
+    for j in _sub_jaxprs(eqn.params.values()):
+      out += pallas_out_shapes(j)
+  return sorted(out)
+
+
 def load_config(path: str, variant: str):
   """A config from ``configs/`` (path relative to the repository root)."""
   return config_lib.load(f"{os.path.join(ROOT, path)}:{variant}")

@@ -2,7 +2,7 @@
 settings, seconds each), as a user runs them: ``python -m benchmarks.<name>``.
 
 The others are run by tests/test_step_memory.py, test_train_throughput.py,
-test_quality.py, test_generate.py (inference), test_kernels.py (ffn_kernels),
+test_quality.py, test_generate.py (inference), test_kernels_triton.py (ffn_kernels),
 test_lm_eval.py (downstream), test_gpu_compile.py (kernel_tiles) and
 test_gpu_compile_mosaic.py (mosaic_static).
 Each check compares the benchmark's numbers with a count made without it.

@@ -12,7 +12,7 @@ from elas_jax import config_lib
 from tests.helpers import ROOT, load_config
 
 CONFIG_FILES = ["configs/tiny.py"] + [f"configs/llama_{s}.py" for s in ("60m", "130m", "350m", "1b")]
-# SwiGLU FFN width and ReLU² (1.5x) width per size: brief section 2, and the
+# SwiGLU FFN width and ReLU² (1.5x) width per size: the ELAS paper's table, and the
 # tiny model's as its docstring states them.
 FFN_WIDTHS = {"60m": (1376, 2064), "130m": (2048, 3072), "350m": (2736, 4104), "1b": (5461, 8191),
               "tiny": (344, 516)}

@@ -307,3 +307,44 @@ def test_transformers_tokenizer_of_the_export(trained):
   text = "The history of  the  world\nbegins ﬁ."
   assert hf_tok(text)["input_ids"] == tok.encode(text)
   assert hf_tok.eos_token_id == tok.eos_id
+
+
+_BESIDE = r"""
+import json, sys
+import elas_jax, elas_kernels.ffn  # noqa: F401  (ours first, from the repository root)
+import kernels
+from transformers import LlamaForCausalLM  # imports Hugging Face's kernels package
+from elas_jax import trainer
+from tests.helpers import step_losses, tiny_train_config
+common = {"train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2, "train.eval_tokens": 512,
+          "model.sparsity.dense_warmup_steps": 1}
+losses = {}
+for kernel in sys.argv[2:]:
+  trainer.train_and_evaluate(tiny_train_config(**common, **{"model.kernel": kernel}),
+                             f"{sys.argv[1]}/{kernel}")
+  losses[kernel] = step_losses(f"{sys.argv[1]}/{kernel}")
+print(json.dumps({"kernels": kernels.__file__, "llama": LlamaForCausalLM.__name__,
+                  "losses": losses}))
+"""
+
+
+@pytest.mark.slow
+def test_transformers_and_hf_kernels_work_beside_elas_jax(tmp_path):
+  # transformers >= 5.25 imports Hugging Face's `kernels` package; run from the repository
+  # root with ours imported first, it gets HF's, and a training step runs through our Triton
+  # and Mosaic kernels (interpreted) in the same process, with the XLA op's losses.
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  hf_kernels = pytest.importorskip("kernels")
+  from elas_kernels.ffn.mosaic import compat
+
+  impls = ["xla", "triton"] + ([] if compat.unavailable_reason() else ["mosaic"])
+  p = subprocess.run([sys.executable, "-c", _BESIDE, str(tmp_path), *impls], cwd=ROOT,
+                     capture_output=True, text=True, timeout=1800)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = json.loads(p.stdout.strip().splitlines()[-1])
+  assert got["kernels"] == hf_kernels.__file__ and got["llama"] == "LlamaForCausalLM"
+  want = got["losses"]["xla"]
+  for impl in impls[1:]:
+    np.testing.assert_allclose([got["losses"][impl][s] for s in sorted(want)],
+                               [want[s] for s in sorted(want)], rtol=2e-5)

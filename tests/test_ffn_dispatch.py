@@ -9,8 +9,10 @@ from flax import nnx
 
 from benchmarks.harness import rel_err
 from elas_jax import config_lib, model as model_lib
-from elas_jax.ops import ffn, sparsity
-from kernels import mosaic_compat
+from elas_jax.ops import ffn
+from elas_kernels.ffn import base
+from elas_kernels.ffn.mosaic import compat as mosaic_compat
+from elas_kernels.ffn.xla import XlaFfn
 from tests.helpers import tiny_train_config
 
 
@@ -43,9 +45,18 @@ def test_choices_follow_the_compile_target():
   config_lib.validate(tiny_train_config("elas", **{"model.kernel": "pallas"}))
 
 
-def test_mosaic_refuses_a_gpu_that_is_not_hopper():
-  with pytest.raises(NotImplementedError, match="Hopper"):
-    ffn.IMPLEMENTATIONS["mosaic"].make(_Device("gpu", "NVIDIA A100-SXM4-80GB"))
+def test_implementations_are_built_for_the_compile_target():
+  # Off GPUs: interpreted, no GPU facts. On a known GPU (a deviceless topology reports its
+  # device_kind): compiled, with that GPU's facts, which the kernels never read themselves.
+  cpu = ffn.build("triton", _Device("cpu", "cpu"))
+  assert cpu.interpret and cpu.gpu is None
+  h100 = ffn.build("mosaic", _Device("gpu", "NVIDIA H100 80GB HBM3"))
+  assert not h100.interpret and h100.gpu.name == "h100" and h100.gpu.sm_count == 132
+  a100 = ffn.build("mosaic", _Device("gpu", "NVIDIA A100-SXM4-80GB"))
+  assert a100.gpu.compute_capability == (8, 0)
+  h, wi, wo, on = (x.astype(jnp.bfloat16) if x.dtype != bool else x for x in _inputs())
+  with pytest.raises(NotImplementedError, match="need a Hopper GPU"):
+    a100(h, wi, wo, on)
 
 
 def _inputs():
@@ -57,20 +68,21 @@ def _inputs():
 def test_auto_falls_through_what_cannot_serve_and_says_why(monkeypatch):
   calls = []
 
-  def refusing(device):
-    def fn(*args, **kwargs):
+  class Refusing(base.FfnCore):
+    name = "refusing"
+
+    def check_servable(self, call):
       calls.append("refused")
       raise NotImplementedError("fp32 inputs on this device")
-    return fn
 
-  monkeypatch.setitem(ffn.IMPLEMENTATIONS, "refusing", ffn.Implementation(refusing, per_device=False))
+  monkeypatch.setitem(ffn.IMPLEMENTATIONS, "refusing", Refusing)
   monkeypatch.setattr(ffn, "DEFAULT_ORDER", ("refusing", "xla"))
   monkeypatch.setattr(ffn, "_LOGGED", set())
   logged = []
   monkeypatch.setattr(ffn.logging, "warning", lambda msg, *a: logged.append(msg % a if a else msg))
   h, wi, wo, on = _inputs()
   out, stats = ffn.sparse_ffn(h, wi, wo, on, kernel="auto", mode="masked", dense_fraction=0.05)
-  want, want_stats = sparsity.relu2_sparse_ffn(h, wi, wo, on, mode="masked")
+  want, want_stats = XlaFfn()(h, wi, wo, on, mode="masked")
   np.testing.assert_array_equal(out, want)
   np.testing.assert_array_equal(stats["dropped_mass"], want_stats["dropped_mass"])
   assert calls == ["refused"]
@@ -85,13 +97,14 @@ def test_the_model_runs_the_named_implementation(monkeypatch):
   # records its calls proves which implementation the model traced.
   seen = []
 
-  def recording(device):
-    def fn(h, w_in, w_out, sparse_on, **kw):
-      seen.append((h.shape, w_in.shape))
-      return sparsity.relu2_sparse_ffn(h, w_in, w_out, sparse_on, **kw)
-    return fn
+  class Recording(XlaFfn):
+    name = "recording"
 
-  monkeypatch.setitem(ffn.IMPLEMENTATIONS, "recording", ffn.Implementation(recording, per_device=False))
+    def _core(self, call, h, w_in, w_out, sparse_on):
+      seen.append((call.lead + (call.k,), w_in.shape))
+      return super()._core(call, h, w_in, w_out, sparse_on)
+
+  monkeypatch.setitem(ffn.IMPLEMENTATIONS, "recording", Recording)
   cfg = tiny_train_config("elas").model
   cfg.kernel = "recording"
   m = model_lib.build_model(cfg)

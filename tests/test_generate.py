@@ -37,17 +37,17 @@ def _cached_logits(m, cfg, toks, prefill_lens, sparse_on, max_len=16, width=8):
   tok_BxP = np.zeros((b, width), np.int32)
   for i, t in enumerate(toks):
     tok_BxP[i, :prefill_lens[i]] = t[:prefill_lens[i]]
-  cache = decode.init_cache(cfg.model, b, max_len)
+  cache = model_lib.init_cache(cfg.model, b, max_len)
   on = jnp.asarray(sparse_on)
-  h, cache = decode.forward_cached(m, cache, jnp.asarray(tok_BxP), jnp.zeros(b, jnp.int32), on)
-  lg = np.asarray(decode.logits(m, h))
+  h, cache = m.forward_cached(jnp.asarray(tok_BxP), on, cache, jnp.zeros(b, jnp.int32))
+  lg = np.asarray(m.logits(h))
   got = [[lg[i, j] for j in range(prefill_lens[i])] for i in range(b)]
   pos = np.array(prefill_lens, np.int32)
   for _ in range(max(len(t) for t in toks) - min(prefill_lens)):
     # Finished rows feed a dummy token; their outputs are ignored.
     step = np.array([t[p] if p < len(t) else 0 for t, p in zip(toks, pos)], np.int32)
-    h, cache = decode.forward_cached(m, cache, jnp.asarray(step)[:, None], jnp.asarray(pos), on)
-    lg = np.asarray(decode.logits(m, h))
+    h, cache = m.forward_cached(jnp.asarray(step)[:, None], on, cache, jnp.asarray(pos))
+    lg = np.asarray(m.logits(h))
     for i, t in enumerate(toks):
       if pos[i] < len(t):
         got[i].append(lg[i, 0])
@@ -55,11 +55,13 @@ def _cached_logits(m, cfg, toks, prefill_lens, sparse_on, max_len=16, width=8):
   return [np.stack(g) for g in got]
 
 
-@pytest.mark.parametrize("variant,sparse_on", [
-    ("full", False), ("loro", False), ("loro_relu2", False), ("elas", False), ("elas", True),
-    ("cola", False)])
-def test_cached_logits_equal_full_forward(variant, sparse_on):
-  cfg, m = _model(variant)
+@pytest.mark.parametrize("variant,sparse_on,scan", [
+    ("full", False, False), ("loro", False, False), ("loro_relu2", False, False),
+    ("elas", False, False), ("elas", True, False), ("cola", False, False),
+    ("elas", True, True), ("loro", False, True)])
+def test_cached_logits_equal_full_forward(variant, sparse_on, scan):
+  # scan: the blocks stacked and run by lax.scan, the cache written per layer inside it
+  cfg, m = _model(variant, **{"model.scan_layers": scan})
   toks = _prompts(cfg.model.vocab_size, [5, 13, 9, 1])
   got = _cached_logits(m, cfg, toks, prefill_lens=[3, 8, 1, 1], sparse_on=sparse_on)
   for t, g in zip(toks, got):
@@ -89,8 +91,9 @@ def _generator(cfg, m, **kw):
 def test_greedy_is_the_argmax_of_the_full_forward_and_deterministic(monkeypatch):
   cfg, m = _model("elas")
   traces = []
-  real = decode.forward_cached
-  monkeypatch.setattr(decode, "forward_cached", lambda *a: traces.append(a[2].shape) or real(*a))
+  real = model_lib.Transformer.forward_cached
+  monkeypatch.setattr(model_lib.Transformer, "forward_cached",
+                      lambda self, *a: traces.append(a[0].shape) or real(self, *a))
   gen = _generator(cfg, m, temperature=0.0)
   prompts = [p.tolist() for p in _prompts(cfg.model.vocab_size, [3, 7, 5])]
   out = gen.generate(prompts, max_new_tokens=6)
@@ -260,10 +263,10 @@ def test_inference_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_scanned_checkpoint_generates_and_exports_in_the_per_layer_layout(tmp_path):
+def test_a_scanned_checkpoint_generates_in_its_layout_and_exports_per_layer(tmp_path):
   from flax import nnx
 
-  from elas_jax import checkpointing, hf, trainer
+  from elas_jax import checkpointing, hf, stacking, trainer
 
   cfg = tiny_train_config("elas", **{"model.scan_layers": True, "train.steps": 5, "train.eval_every": 5,
                                      "train.ckpt_every": 5})
@@ -272,14 +275,21 @@ def test_a_scanned_checkpoint_generates_and_exports_in_the_per_layer_layout(tmp_
   state = checkpointing.restore_state(str(tmp_path / "run"), 5, scanned.abstract_state)
   run, params, step = decode.load(str(tmp_path / "run"))
   assert step == 5
-  assert not run.cfg.model.scan_layers
+  assert run.cfg.model.scan_layers  # decoding runs the model as trained, scanned
   tokens = (jnp.arange(2 * 16).reshape(2, 16) * 7) % cfg.model.vocab_size
   want, _ = nnx.merge(scanned.graphdef, state.params)(tokens, True)  # the scanned model itself
   got, _ = nnx.merge(run.graphdef, params)(tokens, True)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-  gen = decode.Generator(run.graphdef, params, run.cfg.model, batch_size=1, max_len=32, sparse_on=True,
-                         eos_id=-1, pad_id=0, temperature=0.0, top_k=0, top_p=1.0)
-  (res,) = gen.generate([[5, 9, 11]], max_new_tokens=3, seed=0)
-  assert len(res.tokens) == 3
+  # Greedy text of the scanned model equals that of the same weights in the per-layer layout.
+  per_layer, per_layer_params = trainer.with_unscanned_layers(run, params)
+  np.testing.assert_array_equal(stacking.unstack_layers(params)["embed"]["embedding"][...],
+                                per_layer_params["embed"]["embedding"][...])
+  texts = []
+  for r, p in ((run, params), (per_layer, per_layer_params)):
+    gen = decode.Generator(r.graphdef, p, r.cfg.model, batch_size=1, max_len=32, sparse_on=True,
+                           eos_id=-1, pad_id=0, temperature=0.0, top_k=0, top_p=1.0)
+    (res,) = gen.generate([[5, 9, 11]], max_new_tokens=6, seed=0)
+    texts.append(res.tokens)
+  assert len(texts[0]) == 6 and texts[0] == texts[1]
   out = hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), dtype="float32")
   assert os.path.exists(tmp_path / "hf" / "model.safetensors") and out

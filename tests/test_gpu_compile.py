@@ -63,8 +63,8 @@ def test_known_exceptions_still_fail(kernel, size):
   # In a subprocess (the known failure aborts the compiling process), with the
   # kernel's default tiles for the H200. Strict: once fixed this passes, fails
   # the suite, and KNOWN must shrink.
-  from kernels import common as cm
-  from kernels import tiles as tile_tables
+  from elas_kernels import common as cm
+  from elas_kernels import tiles as tile_tables
 
   f, r = SIZES[size]
   k = cm.rank_size(r)
@@ -84,12 +84,13 @@ def test_the_gate_refuses_an_oversized_tile():
   import jax
   import jax.numpy as jnp
 
-  from kernels import elas_ffn
-  from kernels.common import Blocks
+  from elas_kernels.common import Blocks
+  from elas_kernels.ffn.triton import TritonFfn
 
   f, r = SIZES["60m"]
   big = {"elas_ffn_fwd": Blocks(block_t=256, block_f=256, block_n=128, num_stages=3)}
-  fwd = lambda h, wi, wo: elas_ffn.elas_ffn(h, wi, wo, True, target="h200", tiles=big)[0]
+  op = TritonFfn(gpu=targets.get("h200").gpu_spec(), tiles=big)
+  fwd = lambda h, wi, wo: op(h, wi, wo, True)[0]
   S = jax.ShapeDtypeStruct
   report = targets.compile_for_target(fwd, S((TOKENS, r), jnp.bfloat16), S((f, r), jnp.bfloat16),
                                       S((r, f), jnp.bfloat16), target="h200")

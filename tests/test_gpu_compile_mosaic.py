@@ -2,7 +2,7 @@
 
 ``pytest -m gpu_compile`` in a venv with ``jax[cuda12]`` (no GPU needed; run
 with ``JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``). Per paper size,
-one program holds ``kernels.elas_ffn_mosaic.elas_ffn``'s forward (evaluation)
+one program holds the ``mosaic`` FFN core's forward (evaluation)
 and ``jax.value_and_grad`` in the masked, ste and split modes, each with its
 dense warm-up branch, at the per-GPU micro-batch of the paper (16384 tokens),
 with the default GPU tiles. XLA and Mosaic GPU compile it for sm_90a (Mosaic
@@ -16,7 +16,7 @@ a usable Mosaic GPU is absent. About 2-3 minutes per size on 2 cores.
 import pytest
 
 from elas_jax import targets
-from kernels import mosaic_compat as mc
+from elas_kernels.ffn.mosaic import compat as mc
 from tests.helpers import require_deviceless
 
 pytestmark = pytest.mark.gpu_compile

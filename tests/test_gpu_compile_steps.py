@@ -60,7 +60,7 @@ def test_train_eval_and_decode_steps_compile_for_the_h200(size):
 @pytest.mark.parametrize("size", ["60m", "1b"])
 def test_train_step_with_the_mosaic_kernels_compiles_for_the_h200(size):
   from elas_jax import deviceless
-  from kernels import mosaic_compat
+  from elas_kernels.ffn.mosaic import compat as mosaic_compat
 
   if mosaic_compat.unavailable_reason():
     pytest.skip(mosaic_compat.unavailable_reason())
@@ -83,7 +83,7 @@ def test_train_step_with_the_mosaic_kernels_compiles_for_the_h200(size):
 
 def test_auto_takes_mosaic_for_bf16_and_falls_back_to_triton_for_fp32():
   from elas_jax import deviceless
-  from kernels import mosaic_compat
+  from elas_kernels.ffn.mosaic import compat as mosaic_compat
 
   if mosaic_compat.unavailable_reason():
     pytest.skip(mosaic_compat.unavailable_reason())

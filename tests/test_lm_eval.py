@@ -342,6 +342,24 @@ def test_dense_turns_the_24_ffn_off(workdir, ref, lm):
   assert max(abs(d[0] - s[0]) for d, s in zip(got_dense, got_sparse)) > 1e-4
 
 
+@pytest.mark.parametrize("kernel", ["triton", "mosaic", "pallas"])
+def test_model_args_kernel_takes_every_implementation_of_the_table(kernel, workdir, ref):
+  # kernel=... is checked against the dispatch's table (elas_jax.ops.ffn.KERNELS), not a list
+  # of its own; the model then runs that implementation (interpreted here), scoring like
+  # the reference.
+  from elas_kernels.ffn.mosaic import compat
+
+  lm = downstream.ElasJaxLM(workdir=workdir, batch_size=2, kernel=kernel)
+  assert lm.run.cfg.model.kernel == kernel
+  if kernel == "mosaic" and compat.unavailable_reason():
+    pytest.skip(compat.unavailable_reason())
+  pairs = [ref.split(CONTEXTS[0], " " + CHOICES[0][0])]
+  (ll, greedy), = lm.score_tokens(pairs, disable_tqdm=True)
+  want = ref.loglikelihood(*pairs[0])
+  np.testing.assert_allclose(ll, want[0], rtol=1e-5, atol=1e-4)
+  assert greedy == want[1]
+
+
 @pytest.mark.parametrize("args,message", [
     ({"batchsize": 4}, "unknown key(s) batchsize"),
     ({"batch_size": 0}, "batch_size=0"),

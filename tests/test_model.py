@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from elas_jax import config_lib, model as model_lib, stacking
+from elas_jax import config_lib, model as model_lib
 from elas_jax.ops import sparsity
 from tests.helpers import load_config
 
@@ -41,7 +41,7 @@ def count(model):
 
 @pytest.mark.parametrize("size", [s if s in ("60m", "130m") else pytest.param(s, marks=pytest.mark.slow)
                                   for s in SIZES])
-def test_parameter_counts_match_the_shapes_and_the_brief(size):
+def test_parameter_counts_match_the_shapes_and_the_papers(size):
   counts = {}
   for variant in config_lib.VARIANTS:
     c = load_config(f"configs/llama_{size}.py", variant)
@@ -160,7 +160,7 @@ def test_elas_dense_warmup_equals_loro_relu2_and_sparse_phase_differs():
 def test_initialisation_scales():
   c = load_config("configs/llama_60m.py", "loro")
   m = model_lib.build_model(c.model)
-  up = stacking.layer(m, 0).ffn.up  # (any layout) d_in 512, d_out 1376, r 128
+  up = m.layer(0).ffn.up  # (any layout) d_in 512, d_out 1376, r 128
   np.testing.assert_allclose(float(jnp.std(up.b[...])), np.sqrt(2 / (1376 + 128)), rtol=0.02)
   np.testing.assert_allclose(float(jnp.std(up.a[...])), np.sqrt(2 / (512 + 128)), rtol=0.02)
   np.testing.assert_allclose(float(jnp.std(m.embed.embedding[...])), 0.02, rtol=0.02)
@@ -169,7 +169,7 @@ def test_initialisation_scales():
   cc = load_config("configs/llama_60m.py", "cola")
   mc = model_lib.build_model(cc.model)
   want = 128 ** -0.25 * (512 + 1376) ** -0.25
-  np.testing.assert_allclose(float(jnp.std(stacking.layer(mc, 0).ffn.up.a[...])), want, rtol=0.02)
+  np.testing.assert_allclose(float(jnp.std(mc.layer(0).ffn.up.a[...])), want, rtol=0.02)
 
 
 def test_sparsity_active_is_data():

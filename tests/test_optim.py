@@ -1,6 +1,6 @@
 """LORO-AdamW, AdamW and the schedules against references written from the math.
 
-The LORO reference is numpy float64 built from brief section 4 alone (Adam on
+The LORO reference is numpy float64 built from the LORO update alone (Adam on
 the factors with the r/d scale; the exact step as the rank-r truncated SVD of
 ``W - α·P_T(G)`` with balanced factors; moments reset after it); it never calls
 ``elas_jax.optim``. The AdamW variants are compared with an ``optax.adamw``
@@ -40,7 +40,7 @@ def _full_gradient_from_directions(b, a, d_b, d_a):
 
   For one consistent gradient, ``d_b = G aᵀ`` and ``d_a = bᵀ G``. Adam's
   elementwise scaling breaks that consistency (``bᵀ d_b != d_a aᵀ``), and the
-  span(b) component is then given twice; the brief's core takes it from ``d_a``
+  span(b) component is then given twice; LORO's core takes it from ``d_a``
   (block ``R_B R_Aᵀ - α Ĝ_A Q_A``) and only the complement of span(b) from
   ``d_b`` (``Q̄_B R̄_B``). So G is the minimal-norm matrix with ``bᵀ G = d_a``
   and ``(I - P_B) G aᵀ = (I - P_B) d_b``; for consistent directions its
@@ -240,7 +240,7 @@ def test_adamw_variants_match_optax_adamw(variant):
   c.train.steps, c.optimizer.warmup_steps = 10, 3  # warm-up and cosine both within the run
   o = c.optimizer
   assert (o.name, o.schedule) == ("adamw", "cosine")
-  if variant == "cola":  # brief section 4: CoLA trains with AdamW wd 0.01, clip 0.5
+  if variant == "cola":  # CoLA trains with AdamW wd 0.01, clip 0.5 (its paper's settings)
     assert (o.weight_decay, o.grad_clip) == (0.01, 0.5)
   tx, _ = optim.make_optimizer(c)
   # The reference: optax.adamw with weight decay on matrices only (README), after

@@ -32,8 +32,8 @@ for name, (d, f, t) in meshes.items():
   final = trainer.train_and_evaluate(cfg, f"{root}/{name}", devices=devices)
   out[name] = {"losses": step_losses(f"{root}/{name}"), "eval_loss": final["eval_loss"]}
 # the single-device checkpoint, restored onto 8 devices (fsdp) and onto 4 (tensor x data)
-out["restored_fsdp8"] = trainer.evaluate_checkpoint(f"{root}/single", mesh=(1, 8, 1))["eval_loss"]
-out["restored_2x2"] = trainer.evaluate_checkpoint(f"{root}/single", mesh=(2, 1, 2),
+out["restored_fsdp8"] = trainer.evaluate_checkpoint(f"{root}/single", mesh_shape=(1, 8, 1))["eval_loss"]
+out["restored_2x2"] = trainer.evaluate_checkpoint(f"{root}/single", mesh_shape=(2, 1, 2),
                                                    devices=jax.devices()[:4])["eval_loss"]
 print("RESULT " + json.dumps(out))
 """

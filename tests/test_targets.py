@@ -6,9 +6,10 @@ import pytest
 
 from elas_jax import targets
 from elas_jax.targets import compile as tcompile
-from kernels import common as cm
-from kernels import roofline as kr
-from kernels import tiles as tile_tables
+from elas_kernels import common as cm
+from elas_kernels import gpu as kgpu
+from elas_kernels import roofline as kr
+from elas_kernels import tiles as tile_tables
 
 
 def test_target_configs_hold_the_published_numbers():
@@ -24,6 +25,15 @@ def test_target_configs_hold_the_published_numbers():
   assert all(t.registers_per_sm == 65536 and t.threads_per_sm == 2048 for t in (h200, h100, a100))
   with pytest.raises(ValueError, match="unknown GPU target 'v100'"):
     targets.get("v100")
+
+
+def test_the_kernels_default_gpu_is_the_h200_target():
+  # The kernels never import the targets; their default GPU (elas_kernels.gpu.H200) must
+  # hold the numbers the compiler reads from h200.textproto (and the flops table's peak).
+  assert targets.get("h200").gpu_spec() == kgpu.H200
+  h100 = targets.get("h100").gpu_spec()
+  assert (h100.name, h100.sm_count, h100.smem_per_block, h100.is_hopper) == ("h100", 132, 232448, True)
+  assert not targets.get("a100").gpu_spec().is_hopper
 
 
 @pytest.mark.parametrize("threads,regs,smem,expected", [
@@ -128,7 +138,7 @@ def test_roofline_of_the_fused_forward():
   # 60M at 16384 tokens, by hand: 4·T·F·r FLOPs; h in (2Tr B), the compressed
   # activation out (9F/8 B per token), the fp32 output (4Tr B), both weights (4Fr B).
   t, f, r = 16384, 2064, 128
-  fwd = kr.ffn_kernels(t, f, r)[0]
+  fwd = kr.ffn_kernels(t, f, r, gpu=targets.get("h200").gpu_spec())[0]
   assert fwd.flops == 4 * t * f * r
   assert fwd.bytes == 2 * t * r + t * f * 9 / 8 + 4 * t * r + 4 * f * r
   assert fwd.bound == "compute" and fwd.intensity > targets.get("h200").ridge_flops_per_byte
@@ -139,7 +149,8 @@ def test_roofline_of_the_fused_forward():
 
 
 def test_tile_tables_hold_legal_tiles_for_every_kernel_and_class():
-  from kernels import elas_ffn, relu2_sparsify, sparse_matmul
+  from elas_kernels import relu2_sparsify, sparse_matmul
+  from elas_kernels.ffn import triton as elas_ffn
 
   table = tile_tables.load("h200")
   assert table["target"] == "h200" and table["tokens"] == 16384

@@ -1,12 +1,13 @@
-"""Pallas kernels against their plain-jnp references (interpret mode on CPU).
+"""What is particular to the Pallas Triton kernels (interpret mode on CPU).
 
-Every kernel's output and ``jax.grad`` are compared with the reference on fresh
-random inputs over several shapes, including token counts and widths that do
-not divide the blocks (padded path) and widths with a dense ``F % 4`` tail.
-fp32 must agree to rounding (the kernels accumulate in fp32 in another order);
-bf16 within the tolerance documented in docs/kernels.md. The ``gpu`` tests run
-the same cases compiled for a GPU (``pytest -m gpu`` selects them) and are
-skipped elsewhere; ``slow`` marks the tests that train or run subprocesses.
+The FFN core's contract (forward, statistics and gradients in every mode,
+ragged shapes, dtypes) is tests/test_ffn_core.py, run against this backend
+with the others. Here: the plane layout, tile checks, how many kernels a call
+launches, the stand-alone ``relu2_sparsify`` and ``sparse24_matmul`` ops
+against their references, lowering for Triton, training through the kernels,
+the kernels under a device mesh and the benchmark's smoke run. The ``gpu``
+tests run compiled on a GPU (``pytest -m gpu``) and are skipped elsewhere;
+``slow`` marks the tests that train or run subprocesses.
 """
 
 import json
@@ -20,9 +21,10 @@ import numpy as np
 import pytest
 
 from benchmarks.harness import rel_err
-from kernels import common as cm
-from kernels import elas_ffn, relu2_sparsify, sparse_matmul
-from tests.helpers import ROOT
+from elas_kernels import common as cm
+from elas_kernels import relu2_sparsify, sparse24, sparse_matmul
+from elas_kernels.ffn import triton
+from tests.helpers import ROOT, ffn_inputs, kernel_launches
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the kernels compile for Triton there)")
@@ -32,143 +34,13 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the kernels comp
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
-def kernel_launches(jaxpr) -> int:
-  """Pallas kernels one evaluation of ``jaxpr`` launches, counted through its
-  sub-jaxprs (jit, shard_map, custom_vjp, ...); of a ``cond``'s branches, the
-  one that launches most (one branch runs)."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
-  total = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      total += 1
-      continue
-    subs = [kernel_launches(j) for j in _sub_jaxprs(eqn.params.values())]
-    total += (max(subs, default=0) if eqn.primitive.name == "cond" else sum(subs))
-  return total
-
-
-def pallas_out_shapes(jaxpr) -> list[str]:
-  """Output shapes of every ``pallas_call`` in ``jaxpr`` and its sub-jaxprs, sorted."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      out.append(" ".join(str(v.aval) for v in eqn.outvars))
-    for j in _sub_jaxprs(eqn.params.values()):
-      out += pallas_out_shapes(j)
-  return sorted(out)
-
-
-def _sub_jaxprs(params):
-  for v in params:
-    if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns"):
-      yield v
-    elif isinstance(v, (tuple, list)):
-      yield from _sub_jaxprs(v)
-
-
-def ffn_inputs(seed, t, f, k, n, dtype):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
-  h = jax.random.normal(ks[0], (t, k), jnp.float32)
-  w_in = jax.random.normal(ks[1], (f, k), jnp.float32) / np.sqrt(k)
-  w_out = jax.random.normal(ks[2], (n, f), jnp.float32) / np.sqrt(f)
-  cot = jax.random.normal(ks[3], (t, n), jnp.float32)
-  return h.astype(dtype), w_in.astype(dtype), w_out.astype(dtype), cot
-
-
-def value_and_grads(fn, h, w_in, w_out, cot):
-  def loss(h, w_in, w_out):
-    out, stats = fn(h, w_in, w_out)
-    return jnp.sum(out.astype(jnp.float32) * cot), (out, stats)
-
-  (_, (out, stats)), grads = jax.jit(
-      jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(h, w_in, w_out)
-  return out, stats, grads
-
-
-def check_ffn(mode, sparse_on, t, f, k, n, dtype, seed=0, interpret=True, **blocks):
-  h, w_in, w_out, cot = ffn_inputs(seed, t, f, k, n, dtype)
-  kern = lambda h, wi, wo: elas_ffn.elas_ffn(h, wi, wo, sparse_on, mode=mode, interpret=interpret,
-                                             **blocks)
-  ref = lambda h, wi, wo: elas_ffn.reference(h, wi, wo, sparse_on, mode=mode)
-  out_k, st_k, g_k = value_and_grads(kern, h, w_in, w_out, cot)
-  out_r, st_r, g_r = value_and_grads(ref, h, w_in, w_out, cot)
-  tol = TOL[dtype]
-  assert out_k.dtype == out_r.dtype and out_k.shape == out_r.shape
-  assert rel_err(out_k, out_r) < tol, "forward"
-  for name, a, b in zip(("dh", "dw_in", "dw_out"), g_k, g_r):
-    assert a.dtype == b.dtype and a.shape == b.shape, name
-    assert rel_err(a, b) < tol, name
-  for key in ("zero_frac", "dropped_mass"):
-    np.testing.assert_allclose(float(st_k[key]), float(st_r[key]), rtol=1e-4 if dtype == jnp.float32
-                               else 2e-2, atol=1e-6, err_msg=key)
-
-
-# t, f, k, n, blocks: divisible; ragged tokens and a width with a 2-feature
-# dense tail (f_main % 8 == 4); ragged everything with non-power-of-two ranks.
-SHAPES = [
-    (64, 128, 16, 16, dict(block_t=16, block_f=32)),
-    (50, 258, 16, 8, dict(block_t=16, block_f=64)),
-    (37, 203, 12, 10, {}),
-]
-
-
-CASES = [("masked", s) for s in SHAPES] + [("split", SHAPES[0]), ("split", SHAPES[2]),
-                                           ("ste", SHAPES[1])]
-
-
-@pytest.mark.parametrize("mode,shape", CASES)
-def test_elas_ffn_fp32_matches_reference(mode, shape):
-  t, f, k, n, blocks = shape
-  check_ffn(mode, True, t, f, k, n, jnp.float32, seed=t + f, **blocks)
-
-
-@pytest.mark.parametrize("mode", ["masked", "split"])
-def test_elas_ffn_dense_warmup_matches_reference(mode):
-  # sparse_on=False: the dense ReLU² FFN and its exact gradient (recomputed from h).
-  check_ffn(mode, False, 48, 130, 16, 16, jnp.float32, seed=3)
-
-
-@pytest.mark.parametrize("mode", ["masked", "split"])
-def test_elas_ffn_bf16_within_documented_tolerance(mode):
-  check_ffn(mode, True, 64, 256, 32, 32, jnp.bfloat16, seed=5, block_t=32, block_f=64)
-
-
-def test_backward_modes_really_differ():
-  # The per-mode comparisons above mean something only if the modes' gradients
-  # differ: ste passes gradient through dropped entries, split masks dW_out by tokens.
-  h, w_in, w_out, cot = ffn_inputs(1, 64, 128, 16, 16, jnp.float32)
-  grads = {}
-  for mode in ("masked", "ste", "split"):
-    fn = lambda h, wi, wo, mode=mode: elas_ffn.elas_ffn(h, wi, wo, True, mode=mode, block_t=16,
-                                                        block_f=32)
-    grads[mode] = value_and_grads(fn, h, w_in, w_out, cot)[2]
-  assert rel_err(grads["ste"][0], grads["masked"][0]) > 1e-2  # dh
-  assert rel_err(grads["split"][2], grads["masked"][2]) > 1e-2  # dw_out
-  assert rel_err(grads["split"][0], grads["masked"][0]) < 1e-6  # split's dh is the masked one
-
-
-def test_sparse_on_is_data_not_a_recompile():
-  h, w_in, w_out, _ = ffn_inputs(2, 32, 64, 16, 16, jnp.float32)
-  traces = []
-
-  @jax.jit
-  def f(flag):
-    traces.append(1)
-    return elas_ffn.elas_ffn(h, w_in, w_out, flag)[0]
-
-  dense, sparse = f(jnp.asarray(False)), f(jnp.asarray(True))
-  assert len(traces) == 1
-  assert rel_err(sparse, dense) > 1e-3  # and the flag does change the result
-
-
 @pytest.mark.parametrize("mode", ["masked", "ste", "split"])
 def test_each_kernel_launches_once_per_call(mode):
   # Forward: the one fused kernel. Forward + backward: that and dh, dw_in, dw_out
   # (the warm-up switch is a cond: one branch runs). The stand-alone ops: one
   # forward kernel each, two backward kernels each.
   h, w_in, w_out, cot = ffn_inputs(0, 40, 130, 16, 16, jnp.float32)
-  fwd = lambda h, wi, wo: elas_ffn.elas_ffn(h, wi, wo, True, mode=mode)[0]
+  fwd = lambda h, wi, wo: triton.TritonFfn(interpret=True)(h, wi, wo, True, mode=mode)[0]
   assert kernel_launches(jax.make_jaxpr(fwd)(h, w_in, w_out)) == 1
   vg = jax.value_and_grad(lambda h, wi, wo: jnp.sum(fwd(h, wi, wo) * cot), argnums=(0, 1, 2))
   assert kernel_launches(jax.make_jaxpr(vg)(h, w_in, w_out)) == 4
@@ -183,10 +55,8 @@ def test_each_kernel_launches_once_per_call(mode):
 
 
 def test_plane_layout_round_trips_compress_24():
-  from elas_jax.ops import sparsity
-
   y = jax.random.normal(jax.random.PRNGKey(0), (6, 48))
-  values, meta = sparsity.compress_24(y)
+  values, meta = sparse24.compress_24(y)
   planes = cm.to_planes(values)
   assert planes.shape == (4, 6, 6)
   np.testing.assert_array_equal(cm.from_planes(planes), values)
@@ -199,25 +69,25 @@ def test_plane_layout_round_trips_compress_24():
   np.testing.assert_array_equal(cm.pack_meta(na, nb).T, meta)
 
 
-def test_bad_blocks_and_shapes_fail_clearly():
+def test_bad_blocks_fail_clearly():
   h, w_in, w_out, _ = ffn_inputs(0, 16, 64, 16, 16, jnp.float32)
+  op = lambda **kw: triton.TritonFfn(**{"interpret": True, **kw})
   with pytest.raises(ValueError, match="block_f=24 must be a power of two"):
-    elas_ffn.elas_ffn(h, w_in, w_out, True, block_f=24)
+    op(block_f=24)(h, w_in, w_out, True)
   with pytest.raises(ValueError, match="block_f=4 must be a power of two >= 8"):
-    elas_ffn.elas_ffn(h, w_in, w_out, True, block_f=4)
-  with pytest.raises(ValueError, match="do not chain"):
-    elas_ffn.elas_ffn(h, w_in[:, :8], w_out, True)
-  with pytest.raises(ValueError, match="unknown 2:4 backward mode"):
-    elas_ffn.elas_ffn(h, w_in, w_out, True, mode="mvue")
+    op(block_f=4)(h, w_in, w_out, True)
   # Compiled for a GPU, tiles too small for Triton's dots are refused up front.
   with pytest.raises(ValueError, match="block_f=64 is too small for the GPU kernels"):
-    elas_ffn.elas_ffn(h, w_in, w_out, True, block_f=64, interpret=False)
+    op(block_f=64, interpret=False)(h, w_in, w_out, True)
   with pytest.raises(ValueError, match="block_t=32 is too small .* use >= 64"):
-    elas_ffn.elas_ffn(h, w_in, w_out, True, mode="split", block_t=32, interpret=False)
-  # The raw pallas_call builders refuse a grid that would not cover the array.
+    op(block_t=32, interpret=False)(h, w_in, w_out, True, mode="split")
+  # A kernel alone refuses a grid that would not cover the array (the op pads).
+  fn, args = triton.kernel_program("elas_ffn_fwd", triton.VARIANTS["elas_ffn_fwd"][0], 16, 64, 16,
+                                   cm.Blocks(32, 32))
+  arrays = [jnp.zeros(a.shape, a.dtype) for a in args]
+  arrays[1] = arrays[1][:16]  # 16 tokens against a 32-token block
   with pytest.raises(ValueError, match="tokens=16 is not a multiple of the block size 32"):
-    elas_ffn._fwd_call(jnp.ones((1,), jnp.int32), h, cm.weight_planes(w_in),
-                       cm.out_weight_planes(w_out), cm.Blocks(32, 32), True, True, False)
+    fn(*arrays)
 
 
 @pytest.mark.parametrize("t,f,k,dtype,blocks", [
@@ -267,7 +137,8 @@ def test_standalone_kernels_refuse_bad_shapes():
 
 _LOWER = r"""
 import contextlib, re, jax, jax.numpy as jnp
-from kernels import elas_ffn, relu2_sparsify, sparse_matmul
+from elas_kernels import relu2_sparsify, sparse_matmul
+from elas_kernels.ffn.triton import TritonFfn
 
 def h200():
   # jax >= 0.11 lowers Pallas for Triton only for a known GPU: name one (H200).
@@ -285,7 +156,7 @@ wi = jax.ShapeDtypeStruct((2064, 128), jnp.bfloat16)
 wo = jax.ShapeDtypeStruct((128, 2064), jnp.bfloat16)
 for mode in ("masked", "ste", "split"):
   def loss(h, wi, wo):
-    return jnp.sum(elas_ffn.elas_ffn(h, wi, wo, True, mode=mode, interpret=False)[0].astype(jnp.float32))
+    return jnp.sum(TritonFfn(interpret=False)(h, wi, wo, True, mode=mode)[0].astype(jnp.float32))
   txt = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(h, wi, wo).lower(
       lowering_platforms=("cuda",)).as_text()
   print(mode, ",".join(sorted(set(re.findall(r"(elas_ffn_[a-z_]+)", txt)))))
@@ -320,14 +191,6 @@ def test_kernels_lower_to_triton():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("mode", ["masked", "ste", "split"])
-def test_elas_ffn_on_gpu_matches_reference(mode):
-  check_ffn(mode, True, 1000, 2064, 128, 128, jnp.bfloat16, seed=7, interpret=False)
-  check_ffn(mode, True, 512, 1030, 64, 64, jnp.float32, seed=8, interpret=False)
-
-
-@pytest.mark.gpu
-@needs_gpu
 def test_standalone_kernels_on_gpu():
   test_relu2_sparsify_and_sparse_matmul_match_references(1000, 2048, 128, jnp.bfloat16, {})
 
@@ -346,8 +209,8 @@ def test_tiny_training_with_pallas_kernel_matches_xla(tmp_path):
 _MESH_SCRIPT = r"""
 import json, jax, jax.numpy as jnp, numpy as np
 from elas_jax.ops import ffn
-from kernels import elas_ffn
-from tests.test_kernels import kernel_launches, pallas_out_shapes
+from elas_kernels.ffn.triton import TritonFfn
+from tests.helpers import kernel_launches, pallas_out_shapes
 mesh = jax.make_mesh((2, 2, 1), ("data", "fsdp", "tensor"),
                      axis_types=(jax.sharding.AxisType.Auto,) * 3)
 ks = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -363,8 +226,8 @@ def on_mesh(h, wi, wo, sparse_on, **kw):  # the model's call, the mesh given exp
 meshed = jax.jit(value_and_grads(on_mesh))(hs, wi, wo)
 jaxpr = jax.make_jaxpr(value_and_grads(on_mesh))(hs, wi, wo)
 # one device, no mesh: the whole batch, and one device's share of it (8 / 4 sequences)
-one = jax.jit(value_and_grads(elas_ffn.elas_ffn))(h, wi, wo)
-local = jax.make_jaxpr(value_and_grads(elas_ffn.elas_ffn))(h[:2], wi, wo)
+one = jax.jit(value_and_grads(TritonFfn(interpret=True)))(h, wi, wo)
+local = jax.make_jaxpr(value_and_grads(TritonFfn(interpret=True)))(h[:2], wi, wo)
 print(json.dumps({
     "loss": [float(meshed[0]), float(one[0])],
     "grad_err": max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
@@ -394,7 +257,7 @@ def test_pallas_ffn_under_a_mesh_equals_one_device():
 
 @pytest.mark.slow
 def test_kernel_benchmark_cpu_smoke(tmp_path):
-  # The benchmark's interpret-mode smoke preset runs every section, and each Pallas
+  # The benchmark's interpret-mode smoke preset runs every section, and each Triton
   # row agrees with the XLA op it is timed against.
   p = subprocess.run([sys.executable, "-m", "benchmarks.ffn_kernels", "--preset", "cpu", "--modes",
                       "masked", "--repeats", "1", "--out", str(tmp_path)], cwd=ROOT,
@@ -402,10 +265,10 @@ def test_kernel_benchmark_cpu_smoke(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   rows = json.load(open(tmp_path / "results.json"))["rows"]
   assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
-  pallas = {(r["op"], r["pass_"]): r for r in rows if r["impl"] == "pallas"}
-  assert sorted(pallas) == [("pallas elas_ffn/masked", "fwd"), ("pallas elas_ffn/masked", "fwd+bwd"),
-                            ("pallas relu2_sparsify (F=256)", ""), ("pallas sparse24_matmul (F=256)", "")]
-  assert all(r["max_rel_err"] is not None and r["max_rel_err"] < 2e-2 for r in pallas.values())
+  triton = {(r["op"], r["pass_"]): r for r in rows if r["impl"] == "triton"}
+  assert sorted(triton) == [("triton elas_ffn/masked", "fwd"), ("triton elas_ffn/masked", "fwd+bwd"),
+                            ("triton relu2_sparsify (F=256)", ""), ("triton sparse24_matmul (F=256)", "")]
+  assert all(r["max_rel_err"] is not None and r["max_rel_err"] < 2e-2 for r in triton.values())
   # the markdown table has one line per row, with the same op and pass
   table = (tmp_path / "results.md").read_text().split("\n\n## ")[0].splitlines()
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in table if line.startswith("| ")]

@@ -1,8 +1,10 @@
-"""2:4 selection, compression and the differentiable ReLU² FFN op.
+"""2:4 selection and compression (elas_kernels.sparse24), the FFN core's plain-jnp
+reference (elas_kernels.ffn.base.reference) and the XLA implementation's own guarantees.
 
-References are independent: the selection is checked against a per-group
-numpy sort, and every gradient against ``jax.grad`` of a plain-JAX function
-whose masks come from that numpy reference.
+References are independent: the selection is checked against a per-group numpy
+sort, and the reference's values and gradients against ``jax.grad`` of a
+plain-JAX function whose masks come from that numpy reference. Every
+implementation is then checked against ``base.reference`` in tests/test_ffn_core.py.
 """
 
 import jax
@@ -10,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elas_jax.ops import sparsity
+from elas_kernels import sparse24
+from elas_kernels.ffn import base
+from elas_kernels.ffn.xla import XlaFfn
 
 
 def ref_mask(y) -> np.ndarray:
@@ -44,12 +48,12 @@ ADVERSARIAL = np.array([
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mask_matches_reference_random(dtype):
   y = jax.random.normal(jax.random.key(0), (3, 7, 64), dtype)
-  np.testing.assert_array_equal(np.asarray(sparsity.mask_24(y)), ref_mask(y))
+  np.testing.assert_array_equal(np.asarray(sparse24.mask_24(y)), ref_mask(y))
 
 
 def test_mask_adversarial_groups():
   y = jnp.asarray(ADVERSARIAL.reshape(1, -1))
-  keep = np.asarray(sparsity.mask_24(y)).reshape(-1, 4)
+  keep = np.asarray(sparse24.mask_24(y)).reshape(-1, 4)
   np.testing.assert_array_equal(keep, ref_mask(ADVERSARIAL))
   np.testing.assert_array_equal(keep[0], [True, True, False, False])
   np.testing.assert_array_equal(keep[1], [True, True, False, False])
@@ -62,20 +66,20 @@ def test_invariants_on_quantised_inputs():
   # Few distinct values: many ties. Exactly 2 kept per group, each kept
   # magnitude >= each dropped one, and the sparse array equals where(mask).
   y = jax.random.randint(jax.random.key(1), (50, 32), -2, 3).astype(jnp.float32)
-  keep = np.asarray(sparsity.mask_24(y)).reshape(50, 8, 4)
+  keep = np.asarray(sparse24.mask_24(y)).reshape(50, 8, 4)
   a = np.abs(np.asarray(y)).reshape(50, 8, 4)
   assert (keep.sum(-1) == 2).all()
   kept_min = np.where(keep, a, np.inf).min(-1)
   dropped_max = np.where(~keep, a, -np.inf).max(-1)
   assert (kept_min >= dropped_max).all()
-  np.testing.assert_array_equal(np.asarray(sparsity.sparsify_24(y)),
+  np.testing.assert_array_equal(np.asarray(sparse24.sparsify_24(y)),
                                 np.where(keep.reshape(50, 32), np.asarray(y), 0))
   np.testing.assert_array_equal(keep.reshape(50, 32), ref_mask(y))
 
 
 def test_tail_features_stay_dense():
   y = jax.random.normal(jax.random.key(2), (4, 11))
-  keep = np.asarray(sparsity.mask_24(y))
+  keep = np.asarray(sparse24.mask_24(y))
   np.testing.assert_array_equal(keep[:, :8], ref_mask(y[:, :8]))
   assert keep[:, 8:].all()
 
@@ -85,11 +89,11 @@ def test_tail_features_stay_dense():
 def test_compress_round_trip(dtype, f):
   y = jax.random.normal(jax.random.key(f), (2, 5, f), dtype)
   y = y.at[0, 0].set(0).at[1, 1, :4].set(1)  # zeros and ties
-  values, meta = sparsity.compress_24(y)
+  values, meta = sparse24.compress_24(y)
   assert values.shape == (2, 5, f // 2) and values.dtype == dtype
   assert meta.shape == (2, 5, -(-f // 8)) and meta.dtype == jnp.uint8
-  np.testing.assert_array_equal(np.asarray(sparsity.decompress_24(values, meta)),
-                                np.asarray(sparsity.sparsify_24(y)))
+  np.testing.assert_array_equal(np.asarray(sparse24.decompress_24(values, meta)),
+                                np.asarray(sparse24.sparsify_24(y)))
   # values hold the kept entries in feature order
   kept = np.asarray(y)[ref_mask(y)].reshape(2, 5, f // 2)
   np.testing.assert_array_equal(np.asarray(values), kept)
@@ -97,19 +101,23 @@ def test_compress_round_trip(dtype, f):
 
 def test_compress_rejects_ragged_width_and_bad_meta():
   with pytest.raises(ValueError, match="not a multiple of 4"):
-    sparsity.compress_24(jnp.ones((2, 6)))
-  values, meta = sparsity.compress_24(jnp.ones((2, 16)))
+    sparse24.compress_24(jnp.ones((2, 6)))
+  values, meta = sparse24.compress_24(jnp.ones((2, 16)))
   with pytest.raises(ValueError, match="meta"):
-    sparsity.decompress_24(values, meta[:, :1])
+    sparse24.decompress_24(values, meta[:, :1])
 
 
 def test_compressed_bytes_is_nine_sixteenths_in_bf16():
-  assert sparsity.compressed_bytes((256, 2064), jnp.bfloat16) / (256 * 2064 * 2) == 9 / 16
+  assert sparse24.compressed_bytes((256, 2064), jnp.bfloat16) / (256 * 2064 * 2) == 9 / 16
 
 
 # --------------------------------------------------------------------------
-# The FFN op.
+# The FFN core: the reference (the other implementations' ground truth) and XLA's op.
 # --------------------------------------------------------------------------
+
+# Both against the independent numpy-mask formulas below.
+OPS = {"reference": base.reference, "xla": XlaFfn()}
+xla_op = OPS["xla"]
 
 
 def _inputs(key, t=24, k=16, f=20, n=12, dtype=jnp.float32):
@@ -150,11 +158,12 @@ def _assert_grads_close(got, want, rtol, atol):
                                rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("mode", sparsity.BACKWARD_MODES)
+@pytest.mark.parametrize("mode", base.BACKWARD_MODES)
 @pytest.mark.parametrize("sparse_on", [False, True])
-def test_forward_matches_reference(mode, sparse_on):
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_forward_matches_reference(op_name, mode, sparse_on):
   h, w_in, w_out, _ = _inputs(jax.random.key(3))
-  out, stats = sparsity.relu2_sparse_ffn(h, w_in, w_out, sparse_on, mode=mode)
+  out, stats = OPS[op_name](h, w_in, w_out, sparse_on, mode=mode)
   y2 = _y2(h, w_in)
   keep = ref_mask(y2) if sparse_on else np.ones_like(y2, bool)
   np.testing.assert_allclose(np.asarray(out), np.where(keep, y2, 0) @ np.asarray(w_out).T,
@@ -164,22 +173,24 @@ def test_forward_matches_reference(mode, sparse_on):
   np.testing.assert_allclose(float(stats["dropped_mass"]), dropped, rtol=1e-5)
 
 
-def test_masked_grad_equals_stop_gradient_mask_reference():
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_masked_grad_equals_stop_gradient_mask_reference(op_name):
   h, w_in, w_out, g = _inputs(jax.random.key(4))
   keep = ref_mask(_y2(h, w_in))
-  got = jax.grad(_loss(lambda *a: sparsity.relu2_sparse_ffn(*a, True)[0], g), (0, 1, 2))(h, w_in, w_out)
+  got = jax.grad(_loss(lambda *a: OPS[op_name](*a, True)[0], g), (0, 1, 2))(h, w_in, w_out)
   want = jax.grad(_loss(lambda *a: _ref_ffn(*a, keep), g), (0, 1, 2))(h, w_in, w_out)
   _assert_grads_close(got, want, 1e-5, 1e-5)
 
 
-def test_ste_grad_passes_gradient_through_the_mask():
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_ste_grad_passes_gradient_through_the_mask(op_name):
   h, w_in, w_out, g = _inputs(jax.random.key(5))
   keep = ref_mask(_y2(h, w_in))
-  op = lambda *a: sparsity.relu2_sparse_ffn(*a, True, mode="ste")[0]
+  op = lambda *a: OPS[op_name](*a, True, mode="ste")[0]
   got = jax.grad(_loss(op, g), (0, 1, 2))(h, w_in, w_out)
   want = jax.grad(_loss(lambda *a: _ref_ffn(*a, keep, "ste"), g), (0, 1, 2))(h, w_in, w_out)
   _assert_grads_close(got, want, 1e-5, 1e-5)
-  masked = jax.grad(_loss(lambda *a: sparsity.relu2_sparse_ffn(*a, True)[0], g), 0)(h, w_in, w_out)
+  masked = jax.grad(_loss(lambda *a: OPS[op_name](*a, True)[0], g), 0)(h, w_in, w_out)
   assert not np.allclose(np.asarray(got[0]), np.asarray(masked))  # the modes really differ
 
 
@@ -197,7 +208,8 @@ def _ref_token_mask(y2s: np.ndarray, dense_fraction: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("t", [24, 26])  # 26: a ragged tail of tokens stays dense
-def test_split_grad_uses_token_24_for_the_weight_gradient(t):
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_split_grad_uses_token_24_for_the_weight_gradient(op_name, t):
   # Distinct non-zero counts per feature so "the densest 5%" is unambiguous.
   h, w_in, w_out, g = _inputs(jax.random.key(6), t=t, f=40)
   keep = ref_mask(_y2(h, w_in))
@@ -206,28 +218,29 @@ def test_split_grad_uses_token_24_for_the_weight_gradient(t):
   top = np.sort(nnz)[::-1]
   assert top[1] > top[2], "test inputs must have a unique top-2 of feature densities"
   keep_dw = _ref_token_mask(y2s, 0.05)
-  op = lambda *a: sparsity.relu2_sparse_ffn(*a, True, mode="split", dense_fraction=0.05)[0]
+  op = lambda *a: OPS[op_name](*a, True, mode="split", dense_fraction=0.05)[0]
   got = jax.grad(_loss(op, g), (0, 1, 2))(h, w_in, w_out)
   want = jax.grad(_loss(lambda *a: _ref_ffn(*a, keep, keep_dw=keep_dw), g), (0, 1, 2))(h, w_in, w_out)
   _assert_grads_close(got, want, 1e-5, 1e-5)
-  masked_dw = jax.grad(_loss(lambda *a: sparsity.relu2_sparse_ffn(*a, True)[0], g), 2)(h, w_in, w_out)
+  masked_dw = jax.grad(_loss(lambda *a: OPS[op_name](*a, True)[0], g), 2)(h, w_in, w_out)
   assert not np.allclose(np.asarray(got[2]), np.asarray(masked_dw))
 
 
-@pytest.mark.parametrize("mode", sparsity.BACKWARD_MODES)
-def test_dense_warmup_grads_are_the_dense_relu2_grads(mode):
+@pytest.mark.parametrize("mode", base.BACKWARD_MODES)
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_dense_warmup_grads_are_the_dense_relu2_grads(op_name, mode):
   h, w_in, w_out, g = _inputs(jax.random.key(7))
   dense = np.ones((h.shape[0], w_in.shape[0]), bool)
-  op = lambda *a: sparsity.relu2_sparse_ffn(*a, False, mode=mode)[0]
+  op = lambda *a: OPS[op_name](*a, False, mode=mode)[0]
   got = jax.grad(_loss(op, g), (0, 1, 2))(h, w_in, w_out)
   want = jax.grad(_loss(lambda *a: _ref_ffn(*a, dense), g), (0, 1, 2))(h, w_in, w_out)
   _assert_grads_close(got, want, 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("mode", sparsity.BACKWARD_MODES)
+@pytest.mark.parametrize("mode", base.BACKWARD_MODES)
 def test_jit_and_eager_agree(mode):
   h, w_in, w_out, g = _inputs(jax.random.key(8))
-  fn = lambda h, wi, wo, on: _loss(lambda *a: sparsity.relu2_sparse_ffn(*a, on, mode=mode)[0], g)(h, wi, wo)
+  fn = lambda h, wi, wo, on: _loss(lambda *a: xla_op(*a, on, mode=mode)[0], g)(h, wi, wo)
   vg = jax.value_and_grad(fn, (0, 1, 2))
   eager = vg(h, w_in, w_out, True)
   jitted = jax.jit(vg)(h, w_in, w_out, True)
@@ -235,17 +248,17 @@ def test_jit_and_eager_agree(mode):
   _assert_grads_close(jitted[1], eager[1], 1e-5, 1e-6)
 
 
-@pytest.mark.parametrize("mode", sparsity.BACKWARD_MODES)
+@pytest.mark.parametrize("mode", base.BACKWARD_MODES)
 def test_bf16_close_to_fp32_reference(mode):
   # bf16 inputs; the fp32 reference sees the same (bf16-rounded) numbers.
   h, w_in, w_out, g = _inputs(jax.random.key(9), dtype=jnp.bfloat16)
   h32, wi32, wo32 = (x.astype(jnp.float32) for x in (h, w_in, w_out))
-  out, _ = sparsity.relu2_sparse_ffn(h, w_in, w_out, True, mode=mode)
+  out, _ = xla_op(h, w_in, w_out, True, mode=mode)
   assert out.dtype == jnp.bfloat16
-  ref, _ = sparsity.relu2_sparse_ffn(h32, wi32, wo32, True, mode=mode)
+  ref, _ = xla_op(h32, wi32, wo32, True, mode=mode)
   # bf16 has an 8-bit mantissa: 2-3 roundings along the chain.
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=3e-2, atol=3e-2)
-  op = lambda on: lambda *a: sparsity.relu2_sparse_ffn(*a, on, mode=mode)[0]
+  op = lambda on: lambda *a: xla_op(*a, on, mode=mode)[0]
   got = jax.grad(_loss(op(True), g), (0, 1, 2))(h, w_in, w_out)
   want = jax.grad(_loss(op(True), g), (0, 1, 2))(h32, wi32, wo32)
   for a, b in zip(got, want):
@@ -263,13 +276,13 @@ def test_warmup_switch_flips_without_recompiling():
     traces.append(1)
     on = step >= warmup
     return jax.value_and_grad(
-        _loss(lambda *a: sparsity.relu2_sparse_ffn(*a, on)[0], g), (0, 1, 2))(h, w_in, w_out)
+        _loss(lambda *a: xla_op(*a, on)[0], g), (0, 1, 2))(h, w_in, w_out)
 
   results = [step(h, w_in, w_out, jnp.int32(s), jnp.int32(3)) for s in (0, 2, 3, 5)]
   results.append(step(h, w_in, w_out, jnp.int32(5), jnp.int32(100)))  # another warm-up length
   assert len(traces) == 1, "the switch or the warm-up length caused a retrace"
-  dense = jax.value_and_grad(_loss(lambda *a: sparsity.relu2_sparse_ffn(*a, False)[0], g), (0, 1, 2))
-  sparse = jax.value_and_grad(_loss(lambda *a: sparsity.relu2_sparse_ffn(*a, True)[0], g), (0, 1, 2))
+  dense = jax.value_and_grad(_loss(lambda *a: xla_op(*a, False)[0], g), (0, 1, 2))
+  sparse = jax.value_and_grad(_loss(lambda *a: xla_op(*a, True)[0], g), (0, 1, 2))
   d, s = dense(h, w_in, w_out), sparse(h, w_in, w_out)
   assert abs(float(d[0]) - float(s[0])) > 1e-3  # the two behaviours really differ
   for got, want in zip(results, [d, d, s, s, d]):
@@ -279,13 +292,13 @@ def test_warmup_switch_flips_without_recompiling():
 
 def test_leading_batch_dims_and_bad_arguments():
   h, w_in, w_out, _ = _inputs(jax.random.key(11))
-  out3, _ = sparsity.relu2_sparse_ffn(h.reshape(2, 12, -1), w_in, w_out, True)
-  out2, _ = sparsity.relu2_sparse_ffn(h, w_in, w_out, True)
+  out3, _ = xla_op(h.reshape(2, 12, -1), w_in, w_out, True)
+  out2, _ = xla_op(h, w_in, w_out, True)
   np.testing.assert_array_equal(np.asarray(out3).reshape(out2.shape), np.asarray(out2))
   with pytest.raises(ValueError, match="backward mode"):
-    sparsity.relu2_sparse_ffn(h, w_in, w_out, True, mode="soft")
+    xla_op(h, w_in, w_out, True, mode="soft")
   with pytest.raises(ValueError, match="dense_fraction"):
-    sparsity.relu2_sparse_ffn(h, w_in, w_out, True, mode="split", dense_fraction=1.0)
+    xla_op(h, w_in, w_out, True, mode="split", dense_fraction=1.0)
 
 
 def test_masked_mode_saves_only_the_compressed_activation():
@@ -297,7 +310,7 @@ def test_masked_mode_saves_only_the_compressed_activation():
             jax.ShapeDtypeStruct((n, f), jnp.bfloat16))
 
   def sparse(h, wi, wo):
-    return jnp.sum(sparsity.relu2_sparse_ffn(h, wi, wo, True)[0].astype(jnp.float32))
+    return jnp.sum(xla_op(h, wi, wo, True)[0].astype(jnp.float32))
 
   res = memory.token_residuals(make, sparse, t)
   # h itself (k bf16), the kept values (f/2 bf16) and the metadata (f/8 bytes)
