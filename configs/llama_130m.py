@@ -1,4 +1,4 @@
-"""LLaMA-130M (brief section 2): d 768, 12 layers, 12 heads, SwiGLU 2048 (ReLU² 3072), rank 256.
+"""LLaMA-130M: d 768, 12 layers, 12 heads, SwiGLU 2048 (ReLU² 3072), rank 256.
 
 Its row is config_lib.SIZES["130m"]; use as
 ``--config configs/llama_130m.py:<variant>``, variant one of full, loro, loro_relu2, elas (default), cola.

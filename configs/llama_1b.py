@@ -1,4 +1,4 @@
-"""LLaMA-1B (brief section 2): d 2048, 24 layers, 32 heads, SwiGLU 5461 (ReLU² 8191), rank 512.
+"""LLaMA-1B: d 2048, 24 layers, 32 heads, SwiGLU 5461 (ReLU² 8191), rank 512.
 
 Its row is config_lib.SIZES["1b"]; use as
 ``--config configs/llama_1b.py:<variant>``, variant one of full, loro, loro_relu2, elas (default), cola.

@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules (optax).
 
 * ``adamw``: ``optax.adamw`` (decay on matrices only), optional global-norm clipping.
-* ``loro_adamw``: LORO-AdamW (brief section 4). Low-rank factor pairs
+* ``loro_adamw``: LORO-AdamW (docs/optimizer.md). Low-rank factor pairs
   ``(b [d_out, r], a [r, d_in])`` take Adam steps scaled by ``r/d`` and, every
   ``K`` updates, an exact Riemannian step on the rank-r manifold built from
   factor-sized matrices only; then every Adam moment and counter is reset.
