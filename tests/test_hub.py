@@ -20,7 +20,7 @@ import types
 import numpy as np
 import pytest
 
-from elas_jax.data import corpus, hub, pipeline, sources, tokenizer as tokenizer_lib
+from elas_jax.data import corpus, hub, sources, tokenizer as tokenizer_lib
 from elas_jax.errors import DataError
 from tests import hub_cache
 from tests.helpers import ROOT, read_metrics, tiny_train_config
@@ -213,3 +213,25 @@ def test_prepare_reads_a_hub_dataset_with_a_hub_tokenizer_offline(offline, tmp_p
   again = _prepare(out)  # resumable through the cached Hub files: nothing redone
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads(again.stdout.strip().splitlines()[-1])["input_shards"]["reused"] == 4
+
+
+@pytest.mark.slow
+def test_tiny_run_with_the_papers_protocol_from_the_hub(offline, tmp_path):
+  """The paper configs' data settings (truncate_pad, the T5-style Hub tokenizer whose vocabulary
+  holds 100 sentinels more than the model's) on the tiny model, from the Hub cache."""
+  from elas_jax import trainer
+
+  cfg = tiny_train_config("elas", **{
+      "data.source": "files", "data.train_files": TRAIN, "data.eval_files": VALIDATION,
+      "data.tokenizer": "hf:google-t5/t5-base", "data.packing": "truncate_pad", "train.steps": 6,
+      "train.eval_every": 6, "train.ckpt_every": 6, "train.eval_tokens": 200})
+  final = trainer.train_and_evaluate(cfg, str(tmp_path))
+  records = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+  assert [r["step"] for r in records] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in records)
+  rows, seq = cfg.train.batch_size, cfg.train.seq_len
+  for r in records:  # at most seq_len - 1 real targets per row; tokens_per_s counts them
+    assert 0 < r["tokens"] <= rows * (seq - 1)
+    assert r["tokens_per_s"] * r["step_time"] == pytest.approx(r["tokens"], rel=1e-6)
+  # validation: whole batches until 200 real target tokens (the 10 documents hold more)
+  assert 200 <= final["eval_tokens"] < 200 + rows * (seq - 1) and np.isfinite(final["eval_loss"])
+  assert records[-1]["eval_tokens"] == final["eval_tokens"]
