@@ -221,6 +221,14 @@ def test_truncate_pad_rows_are_the_papers_tokenizer_call(word_tokenizer):
   assert ids[-1] == EOS and n == want_n  # the longest document kept its EOS
 
 
+def test_truncate_pad_warns_when_the_run_would_repeat_documents(word_tokenizer, capsys):
+  docs = sources.TextDocuments([doc(i) for i in range(40)])
+  for packing, steps, warned in (("truncate_pad", 10, False), ("truncate_pad", 11, True), ("concat", 11, False)):
+    pipeline.train_dataset(docs, word_tokenizer, spec(packing=packing, global_batch=4, steps=steps), 0, 1)
+    out = capsys.readouterr().out
+    assert ("holds 40 documents but train.steps x train.batch_size = 44 rows" in out) == warned, out
+
+
 def test_truncate_pad_evaluates_until_eval_tokens_real_targets(word_tokenizer):
   # 10 documents of k words: rows of k + 1 tokens, k real targets each (seq_len 16)
   lengths = [3, 9, 2, 7, 5, 4, 8, 6, 1, 9]
