@@ -220,8 +220,12 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   # above it training refuses and names the prepare command. Plain .jsonl/.txt are read
   # lazily through an offset index and do not count. docs/data.md
   d.max_in_memory_bytes = DEFAULT_MAX_IN_MEMORY_BYTES
-  d.tokenizer = ""  # SentencePiece model or tokenizer.json path; "" = train one on the sample
-  d.packing = "concat"  # concat (documents joined, cut) | truncate_pad (one per sequence, padded)
+  # SentencePiece model or tokenizer.json path, or hf:<owner>/<name> (a Hub repository's
+  # tokenizer, cached); "" = train one on the sample. The papers': T5's (docs/data.md)
+  d.tokenizer = "hf:google-t5/t5-base"
+  # truncate_pad: one document per row of seq_len tokens, truncated keeping its EOS, padded,
+  # the padding masked (the GaLore/LORO C4 protocol) | concat: documents joined and cut
+  d.packing = "truncate_pad"
   d.add_bos = False  # prepend BOS to every document (EOS is always appended)
   d.read_threads = 2  # grain threads reading and tokenising documents
   d.prefetch_buffer = 64  # documents read ahead per thread pool

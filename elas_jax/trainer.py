@@ -431,7 +431,9 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
           f"the data, or set train.skip_nonfinite=True to skip such batches")
 
   writer = MetricWriter(workdir, start)
-  tokens_per_step = t.batch_size * t.seq_len
+  # tokens_per_s counts real (unmasked target) tokens: each step's count stays on the
+  # device until the next record (no sync per step); with truncate_pad padding is not work done.
+  interval_tokens: list[jax.Array] = []
   flops_per_token = flops.flops_per_token(cfg.model, t.seq_len)["total"]
   peak_tflops = flops.peak_tflops(cfg, run.mesh)  # None where unknown (CPU)
   profiler = profiling.StepProfiler(t.profile_steps, workdir)
@@ -452,6 +454,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
           last_time, last_step = time.perf_counter(), step
         profiler.maybe_start(step)
         state, metrics = compiled(state, batch)
+        interval_tokens.append(metrics["tokens"])
         profiler.maybe_stop(step, metrics)
         step += 1
         bar.update(1)
@@ -462,8 +465,10 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
           now = time.perf_counter()
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           dt = (now - last_time) / max(step - last_step, 1)
+          real_tokens = float(np.sum(jax.device_get(interval_tokens), dtype=np.float64))
           m.update(ppl=float(np.exp(min(m["loss"], 50.0))), step_time=dt,
-                   tokens_per_s=tokens_per_step / dt, skipped_nonfinite=int(state.bad_steps))
+                   tokens_per_s=real_tokens / max(now - last_time, 1e-9),
+                   skipped_nonfinite=int(state.bad_steps))
           m.update(throughput_metrics(m["tokens_per_s"], flops_per_token, peak_tflops))
           if compile_s is not None:  # in the first record after (re)starting
             m["compile_s"], compile_s = compile_s, None
@@ -481,6 +486,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
                       f"eval_ppl {ev['eval_ppl']:.2f} ({ev['eval_tokens']:,} tokens)", file=sys.stderr)
           writer.write(step, m)
           last_time, last_step = time.perf_counter(), step  # evaluation time is not step time
+          interval_tokens = []
         if step % t.ckpt_every == 0 or step == t.steps:
           check_finite(step)
           save(step)

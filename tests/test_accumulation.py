@@ -112,7 +112,8 @@ def test_paper_1b_config_with_micro_batches_runs_a_step(tmp_path):
   flags = ["--config=configs/llama_1b.py:elas", "--config.train.micro_batch=16",
            "--config.model.n_layers=2", "--config.train.seq_len=16", "--config.train.steps=1",
            "--config.optimizer.warmup_steps=0", "--config.model.sparsity.dense_warmup_steps=0",
-           "--config.data.source=sample", "--config.model.vocab_size=4096",
+           "--config.data.source=sample", "--config.data.tokenizer=", "--config.data.packing=concat",
+           "--config.model.vocab_size=4096",
            "--config.train.eval_tokens=8192", "--config.model.dtype=float32",
            f"--workdir={tmp_path}"]
   p = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True,

@@ -43,6 +43,24 @@ def test_paper_shapes():
   assert load_config("configs/llama_1b.py", "elas").model.ffn_dim == 8191
 
 
+def test_paper_configs_default_to_the_papers_data_protocol():
+  # GaLore (torchrun_main.py, peft_pretraining/dataloader.py) and LORO (run_c4.py): the
+  # t5-base tokenizer, tokenizer(text, max_length=256, truncation=True, padding="max_length")
+  # per document (no BOS; EOS kept), total batch 512, a 32000-entry vocabulary, evaluation
+  # until 10M tokens. The tiny config keeps its sample-corpus settings.
+  papers = {"data.tokenizer": "hf:google-t5/t5-base", "data.packing": "truncate_pad", "data.add_bos": False,
+            "train.seq_len": 256, "train.batch_size": 512, "model.vocab_size": 32000,
+            "train.eval_tokens": 10_000_000}
+  tiny = {"data.tokenizer": "", "data.packing": "concat", "data.add_bos": False, "train.seq_len": 128,
+          "train.batch_size": 16, "model.vocab_size": 4096, "train.eval_tokens": 65_536}
+  resolved = lambda c: {k: c[k.split(".")[0]][k.split(".")[1]] for k in papers}
+  for size in ("60m", "130m", "350m", "1b"):
+    for variant in config_lib.VARIANTS:
+      assert resolved(load_config(f"configs/llama_{size}.py", variant)) == papers, (size, variant)
+  assert resolved(load_config("configs/tiny.py", "elas")) == tiny
+  assert load_config("configs/tiny.py", "elas").data.source == "sample"
+
+
 def _modified(path, variant, **changes):
   return config_lib.override(load_config(path, variant), changes)
 

@@ -179,18 +179,67 @@ def test_concat_exact_token_stream(word_tokenizer):
 def test_truncate_pad_windows_and_mask(word_tokenizer):
   texts = ["w1 w2", " ".join(f"w{i}" for i in range(20, 40))]
   batches, n = stream(texts, word_tokenizer, seq_len=6, global_batch=2, packing="truncate_pad",
-                      eval_tokens=12)
+                      eval_tokens=7)
   b = batches[0]
   # short document: w1 w2 </s> then padding; mask marks the 2 real targets
   np.testing.assert_array_equal(b["inputs"][0], [wid("w1"), wid("w2"), EOS, PAD, PAD, PAD])
   np.testing.assert_array_equal(b["targets"][0], [wid("w2"), EOS, PAD, PAD, PAD, PAD])
   np.testing.assert_array_equal(b["mask"][0], [1, 1, 0, 0, 0, 0])
-  # long document: its first 6 tokens, then EOS (kept as the last target)
-  long_ids = [wid(f"w{i}") for i in range(20, 26)] + [EOS]
-  np.testing.assert_array_equal(b["inputs"][1], long_ids[:-1])
-  np.testing.assert_array_equal(b["targets"][1], long_ids[1:])
-  assert b["mask"][1].all()
-  assert n == 8
+  # long document: a row of 6 tokens, its first 5 and EOS (the last real target); the
+  # row's last position predicts padding, masked
+  row = [wid(f"w{i}") for i in range(20, 25)] + [EOS]
+  np.testing.assert_array_equal(b["inputs"][1], row)
+  np.testing.assert_array_equal(b["targets"][1], row[1:] + [PAD])
+  np.testing.assert_array_equal(b["mask"][1], [1, 1, 1, 1, 1, 0])
+  assert n == 7
+
+
+def test_truncate_pad_rows_are_the_papers_tokenizer_call(word_tokenizer):
+  """GaLore/LORO rows: ``tokenizer(text, max_length=L, truncation=True, padding="max_length")``
+  with T5's post-processor (``$A </s>``), here run by HF tokenizers itself; targets and mask
+  as HF's causal-LM loss on them (labels = ids with pad -> -100, shifted by one)."""
+  from tokenizers import Tokenizer, processors
+
+  L = 8
+  ref = Tokenizer.from_file(word_tokenizer.path)
+  ref.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
+  ref.enable_truncation(max_length=L)
+  ref.enable_padding(length=L, pad_id=PAD, pad_token="<pad>")
+  texts = [doc(i, length=k) for i, k in enumerate([1, 3, L - 1, L, L + 1, 3 * L])]
+  batches, n = stream(texts, word_tokenizer, seq_len=L, global_batch=len(texts), packing="truncate_pad",
+                      eval_tokens=10**6)
+  (b,) = batches
+  want_n = 0
+  for i, text in enumerate(texts):
+    ids = np.array(ref.encode(text).ids)
+    labels = np.where(ids == PAD, -100, ids)
+    np.testing.assert_array_equal(b["inputs"][i], ids)
+    want_mask = np.append(labels[1:] != -100, False)  # HF's shift drops the last position
+    np.testing.assert_array_equal(b["mask"][i], want_mask)
+    np.testing.assert_array_equal(b["targets"][i][want_mask], labels[1:][want_mask[:-1]])
+    want_n += int(want_mask.sum())
+  assert ids[-1] == EOS and n == want_n  # the longest document kept its EOS
+
+
+def test_truncate_pad_warns_when_the_run_would_repeat_documents(word_tokenizer, capsys):
+  docs = sources.TextDocuments([doc(i) for i in range(40)])
+  for packing, steps, warned in (("truncate_pad", 10, False), ("truncate_pad", 11, True), ("concat", 11, False)):
+    pipeline.train_dataset(docs, word_tokenizer, spec(packing=packing, global_batch=4, steps=steps), 0, 1)
+    out = capsys.readouterr().out
+    assert ("holds 40 documents but train.steps x train.batch_size = 44 rows" in out) == warned, out
+
+
+def test_truncate_pad_evaluates_until_eval_tokens_real_targets(word_tokenizer):
+  # 10 documents of k words: rows of k + 1 tokens, k real targets each (seq_len 16)
+  lengths = [3, 9, 2, 7, 5, 4, 8, 6, 1, 9]
+  docs = sources.TextDocuments([doc(i, length=k) for i, k in enumerate(lengths)])
+  s = spec(packing="truncate_pad", global_batch=2, seq_len=16, eval_tokens=30)
+  batches, n = pipeline.eval_batches(docs, word_tokenizer, s, 0, 1)
+  # per batch of 2 rows: 12, 9, 9, 14, ... -> 12 + 9 + 9 = 30 after 3 batches
+  assert len(batches) == 3 and n == 30 == sum(lengths[:6])
+  s = dataclasses.replace(s, eval_tokens=31)
+  batches, n = pipeline.eval_batches(docs, word_tokenizer, s, 0, 1)
+  assert len(batches) == 4 and n == sum(lengths[:8])
 
 
 def test_add_bos(word_tokenizer):

@@ -6,21 +6,25 @@ Training stream (per process)::
       --> tokenize (+EOS, optional BOS; grain read threads)
       --> windows of seq_len + 1 tokens:
             concat:       documents joined and cut (ConcatThenSplitIterDataset)
-            truncate_pad: one document per window, truncated, padded, pad masked
+            truncate_pad: one document per row, truncated, padded, pad masked
       --> batch(global_batch / process_count) --> [worker processes]
 
 A window of ``seq_len + 1`` tokens gives ``inputs = w[:-1]``, ``targets =
-w[1:]`` and ``mask`` (1 where the target is a real token). The iterator is a
-grain ``DatasetIterator``: ``get_state()`` / ``set_state()`` restore it
-exactly. The validation stream is fixed: unshuffled documents, the same
-windows, ``ceil(eval_tokens / tokens_per_batch)`` global batches, every
-process holding its rows of each.
+w[1:]`` and ``mask`` (1 where the target is a real token). ``truncate_pad`` is the
+GaLore/LORO C4 protocol: a row is what ``tokenizer(text, max_length=seq_len,
+truncation=True, padding="max_length")`` gives with the T5 tokenizer, i.e. the
+document's first ``seq_len - 1`` tokens and its EOS, then padding; the targets
+are the row shifted by one, padding masked (so at most ``seq_len - 1`` per row,
+as in HF's causal-LM loss on such rows). The iterator is a grain
+``DatasetIterator``: ``get_state()`` / ``set_state()`` restore it exactly. The
+validation stream is fixed: unshuffled documents, the same windows, global
+batches until they hold ``eval_tokens`` real target tokens, every process
+holding its rows of each.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import grain
 import jax
@@ -46,6 +50,7 @@ class Spec:
   prefetch_buffer: int = 64
   worker_count: int = 0
   eval_tokens: int = 0
+  steps: int = 0  # optimizer steps of the run (to warn when truncate_pad repeats documents)
 
   @classmethod
   def from_config(cls, cfg) -> "Spec":
@@ -53,7 +58,7 @@ class Spec:
     return cls(seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, packing=d.packing,
                add_bos=d.add_bos, seed=cfg.seed, read_threads=d.read_threads,
                prefetch_buffer=d.prefetch_buffer, worker_count=d.worker_count,
-               eval_tokens=cfg.train.eval_tokens)
+               eval_tokens=cfg.train.eval_tokens, steps=cfg.train.steps)
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -126,8 +131,8 @@ def windows(ds: grain.IterDataset, spec: Spec, pad_id: int) -> grain.IterDataset
     return packed.map(lambda e: _split_window(e["tokens"], e["tokens_segment_ids"] > 0))
   if spec.packing == "truncate_pad":
     def pad(t: np.ndarray) -> dict[str, np.ndarray]:
-      if len(t) > n:  # keep the document's start and its EOS, as HF truncation does
-        t = np.concatenate([t[: n - 1], t[-1:]])
+      if len(t) > spec.seq_len:  # the row: the document's start and its EOS, as HF truncation keeps
+        t = np.concatenate([t[: spec.seq_len - 1], t[-1:]])
       w = np.full((n,), pad_id, np.int32)
       w[: len(t)] = t
       return _split_window(w, np.arange(n) < len(t))
@@ -141,6 +146,11 @@ def train_dataset(docs, tok, spec: Spec, process_index: int | None = None,
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local = local_batch_size(spec.global_batch, pc)
+  rows = spec.steps * spec.global_batch
+  if spec.packing == "truncate_pad" and rows > len(docs) and pi == 0:
+    print(f"warning: the training data holds {len(docs):,} documents but train.steps x train.batch_size = "
+          f"{rows:,} rows of one document each (data.packing = truncate_pad): documents repeat "
+          f"({rows / len(docs):.1f} epochs); give more files for a single pass", flush=True)
   ds = document_stream(docs, spec.seed, pi, pc).map(Tokenize(tok, spec.add_bos))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=spec.read_threads,
                                             prefetch_buffer_size=spec.prefetch_buffer))
@@ -154,27 +164,30 @@ def eval_batches(docs, tok, spec: Spec, process_index: int | None = None,
                  process_count: int | None = None) -> tuple[list[dict[str, np.ndarray]], int]:
   """The fixed validation batches of this process and the global token count.
 
+  Global batches of the documents in order, until they hold ``eval_tokens`` real
+  (unmasked) target tokens: with ``concat`` every row is full, so that is
+  ``ceil(eval_tokens / (batch x seq_len))`` batches; with ``truncate_pad`` it is as
+  many padded rows as it takes, as GaLore/LORO evaluate until 10M tokens are seen.
   Every run with the same data, tokenizer, ``seq_len``, batch size and
   ``eval_tokens`` evaluates exactly the same target tokens.
   """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local = local_batch_size(spec.global_batch, pc)
-  per_batch = spec.global_batch * spec.seq_len
-  n_batches = max(1, math.ceil(spec.eval_tokens / per_batch))
   ds = grain.MapDataset.source(docs).map(Tokenize(tok, spec.add_bos)).to_iter_dataset()
   rows = iter(windows(ds, spec, tok.pad_id))
-  batches, tokens = [], 0
-  for _ in range(n_batches):
+  batches, tokens, exhausted = [], 0, False
+  while tokens < max(spec.eval_tokens, 1):
     window_list = [w for _, w in zip(range(spec.global_batch), rows)]
     if not window_list:
+      exhausted = True
       break
     while len(window_list) < spec.global_batch:  # pad the last batch with masked rows
       window_list.append({k: np.zeros_like(v) for k, v in window_list[0].items()})
     batch = {k: np.stack([w[k] for w in window_list]) for k in window_list[0]}
     tokens += int(batch["mask"].sum())
     batches.append({k: v[pi * local:(pi + 1) * local] for k, v in batch.items()})
-  if len(batches) < n_batches:
+  if exhausted:
     print(f"warning: the validation data holds {tokens} target tokens, fewer than "
           f"train.eval_tokens = {spec.eval_tokens}; evaluating on all of them", flush=True)
   return batches, tokens

@@ -34,7 +34,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
-from elas_jax.data import text_index
+from elas_jax.data import hub, text_index
 from elas_jax.data.records import (SKIP_HINT, BadRecords, BrokenFile, Options, Position, one_line, scan_jsonl,
                                     scan_parquet, scan_txt)
 from elas_jax.errors import DataError
@@ -55,12 +55,15 @@ def resolve_files(patterns: str, field: str, match: Callable[[str], list[str]] =
   """Comma-separated globs -> sorted, de-duplicated files; each glob must match.
 
   ``match`` expands one glob (local files by default; Beam's filesystems for prepare --runner).
+  ``hf://`` globs are Hugging Face Hub files, fetched into (or found in) huggingface_hub's
+  cache (:func:`hub.match`); what comes back are local paths.
   """
   files: list[str] = []
   if not patterns.strip():
-    raise DataError(f"config.{field} is empty: give a glob of data files")
+    raise DataError(f"config.{field} is empty: give a glob of data files (local, or on the Hub: "
+                    "'hf://datasets/allenai/c4/en/c4-train.0000*-of-01024.json.gz')")
   for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-    matched = sorted(match(pattern))
+    matched = sorted(hub.match(pattern) if hub.is_hub_files(pattern) else match(pattern))
     if not matched:
       raise DataError(f"config.{field}: {pattern!r} matches no file")
     files.extend(m for m in matched if m not in files)

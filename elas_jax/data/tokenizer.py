@@ -1,8 +1,18 @@
-"""Tokenizers: SentencePiece models, HF ``tokenizer.json`` files, and the sample tokenizer.
+"""Tokenizers: SentencePiece models, HF ``tokenizer.json`` files, Hub tokenizers
+(``hf:<owner>/<name>``, resolved by :mod:`elas_jax.data.hub`) and the sample tokenizer.
 
 BOS/EOS: documents are encoded without special tokens; the pipeline appends
 EOS to every document (and prepends BOS when ``data.add_bos``), so packed
 windows show document boundaries the way T5/LLaMA-style pre-training does.
+Special tokens spelled out in a document's text (``</s>``, T5's ``<extra_id_0>``)
+are encoded as text, as SentencePiece does, never as their ids.
+
+Vocabulary: ``model.vocab_size`` must equal the tokenizer's vocabulary, or its
+vocabulary without the trailing special tokens it never emits from text
+(:attr:`text_vocab_size`). T5's tokenizer (``hf:google-t5/t5-base``) has 32,100
+ids: 32,000 SentencePiece pieces and 100 span-corruption sentinels
+``<extra_id_*>`` at 32,000-32,099; the paper configs' 32,000-row embedding
+covers every id it emits, as in the GaLore/LORO code (vocab 32000, t5-base).
 """
 
 from __future__ import annotations
@@ -14,12 +24,13 @@ import json
 import os
 from typing import Iterable, Protocol
 
-from elas_jax.data import corpus
+from elas_jax.data import corpus, hub
 from elas_jax.errors import DataError
 
 
 class Tokenizer(Protocol):
-  vocab_size: int
+  vocab_size: int  # every id
+  text_vocab_size: int  # ids text can encode to: vocab_size less trailing special tokens
   eos_id: int
   bos_id: int
   pad_id: int
@@ -46,7 +57,7 @@ class SentencePieceTokenizer:
       self._sp = spm.SentencePieceProcessor(model_file=self.path)
     except Exception as e:  # sentencepiece raises OSError/RuntimeError with C++ text
       raise DataError(f"{self.path}: not a readable SentencePiece model ({e})") from None
-    self.vocab_size = self._sp.get_piece_size()
+    self.vocab_size = self.text_vocab_size = self._sp.get_piece_size()
     self.eos_id = self._sp.eos_id()
     if self.eos_id < 0:
       raise DataError(f"{self.path}: the SentencePiece model defines no EOS token")
@@ -81,6 +92,10 @@ class HFTokenizer:
       self._tok = _Tok.from_file(self.path)
     except Exception as e:
       raise DataError(f"{self.path}: not a readable tokenizer.json ({e})") from None
+    # Special tokens written in a document are text, not control ids (SentencePiece's
+    # behaviour); so the special tokens added after the model's vocabulary (T5's
+    # sentinels) are never emitted and need no embedding row.
+    self._tok.encode_special_tokens = True
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def find(names):
@@ -96,6 +111,12 @@ class HFTokenizer:
     self.bos_id = find(_BOS_NAMES)
     pad = find(_PAD_NAMES)
     self.pad_id = pad if pad >= 0 else self.eos_id
+    # The ids text encodes to, plus the EOS/BOS/pad ids the pipeline writes.
+    added = self._tok.get_added_tokens_decoder()
+    n = self.vocab_size
+    while n > 0 and getattr(added.get(n - 1), "special", False):
+      n -= 1
+    self.text_vocab_size = max(n, self.eos_id + 1, self.bos_id + 1, self.pad_id + 1)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -108,7 +129,10 @@ class HFTokenizer:
 
 
 def load(path: str) -> Tokenizer:
-  """A SentencePiece model or a ``tokenizer.json``, chosen by content."""
+  """A SentencePiece model or a ``tokenizer.json``, chosen by content; ``hf:<owner>/<name>``
+  is a Hub repository's tokenizer (:func:`hub.tokenizer_file`)."""
+  if hub.is_hub_tokenizer(path):
+    path = hub.tokenizer_file(path)
   if not os.path.isfile(path):
     raise DataError(f"config.data.tokenizer = {path!r}: file does not exist")
   with open(path, "rb") as f:
@@ -157,11 +181,20 @@ def from_config(data_cfg, vocab_size: int) -> Tokenizer:
     tok = load(train_sample_tokenizer(vocab_size))
   else:
     raise DataError("config.data.tokenizer is empty: data.source = 'files' needs a SentencePiece "
-                    "model or tokenizer.json path")
-  if tok.vocab_size != vocab_size:
-    raise DataError(f"config.model.vocab_size = {vocab_size} but tokenizer {tok.path} has "
-                    f"{tok.vocab_size} tokens; set --config.model.vocab_size={tok.vocab_size}")
+                    "model or tokenizer.json path, or a Hub tokenizer (hf:google-t5/t5-base)")
+  check_vocab(tok, vocab_size, data_cfg.tokenizer or tok.path)
   return tok
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, name: str) -> None:
+  """``vocab_size`` (the model's) must cover every id ``tok`` emits: its vocabulary,
+  with or without the trailing special tokens it never emits (module docstring)."""
+  if vocab_size in (tok.vocab_size, tok.text_vocab_size):
+    return
+  unused = tok.vocab_size - tok.text_vocab_size
+  extra = f" (the last {unused} special tokens it never emits: {tok.text_vocab_size} fits too)" if unused else ""
+  raise DataError(f"config.model.vocab_size = {vocab_size} but tokenizer {name} has {tok.vocab_size} "
+                  f"tokens{extra}; set --config.model.vocab_size={tok.text_vocab_size}")
 
 
 def fingerprint(tok: Tokenizer) -> str:
