@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
+import string
 from typing import Any
 
 import jax
@@ -44,9 +46,8 @@ def run_id(workdir: str) -> str:
       found = f.read().strip()
     if found:
       return found
-  import wandb
-
-  new = wandb.util.generate_id()
+  # W&B's own form of id (8 of [a-z0-9]), made here so that it is on disk before the run starts.
+  new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(new + "\n")
