@@ -10,7 +10,10 @@ latest checkpoint in ``workdir/checkpoints``. Sections:
    at the end, and on SIGTERM / SIGINT;
 4. non-finite guard: a step whose loss or gradients are not finite is not
    applied; the run then stops (or, with ``train.skip_nonfinite``, counts it
-   and goes on) without writing that state anywhere.
+   and goes on) without writing that state anywhere;
+5. memory fit: ``train.micro_batch = auto`` is resolved by compiling the step
+   (:func:`fit_micro_batch`); a compiled step over the memory budget, or XLA's
+   RESOURCE_EXHAUSTED, stops the run with one line (:mod:`elas_jax.memory`).
 """
 
 from __future__ import annotations
@@ -327,8 +330,8 @@ def train_step_memory(run: Run, micro_batch: int) -> memory.StepMemory:
   compiled = jit_train_step(with_micro_batch(run, micro_batch)).lower(run.abstract_state, batch).compile()
   mem = memory.StepMemory.of(compiled)
   if mem is None:
-    raise memory.OutOfMemoryError(f"the {jax.default_backend()} backend reports no memory analysis of "
-                                  "a compiled step; set train.micro_batch to a number")
+    raise UserError(f"the {jax.default_backend()} backend reports no memory analysis of a compiled "
+                    "step, so train.micro_batch = auto cannot choose; set train.micro_batch to a number")
   return mem
 
 
