@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import pytest
 
 from elas_jax import memory, sharding, trainer
-from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses, tiny_train_config
+from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses, tiny_ffn_dim, tiny_train_config
 
 BATCH = 16  # candidates 1, 2, 4, 8, 16 on one device
+VARIANT = "full"  # AdamW: the train step compiles twice as fast as LORO's; the memory fit is the same code
 
 
 def test_micro_batch_candidates():
@@ -36,15 +37,15 @@ def test_largest_fitting_equals_a_scan_of_every_candidate():
     assert len(calls) == len(set(calls)) <= 1 + math.ceil(math.log2(n))  # each a compile: few, never twice
 
 
-def _reference_peaks(run):
+def _reference_peaks(run, micro_batches):
   """Per micro-batch, argument + output - alias + temp bytes of ``compiled.memory_analysis()``
   of the train step as training jits it, compiled here (nothing runs)."""
   shape = (BATCH, run.cfg.train.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding)
            for k in ("inputs", "targets", "mask")}
   peaks = {}
-  for m in memory.micro_batch_candidates(BATCH, 1):
-    cfg = tiny_train_config(**{"train.batch_size": BATCH, "train.micro_batch": m})
+  for m in micro_batches:
+    cfg = tiny_train_config(VARIANT, **{"train.batch_size": BATCH, "train.micro_batch": m})
     step = jax.jit(trainer.make_train_step(run.graphdef, run.tx, run.schedule, cfg, run.mesh),
                    in_shardings=(run.state_shardings, run.batch_sharding),
                    out_shardings=(run.state_shardings, sharding.replicated(run.mesh)), donate_argnums=0)
@@ -56,9 +57,9 @@ def _reference_peaks(run):
 
 @pytest.mark.slow
 def test_auto_micro_batch_is_the_largest_that_fits_at_two_budgets(tmp_path):
-  cfg = tiny_train_config(**{"train.batch_size": BATCH, "train.micro_batch": "auto"})
+  cfg = tiny_train_config(VARIANT, **{"train.batch_size": BATCH, "train.micro_batch": "auto"})
   run = trainer.build(cfg, jax.devices()[:1], with_tokenizer=False)
-  peaks = _reference_peaks(run)
+  peaks = _reference_peaks(run, (4, 8, 16))
   # What auto may fill: just below the larger step's need, so that the budget itself (the
   # usable bytes plus the margin) would hold it: a choice that ignored the margin fails.
   assert peaks[4] < 0.95 * peaks[8] and peaks[8] < 0.95 * peaks[16], peaks
@@ -90,23 +91,27 @@ def test_auto_micro_batch_is_the_largest_that_fits_at_two_budgets(tmp_path):
   assert f"{memory.fmt_bytes(int(min(chosen) * 1e9))} are available (train.memory_budget_gb = " in msg, msg
   assert f"set train.micro_batch={chosen[min(chosen)]} (the largest" in msg and "model.remat=block" in msg, msg
 
-  # A run with auto trains exactly as with that micro-batch set by hand.
+  # A run with auto trains exactly as with that micro-batch set by hand (the same programs as
+  # the reference compiled: the persistent cache serves them).
   auto_dir, hand_dir = tmp_path / "auto", tmp_path / "hand"
-  common = {"train.batch_size": BATCH, "train.steps": 3, "train.eval_every": 3, "train.ckpt_every": 3,
-            "model.sparsity.dense_warmup_steps": 1, "train.memory_budget_gb": min(chosen)}
-  trainer.train_and_evaluate(tiny_train_config(**common, **{"train.micro_batch": "auto"}), str(auto_dir),
-                             devices=jax.devices()[:1])
-  trainer.train_and_evaluate(tiny_train_config(**common, **{"train.micro_batch": chosen[min(chosen)]}),
-                             str(hand_dir), devices=jax.devices()[:1])
+  common = {"train.batch_size": BATCH, "train.memory_budget_gb": min(chosen)}
+  trainer.train_and_evaluate(tiny_train_config(VARIANT, **common, **{"train.micro_batch": "auto"}),
+                             str(auto_dir), stop_at_step=3, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(tiny_train_config(VARIANT, **common, **{"train.micro_batch": chosen[min(chosen)]}),
+                             str(hand_dir), stop_at_step=3, devices=jax.devices()[:1])
   assert step_losses(str(auto_dir)) == step_losses(str(hand_dir))
   assert f'"micro_batch": {chosen[min(chosen)]}' in (auto_dir / "config.json").read_text()
 
 
 @pytest.mark.slow
 def test_a_step_over_the_budget_stops_with_one_line(tmp_path):
-  # 10 MB per device: below the tiny step's state and temporaries at any micro-batch.
-  cmd = [sys.executable, "train.py", "--config=configs/tiny.py:elas", *TINY_TRAIN_FLAGS,
-         "--config.train.steps=5", f"--config.train.batch_size={BATCH}",
+  # 10 MB per device: below the tiny step's state and temporaries at any micro-batch. (The
+  # steps, evaluation and checkpoint cadence of tiny_train_config: the programs the other
+  # tests compile.)
+  cmd = [sys.executable, "train.py", f"--config=configs/tiny.py:{VARIANT}", *TINY_TRAIN_FLAGS,
+         f"--config.model.ffn_dim={tiny_ffn_dim('swiglu')}",
+         "--config.train.steps=12", "--config.train.eval_every=6", "--config.train.ckpt_every=3",
+         f"--config.train.batch_size={BATCH}",
          "--config.train.memory_budget_gb=0.01", f"--workdir={tmp_path / 'run'}"]
   p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
@@ -123,7 +128,7 @@ def test_resource_exhausted_at_run_time_becomes_one_line():
   # at once), run through the guard the trainer puts around its compiled train step (the
   # message's "compiled step" is then this program).
   too_big = jax.jit(lambda x: jnp.broadcast_to(x, (2 ** 22, 2 ** 20)) + 1)
-  cfg = tiny_train_config(**{"train.batch_size": BATCH, "train.memory_budget_gb": 0.5})
+  cfg = tiny_train_config(VARIANT, **{"train.batch_size": BATCH, "train.memory_budget_gb": 0.5})
   run = trainer.build(cfg, jax.devices()[:1], with_tokenizer=False)
   guarded = trainer.guard_out_of_memory(run, too_big, compiled=too_big.lower(jnp.int8(1)).compile())
   with pytest.raises(memory.OutOfMemoryError) as e:
