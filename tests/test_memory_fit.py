@@ -138,6 +138,11 @@ def test_resource_exhausted_at_run_time_becomes_one_line():
                                             "(XLA RESOURCE_EXHAUSTED allocating 4398.05 GB)"), msg
   assert "; the compiled step needs 4398.05 GB per device (arguments " in msg, msg
   assert "500.00 MB available (train.memory_budget_gb = 0.5): set model.remat=block" in msg, msg
+  # Outside the train step call (evaluation; an asynchronous step's error surfacing
+  # later): the catch-all around the whole run.
+  with pytest.raises(memory.OutOfMemoryError, match=r"^out of device memory \(RESOURCE_EXHAUSTED: Out of "
+                     r"memory allocating 4398046511104 bytes\.\): lower train\.micro_batch"):
+    memory.guard(too_big, trainer._out_of_memory_elsewhere)(jnp.int8(1))
   # Other errors pass through unchanged.
   with pytest.raises(TypeError):
     trainer.guard_out_of_memory(run, lambda: (_ for _ in ()).throw(TypeError("x")), compiled=None)()
