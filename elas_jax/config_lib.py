@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, Callable
 
 import ml_collections
+from ml_collections import config_dict
 
 from elas_jax import model, profiling
 from elas_jax.data.pipeline import PACKING_MODES
@@ -32,6 +33,7 @@ DTYPE_NAMES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "loro_adamw")
 SCHEDULES = ("cosine", "cosine_restart")
 RELU2_WIDTH_FACTOR = 1.5  # ReLU² FFN width = int(1.5 x SwiGLU width): same parameter count
+AUTO = "auto"  # train.micro_batch = auto: the largest that fits the memory budget (trainer.fit_micro_batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +192,10 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   t.steps = z.steps  # optimizer steps
   t.batch_size = z.batch_size  # global batch, in sequences (per optimizer step)
   # sequences per forward/backward pass; gradients of batch_size / micro_batch
-  # micro-batches are accumulated into one update. 0 = batch_size (no accumulation)
-  t.micro_batch = 0
+  # micro-batches are accumulated into one update. 0 = batch_size (no accumulation);
+  # "auto" = the largest whose compiled step fits the memory budget with 10% to spare,
+  # chosen at start-up (an int or "auto", hence the untyped field)
+  t.micro_batch = config_dict.FieldReference(0, field_type=object)
   t.seq_len = z.seq_len  # tokens per sequence
   t.log_every = 50  # steps between metric logs
   t.eval_every = 1000  # steps between evaluations
@@ -202,6 +206,12 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   t.peak_tflops = 0.0  # per-device peak TFLOP/s for the MFU metric; 0 = from flops.DEVICE_PEAK_TFLOPS
   # jax.profiler trace of steps a <= step < b (0-based) into <workdir>/profile, "a:b"; "" = off
   t.profile_steps = ""
+  # device memory a train step may use, GB (1e9 bytes) per device; 0 = the device's own
+  # (its allocator's limit; unknown on CPU). A step compiled over it stops with one line
+  t.memory_budget_gb = 0.0
+  # persistent XLA compilation cache in <workdir>/xla_cache (an explicit
+  # JAX_COMPILATION_CACHE_DIR wins): a restarted run loads its compiled steps. False = off
+  t.compile_cache = True
 
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.data = -1  # data-parallel ways; -1 = all devices left over
@@ -230,6 +240,15 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   d.read_threads = 2  # grain threads reading and tokenising documents
   d.prefetch_buffer = 64  # documents read ahead per thread pool
   d.worker_count = 0  # grain worker processes after batching (0 = in the training process)
+
+  # Weights & Biases (pip install -e .[wandb]): process 0 logs the metrics.jsonl records and
+  # the resolved config; the run id is kept in <workdir>/wandb_run_id so a resumed run
+  # continues the same W&B run. WANDB_MODE=offline (and W&B's other variables) apply.
+  w = c.wandb = ml_collections.ConfigDict()
+  w.enabled = False  # log to Weights & Biases
+  w.project = "elas-jax"  # W&B project
+  w.entity = ""  # W&B entity (team or user); "" = your default entity
+  w.name = ""  # run name; "" = the workdir's name
   validate(c)
   return c
 
@@ -242,7 +261,9 @@ LEGACY_DEFAULTS = {
     "model": {"attention": "xla", "attention_block": 64, "loss_chunk": 0, "remat": "none",
               "scan_layers": False, "cola_only_lr_act": False},
     "optimizer": {"lr_adjust_steps": 0},
-    "train": {"micro_batch": 0, "peak_tflops": 0.0, "profile_steps": ""},
+    "train": {"micro_batch": 0, "peak_tflops": 0.0, "profile_steps": "", "memory_budget_gb": 0.0,
+              "compile_cache": False},
+    "wandb": {"enabled": False, "project": "elas-jax", "entity": "", "name": ""},
     # Text files were always read into memory; an old config gets today's limit (a
     # corpus above it is refused with the prepare command, as for a new config).
     "data": {"max_in_memory_bytes": DEFAULT_MAX_IN_MEMORY_BYTES},
@@ -388,9 +409,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise _err("data.max_in_memory_bytes", d.max_in_memory_bytes,
                "must be an integer >= 0 (bytes of text; 0 = never load text files into memory)")
   mb = c.train.micro_batch
-  if not _is_int(mb) or mb < 0 or (mb and c.train.batch_size % mb):
-    raise _err("train.micro_batch", mb, f"must be 0 (= batch_size) or a divisor of train.batch_size = "
-               f"{c.train.batch_size}")
+  if mb != AUTO and (not _is_int(mb) or mb < 0 or (mb and c.train.batch_size % mb)):
+    raise _err("train.micro_batch", mb, f"must be 0 (= batch_size), a divisor of train.batch_size = "
+               f"{c.train.batch_size}, or {AUTO!r} (the largest that fits the device memory)")
+  budget = c.train.memory_budget_gb
+  if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+    raise _err("train.memory_budget_gb", budget, "must be a number >= 0 (GB per device; 0 = the device's memory)")
+  if not isinstance(c.train.compile_cache, bool):
+    raise _err("train.compile_cache", c.train.compile_cache, "must be true or false")
+  w = c.wandb
+  if not isinstance(w.enabled, bool):
+    raise _err("wandb.enabled", w.enabled, "must be true or false")
+  if w.enabled and not w.project:
+    raise _err("wandb.project", w.project, "must name a W&B project when wandb.enabled")
   _positive_int(c, "train.eval_tokens")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     _positive_int(c, f"train.{f}")
@@ -413,7 +444,9 @@ def override(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_co
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       raise ConfigError(f"config.{key}: no such config field")
     old = node[leaf]
-    if isinstance(value, str) and not isinstance(old, str) and old is not None:
+    if isinstance(value, str) and node.get_type(leaf) is object:  # an untyped field (micro_batch)
+      value = int(value) if value.strip().lstrip("-").isdigit() else value
+    elif isinstance(value, str) and not isinstance(old, str) and old is not None:
       value = _parse_as(value, old, key)
     node[leaf] = value
   return cfg

@@ -21,6 +21,7 @@ GPUs compiles. Memory is XLA's buffer assignment per device
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -174,7 +175,10 @@ def compile_steps(cfg, target: str | spec.Target = "h200", *, hosts: int = 1, gp
   from elas_jax import sharding, trainer
 
   tgt = spec.get(target) if isinstance(target, str) else target
-  cfg = cfg.copy_and_resolve_references()
+  if micro_batch is None and cfg.train.micro_batch == config_lib.AUTO:
+    raise ConfigError("config.train.micro_batch = 'auto' is chosen on the training devices; give a "
+                      "micro-batch to compile (--micro-batch N); the report names the largest that fits")
+  cfg = copy.deepcopy(cfg)  # not copy_and_resolve_references: micro_batch stays an untyped field
   if mesh is not None:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
   if micro_batch is not None:

@@ -26,13 +26,44 @@ from typing import Any
 # Dense (no structured-sparsity) tensor-core peak TFLOP/s per device, by the
 # compute dtype (``model.dtype``). "float32" is the TF32 tensor-core peak: XLA's
 # default matmul precision runs fp32 matmuls in TF32 on these GPUs (with
-# ``jax_default_matmul_precision=highest`` the real peak is far lower).
-# Keys are matched against ``jax.Device.device_kind`` (longest key contained, case-insensitive).
+# ``jax_default_matmul_precision=highest`` the real peak is far lower). bf16 is
+# the rate with fp32 accumulation (what XLA's bf16 matmuls use): on GeForce cards
+# it is half the fp16-accumulate rate the marketing tables lead with. Datasheets
+# list 2:4-sparse rates as well (twice the dense ones, marked "with sparsity"):
+# the dense rate is the one here.
+# Keys are matched against ``jax.Device.device_kind`` (longest key contained,
+# case-insensitive): "NVIDIA GH200 480GB" is GH200, not H200; "NVIDIA H200" is
+# H200, not H20.
 DEVICE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bfloat16": 989.0, "float32": 495.0},  # same SXM compute as H100 SXM
     "H100": {"bfloat16": 989.0, "float32": 495.0},  # SXM ("NVIDIA H100 80GB HBM3")
     "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
     "A100": {"bfloat16": 312.0, "float32": 156.0},  # SXM and PCIe alike
+    # NVIDIA GH200 Grace Hopper Superchip datasheet: the H100 GPU (BF16 1,979 TFLOPS and
+    # TF32 989 with sparsity, i.e. the H100 SXM's rates); device kind "NVIDIA GH200 480GB".
+    "GH200": {"bfloat16": 989.0, "float32": 495.0},
+    # NVIDIA H20 (China-market Hopper) product brief: FP16/BF16 148 TFLOPS, TF32 74, dense.
+    # It is given to partners, not posted on nvidia.com; these are the figures they publish.
+    "H20": {"bfloat16": 148.0, "float32": 74.0},
+    # NVIDIA HGX B200 datasheet, per GPU (1,000 W): FP16/BF16 4.5 PFLOPS and TF32 2.2
+    # PFLOPS with sparsity -> 2,250 and 1,100 dense.
+    "B200": {"bfloat16": 2250.0, "float32": 1100.0},
+    # NVIDIA GB200 NVL72 datasheet, per GPU (1,200 W): FP16/BF16 5 PFLOPS, TF32 2.5 with
+    # sparsity. Here so that "NVIDIA GB200" does not fall to the B200 row.
+    "GB200": {"bfloat16": 2500.0, "float32": 1250.0},
+    # NVIDIA L40S datasheet: BF16 Tensor Core 362.05 TFLOPS, TF32 183 (733 / 366 with sparsity).
+    "L40S": {"bfloat16": 362.05, "float32": 183.0},
+    # NVIDIA RTX A6000 datasheet / Ampere GA102 whitepaper (appendix table): peak BF16 tensor
+    # with FP32 accumulate 154.8 TFLOPS, TF32 77.4 (309.7 / 154.8 with sparsity).
+    "RTX A6000": {"bfloat16": 154.8, "float32": 77.4},
+    # NVIDIA Ada GPU architecture whitepaper (appendix table), GeForce RTX 4090: peak BF16
+    # tensor with FP32 accumulate 165.2 TFLOPS, TF32 82.6 (330.4 / 165.2 with sparsity;
+    # 330.3 is the FP16-accumulate rate).
+    "RTX 4090": {"bfloat16": 165.2, "float32": 82.6},
+    # A10G (AWS G5 only): NVIDIA posts no A10G datasheet; the figures quoted for it (e.g.
+    # Baseten's "NVIDIA A10 vs A10G" spec table) are BF16 tensor 70 TFLOPS and TF32 35,
+    # dense. (The A10's datasheet says 125 / 62.5; the A10G trades tensor for CUDA-core rate.)
+    "A10G": {"bfloat16": 70.0, "float32": 35.0},
     "TPU v4": {"bfloat16": 275.0},
     "TPU v5 lite": {"bfloat16": 197.0},  # v5e
     "TPU v5": {"bfloat16": 459.0},  # v5p

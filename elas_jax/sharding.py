@@ -123,7 +123,7 @@ def check_batch(train_cfg, mesh: jax.sharding.Mesh) -> None:
     raise ConfigError(f"config.train.batch_size = {train_cfg.batch_size} is not divisible by the "
                       f"{ways}-way data x fsdp split of the mesh")
   micro = train_cfg.micro_batch or train_cfg.batch_size
-  if micro % ways:
+  if isinstance(micro, int) and micro % ways:  # "auto" picks among the multiples of ways
     raise ConfigError(f"config.train.micro_batch = {micro} is not divisible by the {ways}-way "
                       f"data x fsdp split of the mesh; use a multiple of {ways}")
 

@@ -10,11 +10,15 @@ latest checkpoint in ``workdir/checkpoints``. Sections:
    at the end, and on SIGTERM / SIGINT;
 4. non-finite guard: a step whose loss or gradients are not finite is not
    applied; the run then stops (or, with ``train.skip_nonfinite``, counts it
-   and goes on) without writing that state anywhere.
+   and goes on) without writing that state anywhere;
+5. memory fit: ``train.micro_batch = auto`` is resolved by compiling the step
+   (:func:`fit_micro_batch`); a compiled step over the memory budget, or XLA's
+   RESOURCE_EXHAUSTED, stops the run with one line (:mod:`elas_jax.memory`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -33,7 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from elas_jax import checkpointing, config_lib, flops, model as model_lib, optim, profiling
-from elas_jax import sharding, stacking
+from elas_jax import compile_cache, memory, sharding, stacking, wandb_log
 from elas_jax.ops import attention, loss as loss_lib, sparsity
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 from elas_jax.errors import UserError
@@ -303,6 +307,127 @@ def build(cfg, devices=None, *, with_tokenizer: bool = True) -> Run:
              abstract_state)
 
 
+# ------------------------------------------------------------- memory fit
+
+
+def jit_train_step(run: Run) -> Callable:
+  """The jitted train step of ``run`` at its ``train.micro_batch``, state donated."""
+  return jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, run.cfg, run.mesh),
+                 in_shardings=(run.state_shardings, run.batch_sharding),
+                 out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
+                 donate_argnums=0)
+
+
+def with_micro_batch(run: Run, micro_batch: int) -> Run:
+  cfg = copy.deepcopy(run.cfg)  # keeps micro_batch an untyped field (int or "auto")
+  cfg.train.micro_batch = micro_batch
+  return dataclasses.replace(run, cfg=cfg)
+
+
+def train_step_memory(run: Run, micro_batch: int) -> memory.StepMemory:
+  """XLA's memory analysis of the train step compiled at ``micro_batch`` (nothing runs)."""
+  shape = (run.cfg.train.batch_size, run.cfg.train.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=run.batch_sharding)
+           for k in ("inputs", "targets", "mask")}
+  compiled = jit_train_step(with_micro_batch(run, micro_batch)).lower(run.abstract_state, batch).compile()
+  mem = memory.StepMemory.of(compiled)
+  if mem is None:
+    raise UserError(f"the {jax.default_backend()} backend reports no memory analysis of a compiled "
+                    "step, so train.micro_batch = auto cannot choose; set train.micro_batch to a number")
+  return mem
+
+
+def _local_devices(run: Run) -> list:
+  return [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def largest_micro_batch(run: Run, capacity: int, known: dict[int, int] | None = None) -> int | None:
+  """The largest micro-batch whose compiled train step needs at most ``capacity`` bytes per
+  device (None if none does), by bisection over the divisors of the batch."""
+  ways = int(np.prod([run.mesh.shape[a] for a in sharding.BATCH_AXES]))
+  candidates = memory.micro_batch_candidates(run.cfg.train.batch_size, ways)
+  return memory.largest_fitting(candidates, lambda m: train_step_memory(run, m).peak, capacity, known)
+
+
+def fit_micro_batch(run: Run) -> Run:
+  """``train.micro_batch = auto``: the run at the largest micro-batch whose compiled train
+  step leaves :data:`memory.AUTO_MARGIN` of the memory budget free (logged); other runs as
+  they are."""
+  t = run.cfg.train
+  if t.micro_batch != config_lib.AUTO:
+    return run
+  budget = memory.device_budget(t.memory_budget_gb, _local_devices(run))
+  if budget is None:
+    raise config_lib.ConfigError(
+        f"config.train.micro_batch = 'auto' needs the device memory, which the {jax.default_backend()} "
+        "devices do not report: set train.memory_budget_gb (GB per device) or a micro-batch")
+  t0, known = time.perf_counter(), {}
+  best = largest_micro_batch(run, budget.usable, known)
+  if best is None:
+    smallest = min(known)
+    raise memory.OutOfMemoryError(
+        f"train.micro_batch = auto: even micro-batch {smallest} does not fit: the train step needs "
+        f"{memory.fmt_bytes(known[smallest])} per device, {memory.fmt_bytes(budget.usable)} usable "
+        f"({budget.source}, less {memory.AUTO_MARGIN:.0%}); "
+        + memory.advice(smallest, t.batch_size, None, run.cfg.model.remat))
+  print(f"train.micro_batch = auto: {best} of {t.batch_size} (the train step needs "
+        f"{memory.fmt_bytes(known[best])} per device; usable {memory.fmt_bytes(budget.usable)} = "
+        f"{budget.source} less {memory.AUTO_MARGIN:.0%}; compiled at {sorted(known)} in "
+        f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+  return with_micro_batch(run, best)
+
+
+def check_step_memory(run: Run, compiled) -> None:
+  """Stops with one line (:class:`memory.OutOfMemoryError`) when the compiled train step
+  needs more memory per device than the budget, naming the largest micro-batch that fits."""
+  t = run.cfg.train
+  budget = memory.device_budget(t.memory_budget_gb, _local_devices(run))
+  need = memory.StepMemory.of(compiled) if budget is not None else None
+  if need is None or need.peak <= budget.bytes:
+    return
+  micro = t.micro_batch or t.batch_size
+  largest = largest_micro_batch(run, budget.usable, {micro: need.peak})
+  raise memory.OutOfMemoryError(
+      f"the train step does not fit: at micro-batch {micro} it needs {need.describe()}, but "
+      f"{memory.fmt_bytes(budget.bytes)} are available ({budget.source}): "
+      + memory.advice(micro, t.batch_size, largest, run.cfg.model.remat))
+
+
+def guard_out_of_memory(run: Run, step_fn: Callable, compiled) -> Callable:
+  """``step_fn`` whose XLA RESOURCE_EXHAUSTED at run time ends in one line, as
+  :func:`check_step_memory`'s: what XLA asked for, what the compiled step needs, what
+  there is, and what to change."""
+  t = run.cfg.train
+
+  def describe(e: BaseException) -> str:
+    asked = memory.requested_bytes(e)
+    need = memory.StepMemory.of(compiled)
+    budget = memory.device_budget(t.memory_budget_gb, _local_devices(run))
+    micro = t.micro_batch or t.batch_size
+    if budget is not None and need is not None and need.peak <= budget.usable:
+      todo = (f"the compiled step fits with {memory.AUTO_MARGIN:.0%} to spare, so other buffers hold "
+              f"the memory: set train.memory_budget_gb below {budget.bytes / 1e9:.1f} (auto then leaves "
+              f"room for them) or train.micro_batch below {micro}")
+    else:
+      largest = largest_micro_batch(run, budget.usable, {}) if budget is not None else None
+      todo = memory.advice(micro, t.batch_size, largest, run.cfg.model.remat)
+    return (f"the train step ran out of device memory at micro-batch {micro} (XLA RESOURCE_EXHAUSTED"
+            + (f" allocating {memory.fmt_bytes(asked)}" if asked is not None else "") + ")"
+            + (f"; the compiled step needs {need.describe()}" if need is not None else "")
+            + (f"; {memory.fmt_bytes(budget.bytes)} available ({budget.source})" if budget is not None else "")
+            + ": " + todo)
+
+  return memory.guard(step_fn, describe)
+
+
+def _out_of_memory_elsewhere(e: BaseException) -> str:
+  """The one line for a RESOURCE_EXHAUSTED outside the train step call (evaluation, or
+  surfacing later from an asynchronous step)."""
+  first = str(e).strip().splitlines()[0] if str(e).strip() else "RESOURCE_EXHAUSTED"
+  return (f"out of device memory ({first}): lower train.micro_batch (or set it to auto), set "
+          "model.remat=block, or spread the state over more devices (mesh.fsdp)")
+
+
 # ------------------------------------------------------------- metrics
 
 
@@ -386,14 +511,17 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
   return), for tests of resumption. ``devices`` defaults to all devices.
   """
   os.makedirs(workdir, exist_ok=True)
+  compile_cache.configure(cfg.train.compile_cache, workdir)  # before anything compiles
+  wandb_log.check_available(cfg)
   with checkpointing.WorkdirLock(workdir):
-    return _train(cfg, workdir, stop_at_step, devices)
+    return memory.guard(_train, _out_of_memory_elsewhere)(cfg, workdir, stop_at_step, devices)
 
 
 def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, Any]:
   from tqdm import tqdm
 
-  run = build(cfg, devices)
+  run = fit_micro_batch(build(cfg, devices))  # train.micro_batch = auto -> a number
+  cfg = run.cfg
   t = cfg.train
   train_docs = pipeline.open_split(cfg, "train")
   pipeline.check_prepared(train_docs, run.tokenizer)
@@ -411,10 +539,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=1))
 
-  train_step = jax.jit(make_train_step(run.graphdef, run.tx, run.schedule, cfg, run.mesh),
-                       in_shardings=(run.state_shardings, run.batch_sharding),
-                       out_shardings=(run.state_shardings, sharding.replicated(run.mesh)),
-                       donate_argnums=0)
+  train_step = jit_train_step(run)
   eval_step = run.jit_eval_step()
 
   def save(step: int) -> None:
@@ -430,7 +555,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
           f"{'step ' + str(last) if last is not None else 'none'} in {workdir}. Lower the lr, check "
           f"the data, or set train.skip_nonfinite=True to skip such batches")
 
-  writer = MetricWriter(workdir, start)
+  writer = wandb_log.with_wandb(MetricWriter(workdir, start), cfg, workdir)
   # tokens_per_s counts real (unmasked target) tokens: each step's count stays on the
   # device until the next record (no sync per step); with truncate_pad padding is not work done.
   interval_tokens: list[jax.Array] = []
@@ -447,10 +572,14 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
       while step < t.steps:
         batch = pipeline.global_batch(next(data_iter), run.batch_sharding)
         if compiled is None:  # compile explicitly, to report its time apart from step time
-          t0 = time.perf_counter()
+          t0, hits = time.perf_counter(), compile_cache.hits()
           compiled = train_step.lower(state, batch).compile()
           compile_s = time.perf_counter() - t0
-          bar.write(f"train step compiled in {compile_s:.1f} s", file=sys.stderr)
+          bar.write(f"train step compiled in {compile_s:.1f} s"
+                    + (" (from the persistent compilation cache)" if compile_cache.hits() > hits else ""),
+                    file=sys.stderr)
+          check_step_memory(run, compiled)  # before it runs: one line if it cannot fit
+          compiled = guard_out_of_memory(run, compiled, compiled)
           last_time, last_step = time.perf_counter(), step
         profiler.maybe_start(step)
         state, metrics = compiled(state, batch)

@@ -102,7 +102,7 @@ def test_every_config_field_has_a_comment(path):
   # A field assignment ("c.x = ", "m.x = ", ...) and a field of the table rows'
   # dataclasses (Size, Variant) carries a comment on its line or the line before.
   lines = open(os.path.join(ROOT, path)).read().splitlines()
-  assign = re.compile(r"^\s+(c|m|s|o|t|d|c\.model|c\.train|c\.data)\.\w+(\.\w+)* = ")
+  assign = re.compile(r"^\s+(c|m|s|o|t|d|w|c\.model|c\.train|c\.data)\.\w+(\.\w+)* = ")
   field = re.compile(r"^  [a-z_]\w*: (int|float|bool|str)( = .+)?")
   checked = 0
   for i, line in enumerate(lines):
@@ -125,6 +125,7 @@ def _run(*args):
     (["--config", "configs/llama_60m.py:elas", "--config.model.rnak=64"], "config.model.rnak: no such config field"),
     (["--config", "configs/llama_60m.py:elas", "--config.model.rank=abc"], "--config.model.rank=abc"),
     (["--config", "configs/nope.py:elas"], "configs/nope.py"),
+    (["--config", "configs/tiny.py:elas", "--config.train.micro_batch=big"], "config.train.micro_batch = 'big'"),
 ])
 def test_cli_reports_bad_config_in_one_line(args, needle):
   p = _run(*args)
@@ -205,3 +206,16 @@ def test_a_config_saved_before_later_fields_completes_to_the_old_behaviour():
   now = load_config("configs/tiny.py", "elas").to_dict()
   missing = [f"{s}.{k}" for s in now if isinstance(now[s], dict) for k in now[s] if k not in cfg[s]]
   assert not missing, missing
+
+
+def test_micro_batch_is_a_number_or_auto():
+  c = _modified("configs/tiny.py", "elas", **{"train.micro_batch": "auto"})
+  assert c.train.micro_batch == "auto"
+  config_lib.override(c, {"train.micro_batch": "4"})  # a string from the command line
+  assert c.train.micro_batch == 4
+  for bad in ("big", "3", -4):  # 3 does not divide the tiny batch of 16
+    config_lib.override(c, {"train.micro_batch": bad})
+    with pytest.raises(config_lib.ConfigError, match=re.escape("config.train.micro_batch = ")):
+      config_lib.validate(c)
+  p = _run("--config", "configs/tiny.py:elas", "--config.train.micro_batch=auto")  # parsed by absl
+  assert p.returncode == 0, p.stderr

@@ -66,6 +66,29 @@ def test_device_peak_table():
   assert flops.device_peak_tflops("float32", "cpu") is None
 
 
+# The GPUs people rent, by the device_kind jax reports for them: (dense bf16, dense TF32)
+# TFLOP/s from each vendor datasheet (flops.DEVICE_PEAK_TFLOPS cites them).
+RENTED_GPUS = {
+    "NVIDIA GH200 480GB": (989.0, 495.0),
+    "NVIDIA L40S": (362.05, 183.0),
+    "NVIDIA RTX A6000": (154.8, 77.4),
+    "NVIDIA GeForce RTX 4090": (165.2, 82.6),
+    "NVIDIA A10G": (70.0, 35.0),
+    "NVIDIA H20": (148.0, 74.0),
+    "NVIDIA B200": (2250.0, 1100.0),
+    "NVIDIA GB200": (2500.0, 1250.0),
+    "NVIDIA H200": (989.0, 495.0),  # contains "H20": the longer key wins
+}
+
+
+@pytest.mark.parametrize("kind", list(RENTED_GPUS))
+def test_device_peak_table_covers_rented_gpus(kind):
+  bf16, tf32 = RENTED_GPUS[kind]
+  assert flops.device_peak_tflops("bfloat16", kind) == bf16
+  assert flops.device_peak_tflops("float32", kind) == tf32
+  assert flops.device_peak_tflops("bfloat16", kind.upper()) == bf16  # case-insensitive
+
+
 def test_peak_tflops_override_and_mfu():
   c = load_config("configs/tiny.py", "elas")
   if jax.devices()[0].platform == "cpu":

@@ -234,13 +234,14 @@ def test_cycle_finder_on_planted_packages(tmp_path, files, cycle):
   assert find_cycle(import_graph(str(tmp_path), {"p": "p"})) == cycle
 
 
-def test_eval_extra_equals_requirements_eval_txt():
+@pytest.mark.parametrize("extra,heavy", [("eval", "lm-eval"), ("wandb", "wandb")])
+def test_extras_equal_their_requirements_files(extra, heavy):
   import tomllib
 
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     extras = tomllib.load(f)["project"]["optional-dependencies"]
-  with open(os.path.join(ROOT, "requirements-eval.txt")) as f:
+  with open(os.path.join(ROOT, f"requirements-{extra}.txt")) as f:
     reqs = [line.split("#")[0].strip() for line in f]
-  assert extras["eval"] == [r for r in reqs if r]
+  assert extras[extra] == [r for r in reqs if r]
   with open(os.path.join(ROOT, "requirements.txt")) as f:  # requirements.txt stays lean
-    assert "lm-eval" not in f.read()
+    assert heavy not in f.read()
