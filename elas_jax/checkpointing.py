@@ -144,6 +144,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg) -> None:
       config=ocp.args.JsonSave(cfg.to_dict()), integrity=ocp.args.JsonSave(integrity)), force=True)
 
 
+def raise_failed_save(mngr: ocp.CheckpointManager) -> None:
+  """Raises the error of an asynchronous save that failed (a full disk, say) as soon
+  as it has ended; orbax itself raises it only at the next save."""
+  if not mngr.is_saving_in_progress():
+    mngr.wait_until_finished()  # returns at once, or re-raises the failed save's error
+
+
 def _restore_target(abstract_state, integrity: dict):
   """The abstract tree to restore a checkpoint into.
 
