@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -32,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from elas_jax import checkpointing, config_lib, flops, model as model_lib, optim, profiling
+from elas_jax import checkpointing, config_lib, flops, model as model_lib, optim, preemption, profiling
 from elas_jax import sharding, stacking, storage
 from elas_jax.ops import attention, loss as loss_lib, sparsity
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
@@ -385,29 +384,6 @@ class MetricWriter:
       self._tb.close()
 
 
-class StopRequested:
-  """SIGTERM / SIGINT: finish the current step, checkpoint, exit cleanly."""
-
-  def __init__(self):
-    self.signal = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: signals stay with the caller
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
-
-
 # ------------------------------------------------------------- the loop
 
 
@@ -475,7 +451,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices, watch: storage.
   compiled, compile_s = None, None
   failing = True  # until the loop completes: then closing errors are the ones to report
   try:
-    with StopRequested() as stop:
+    with preemption.StopRequested(run.mesh) as stop:
       step = start
       while step < t.steps:
         batch = pipeline.global_batch(next(data_iter), run.batch_sharding)
@@ -521,7 +497,7 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices, watch: storage.
         if step % t.ckpt_every == 0 or step == t.steps:
           check_finite(step)
           save(step)
-        stop_signal = stop.signal
+        stop_signal = stop.agreed()  # every step, on every process: all stop after the same one
         if stop_signal or (stop_at_step is not None and step >= stop_at_step):
           check_finite(step)
           if mngr.latest_step() != step:
