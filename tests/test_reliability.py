@@ -249,6 +249,26 @@ def _one_error_line(p) -> str:
   return errors[0][len("error: "):]
 
 
+def _start(workdir) -> subprocess.Popen:
+  """A long training; faulthandler on, so that a hang can be shown (:func:`_outcome`)."""
+  return subprocess.Popen(train_cmd(workdir, steps=100000), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+
+
+def _outcome(proc, timeout=300) -> subprocess.CompletedProcess:
+  """The finished run; a run still going after ``timeout`` s fails the test with the
+  stacks of all its threads (SIGABRT makes faulthandler print them)."""
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGABRT)
+    out, err = proc.communicate(timeout=60)
+    pytest.fail(f"the run did not end within {timeout} s after the fault; its threads:\n{err[-8000:]}")
+  finally:
+    proc.kill()
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _wait_for_steps(proc, workdir, n: int, with_checkpoint: bool = False) -> None:
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
@@ -257,7 +277,8 @@ def _wait_for_steps(proc, workdir, n: int, with_checkpoint: bool = False) -> Non
         and (not with_checkpoint or any(d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints"))))):
       return
     time.sleep(0.05)
-  raise AssertionError("the run did not get going")
+  proc.kill()
+  raise AssertionError(f"the run did not get going: {proc.communicate()[1][-3000:]}")
 
 
 def test_full_disk_while_checkpointing_is_one_line_and_loses_nothing(tmp_path, reference):
@@ -283,16 +304,11 @@ def test_workdir_turning_read_only_is_one_line_and_keeps_the_last_checkpoint(tmp
   from tests.helpers import mounted_ext4
   with mounted_ext4(tmp_path / "disk", tmp_path / "ext4.img") as trigger:
     workdir = tmp_path / "disk" / "run"
-    proc = subprocess.Popen(train_cmd(workdir, steps=100000), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-      _wait_for_steps(proc, workdir, 4, with_checkpoint=True)
-      with open(trigger, "w") as f:  # the kernel's reaction to a disk error: read-only, at once
-        f.write("1")
-      out, err = proc.communicate(timeout=300)
-    finally:
-      proc.kill()
-    line = _one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    proc = _start(workdir)
+    _wait_for_steps(proc, workdir, 4, with_checkpoint=True)
+    with open(trigger, "w") as f:  # the kernel's reaction to a disk error: read-only, at once
+      f.write("1")
+    line = _one_error_line(_outcome(proc))
     path, _, rest = line.partition(": ")
     assert path.startswith(str(workdir)), line
     assert rest.split(";")[0] in ("Read-only file system", "Input/output error"), line
@@ -306,14 +322,9 @@ def test_workdir_turning_read_only_is_one_line_and_keeps_the_last_checkpoint(tmp
 
 def test_workdir_deleted_during_training_is_one_line(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(train_cmd(workdir, steps=100000), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  try:
-    _wait_for_steps(proc, workdir, 3)
-    shutil.rmtree(workdir, ignore_errors=True)  # races with a checkpoint write: may leave parts
-    out, err = proc.communicate(timeout=300)
-  finally:
-    proc.kill()
-  line = _one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+  proc = _start(workdir)
+  _wait_for_steps(proc, workdir, 3)
+  shutil.rmtree(workdir, ignore_errors=True)  # races with a checkpoint write: may leave parts
+  line = _one_error_line(_outcome(proc))
   assert line.startswith(f"{workdir}: the workdir was deleted, moved or unmounted during training; "
                          "training stopped"), line
