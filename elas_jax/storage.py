@@ -202,7 +202,9 @@ def reported(workdir: str) -> Iterator[Watch]:
       quiet.remove()
       raise
     path, cause = fault
-    raise StorageError(f"{path or workdir}: {cause}; training stopped. {_last_intact(workdir)}") from e
+    if path is None or not os.path.isabs(path):  # orbax names some files without their directory
+      path = workdir if path is None else f"{workdir} ({path})"
+    raise StorageError(f"{path}: {cause}; training stopped. {_last_intact(workdir)}") from e
   except BaseException:
     quiet.remove()
     raise

@@ -130,3 +130,19 @@ def test_failed_background_save_is_raised_at_once_in_one_line(tmp_path, caplog):
     assert storage.intact_checkpoints(workdir) == [1]
   # orbax's own reports of it (tracebacks logged from its threads) are silenced
   assert [r.getMessage()[:200] for r in caplog.records if r.exc_info] == []
+
+
+def test_the_line_names_the_workdir_where_the_error_names_no_directory(tmp_path):
+  # orbax writes its commit marker by name only: OSError(EROFS, ..., "commit_success.txt")
+  os.makedirs(tmp_path / "checkpoints" / "8")
+  with pytest.raises(storage.StorageError) as e:
+    with storage.reported(str(tmp_path)):
+      raise OSError(errno.EROFS, "Read-only file system", "commit_success.txt")
+  assert str(e.value).startswith(f"{tmp_path} (commit_success.txt): Read-only file system; training "
+                                 f"stopped. Last intact checkpoint: step 8 in {tmp_path}/checkpoints; ")
+  with pytest.raises(storage.StorageError, match=f"^{tmp_path}: No space left on device; "):
+    with storage.reported(str(tmp_path)):
+      raise OSError(errno.ENOSPC, "No space left on device")
+  with pytest.raises(ValueError, match="not a storage fault"):  # anything else passes through
+    with storage.reported(str(tmp_path)):
+      raise ValueError("not a storage fault")
