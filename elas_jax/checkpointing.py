@@ -4,10 +4,11 @@
   temporary directory and renamed when complete, so a process killed mid-save
   leaves no half checkpoint under a step name (leftover temporary directories
   are removed at start-up).
-* Each checkpoint also stores an integrity record: an exact checksum of every
-  array of the train state (the sum, modulo 2^32, of its bits) and the config.
-  A restore recomputes the checksums; a checkpoint that fails to read or whose
-  checksums differ is reported and the next older one is tried.
+* Each checkpoint also stores an integrity record: a position-aware checksum
+  of every array of the train state (:func:`checksums`) and the config. A
+  restore recomputes the checksums; a checkpoint that fails to read or whose
+  checksums differ is reported and the next older one is tried. Checkpoints
+  written before (an order-blind sum of the bits) are verified with that sum.
 * A workdir holding checkpoints of which none is intact is an error: training
   never restarts from scratch over it silently.
 * ``WorkdirLock``: an exclusive ``flock`` on ``workdir/.lock``, so a second run
@@ -63,21 +64,91 @@ def _as_uint32(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
+# The checksum scheme of the integrity record ("scheme"); records without one
+# hold the legacy bit sums (:func:`legacy_checksums`).
+CHECKSUM_SCHEME = "fmix32-position-sum"
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection in which every input bit flips
+  about half of the output bits (uint32 arithmetic wraps mod 2^32)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """The row-major flat index of every element (uint32, mod 2^32), built from iotas
+  so that each device computes its own shard's global indices."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+    stride *= shape[dim]
+  return index
+
+
 @jax.jit
-def _checksums(state) -> list[jax.Array]:
+def _positional_checksums(state) -> list[jax.Array]:
+  # Each element contributes a mix of its bits and its position; the terms are
+  # summed mod 2^32, exactly and in any order, so the result does not depend on
+  # the sharding or the number of processes. A moved or changed element changes
+  # its term pseudo-randomly: swapped chunks or compensating flips are caught
+  # (but for a 2^-32 chance), which a plain sum of the bits misses.
+  out = []
+  for x in jax.tree.leaves(state):
+    salt = _fmix32(_flat_index(x.shape) + jnp.uint32(0x9E3779B9))
+    out.append(jnp.sum(_fmix32(_as_uint32(x) ^ salt), dtype=jnp.uint32))
+  return out
+
+
+@jax.jit
+def _bit_sums(state) -> list[jax.Array]:
   return [jnp.sum(_as_uint32(x), dtype=jnp.uint32) for x in jax.tree.leaves(state)]
 
 
 def checksums(state) -> list[int]:
-  """Exact, order-independent checksum of every array (bits summed mod 2^32)."""
-  return [int(c) for c in jax.device_get(_checksums(state))]
+  """Position-aware checksum of every array: ``sum_i fmix32(bits_i ^ fmix32(i + c))``
+  mod 2^32 over its elements ``i`` (row-major), computed on the devices."""
+  return [int(c) for c in jax.device_get(_positional_checksums(state))]
+
+
+def legacy_checksums(state) -> list[int]:
+  """The checksum of checkpoints written before :data:`CHECKSUM_SCHEME`: every
+  array's bits summed mod 2^32 (blind to where the bits are)."""
+  return [int(c) for c in jax.device_get(_bit_sums(state))]
+
+
+def check_scheme(integrity: dict, where: str) -> None:
+  """A record whose checksum scheme this version does not know is an error, not damage."""
+  scheme = integrity.get("scheme")
+  if scheme is not None and scheme != CHECKSUM_SCHEME:
+    raise CheckpointError(f"{where}: unknown checksum scheme {scheme!r} (written by a newer "
+                          "ELAS-JAX?); upgrade to restore it")
+
+
+def checksums_match(state, integrity: dict) -> bool:
+  """Whether ``state`` has the checksums recorded in ``integrity``, by the record's scheme."""
+  if integrity.get("scheme") is None:
+    return legacy_checksums(state) == integrity["checksums"]
+  return checksums(state) == integrity["checksums"]
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, cfg) -> None:
-  integrity = {"checksums": checksums(state), "n_arrays": len(jax.tree.leaves(state))}
+  integrity = {"scheme": CHECKSUM_SCHEME, "checksums": checksums(state),
+               "n_arrays": len(jax.tree.leaves(state))}
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
       config=ocp.args.JsonSave(cfg.to_dict()), integrity=ocp.args.JsonSave(integrity)), force=True)
+
+
+def raise_failed_save(mngr: ocp.CheckpointManager) -> None:
+  """Raises the error of an asynchronous save that failed (a full disk, say) as soon
+  as it has ended; orbax itself raises it only at the next save."""
+  if not mngr.is_saving_in_progress():
+    mngr.wait_until_finished()  # returns at once, or re-raises the failed save's error
 
 
 def _restore_target(abstract_state, integrity: dict):
@@ -146,11 +217,12 @@ def restore_latest_intact(mngr: ocp.CheckpointManager, abstract_state, data_iter
             "trying an older one")
       continue
     check_compatible(meta["config"], cfg, where)
+    check_scheme(meta["integrity"], where)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_restore_target(abstract_state, meta["integrity"])),
           data=grain.checkpoint.CheckpointRestore(data_iter)))
-      if checksums(restored["state"]) != meta["integrity"]["checksums"]:
+      if not checksums_match(restored["state"], meta["integrity"]):
         raise ValueError("array checksums do not match the ones recorded at save time")
       state = _as_state(restored["state"], abstract_state)
     except Exception as e:  # noqa: BLE001
@@ -261,7 +333,8 @@ def restore_state(workdir: str, step: int, abstract_state) -> Any:
                           f"{str(e).splitlines()[0][:200]})") from None
   finally:
     mngr.close()
-  if checksums(state) != integrity["checksums"]:
+  check_scheme(integrity, f"{workdir}/checkpoints/{step}")
+  if not checksums_match(state, integrity):
     raise CheckpointError(f"{workdir}/checkpoints/{step} is damaged: array checksums do not match")
   return _as_state(state, abstract_state)
 

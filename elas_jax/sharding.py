@@ -11,6 +11,7 @@ replicated along it (e.g. the 1B FFN width 8191). Batches are split over
 
 from __future__ import annotations
 
+import collections
 import math
 
 import jax
@@ -62,9 +63,30 @@ def parse_mesh(text: str | None, flag: str = "--mesh") -> tuple[int, int, int] |
   return mesh
 
 
+def _device_count_phrase(devices) -> str:
+  """How ``devices`` spread over processes, when more than one: what to check
+  when a multi-host job sees fewer devices than its mesh needs."""
+  per_process = collections.Counter(d.process_index for d in devices)
+  if len(per_process) < 2:
+    return ""
+  low, high = min(per_process.values()), max(per_process.values())
+  each = f"{low}" if low == high else f"{low} to {high}"
+  return (f" ({len(per_process)} processes with {each} local device(s) each; under SLURM see the "
+          "README, 'Devices, meshes and clusters')")
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh over ``devices`` (default: all of the job's).
+
+  Checks the job's device count against the config's mesh first: a one-line
+  :class:`ConfigError` naming both numbers (and, on a multi-process job, the
+  devices per process), before anything is compiled.
+  """
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_cfg, len(devices))
+  try:
+    shape = mesh_shape(mesh_cfg, len(devices))
+  except ConfigError as e:
+    raise ConfigError(f"{e}{_device_count_phrase(devices)}") from None
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 

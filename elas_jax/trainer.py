@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -36,8 +35,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from elas_jax import checkpointing, config_lib, flops, model as model_lib, optim, profiling
-from elas_jax import compile_cache, memory, sharding, stacking, wandb_log
+from elas_jax import checkpointing, compile_cache, config_lib, flops, memory, model as model_lib
+from elas_jax import optim, preemption, profiling, sharding, stacking, storage, wandb_log
 from elas_jax.ops import attention, loss as loss_lib, sparsity
 from elas_jax.data import pipeline, tokenizer as tokenizer_lib
 from elas_jax.errors import UserError
@@ -446,58 +445,70 @@ def throughput_metrics(tokens_per_s: float, flops_per_token: float, peak_tflops:
   return out
 
 
+class ScalarEvents:
+  """TensorBoard scalars written in the calling thread.
+
+  The events of ``tensorboardX.SummaryWriter`` (same file name and records,
+  including its ``purge_step``), through tensorboardX's synchronous
+  ``EventsWriter``: SummaryWriter's background thread dies on a write error
+  (a full disk) and the next writes then block forever on its full queue.
+  """
+
+  def __init__(self, logdir: str, purge_step: int):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    os.makedirs(logdir, exist_ok=True)
+    self.logdir = logdir
+    self._events = EventsWriter(os.path.join(logdir, "events"))
+    # TensorBoard discards the events from purge_step on (progress that was lost).
+    self._events.write_event(Event(step=purge_step, file_version="brain.Event:2"))
+    self._events.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+    self._events.flush()
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+
+    now = time.time()
+    for k, v in scalars.items():
+      self._events.write_event(Event(wall_time=now, step=step, summary=scalar(k, v)))
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
+
+
 class MetricWriter:
-  """``metrics.jsonl`` (one object per logged step) and TensorBoard, on process 0."""
+  """``metrics.jsonl`` (one object per logged step) and TensorBoard, on process 0.
+
+  Both are flushed after every record; a write that fails raises here, naming
+  the file (reported by :func:`storage.reported`).
+  """
 
   def __init__(self, workdir: str, start_step: int):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter
-
     # Records after the restored step belong to lost progress: drop them, and
     # have TensorBoard discard its events from there on (purge_step).
     checkpointing.truncate_metrics(workdir, start_step)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+    self._tb = ScalarEvents(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      if isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    with storage.naming(self._jsonl.name):
+      self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+      self._jsonl.flush()
+    with storage.naming(self._tb.logdir):
+      self._tb.write(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
-
-
-class StopRequested:
-  """SIGTERM / SIGINT: finish the current step, checkpoint, exit cleanly."""
-
-  def __init__(self):
-    self.signal = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: signals stay with the caller
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------- the loop
@@ -508,16 +519,19 @@ def train_and_evaluate(cfg, workdir: str, *, stop_at_step: int | None = None,
   """Trains (or resumes) ``cfg`` in ``workdir``; returns the final metrics.
 
   ``stop_at_step`` simulates a pre-emption after that step (checkpoint, then
-  return), for tests of resumption. ``devices`` defaults to all devices.
+  return), for tests of resumption. ``devices`` defaults to all devices. A full,
+  read-only or vanished workdir raises :class:`storage.StorageError` (one line).
   """
-  os.makedirs(workdir, exist_ok=True)
-  compile_cache.configure(cfg.train.compile_cache, workdir)  # before anything compiles
   wandb_log.check_available(cfg)
-  with checkpointing.WorkdirLock(workdir):
-    return memory.guard(_train, _out_of_memory_elsewhere)(cfg, workdir, stop_at_step, devices)
+  with storage.reported(workdir) as watch:  # creates the workdir
+    compile_cache.configure(cfg.train.compile_cache, workdir)  # before anything compiles
+    with checkpointing.WorkdirLock(workdir):
+      return memory.guard(_train, _out_of_memory_elsewhere)(cfg, workdir, stop_at_step, devices,
+                                                             watch)
 
 
-def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, Any]:
+def _train(cfg, workdir: str, stop_at_step: int | None, devices, watch: storage.Watch
+           ) -> dict[str, Any]:
   from tqdm import tqdm
 
   run = fit_micro_batch(build(cfg, devices))  # train.micro_batch = auto -> a number
@@ -566,8 +580,9 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
   bar = tqdm(total=t.steps, initial=start, unit="step", disable=jax.process_index() != 0,
              dynamic_ncols=True)
   compiled, compile_s = None, None
+  failing = True  # until the loop completes: then closing errors are the ones to report
   try:
-    with StopRequested() as stop:
+    with preemption.StopRequested(run.mesh) as stop:
       step = start
       while step < t.steps:
         batch = pipeline.global_batch(next(data_iter), run.batch_sharding)
@@ -587,6 +602,8 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
         profiler.maybe_stop(step, metrics)
         step += 1
         bar.update(1)
+        watch.check()  # the workdir still there (writes to open files would go nowhere)
+        checkpointing.raise_failed_save(mngr)  # a save that failed in orbax's background thread
         do_log = step % t.log_every == 0 or step == t.steps
         do_eval = step % t.eval_every == 0 or step == t.steps
         if do_log or do_eval:  # one metrics record per step, with "step" and "loss"
@@ -619,20 +636,19 @@ def _train(cfg, workdir: str, stop_at_step: int | None, devices) -> dict[str, An
         if step % t.ckpt_every == 0 or step == t.steps:
           check_finite(step)
           save(step)
-        if stop.signal or (stop_at_step is not None and step >= stop_at_step):
+        stop_signal = stop.agreed()  # every step, on every process: all stop after the same one
+        if stop_signal or (stop_at_step is not None and step >= stop_at_step):
           check_finite(step)
           if mngr.latest_step() != step:
             save(step)
-          bar.write(f"{stop.signal or 'stop_at_step'}: checkpointed step {step}; rerun the same "
+          bar.write(f"{stop_signal or 'stop_at_step'}: checkpointed step {step}; rerun the same "
                     "command to resume", file=sys.stderr)
           break
       if start >= t.steps:  # already finished: report the final evaluation again
         final.update(run.evaluate(eval_step, state.params, state.step, eval_batches))
     mngr.wait_until_finished()
+    failing = False
   finally:
-    profiler.close()
-    bar.close()
-    writer.close()
-    mngr.close()
+    storage.close_all(profiler.close, bar.close, writer.close, mngr.close, failing=failing)
   final["step"] = int(state.step)
   return final

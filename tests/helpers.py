@@ -166,3 +166,79 @@ def assert_trainings_match(tmp_path, want_cfg, got_cfg, rtol: float) -> None:
   np.testing.assert_allclose([got_losses[s] for s in steps], [want_losses[s] for s in steps], rtol=rtol)
   np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=rtol)
   assert got["eval_tokens"] == want["eval_tokens"]
+
+
+# ------------------------------------------------------- small filesystems
+
+
+def _mount_or_skip(args: list[str], what: str) -> None:
+  import shutil
+  import subprocess
+
+  import pytest
+
+  if shutil.which(args[0]) is None:
+    pytest.skip(f"{what}: no {args[0]} command here")
+  try:
+    p = subprocess.run(args, capture_output=True, text=True, timeout=60)
+  except OSError as e:
+    pytest.skip(f"{what}: {e}")
+  if p.returncode != 0:
+    pytest.skip(f"{what} is not permitted here ({(p.stderr or p.stdout).strip()[:200]}); "
+                "the storage fault tests need root (mount)")
+
+
+def _unmount(path) -> None:
+  import subprocess
+
+  subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def mounted_tmpfs(path, size: str):
+  """A context manager: a tmpfs of ``size`` (e.g. ``"256k"``) mounted at ``path``; the
+  test is skipped where mounting is not permitted."""
+  import contextlib
+
+  @contextlib.contextmanager
+  def mount():
+    os.makedirs(path, exist_ok=True)
+    _mount_or_skip(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   "mounting a tmpfs")
+    try:
+      yield path
+    finally:
+      _unmount(path)
+
+  return mount()
+
+
+def mounted_ext4(path, image, size_mb: int = 32):
+  """A context manager: a fresh ext4 filesystem of ``size_mb`` in the file ``image``,
+  mounted at ``path`` with ``errors=remount-ro``; yields the path of its
+  ``trigger_fs_error`` switch (writing 1 there makes the kernel turn the
+  filesystem read-only, open files included, as after a disk error). Skipped
+  where loop devices, mkfs.ext4 or mounting are not available."""
+  import contextlib
+  import subprocess
+
+  import pytest
+
+  @contextlib.contextmanager
+  def mount():
+    os.makedirs(path, exist_ok=True)
+    with open(image, "wb") as f:
+      f.truncate(size_mb << 20)
+    _mount_or_skip(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], "mkfs.ext4")
+    _mount_or_skip(["mount", "-o", "loop,errors=remount-ro", str(image), str(path)],
+                   "mounting an ext4 image on a loop device")
+    try:
+      dev = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(path)], capture_output=True,
+                           text=True).stdout.strip()
+      trigger = f"/sys/fs/ext4/{os.path.basename(dev)}/trigger_fs_error"
+      if not dev or not os.path.exists(trigger):
+        pytest.skip(f"no {trigger}: cannot make the filesystem fail")
+      yield trigger
+    finally:
+      _unmount(path)
+
+  return mount()

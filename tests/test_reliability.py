@@ -232,3 +232,99 @@ def test_batch_not_divisible_by_devices(tmp_path):
                      text=True, timeout=300)
   assert p.returncode == 2 and "Traceback" not in p.stderr
   assert "config.train.batch_size = 6 is not divisible by the 4-way data x fsdp split" in p.stderr
+
+
+# ------------------------------------------------------- storage faults
+
+
+def _du(path) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _one_error_line(p) -> str:
+  assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, p.stderr[-3000:]
+  return errors[0][len("error: "):]
+
+
+def _start(workdir) -> subprocess.Popen:
+  """A long training; faulthandler on, so that a hang can be shown (:func:`_outcome`)."""
+  return subprocess.Popen(train_cmd(workdir, steps=100000), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+
+
+def _outcome(proc, timeout=300) -> subprocess.CompletedProcess:
+  """The finished run; a run still going after ``timeout`` s fails the test with the
+  stacks of all its threads (SIGABRT makes faulthandler print them)."""
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGABRT)
+    out, err = proc.communicate(timeout=60)
+    pytest.fail(f"the run did not end within {timeout} s after the fault; its threads:\n{err[-8000:]}")
+  finally:
+    proc.kill()
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _wait_for_steps(proc, workdir, n: int, with_checkpoint: bool = False) -> None:
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (os.path.exists(metrics) and len(open(metrics).readlines()) >= n
+        and (not with_checkpoint or any(d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints"))))):
+      return
+    time.sleep(0.05)
+  proc.kill()
+  raise AssertionError(f"the run did not get going: {proc.communicate()[1][-3000:]}")
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_loses_nothing(tmp_path, reference):
+  from tests.helpers import mounted_tmpfs
+  # Room for one checkpoint and a half (and the metrics): the save of step 4 fails.
+  room = int(1.5 * _du(reference["dir"] / "checkpoints" / "16")) + (256 << 10)
+  with mounted_tmpfs(tmp_path / "disk", f"{room >> 10}k") as disk:
+    workdir = disk / "run"
+    line = _one_error_line(run(train_cmd(workdir)))
+    assert line.startswith(f"{workdir}/checkpoints/4.orbax-checkpoint-tmp/"), line
+    assert ": No space left on device; training stopped. Last intact checkpoint: step 2 in " in line
+    assert [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()] == ["2"]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+    p = run(train_cmd(workdir))  # the same command
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from step 2" in p.stderr
+    assert step_losses(str(workdir)) == reference["losses"]  # bitwise, every step once
+    assert final_json(p.stdout) == {**reference["final"], "workdir": str(workdir)}
+    assert not glob.glob(str(workdir / "checkpoints" / "*orbax-checkpoint-tmp*"))
+
+
+def test_workdir_turning_read_only_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+  from tests.helpers import mounted_ext4
+  with mounted_ext4(tmp_path / "disk", tmp_path / "ext4.img") as trigger:
+    workdir = tmp_path / "disk" / "run"
+    proc = _start(workdir)
+    _wait_for_steps(proc, workdir, 4, with_checkpoint=True)
+    with open(trigger, "w") as f:  # the kernel's reaction to a disk error: read-only, at once
+      f.write("1")
+    line = _one_error_line(_outcome(proc))
+    path, _, rest = line.partition(": ")
+    assert path.startswith(str(workdir)), line
+    assert rest.split(";")[0] in ("Read-only file system", "Input/output error"), line
+    step = int(rest.split("Last intact checkpoint: step ")[1].split()[0])
+    # nothing lost: that checkpoint restores from the read-only disk, checksums verified
+    from elas_jax import checkpointing, trainer
+    cfg, _ = checkpointing.load_config(str(workdir), step)
+    state = checkpointing.restore_state(str(workdir), step, trainer.build(cfg).abstract_state)
+    assert int(state.step) == step
+
+
+def test_workdir_deleted_during_training_is_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _start(workdir)
+  _wait_for_steps(proc, workdir, 3)
+  shutil.rmtree(workdir, ignore_errors=True)  # races with a checkpoint write: may leave parts
+  line = _one_error_line(_outcome(proc))
+  assert line.startswith(f"{workdir}: the workdir was deleted, moved or unmounted during training; "
+                         "training stopped"), line
