@@ -77,10 +77,30 @@ def plgpu():
   return mosaic_gpu
 
 
-def kernel(body, *, out_shape, scratch, grid, grid_names, interpret: bool):
-  """``plgpu.kernel`` (one warpgroup per program) with the interpreter when asked."""
+def kernel(body, *, out_shape, scratch, grid, grid_names, interpret: bool,
+           num_threads: int | None = None, thread_name: str | None = None,
+           cluster: tuple[int, ...] = (), cluster_names: tuple[str, ...] = (),
+           compiler_params=None, detect_races: bool = False):
+  """``plgpu.kernel`` with the interpreter when asked.
+
+  One warpgroup per program by default. ``num_threads`` warpgroups per program,
+  indexed by the axis ``thread_name`` (warp specialization: a producer and its
+  consumers); ``cluster`` CTAs per cluster on the axes ``cluster_names`` (TMA
+  multicast through ``BlockSpec(collective_axes=...)``); ``compiler_params`` a
+  ``plgpu.CompilerParams`` (its default lowering semantics is Warpgroup since jax
+  0.11: pass it explicitly where it matters). ``detect_races``: the interpreter's
+  race detector (a real synchronization checker: barriers, ``commit_smem``, TMA
+  completion); ignored when compiling, so one call serves both."""
   mg = plgpu()
-  kw = {"interpret": mg.InterpretGPUParams()} if interpret else {}
+  kw = {}
+  if interpret:
+    kw["interpret"] = mg.InterpretGPUParams(detect_races=True) if detect_races else mg.InterpretGPUParams()
+  if num_threads is not None:
+    kw.update(num_threads=num_threads, thread_name=thread_name)
+  if cluster:
+    kw.update(cluster=cluster, cluster_names=cluster_names)
+  if compiler_params is not None:
+    kw["compiler_params"] = compiler_params
   return mg.kernel(body, out_type=out_shape, scratch_types=scratch, grid=grid,
                    grid_names=grid_names, **kw)
 
@@ -116,6 +136,32 @@ def wgmma_a(acc_ref, a: jax.Array, b_ref, stage_ref, interpret: bool) -> None:
     mg.wgmma(acc_ref, stage_ref, b_ref)
   else:
     mg.wgmma(acc_ref, a, b_ref)
+
+
+def reduce_add_zeros(shape, dtype, splits: int, interpret: bool):
+  """The zeroed fp32 buffer (a mutable ``jax.Ref``, passed to the kernel as an input)
+  that ``splits`` programs add their partial sums into with
+  :func:`copy_smem_to_gmem_add`: ``shape``, or one slab per split (``[splits,
+  *shape]``) when interpreting. :func:`reduce_add_total` reads the sum."""
+  return jax.new_ref(jnp.zeros((splits, *shape) if interpret else tuple(shape), dtype))
+
+
+def copy_smem_to_gmem_add(src_ref, out_ref, idx, split, interpret: bool) -> None:
+  """``out[idx] += src`` by TMA reduce-add (``copy_smem_to_gmem(reduction_op="add")``),
+  for split ``split``. The interpreter refuses ``reduction_op`` ("reduction_op not
+  supported", jax 0.12.0.1): there each split writes its own slab instead."""
+  mg = plgpu()
+  if interpret:
+    mg.copy_smem_to_gmem(src_ref, out_ref.at[split].at[idx])
+  else:
+    mg.copy_smem_to_gmem(src_ref, out_ref.at[idx], reduction_op="add")
+
+
+def reduce_add_total(out_ref, interpret: bool) -> jax.Array:
+  """The sum of the partial sums in a :func:`reduce_add_zeros` buffer (the slabs
+  summed in XLA when interpreting)."""
+  out = out_ref[...]
+  return out.sum(0) if interpret else out
 
 
 def store_as(ref, value: jax.Array, interpret: bool) -> None:
