@@ -15,6 +15,11 @@ jax[cuda12] 0.11.2 and 0.12.0.1):
   tile) fails with "Expected shape (6,)" (jax 0.11.2, 0.12.0.1 and jax main
   of 2026-08). :func:`wgmma_a` stages the value through a shared-memory
   buffer when interpreting and passes registers on the GPU.
+- The interpreter refuses TMA reduce-add (``copy_smem_to_gmem(...,
+  reduction_op="add")``: "reduction_op not supported", jax 0.12.0.1):
+  :func:`reduce_add_zeros`, :func:`copy_smem_to_gmem_add` and
+  :func:`reduce_add_total` give each split its own slab when interpreting and
+  sum the slabs in XLA.
 - The interpreter has no ref reshapes (``ReshapeTransform``):
   :func:`store_as` / :func:`load_as` reshape the value instead.
 - The interpreter cannot run a predicated ``copy_smem_to_gmem`` (what
