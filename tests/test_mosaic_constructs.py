@@ -362,8 +362,10 @@ def reg_a(interpret: bool, *, raw: bool = False, races: bool = True):
 
       mg.emit_pipeline(
           step, grid=(f // ft,), max_concurrent_steps=2,
-          in_specs=[mg.BlockSpec((r, ft), lambda fi: (0, fi), transforms=mc.swizzle_transforms(BF16, ft)),
-                    mg.BlockSpec((ft, r), lambda fi: (fi, 0), transforms=mc.swizzle_transforms(BF16, r))],
+          in_specs=[mg.BlockSpec((r, ft), lambda fi: (0, fi),
+                                 transforms=mc.swizzle_transforms(BF16, ft)),
+                    mg.BlockSpec((ft, r), lambda fi: (fi, 0),
+                                 transforms=mc.swizzle_transforms(BF16, r))],
       )(win_g, wout_g)
       return acc_out[...]
 
@@ -385,7 +387,8 @@ def ra_inputs():
   # small integers (w_in 90% zeros): y1 and relu(y1)² exact in fp32, rounded to bf16 alike by
   # kernel and reference (an explicit fp32 -> bf16 cast), every later sum exact
   h = _ints(4, (RA["T"], RA["R"]), -1, 2)
-  win = _ints(5, (RA["R"], RA["F"]), -1, 2) * (jax.random.uniform(jax.random.key(6), (RA["R"], RA["F"])) < 0.1)
+  sparse = jax.random.uniform(jax.random.key(6), (RA["R"], RA["F"])) < 0.1
+  win = _ints(5, (RA["R"], RA["F"]), -1, 2) * sparse
   wout = _ints(7, (RA["F"], RA["R"]), -1, 2)
   return h, win.astype(BF16), wout
 

@@ -99,7 +99,8 @@ def kernel(body, *, out_shape, scratch, grid, grid_names, interpret: bool,
   mg = plgpu()
   kw = {}
   if interpret:
-    kw["interpret"] = mg.InterpretGPUParams(detect_races=True) if detect_races else mg.InterpretGPUParams()
+    kw["interpret"] = (mg.InterpretGPUParams(detect_races=True) if detect_races
+                       else mg.InterpretGPUParams())
   if num_threads is not None:
     kw.update(num_threads=num_threads, thread_name=thread_name)
   if cluster:
