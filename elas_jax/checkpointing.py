@@ -52,9 +52,16 @@ def manager(workdir: str, keep: int = 3, *, read_only: bool = False) -> ocp.Chec
   """The run's orbax manager. ``read_only`` (evaluation, export, generation)
   neither creates directories nor removes temporary ones, which may be a save
   in progress by a run still training in the same workdir."""
+  # A save's directories are created in the calling thread: created in orbax's background
+  # thread, a full or read-only disk there left the data iterator's (synchronous) save
+  # waiting 300 s for a creation signal that never came, then raising a bare timeout;
+  # here it raises the OSError at once, which storage.reported reports in one line.
+  # The arrays are still written in the background.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=not read_only,
                                          create=not read_only, cleanup_tmp_directories=not read_only,
-                                         read_only=read_only)
+                                         read_only=read_only,
+                                         async_options=ocp.AsyncOptions(
+                                             create_directories_asynchronously=False))
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                options=options, item_names=ITEMS)
 
