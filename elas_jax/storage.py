@@ -146,18 +146,27 @@ class _Quiet:
     write of that save still pending when orbax closed its event loop.
 
   Only records whose exception is a storage fault are dropped (and those
-  unraisable errors): anything else is still printed.
+  unraisable errors), or any exception record once the workdir has vanished:
+  anything else is still printed.
   """
 
   LOGGERS = ("absl", "asyncio")
 
   def __init__(self, workdir: str):
     self.workdir = workdir
+    self.watch: Watch | None = None  # set once the workdir exists
     self._previous_hook = None
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return exc is None or fault_of(exc, self.workdir) is None
+    if exc is None:
+      return True
+    # Once the workdir has vanished, orbax's threads fail in ways that name no storage
+    # fault (e.g. "No ArrayMetadata found" for a save whose files were deleted under it):
+    # all of them are that one fault, which the run reports.
+    if self.watch is not None and self.watch.gone():
+      return False
+    return fault_of(exc, self.workdir) is None
 
   def _unraisable(self, unraisable) -> None:
     if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
@@ -187,7 +196,7 @@ def reported(workdir: str) -> Iterator[Watch]:
   watch = None
   try:
     os.makedirs(workdir, exist_ok=True)
-    watch = Watch(workdir)
+    watch = quiet.watch = Watch(workdir)
     yield watch
   except StorageError:
     raise
