@@ -107,19 +107,11 @@ def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, efficiency
 
 
 def lower_bound_us(f: int, r: int, tokens: int, target, train: bool) -> float:
-  """Roofline of the fused FFN core (``K = N = r``): forward ``2TF(K+N)`` FLOPs moving
-  ``h``, ``out`` (bf16) and the compressed activation (9/16 of dense); backward
-  ``4TF(K+N)`` moving ``g``, ``h``, the compressed activation, ``dh`` and the weight
-  gradients; the weights once. The physical limit, not an estimate."""
-  t, k, n = tokens, r, r
-  comp = t * f * 2 * 9 / 16
-  weights = f * (k + n) * 2
-  flops = 2 * t * f * (k + n)
-  bytes_ = t * k * 2 + t * n * 2 + comp + weights
-  if train:
-    flops += 4 * t * f * (k + n)
-    bytes_ += t * n * 2 + t * k * 2 + comp + t * k * 2 + weights + f * (k + n) * 4
-  return max(flops / target.bf16_flops_per_s, bytes_ / target.hbm_bytes_per_s) * 1e6
+  """The FFN core's lower bound (:func:`elas_kernels.roofline.ffn_core`: each product once,
+  the compulsory bytes) at ``target``'s peaks. The physical limit, not an estimate."""
+  from elas_kernels import roofline
+
+  return roofline.ffn_core(tokens, f, r, train=train, gpu=target.gpu_spec()).time_s * 1e6
 
 
 def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float) -> str:

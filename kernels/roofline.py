@@ -2,13 +2,17 @@
 
 What is counted (per call, ``T`` tokens, width ``F``, ranks ``K = N = r``, bf16):
 
-* FLOPs are the dense tensor-core work the kernels execute: the 2:4-sparse
-  activation is decompressed in registers and multiplied by dense MMAs, so
-  ``y2s w_outᵀ`` costs ``2·T·F·N`` like a dense product (the useful half is
-  ``T·F·N``). No recomputation from tiling is counted (that is the tiles'
-  cost, ``benchmarks/kernel_tiles.py``), but the algorithm's own is: the
-  backward forms ``dy2 = g w_out`` in both ``dh`` and ``dw_in``, and ``ste`` /
-  the dense warm-up recompute ``y1 = h w_inᵀ`` in each backward kernel.
+* FLOPs are dense tensor-core work: the 2:4-sparse activation is decompressed
+  in registers and multiplied by dense MMAs, so ``y2s w_outᵀ`` costs
+  ``2·T·F·N`` like a dense product (the useful half is ``T·F·N``).
+  :func:`ffn_core` is the minimum of the whole core, each product once:
+  ``2·T·F·(K+N)`` forward, ``4·T·F·(K+N)`` backward (``dy2 = g w_out``,
+  ``dh``, ``dw_in``, ``dw_out``), in every mode; it is *the* lower bound, and
+  executed FLOPs are judged against it. The per-kernel rows of
+  :func:`ffn_kernels` count what the split into four kernels executes: the
+  backward forms ``dy2`` in both ``dh`` and ``dw_in``, and ``ste`` / the dense
+  warm-up recompute ``y1 = h w_inᵀ`` in each backward kernel. No recomputation
+  from tiling is counted (that is the tiles' cost, ``benchmarks/kernel_tiles.py``).
 * Bytes are the compulsory HBM traffic: each input read once, each output
   written once, in its stored dtype (activations bf16; the compressed
   activation ``9/16`` of the dense bf16 bytes, ``9F/8`` per token; the
@@ -121,9 +125,23 @@ def ffn_kernels(t: int, f: int, r: int, *, mode: str = "masked", train: bool = T
       roofline("elas_ffn_dw_out", 2 * t * f * r + y1,
                t * r * BF16 + src_bytes + f * r * BF16 + f * r * F32, gpu),
   ]
-  total_flops = sum(x.flops for x in rows)
-  # The core as a whole: h, g in; the activation out and back in; out, dh, dW out.
-  total_bytes = (2 * t * r * BF16 + (0 if recompute else 2 * _act_bytes(t, f)) + w
-                 + 2 * t * r * F32 + 2 * f * r * F32)
-  rows.append(roofline(f"elas_ffn fwd+bwd ({mode})", total_flops, total_bytes, gpu))
+  rows.append(ffn_core(t, f, r, mode=mode, train=True, gpu=gpu))
   return rows
+
+
+def ffn_core(t: int, f: int, r: int, *, mode: str = "masked", train: bool = True,
+             gpu: GpuSpec = H200) -> Roofline:
+  """The lower bound of the whole FFN core (``K = N = r``): each product once
+  (``2·T·F·(K+N)`` forward, twice that backward: no ``dy2`` formed twice, no
+  ``y1`` recomputed), and the bytes a fused forward and backward cannot avoid:
+  ``h`` (and ``g``) in, the fp32 output (and ``dh`` and both weight gradients)
+  out, the weights once, and in training the compressed activation out and
+  back in unless ``mode`` is ``ste`` (which stores nothing)."""
+  flops = 2 * t * f * 2 * r
+  bytes_ = t * r * BF16 + 2 * f * r * BF16 + t * r * F32
+  if not train:
+    return roofline("elas_ffn forward (minimum)", flops, bytes_, gpu)
+  act = 0 if mode == "ste" else 2 * _act_bytes(t, f)
+  flops += 2 * flops
+  bytes_ += t * r * BF16 + act + t * r * F32 + 2 * f * r * F32
+  return roofline(f"elas_ffn fwd+bwd ({mode}, minimum)", flops, bytes_, gpu)

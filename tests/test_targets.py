@@ -148,6 +148,25 @@ def test_roofline_of_the_fused_forward():
   assert len(ev) == 1 and ev[0].bytes < fwd.bytes and ev[0].flops == fwd.flops
 
 
+def test_the_cores_lower_bound_counts_each_product_once():
+  # By hand: forward y1 = h w_inᵀ and y2s w_outᵀ (2·T·F·r each); backward dy2 = g w_out,
+  # dh = dy1 w_in, dw_in = dy1ᵀ h, dw_out = gᵀ y2s (2·T·F·r each): 12·T·F·r in every mode.
+  # The four kernels execute more (dy2 in dh and in dw_in; ste recomputes y1 in each).
+  t, f, r = 16384, 2064, 128
+  for mode, executed in (("masked", 14), ("split", 14), ("ste", 20)):
+    rows = kr.ffn_kernels(t, f, r, mode=mode)
+    core = rows[-1]
+    assert core.flops == 12 * t * f * r, mode
+    assert sum(x.flops for x in rows[:-1]) == executed * t * f * r, mode
+  assert core.time_s * 1e6 == pytest.approx(12 * t * f * r / 989e12 * 1e6)  # 52.5 µs, compute-bound
+  # bytes: h and g in, out and dh (fp32) out, weights in, both weight grads (fp32) out, and
+  # the compressed activation (9F/8 B per token) out and back in, except in ste
+  masked, ste = kr.ffn_core(t, f, r), kr.ffn_core(t, f, r, mode="ste")
+  common = 2 * 2 * t * r + 2 * 4 * t * r + 2 * 2 * f * r + 2 * 4 * f * r
+  assert (masked.bytes, ste.bytes) == (common + 2 * t * f * 9 / 8, common)
+  assert kr.ffn_core(t, f, r, train=False).flops == 4 * t * f * r
+
+
 def test_tile_tables_hold_legal_tiles_for_every_kernel_and_class():
   from elas_kernels import relu2_sparsify, sparse_matmul
   from elas_kernels.ffn import triton as elas_ffn
