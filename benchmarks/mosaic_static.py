@@ -81,8 +81,10 @@ def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
 
 
 def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, efficiency: float,
-                modes=MODES) -> list[dict]:
-  """One row per (phase, kernel) of every mode's launches, with the static estimate."""
+                modes=MODES, hbm_bytes_per_s: float | None = None) -> list[dict]:
+  """One row per (phase, kernel) of every mode's launches, with the static estimate
+  (bytes at ``hbm_bytes_per_s``, default the target's datasheet bandwidth)."""
+  hbm_bytes_per_s = hbm_bytes_per_s or target.hbm_bytes_per_s
   from elas_kernels.ffn.mosaic import kernel_specs
 
   rows = []
@@ -95,7 +97,7 @@ def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, efficiency
         waves = target.waves(s.programs, pps)
         stretch = math.ceil(waves) / waves if waves else float("inf")
         flop_s = s.flops / (efficiency * target.bf16_flops_per_s) * stretch
-        byte_s = s.hbm_bytes / target.hbm_bytes_per_s
+        byte_s = s.hbm_bytes / hbm_bytes_per_s
         rows.append({
             "mode": mode, "phase": phase, "kernel": s.name, "grid": list(s.grid),
             "programs": s.programs, "stages": s.stages, "wgmma": s.wgmma,
@@ -114,7 +116,8 @@ def lower_bound_us(f: int, r: int, tokens: int, target, train: bool) -> float:
   return roofline.ffn_core(tokens, f, r, train=train, gpu=target.gpu_spec()).time_s * 1e6
 
 
-def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float) -> str:
+def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float,
+             hbm_bytes_per_s: float | None = None) -> str:
   f, r = SIZES[size]
   out = [f"### {size} (F {f}, r {r}), {tokens} tokens",
          "",
@@ -138,7 +141,7 @@ def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float
     out.append(f"| {mode} | {fwd:.0f} | {fwd + bwd:.0f} | {fwd + warm:.0f} | {lb_f:.0f} | {lb_t:.0f} |")
   out.append("")
   out.append(f"Estimates at {efficiency:.0%} of the {target.bf16_flops_per_s / 1e12:.0f} TFLOP/s "
-             f"dense bf16 peak and {target.hbm_bytes_per_s / 1e12:.1f} TB/s.")
+             f"dense bf16 peak and {(hbm_bytes_per_s or target.hbm_bytes_per_s) / 1e12:.2f} TB/s.")
   return "\n".join(out)
 
 
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
   ap.add_argument("--target", default="h200")
   ap.add_argument("--efficiency", type=float, default=0.5,
                   help="assumed fraction of the dense bf16 tensor-core peak the kernels reach")
+  ap.add_argument("--hbm_tb_s", type=float, default=None,
+                  help="HBM bandwidth a kernel reaches, TB/s (default: the target's datasheet)")
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
   from elas_jax import targets
@@ -165,12 +170,13 @@ def main(argv=None) -> int:
     print(f"[{i + 1}/{len(sizes)}] compiling {size} (F {f}, r {r}, {args.tokens} tokens) ...",
           file=sys.stderr, flush=True)
     report, resources = compile_size(f, r, args.tokens, target)
-    rows = kernel_rows(f, r, args.tokens, target, resources, args.efficiency)
+    hbm = args.hbm_tb_s * 1e12 if args.hbm_tb_s else None
+    rows = kernel_rows(f, r, args.tokens, target, resources, args.efficiency, hbm_bytes_per_s=hbm)
     results[size] = {"compiled": report.compiled, "reason": report.reason,
                      "compile_s": report.compile_s, "kernels": rows}
     print(f"    compiled={report.compiled} in {report.compile_s:.0f} s"
           + (f": {report.reason}" if report.reason else ""), file=sys.stderr, flush=True)
-    md.append(markdown(size, args.tokens, rows, target, args.efficiency))
+    md.append(markdown(size, args.tokens, rows, target, args.efficiency, hbm))
   text = "\n\n".join(md)
   print(text)
   if args.out:

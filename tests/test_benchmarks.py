@@ -3,7 +3,8 @@ settings, seconds each), as a user runs them: ``python -m benchmarks.<name>``.
 
 The others are run by tests/test_step_memory.py, test_train_throughput.py,
 test_quality.py, test_generate.py (inference), test_kernels_triton.py (ffn_kernels),
-test_lm_eval.py (downstream), test_gpu_compile.py (kernel_tiles) and
+test_lm_eval.py (downstream), test_gpu_compile.py (kernel_tiles, and xla_static
+compiled for the H200; its HLO reader is tested here on the CPU's compile) and
 test_gpu_compile_mosaic.py (mosaic_static).
 Each check compares the benchmark's numbers with a count made without it.
 """
@@ -32,6 +33,7 @@ def test_every_benchmark_has_a_smoke_test():
             "prepare_scale", "data_startup",
             "kernel_tiles",  # needs the CUDA plugin: run by tests/test_gpu_compile.py (--one)
             "mosaic_static",  # needs the CUDA plugin: run by tests/test_gpu_compile_mosaic.py
+            "xla_static",  # here (its HLO reader) and in tests/test_gpu_compile.py (the H200 run)
             "step_memory", "train_throughput", "quality", "inference", "ffn_kernels"}
   names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
            if f.endswith(".py") and f not in ("__init__.py", "harness.py")}
@@ -51,6 +53,30 @@ def test_attention_loss():
   assert loss["loss_chunk=0"]["residual_bytes_per_token"] >= vocab * 4
   assert loss["loss_chunk=16"]["residual_bytes_per_token"] < vocab * 4
   assert all(r["fwd_bwd_ms"] > 0 for r in [*att.values(), *loss.values()])
+
+
+def test_xla_static_reads_every_dot_and_byte_of_a_compiled_program():
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import xla_static as xs
+
+  # The dense FFN core as XLA's CPU pipeline compiles it (fusions, plain dots, converts):
+  # by hand, 2·T·F·r FLOPs per product, 2 products forward and 6 with the backward.
+  t, f, r = 256, 96, 32
+  for train, products in ((False, 2), (True, 6)):
+    text = jax.jit(xs.dense_core(train)).lower(*xs.core_args(f, r, t, train)).compile().as_text()
+    kernels = xs.hlo_kernels(text)
+    assert sum(k.flops for k in kernels) == products * 2 * t * f * r, (train, kernels)
+    assert len([k for k in kernels if k.flops]) == products, kernels
+    assert {k.gemm for k in kernels if k.flops} >= {f"{t}x{f}x{r}", f"{t}x{r}x{f}"}, kernels
+  # Bytes: an elementwise kernel reads its operand and writes its result once.
+  text = jax.jit(lambda x, y: x * 2 + y).lower(jnp.zeros((1000,), jnp.float32),
+                                                jnp.zeros((1000,), jnp.bfloat16)).compile().as_text()
+  (k,) = xs.hlo_kernels(text)
+  assert (k.flops, k.bytes) == (0, 4000 + 2000 + 4000), k
+  s, bound = xs.cost_s(k, 989e12, hbm_bytes_per_s=1e9)
+  assert (s, bound) == (10000 / 1e9, "bytes")
 
 
 @pytest.mark.slow

@@ -96,3 +96,21 @@ def test_the_gate_refuses_an_oversized_tile():
                                       S((r, f), jnp.bfloat16), target="h200")
   bad = check_gate(report, targets.get("h200"), "elas_ffn")
   assert not report.compiled and "Shared memory size limit exceeded" in bad[0], bad
+
+
+def test_xla_static_costs_the_dense_core_as_compiled_for_the_h200(tmp_path):
+  # The dense loro_relu2 core at 60M, 16384 tokens, as XLA compiles it for the H200: each of
+  # the 6 products (2 forward, 4 backward) is its own GEMM kernel, 2·T·F·r FLOPs each (by
+  # hand), and the estimate is at least the bytes the T x F activation moves: y1 written (bf16)
+  # by the forward, read back by the backward.
+  p = subprocess.run([sys.executable, "-m", "benchmarks.xla_static", "--sizes", "60m",
+                      "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = json.load(open(tmp_path / "results.json"))["60m"]
+  t, f, r = TOKENS, *SIZES["60m"]
+  gemms = [k for k in got["fwd_bwd"] if k["gflop"]]
+  assert len(gemms) == 6 and sum(k["gflop"] for k in gemms) * 1e9 == pytest.approx(12 * t * f * r)
+  assert sum(k["gflop"] for k in got["forward"]) * 1e9 == pytest.approx(4 * t * f * r)
+  assert got["fwd_bwd_us"] * 1e-6 * 3.89e12 >= 2 * t * f * 2
+  lower = got["elas_lower_bound_us"]
+  assert got["forward_us"] > lower[0] and got["fwd_bwd_us"] > lower[1]
