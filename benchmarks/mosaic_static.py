@@ -116,6 +116,24 @@ def lower_bound_us(f: int, r: int, tokens: int, target, train: bool) -> float:
   return roofline.ffn_core(tokens, f, r, train=train, gpu=target.gpu_spec()).time_s * 1e6
 
 
+def flops_ratios(rows: list[dict], f: int, r: int, tokens: int) -> dict[str, dict[str, float]]:
+  """Executed wgmma FLOPs over the FFN core's minimum (:func:`elas_kernels.roofline.ffn_core`:
+  each product once), per mode: the forward, fwd+bwd of the 2:4 phase and of the dense warm-up.
+  Padding, recomputation (``y1``, ``dy2``) and whatever else the kernels repeat count."""
+  from elas_kernels import roofline
+
+  fwd_min = roofline.ffn_core(tokens, f, r, train=False).flops
+  train_min = roofline.ffn_core(tokens, f, r, train=True).flops
+  out = {}
+  for mode in sorted({w["mode"] for w in rows}):
+    sel = [w for w in rows if w["mode"] == mode]
+    fwd, bwd, warm = (sum(w["gflop"] * 1e9 for w in sel if w["phase"] == ph)
+                      for ph in ("forward", "backward", "dense warm-up"))
+    out[mode] = {"forward": fwd / fwd_min, "fwd_bwd": (fwd + bwd) / train_min,
+                 "warm_up": (fwd + warm) / train_min}
+  return out
+
+
 def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float,
              hbm_bytes_per_s: float | None = None) -> str:
   f, r = SIZES[size]
@@ -131,14 +149,18 @@ def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float
                f"| {mma} | {smem} | {w['registers']} | {w['spill_bytes']} | {w['programs_per_sm']} "
                f"| {w['waves']:.2f} | {w['gflop']:.1f} | {w['hbm_mb']:.0f} | {w['est_us']:.0f} |")
   out += ["", "| mode | forward est. µs | fwd+bwd est. µs (2:4) | fwd+bwd est. µs (warm-up) "
-          "| lower bound fwd µs | lower bound fwd+bwd µs |", "|---|---|---|---|---|---|"]
+          "| lower bound fwd µs | lower bound fwd+bwd µs | executed / minimum FLOPs: fwd, fwd+bwd (2:4), "
+          "fwd+bwd (warm-up) |", "|---|---|---|---|---|---|---|"]
   lb_f, lb_t = lower_bound_us(f, r, tokens, target, False), lower_bound_us(f, r, tokens, target, True)
+  ratios = flops_ratios(rows, f, r, tokens)
   for mode in MODES:
     sel = [w for w in rows if w["mode"] == mode]
     fwd = sum(w["est_us"] for w in sel if w["phase"] == "forward")
     bwd = sum(w["est_us"] for w in sel if w["phase"] == "backward")
     warm = sum(w["est_us"] for w in sel if w["phase"] == "dense warm-up")
-    out.append(f"| {mode} | {fwd:.0f} | {fwd + bwd:.0f} | {fwd + warm:.0f} | {lb_f:.0f} | {lb_t:.0f} |")
+    x = ratios[mode]
+    out.append(f"| {mode} | {fwd:.0f} | {fwd + bwd:.0f} | {fwd + warm:.0f} | {lb_f:.0f} | {lb_t:.0f} "
+               f"| {x['forward']:.2f}, {x['fwd_bwd']:.2f}, {x['warm_up']:.2f} |")
   out.append("")
   out.append(f"Estimates at {efficiency:.0%} of the {target.bf16_flops_per_s / 1e12:.0f} TFLOP/s "
              f"dense bf16 peak and {(hbm_bytes_per_s or target.hbm_bytes_per_s) / 1e12:.2f} TB/s.")
@@ -173,7 +195,8 @@ def main(argv=None) -> int:
     hbm = args.hbm_tb_s * 1e12 if args.hbm_tb_s else None
     rows = kernel_rows(f, r, args.tokens, target, resources, args.efficiency, hbm_bytes_per_s=hbm)
     results[size] = {"compiled": report.compiled, "reason": report.reason,
-                     "compile_s": report.compile_s, "kernels": rows}
+                     "compile_s": report.compile_s, "kernels": rows,
+                     "executed_flops_ratio": flops_ratios(rows, f, r, args.tokens)}
     print(f"    compiled={report.compiled} in {report.compile_s:.0f} s"
           + (f": {report.reason}" if report.reason else ""), file=sys.stderr, flush=True)
     md.append(markdown(size, args.tokens, rows, target, args.efficiency, hbm))

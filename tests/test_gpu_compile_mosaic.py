@@ -56,3 +56,8 @@ def test_every_mosaic_kernel_fits_the_h200(size):
     if set(row["wgmma"]) - set(row["ptx_wgmma"]):
       bad.append(f"{name}: planned {sorted(row['wgmma'])}, PTX has {row['ptx_wgmma']}")
   assert not bad, f"{size}: " + "; ".join(sorted(set(bad)))
+  # Executed wgmma FLOPs (the plan's, checked against the PTX above) never fall below the
+  # core's minimum counted by hand in elas_kernels.roofline.ffn_core; ste recomputes more.
+  ratios = ms.flops_ratios(rows, f, r, TOKENS)
+  assert all(x >= 1 - 1e-9 for m in ratios.values() for x in m.values()), ratios
+  assert ratios["ste"]["fwd_bwd"] > ratios["masked"]["fwd_bwd"], ratios
