@@ -7,6 +7,14 @@ from elas_jax import config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_flags(devices: int) -> str:
+  """``XLA_FLAGS`` for a subprocess with ``devices`` CPU devices: the session's own flags
+  (tests/conftest.py) kept, so that both sides of a comparison compile alike."""
+  keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(keep + [f"--xla_force_host_platform_device_count={devices}"])
+
+
 def require_deviceless() -> None:
   """Skip (with the reason) unless this process can compile for a GPU with no GPU
   present: the jax CUDA plugin installed and the deviceless environment set."""

@@ -13,7 +13,7 @@ import pytest
 from elas_jax import config_lib
 from elas_jax.data import corpus, pipeline, records, sources, tokenizer as tokenizer_lib
 from elas_jax.errors import DataError
-from tests.helpers import ROOT, load_config
+from tests.helpers import ROOT, load_config, xla_flags
 
 WORDS = [f"w{i}" for i in range(200)]
 SPECIALS = ["<pad>", "</s>", "<unk>", "<s>"]  # ids 0..3
@@ -429,7 +429,7 @@ assert all(s.data.shape == (2, 3) for s in g.addressable_shards)
 np.testing.assert_array_equal(np.asarray(g), local["inputs"])
 print("ok")
 """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=120)
   assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

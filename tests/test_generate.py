@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from elas_jax import decode, model as model_lib
-from tests.helpers import ROOT, TINY_TRAIN_FLAGS, tiny_train_config
+from tests.helpers import ROOT, TINY_TRAIN_FLAGS, tiny_train_config, xla_flags
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -194,7 +194,7 @@ def test_temperature_scales_the_distribution():
 def _generate(*args, devices: int = 1, timeout: int = 300):
   env = dict(os.environ, PYTHONPATH=ROOT)
   if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
   return subprocess.run([sys.executable, "-m", "elas_jax.generate", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -24,7 +24,7 @@ from benchmarks.harness import rel_err
 from elas_kernels import common as cm
 from elas_kernels import relu2_sparsify, sparse24, sparse_matmul
 from elas_kernels.ffn import triton
-from tests.helpers import ROOT, ffn_inputs, kernel_launches
+from tests.helpers import ROOT, ffn_inputs, kernel_launches, xla_flags
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU (the kernels compile for Triton there)")
@@ -243,7 +243,7 @@ def test_pallas_ffn_under_a_mesh_equals_one_device():
   # Under a 4-device data x fsdp mesh: the loss and gradients (weights summed
   # over shards) equal a one-device run; the op launches each of its 4 kernels
   # once, on one device's share of the tokens (shard_map), not on the gathered batch.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, capture_output=True, text=True,
                      env=env, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]

@@ -27,7 +27,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed: pip inst
 from elas_jax import downstream, trainer  # noqa: E402
 from elas_jax.ops import sparsity  # noqa: E402
 from elas_jax.errors import UserError  # noqa: E402
-from tests.helpers import ROOT, tiny_train_config  # noqa: E402
+from tests.helpers import ROOT, tiny_train_config, xla_flags  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -418,7 +418,7 @@ def test_hf_model_on_the_export_gives_the_same_loglikelihoods(workdir, ref, tmp_
 def _cli(*args, devices: int = 1, env_extra=None, module="elas_jax.lm_eval", timeout=600):
   env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
   if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

@@ -18,7 +18,7 @@ from flax import nnx
 from benchmarks.harness import rel_err
 from elas_jax import config_lib, memory, model as model_lib
 from elas_jax.ops import loss as loss_lib
-from tests.helpers import assert_trainings_match, tiny_train_config
+from tests.helpers import assert_trainings_match, tiny_train_config, xla_flags
 
 
 def inputs(t, d, v, dtype=jnp.float32, seed=0):
@@ -180,7 +180,7 @@ def test_chunks_stay_batch_sharded_under_a_data_mesh():
 
   from tests.helpers import ROOT
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=ROOT,
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), PYTHONPATH=ROOT,
              JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=600)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses
+from tests.helpers import ROOT, TINY_TRAIN_FLAGS, step_losses, xla_flags
 
 # Every test here starts train.py (most of them several times).
 pytestmark = pytest.mark.slow
@@ -226,7 +226,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, reference, extra, n
 def test_batch_not_divisible_by_devices(tmp_path):
   code = ("import sys; sys.argv = ['train.py'] + sys.argv[1:]; import runpy; "
           "runpy.run_path('train.py', run_name='__main__')")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   p = subprocess.run([sys.executable, "-c", code, *train_cmd(tmp_path / "w")[2:],
                       "--config.train.batch_size=6"], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from elas_jax import checkpointing, model as model_lib, optim, sharding, stacking, trainer
 from elas_jax.errors import ConfigError
-from tests.helpers import ROOT, step_losses, tiny_train_config
+from tests.helpers import ROOT, step_losses, tiny_train_config, xla_flags
 
 SEQ = 32
 
@@ -221,7 +221,7 @@ print("RESULT " + json.dumps(out))
 def test_scanned_sharded_steps_equal_single_device_unscanned():
   # fsdp x tensor mesh of 4 CPU devices, remat lowrank, LORO exact step: the
   # stacked exact step once hung multi-device steps (vmapped QR/SVD).
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=400)

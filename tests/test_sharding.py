@@ -9,7 +9,7 @@ import pytest
 
 from elas_jax import config_lib, sharding
 from elas_jax.errors import ConfigError
-from tests.helpers import ROOT, load_config
+from tests.helpers import ROOT, load_config, xla_flags
 
 MESHES = {"single": (1, 1, 1), "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8),
           "mixed": (2, 2, 2)}
@@ -41,7 +41,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow
 def test_meshes_match_one_device_and_checkpoints_reshard(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path), json.dumps(MESHES)], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-4000:]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from elas_jax import trainer
-from tests.helpers import ROOT, TINY_TRAIN_FLAGS, read_metrics, step_losses, tiny_train_config
+from tests.helpers import ROOT, TINY_TRAIN_FLAGS, read_metrics, step_losses, tiny_train_config, xla_flags
 
 
 @pytest.mark.slow
@@ -127,7 +127,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
          for i in range(2)]
   one = subprocess.Popen([sys.executable, "-c", _ONE_PROCESS_AS_TWO, *TINY_TRAIN_FLAGS, *steps,
                           f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
-                         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                         env=dict(env, XLA_FLAGS=xla_flags(2)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   outs = [p.communicate(timeout=900) for p in two + [one]]
   for p, (_, err) in zip(two + [one], outs, strict=True):

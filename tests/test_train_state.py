@@ -9,7 +9,7 @@ import jax
 
 from elas_jax import checkpointing, trainer
 from elas_jax.data import pipeline
-from tests.helpers import ROOT, step_losses, tiny_train_config
+from tests.helpers import ROOT, step_losses, tiny_train_config, xla_flags
 
 
 _SHARDING_SCRIPT = """
@@ -37,7 +37,7 @@ print("OK")
 
 
 def test_state_shardings_follow_the_logical_axes_of_params_and_moments():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=600)
   assert p.returncode == 0 and p.stdout.strip().endswith("OK"), p.stderr[-4000:]
