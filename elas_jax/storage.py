@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator
 
 from elas_jax.errors import UserError
@@ -143,11 +144,15 @@ class _Quiet:
   * asyncio logs the failed, never awaited write tasks of that save when they are
     collected ("Task exception was never retrieved");
   * tensorstore reports "Event loop is closed" (``sys.unraisablehook``) for each
-    write of that save still pending when orbax closed its event loop.
+    write of that save still pending when orbax closed its event loop;
+  * a save thread still running when the process exits on the fault fails to
+    schedule its next write ("cannot schedule new futures after interpreter
+    shutdown", ``threading.excepthook``).
 
   Only records whose exception is a storage fault are dropped (and those
-  unraisable errors), or any exception record once the workdir has vanished:
-  anything else is still printed.
+  unraisable errors), or any exception record once the workdir has vanished, or
+  a thread's shutdown error once the fault was reported: anything else is still
+  printed.
   """
 
   LOGGERS = ("absl", "asyncio")
@@ -155,7 +160,9 @@ class _Quiet:
   def __init__(self, workdir: str):
     self.workdir = workdir
     self.watch: Watch | None = None  # set once the workdir exists
+    self.faulted = False  # set once the run has stopped on a storage fault
     self._previous_hook = None
+    self._previous_thread_hook = None
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
@@ -172,15 +179,25 @@ class _Quiet:
     if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
       self._previous_hook(unraisable)
 
+  def _thread_exception(self, args) -> None:
+    exc = args.exc_value
+    shutdown = isinstance(exc, RuntimeError) and "after interpreter shutdown" in str(exc)
+    if exc is not None and ((self.faulted and shutdown) or fault_of(exc, self.workdir) is not None
+                            or (self.watch is not None and self.watch.gone())):
+      return
+    self._previous_thread_hook(args)
+
   def install(self) -> None:
     for name in self.LOGGERS:
       logging.getLogger(name).addFilter(self)
     self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+    self._previous_thread_hook, threading.excepthook = threading.excepthook, self._thread_exception
 
   def remove(self) -> None:
     for name in self.LOGGERS:
       logging.getLogger(name).removeFilter(self)
     sys.unraisablehook = self._previous_hook
+    threading.excepthook = self._previous_thread_hook
 
 
 @contextlib.contextmanager
@@ -205,12 +222,14 @@ def reported(workdir: str) -> Iterator[Watch]:
       try:
         watch.check()
       except StorageError as gone:  # the root cause of whatever failed (orbax's errors vary)
+        quiet.faulted = True
         raise gone from e
     fault = fault_of(e, workdir)
     if fault is None:
       quiet.remove()
       raise
     path, cause = fault
+    quiet.faulted = True
     if path is None or not os.path.isabs(path):  # orbax names some files without their directory
       path = workdir if path is None else f"{workdir} ({path})"
     raise StorageError(f"{path}: {cause}; training stopped. {_last_intact(workdir)}") from e

@@ -4,6 +4,7 @@ runs on small filesystems are in test_reliability.py."""
 
 import errno
 import os
+import sys
 import threading
 import time
 
@@ -130,6 +131,34 @@ def test_failed_background_save_is_raised_at_once_in_one_line(tmp_path, caplog):
     assert storage.intact_checkpoints(workdir) == [1]
   # orbax's own reports of it (tracebacks logged from its threads) are silenced
   assert [r.getMessage()[:200] for r in caplog.records if r.exc_info] == []
+
+
+def test_a_save_thread_failing_at_exit_after_the_fault_is_silent(tmp_path, monkeypatch):
+  # After a run stopped on a storage fault, an orbax save thread still running at exit fails
+  # to schedule its next write ("cannot schedule new futures after interpreter shutdown",
+  # printed by threading.excepthook): dropped. The same error before any fault, and any
+  # other error of a thread, still reach the hook that prints them.
+  printed = []
+  monkeypatch.setattr(threading, "excepthook", lambda args: printed.append(args.exc_value))
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+
+  def in_thread(exc):
+    def fail():
+      raise exc
+    t = threading.Thread(target=fail)
+    t.start()
+    t.join()
+
+  shutdown = RuntimeError("cannot schedule new futures after interpreter shutdown")
+  other = ValueError("an unrelated failure")
+  workdir = tmp_path / "run"
+  with pytest.raises(storage.StorageError, match="No space left on device; training stopped"):
+    with storage.reported(str(workdir)):
+      in_thread(shutdown)  # no fault yet: printed
+      raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "metrics.jsonl"))
+  in_thread(shutdown)  # after the fault: dropped
+  in_thread(other)
+  assert printed == [shutdown, other]
 
 
 def test_the_line_names_the_workdir_where_the_error_names_no_directory(tmp_path):
