@@ -135,6 +135,11 @@ class Watch:
     self._note_checkpoints()
 
 
+def _at_exit(exc: BaseException) -> bool:
+  """The error of a thread still saving when the process exits (on a reported fault)."""
+  return isinstance(exc, RuntimeError) and "after interpreter shutdown" in str(exc)
+
+
 class _Quiet:
   """Drops the other reports of a storage fault, which orbax, asyncio and tensorstore
   print from their own threads, some only at exit:
@@ -147,12 +152,12 @@ class _Quiet:
     write of that save still pending when orbax closed its event loop;
   * a save thread still running when the process exits on the fault fails to
     schedule its next write ("cannot schedule new futures after interpreter
-    shutdown", ``threading.excepthook``).
+    shutdown"), which orbax logs (and any other thread prints through
+    ``threading.excepthook``).
 
   Only records whose exception is a storage fault are dropped (and those
   unraisable errors), or any exception record once the workdir has vanished, or
-  a thread's shutdown error once the fault was reported: anything else is still
-  printed.
+  that exit error once the fault was reported: anything else is still printed.
   """
 
   LOGGERS = ("absl", "asyncio")
@@ -173,7 +178,7 @@ class _Quiet:
     # all of them are that one fault, which the run reports.
     if self.watch is not None and self.watch.gone():
       return False
-    return fault_of(exc, self.workdir) is None
+    return fault_of(exc, self.workdir) is None and not (self.faulted and _at_exit(exc))
 
   def _unraisable(self, unraisable) -> None:
     if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
@@ -181,8 +186,7 @@ class _Quiet:
 
   def _thread_exception(self, args) -> None:
     exc = args.exc_value
-    shutdown = isinstance(exc, RuntimeError) and "after interpreter shutdown" in str(exc)
-    if exc is not None and ((self.faulted and shutdown) or fault_of(exc, self.workdir) is not None
+    if exc is not None and ((self.faulted and _at_exit(exc)) or fault_of(exc, self.workdir) is not None
                             or (self.watch is not None and self.watch.gone())):
       return
     self._previous_thread_hook(args)

@@ -3,6 +3,7 @@ path, the cause and the last intact checkpoint. In-process parts here; the train
 runs on small filesystems are in test_reliability.py."""
 
 import errno
+import logging
 import os
 import sys
 import threading
@@ -133,14 +134,16 @@ def test_failed_background_save_is_raised_at_once_in_one_line(tmp_path, caplog):
   assert [r.getMessage()[:200] for r in caplog.records if r.exc_info] == []
 
 
-def test_a_save_thread_failing_at_exit_after_the_fault_is_silent(tmp_path, monkeypatch):
+def test_a_save_thread_failing_at_exit_after_the_fault_is_silent(tmp_path, monkeypatch, caplog):
   # After a run stopped on a storage fault, an orbax save thread still running at exit fails
-  # to schedule its next write ("cannot schedule new futures after interpreter shutdown",
-  # printed by threading.excepthook): dropped. The same error before any fault, and any
-  # other error of a thread, still reach the hook that prints them.
+  # to schedule its next write ("cannot schedule new futures after interpreter shutdown"),
+  # which orbax logs through absl (another thread would print it through threading.excepthook):
+  # dropped. The same error before any fault, and any other error, are still reported.
   printed = []
   monkeypatch.setattr(threading, "excepthook", lambda args: printed.append(args.exc_value))
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after the test
+  for name in storage._Quiet.LOGGERS:  # without the filters a faulted run left in this process
+    monkeypatch.setattr(logging.getLogger(name), "filters", [])
 
   def in_thread(exc):
     def fail():
@@ -152,13 +155,20 @@ def test_a_save_thread_failing_at_exit_after_the_fault_is_silent(tmp_path, monke
   shutdown = RuntimeError("cannot schedule new futures after interpreter shutdown")
   other = ValueError("an unrelated failure")
   workdir = tmp_path / "run"
+  def log(exc):  # as orbax's _SignalingThread.run does
+    logging.getLogger("absl").error("_SignalingThread.run() raised an exception", exc_info=exc)
+
   with pytest.raises(storage.StorageError, match="No space left on device; training stopped"):
     with storage.reported(str(workdir)):
-      in_thread(shutdown)  # no fault yet: printed
+      in_thread(shutdown)  # no fault yet: reported
+      log(shutdown)
       raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "metrics.jsonl"))
   in_thread(shutdown)  # after the fault: dropped
+  log(shutdown)
   in_thread(other)
+  log(other)
   assert printed == [shutdown, other]
+  assert [r.exc_info[1] for r in caplog.records if r.exc_info] == [shutdown, other]
 
 
 def test_the_line_names_the_workdir_where_the_error_names_no_directory(tmp_path):
