@@ -36,9 +36,9 @@ import os
 import shutil
 import sys
 
+from benchmarks.kernel_tiles import SIZES  # the paper sizes' (F, r)
 from elas_jax.targets.compile import mosaic_resources  # the parser lives with the report
 
-SIZES = {"60m": (2064, 128), "130m": (3072, 256), "350m": (4104, 256), "1b": (8191, 512)}
 MODES = ("masked", "ste", "split")
 
 
@@ -167,6 +167,25 @@ def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float
   return "\n".join(out)
 
 
+def chosen_sizes(ap: argparse.ArgumentParser, text: str) -> list[str]:
+  """``--sizes`` (comma-separated) checked against :data:`SIZES`: ``ap.error`` names the unknown."""
+  sizes = [s.strip() for s in text.split(",") if s.strip()]
+  bad = [s for s in sizes if s not in SIZES]
+  if bad:
+    ap.error(f"--sizes: unknown {bad}; choose from {sorted(SIZES)}")
+  return sizes
+
+
+def write_results(out: str | None, results: dict, text: str) -> None:
+  """``results.json`` and ``results.md`` in directory ``out`` (nothing when None)."""
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as fh:
+      json.dump(results, fh, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+      fh.write(text + "\n")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--sizes", default="60m,130m,350m,1b")
@@ -182,10 +201,7 @@ def main(argv=None) -> int:
 
   targets.check_environment()
   target = targets.get(args.target)
-  sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-  bad = [s for s in sizes if s not in SIZES]
-  if bad:
-    ap.error(f"--sizes: unknown {bad}; choose from {sorted(SIZES)}")
+  sizes = chosen_sizes(ap, args.sizes)
   results, md = {}, []
   for i, size in enumerate(sizes):
     f, r = SIZES[size]
@@ -202,12 +218,7 @@ def main(argv=None) -> int:
     md.append(markdown(size, args.tokens, rows, target, args.efficiency, hbm))
   text = "\n\n".join(md)
   print(text)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-      json.dump(results, fh, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
-      fh.write(text + "\n")
+  write_results(args.out, results, text)
   return 0 if all(v["compiled"] for v in results.values()) else 1
 
 

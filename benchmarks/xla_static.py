@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import re
 import sys
 
-SIZES = {"60m": (2064, 128), "130m": (3072, 256), "350m": (4104, 256), "1b": (8191, 512)}
+from benchmarks.mosaic_static import SIZES, chosen_sizes, lower_bound_us, write_results
+
 # docs/hopper_published.md: cuBLAS bf16 4096³ on an H100 (716 TFLOP/s of 989) and the
 # H200's DRAM read bandwidth measured by te42kyfo/gpu-benches.
 GEMM_EFFICIENCY = 716 / 989
@@ -241,14 +240,10 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
   from elas_jax import targets
-  from elas_kernels import roofline
 
   targets.check_environment()
   target = targets.get(args.target)
-  sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-  bad = [s for s in sizes if s not in SIZES]
-  if bad:
-    ap.error(f"--sizes: unknown {bad}; choose from {sorted(SIZES)}")
+  sizes = chosen_sizes(ap, args.sizes)
   model = {"gemm_efficiency": args.gemm_efficiency, "hbm_bytes_per_s": args.hbm_tb_s * 1e12}
   results, md, ok = {}, [], True
   for i, size in enumerate(sizes):
@@ -258,8 +253,7 @@ def main(argv=None) -> int:
     rep_f, fwd = compile_rows(f, r, args.tokens, target, False, **model)
     rep_t, train = compile_rows(f, r, args.tokens, target, True, **model)
     ok &= rep_f.compiled and rep_t.compiled
-    gpu = target.gpu_spec()
-    lower = tuple(roofline.ffn_core(args.tokens, f, r, train=t, gpu=gpu).time_s * 1e6 for t in (False, True))
+    lower = tuple(lower_bound_us(f, r, args.tokens, target, train) for train in (False, True))
     results[size] = {"forward": fwd, "fwd_bwd": train, "forward_us": sum(w["est_us"] for w in fwd),
                      "fwd_bwd_us": sum(w["est_us"] for w in train), "elas_lower_bound_us": lower,
                      "model": model}
@@ -267,12 +261,7 @@ def main(argv=None) -> int:
   text = "\n\n".join(md) + (f"\n\nGEMMs at {args.gemm_efficiency:.0%} of {target.bf16_flops_per_s / 1e12:.0f}"
                             f" TFLOP/s, bytes at {args.hbm_tb_s:.2f} TB/s.")
   print(text)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-      json.dump(results, fh, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
-      fh.write(text + "\n")
+  write_results(args.out, results, text)
   return 0 if ok else 1
 
 
