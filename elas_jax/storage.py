@@ -169,27 +169,26 @@ class _Quiet:
     self._previous_hook = None
     self._previous_thread_hook = None
 
-  def filter(self, record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    if exc is None:
-      return True
+  def silenced(self, exc: BaseException) -> bool:
+    """Whether ``exc``, reported from another thread, is the run's storage fault again."""
     # Once the workdir has vanished, orbax's threads fail in ways that name no storage
     # fault (e.g. "No ArrayMetadata found" for a save whose files were deleted under it):
     # all of them are that one fault, which the run reports.
     if self.watch is not None and self.watch.gone():
-      return False
-    return fault_of(exc, self.workdir) is None and not (self.faulted and _at_exit(exc))
+      return True
+    return fault_of(exc, self.workdir) is not None or (self.faulted and _at_exit(exc))
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or not self.silenced(exc)
 
   def _unraisable(self, unraisable) -> None:
     if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
       self._previous_hook(unraisable)
 
   def _thread_exception(self, args) -> None:
-    exc = args.exc_value
-    if exc is not None and ((self.faulted and _at_exit(exc)) or fault_of(exc, self.workdir) is not None
-                            or (self.watch is not None and self.watch.gone())):
-      return
-    self._previous_thread_hook(args)
+    if args.exc_value is None or not self.silenced(args.exc_value):
+      self._previous_thread_hook(args)
 
   def install(self) -> None:
     for name in self.LOGGERS:
