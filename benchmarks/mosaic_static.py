@@ -11,20 +11,21 @@ branch: ``sparse_on`` is an input), compiled for the H200 by XLA and Mosaic GPU
 
   * ``wgmma``: the instructions per program (``m64nNk16`` x count), from the
     kernel plan (``elas_kernels.ffn.mosaic.kernel_specs``); the shapes are
-    checked against the instructions in the PTX Mosaic emitted;
+    checked against the instructions in the PTX Mosaic emitted, and the FLOPs
+    against the PTX's executed wgmma (``ptx_gflop``);
   * shared memory (Mosaic's own allocation), registers and spill bytes
     (``ptxas -v`` of Mosaic's PTX, via ``MOSAIC_GPU_DUMP_TO``);
-  * programs per SM (one warpgroup of 128 threads per program; limited by
-    registers and shared memory, ``elas_jax.targets.Target.programs_per_sm``)
-    and waves of the grid over 132 SMs;
-  * an estimated time ``max(FLOPs / (efficiency x peak), HBM bytes / bandwidth)``
-    with the FLOP time stretched by the last, partial wave (``ceil(waves) /
-    waves``); FLOPs are the kernel's own wgmma work (padding and recomputes
-    included), bytes the traffic it cannot avoid (weights once: they stay in L2).
+  * programs per SM (limited by threads, registers and shared memory,
+    ``elas_jax.targets.Target.programs_per_sm``) and waves of the grid;
+  * the time of the static kernel model (``elas_kernels.perf_model``: the PTX's
+    executed wgmma, SIMT instructions, waits, TMA bytes and warpgroup roles,
+    costed with the constants ``benchmarks/calibrate_model.py`` fitted to
+    published Hopper measurements) and the term that bounds it;
 
-beside the roofline lower bound of the whole FFN core (the fused op's minimum
-FLOPs and bytes at the H200's dense bf16 peak and HBM bandwidth). Nothing
-here is a measurement: the estimate is only as good as the efficiency assumed.
+beside XLA's dense loro_relu2 FFN core at the same size (``benchmarks.xla_static``)
+and the roofline lower bound of the whole FFN core (the fused op's minimum FLOPs
+and bytes at the H200's dense bf16 peak and HBM bandwidth). Nothing here is a
+measurement: the model's error against published kernels is in docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -80,31 +81,37 @@ def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
   return report, resources
 
 
-def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, efficiency: float,
-                modes=MODES, hbm_bytes_per_s: float | None = None) -> list[dict]:
-  """One row per (phase, kernel) of every mode's launches, with the static estimate
-  (bytes at ``hbm_bytes_per_s``, default the target's datasheet bandwidth)."""
-  hbm_bytes_per_s = hbm_bytes_per_s or target.hbm_bytes_per_s
+def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, params=None,
+                modes=MODES) -> list[dict]:
+  """One row per (phase, kernel) of every mode's launches, with the static model's time
+  (:func:`elas_kernels.perf_model.estimate` of the kernel's PTX at ``params``, default
+  the calibrated :class:`~elas_kernels.perf_model.Params`)."""
+  from elas_kernels import perf_model as pm
   from elas_kernels.ffn.mosaic import kernel_specs
 
+  gpu = target.gpu_spec()
   rows = []
   for mode in modes:
-    for phase, specs in kernel_specs(tokens, f, r, r, mode=mode, gpu=target.gpu_spec()).items():
+    for phase, specs in kernel_specs(tokens, f, r, r, mode=mode, gpu=gpu).items():
       for s in specs:
         res = resources.get(s.name, {})
         regs, smem = res.get("registers"), res.get("smem_bytes") or s.smem_bytes
-        pps = target.programs_per_sm(128, regs, smem)
+        prof = pm.profile_ptx(res["ptx"]) if res.get("ptx") else None
+        threads = prof.threads if prof else 128
+        pps = target.programs_per_sm(threads, regs, smem)
         waves = target.waves(s.programs, pps)
-        stretch = math.ceil(waves) / waves if waves else float("inf")
-        flop_s = s.flops / (efficiency * target.bf16_flops_per_s) * stretch
-        byte_s = s.hbm_bytes / hbm_bytes_per_s
+        est = pm.estimate(prof, s.programs, pps, s.hbm_bytes, params, gpu) if prof else None
         rows.append({
             "mode": mode, "phase": phase, "kernel": s.name, "grid": list(s.grid),
             "programs": s.programs, "stages": s.stages, "wgmma": s.wgmma,
             "ptx_wgmma": res.get("ptx_wgmma"), "smem_bytes": smem, "registers": regs,
-            "spill_bytes": res.get("spill_bytes"), "programs_per_sm": pps, "waves": waves,
-            "gflop": s.flops / 1e9, "hbm_mb": s.hbm_bytes / 1e6,
-            "est_us": max(flop_s, byte_s) * 1e6, "bound": "flops" if flop_s >= byte_s else "bytes"})
+            "spill_bytes": res.get("spill_bytes"), "wgmma_serialized": res.get("wgmma_serialized"),
+            "threads": threads, "warpgroups": (prof.consumers, prof.producers) if prof else None,
+            "programs_per_sm": pps, "waves": waves, "gflop": s.flops / 1e9,
+            "ptx_gflop": prof.wgmma_flops * s.programs / 1e9 if prof else None,
+            "hbm_mb": s.hbm_bytes / 1e6,
+            "est_us": est.time_us if est else float("nan"), "bound": est.bound if est else "-",
+            "terms_us": {k: v * 1e6 for k, v in est.terms_s.items()} if est else {}})
   return rows
 
 
@@ -134,36 +141,48 @@ def flops_ratios(rows: list[dict], f: int, r: int, tokens: int) -> dict[str, dic
   return out
 
 
-def markdown(size: str, tokens: int, rows: list[dict], target, efficiency: float,
-             hbm_bytes_per_s: float | None = None) -> str:
+def totals(rows: list[dict]) -> dict[str, dict[str, float]]:
+  """Modelled µs per mode: forward, fwd+bwd of the 2:4 phase and of the dense warm-up."""
+  out = {}
+  for mode in sorted({w["mode"] for w in rows}):
+    sel = [w for w in rows if w["mode"] == mode]
+    fwd, bwd, warm = (sum(w["est_us"] for w in sel if w["phase"] == ph)
+                      for ph in ("forward", "backward", "dense warm-up"))
+    out[mode] = {"forward": fwd, "fwd_bwd": fwd + bwd, "warm_up": fwd + warm}
+  return out
+
+
+def markdown(size: str, tokens: int, rows: list[dict], target, xla: dict | None = None) -> str:
+  """Per-kernel table, then per mode the totals beside XLA's dense core and the bound."""
   f, r = SIZES[size]
   out = [f"### {size} (F {f}, r {r}), {tokens} tokens",
          "",
          "| mode | phase | kernel | grid | wgmma per program | smem KiB | regs | spill B "
-         "| programs/SM | waves | GFLOP | MB | est. µs |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| programs/SM | waves | GFLOP | MB | est. µs | bound |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for w in rows:
     mma = ", ".join(f"{k} x{v}" for k, v in sorted(w["wgmma"].items()))
     smem = "-" if w["smem_bytes"] is None else f"{w['smem_bytes'] / 1024:.0f}"
     out.append(f"| {w['mode']} | {w['phase']} | `{w['kernel']}` | {'x'.join(map(str, w['grid']))} "
                f"| {mma} | {smem} | {w['registers']} | {w['spill_bytes']} | {w['programs_per_sm']} "
-               f"| {w['waves']:.2f} | {w['gflop']:.1f} | {w['hbm_mb']:.0f} | {w['est_us']:.0f} |")
-  out += ["", "| mode | forward est. µs | fwd+bwd est. µs (2:4) | fwd+bwd est. µs (warm-up) "
-          "| lower bound fwd µs | lower bound fwd+bwd µs | executed / minimum FLOPs: fwd, fwd+bwd (2:4), "
-          "fwd+bwd (warm-up) |", "|---|---|---|---|---|---|---|"]
+               f"| {w['waves']:.2f} | {w['gflop']:.1f} | {w['hbm_mb']:.0f} | {w['est_us']:.0f} | {w['bound']} |")
   lb_f, lb_t = lower_bound_us(f, r, tokens, target, False), lower_bound_us(f, r, tokens, target, True)
-  ratios = flops_ratios(rows, f, r, tokens)
+  ratios, tot = flops_ratios(rows, f, r, tokens), totals(rows)
+  head = "| mode | forward µs | fwd+bwd µs (2:4) | fwd+bwd µs (warm-up) "
+  if xla:
+    head += "| XLA dense fwd / fwd+bwd µs | ELAS / XLA: fwd, fwd+bwd (2:4), warm-up "
+  out += ["", head + "| lower bound fwd / fwd+bwd µs | fwd+bwd / lower bound "
+          "| executed / minimum FLOPs: fwd, fwd+bwd (2:4), warm-up |",
+          "|---|---|---|---|" + ("---|---|" if xla else "") + "---|---|---|"]
   for mode in MODES:
-    sel = [w for w in rows if w["mode"] == mode]
-    fwd = sum(w["est_us"] for w in sel if w["phase"] == "forward")
-    bwd = sum(w["est_us"] for w in sel if w["phase"] == "backward")
-    warm = sum(w["est_us"] for w in sel if w["phase"] == "dense warm-up")
-    x = ratios[mode]
-    out.append(f"| {mode} | {fwd:.0f} | {fwd + bwd:.0f} | {fwd + warm:.0f} | {lb_f:.0f} | {lb_t:.0f} "
+    t, x = tot[mode], ratios[mode]
+    line = f"| {mode} | {t['forward']:.0f} | {t['fwd_bwd']:.0f} | {t['warm_up']:.0f} "
+    if xla:
+      xf, xt = xla["forward_us"], xla["fwd_bwd_us"]
+      line += (f"| {xf:.0f} / {xt:.0f} | {t['forward'] / xf:.2f}, {t['fwd_bwd'] / xt:.2f}, "
+               f"{t['warm_up'] / xt:.2f} ")
+    out.append(line + f"| {lb_f:.0f} / {lb_t:.0f} | {t['fwd_bwd'] / lb_t:.2f} "
                f"| {x['forward']:.2f}, {x['fwd_bwd']:.2f}, {x['warm_up']:.2f} |")
-  out.append("")
-  out.append(f"Estimates at {efficiency:.0%} of the {target.bf16_flops_per_s / 1e12:.0f} TFLOP/s "
-             f"dense bf16 peak and {(hbm_bytes_per_s or target.hbm_bytes_per_s) / 1e12:.2f} TB/s.")
   return "\n".join(out)
 
 
@@ -191,12 +210,10 @@ def main(argv=None) -> int:
   ap.add_argument("--sizes", default="60m,130m,350m,1b")
   ap.add_argument("--tokens", type=int, default=16384)
   ap.add_argument("--target", default="h200")
-  ap.add_argument("--efficiency", type=float, default=0.5,
-                  help="assumed fraction of the dense bf16 tensor-core peak the kernels reach")
-  ap.add_argument("--hbm_tb_s", type=float, default=None,
-                  help="HBM bandwidth a kernel reaches, TB/s (default: the target's datasheet)")
+  ap.add_argument("--no_xla", action="store_true", help="leave out XLA's dense core")
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
+  from benchmarks import xla_static
   from elas_jax import targets
 
   targets.check_environment()
@@ -208,14 +225,20 @@ def main(argv=None) -> int:
     print(f"[{i + 1}/{len(sizes)}] compiling {size} (F {f}, r {r}, {args.tokens} tokens) ...",
           file=sys.stderr, flush=True)
     report, resources = compile_size(f, r, args.tokens, target)
-    hbm = args.hbm_tb_s * 1e12 if args.hbm_tb_s else None
-    rows = kernel_rows(f, r, args.tokens, target, resources, args.efficiency, hbm_bytes_per_s=hbm)
+    rows = kernel_rows(f, r, args.tokens, target, resources)
+    xla = None
+    if not args.no_xla:
+      xla = {}
+      for key, train in (("forward_us", False), ("fwd_bwd_us", True)):
+        _, xrows = xla_static.compile_rows(f, r, args.tokens, target, train)
+        xla[key] = sum(w["est_us"] for w in xrows)
     results[size] = {"compiled": report.compiled, "reason": report.reason,
-                     "compile_s": report.compile_s, "kernels": rows,
-                     "executed_flops_ratio": flops_ratios(rows, f, r, args.tokens)}
+                     "compile_s": report.compile_s, "kernels": rows, "totals_us": totals(rows),
+                     "xla_dense_us": xla, "executed_flops_ratio": flops_ratios(rows, f, r, args.tokens),
+                     "lower_bound_us": [lower_bound_us(f, r, args.tokens, target, t) for t in (False, True)]}
     print(f"    compiled={report.compiled} in {report.compile_s:.0f} s"
           + (f": {report.reason}" if report.reason else ""), file=sys.stderr, flush=True)
-    md.append(markdown(size, args.tokens, rows, target, args.efficiency, hbm))
+    md.append(markdown(size, args.tokens, rows, target, xla))
   text = "\n\n".join(md)
   print(text)
   write_results(args.out, results, text)

@@ -12,8 +12,9 @@ FLOPs (its dots' ``2·M·N·K``) and HBM bytes (its operands and results, once).
 
 The cost is a roofline at *published* ceilings, not at the datasheet's:
 GEMM-bearing kernels at ``max(FLOPs / (gemm_efficiency · peak), bytes / HBM)``,
-every other kernel at ``bytes / HBM``; the kernels run one after another (no
-overlap, no launch cost). Defaults (docs/hopper_published.md): cuBLAS's 716
+every other kernel at ``bytes / HBM``, each plus the per-kernel overhead the
+static kernel model was calibrated to (``elas_kernels.perf_model.Params``,
+docs/kernels.md); the kernels run one after another (no overlap). Defaults (docs/hopper_published.md): cuBLAS's 716
 TFLOP/s on a 4096³ bf16 GEMM (72% of 989) and the H200's measured 3.89 TB/s DRAM
 read. XLA compiled deviceless is not autotuned (no GPU to tune on: its GEMMs come
 out as Triton fusions with default tiles); the fusion boundaries are the compile's,
@@ -157,13 +158,19 @@ def hlo_kernels(text: str) -> list[HloKernel]:
 
 
 def cost_s(k: HloKernel, peak_flops_per_s: float, gemm_efficiency: float = GEMM_EFFICIENCY,
-           hbm_bytes_per_s: float = HBM_BYTES_PER_S) -> tuple[float, str]:
-  """(seconds, bound) of one kernel under the module docstring's model."""
+           hbm_bytes_per_s: float = HBM_BYTES_PER_S, overhead_s: float | None = None) -> tuple[float, str]:
+  """(seconds, bound) of one kernel under the module docstring's model; ``overhead_s``
+  per kernel (default the calibrated :class:`elas_kernels.perf_model.Params`' own,
+  the same the ELAS kernels are charged)."""
+  if overhead_s is None:
+    from elas_kernels.perf_model import Params
+
+    overhead_s = Params().overhead_s
   mem = k.bytes / hbm_bytes_per_s
   if not k.flops:
-    return mem, "bytes"
+    return mem + overhead_s, "bytes"
   comp = k.flops / (gemm_efficiency * peak_flops_per_s)
-  return max(comp, mem), "flops" if comp >= mem else "bytes"
+  return max(comp, mem) + overhead_s, "flops" if comp >= mem else "bytes"
 
 
 def dense_core(train: bool):

@@ -414,8 +414,10 @@ def _collect_kernels(dump_dir: str, target: spec.Target, ptxas: bool) -> list[Ke
 
 def mosaic_resources(dump_dir: str) -> dict[str, dict]:
   """Per Mosaic kernel name (without Mosaic's ``_<n>`` suffix): registers, spill bytes
-  (stores + loads), shared memory and the wgmma instruction shapes of its PTX; the
-  maximum over kernels of one name (a name compiled twice is the same kernel).
+  (stores + loads), shared memory, the wgmma instruction shapes of its PTX, the
+  PTX itself (``ptx``) and whether ptxas serialized its wgmma (``wgmma_serialized``,
+  warning C7512); the maximum over kernels of one name (a name compiled twice
+  is the same kernel).
 
   The files of one kernel do not share a suffix: ``<name>_<i>.resources.txt``
   (shared memory) is written when the kernel is lowered, ``<name>_<j>.ptx`` and
@@ -424,7 +426,8 @@ def mosaic_resources(dump_dir: str) -> dict[str, dict]:
   out: dict[str, dict] = {}
 
   def row(name: str) -> dict:
-    return out.setdefault(name, {"registers": None, "spill_bytes": None, "smem_bytes": None, "ptx_wgmma": []})
+    return out.setdefault(name, {"registers": None, "spill_bytes": None, "smem_bytes": None, "ptx_wgmma": [],
+                                 "ptx": None, "wgmma_serialized": False})
 
   def bump(r: dict, key: str, value: int) -> None:
     r[key] = max(r[key] or 0, value)
@@ -444,6 +447,9 @@ def mosaic_resources(dump_dir: str) -> dict[str, dict]:
         bump(r, "registers", int(regs.group(1)))
       if spill:
         bump(r, "spill_bytes", int(spill.group(1)) + int(spill.group(2)))
+      # C7512: "wgmma.mma_async instructions are serialized due to insufficient register
+      # resources": every wgmma then waits for the one before it
+      r["wgmma_serialized"] = r.get("wgmma_serialized", False) or "(C7512)" in txt
     elif ext == "resources.txt":
       m = re.search(r"smem_scratch_bytes=(\d+)", txt)
       if m:
@@ -451,6 +457,7 @@ def mosaic_resources(dump_dir: str) -> dict[str, dict]:
     else:
       shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", txt))
       r["ptx_wgmma"] = sorted(set(r["ptx_wgmma"]) | shapes)
+      r["ptx"] = txt  # for elas_kernels.perf_model.profile_ptx
   return out
 
 

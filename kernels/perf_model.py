@@ -1,0 +1,387 @@
+"""A static performance model of a Hopper kernel from the PTX its compiler emitted.
+
+No GPU is needed and nothing here is a measurement. From one kernel's PTX
+(:func:`profile_ptx`) the model reads, per warpgroup role:
+
+* the executed ``wgmma`` instructions, each costed at its tensor-core cycles at
+  peak (``2·m·n·k`` FLOPs at 4096 dense bf16/f16 FLOP per cycle per SM, the
+  H100/H200 rate; tf32 half that, fp8 twice);
+* the executed SIMT instructions per warp (every PTX statement but ``wgmma``,
+  directives and labels; the special-function unit's ``ex2``/``rcp``/... apart);
+* ``wgmma.wait_group 0`` events (the warpgroup waits out the tensor-core
+  pipeline) and whether its loop keeps a wgmma in flight while it works
+  (``wait_group`` >= 1);
+* TMA bytes loaded (``mbarrier.arrive.expect_tx`` byte counts).
+
+Loops are the PTX's backward branches; a loop's trip count is the immediate its
+exit compare tests (``setp.ne %r, 64``); a loop bounded at run time (a
+persistent kernel's work loop, or one LLVM rewrote to run on flags) takes
+``runtime_trips`` from the caller; callers check the FLOPs read against the
+work they know. Roles
+come from ``setmaxnreg``: code dominated by ``setmaxnreg.inc`` is a consumer's,
+by ``setmaxnreg.dec`` the producer's, the rest every warpgroup's; a kernel
+without it is one role run by all its warpgroups.
+
+:func:`estimate` turns a profile into time on one GPU (:class:`Params`, fitted by
+``benchmarks/calibrate_model.py`` against published measurements). Per SM and
+per wave of ``k`` co-resident programs the time is the largest of
+
+* the tensor cores: ``k ·`` (consumers' wgmma cycles) ``/ tc_efficiency``;
+* one consumer's own chain: wgmma, its waits (``wait_latency`` cycles each) and
+  its SIMT (``cpi`` cycles per instruction, ``mufu_cycles`` per special
+  function) one after another when each step waits for all its wgmma, or the
+  larger of the two when a wgmma stays in flight;
+* the issue slots: ``k ·`` (all warpgroups' instructions per warp; each
+  warpgroup puts one warp on each of an SM's four schedulers);
+* the L2: ``k ·`` TMA bytes at ``l2_bytes_per_s / SMs``;
+
+then waves (or a persistent loop) multiply it, HBM bounds the whole kernel
+(``hbm_bytes / hbm_bytes_per_s``) and ``overhead_s`` is added once. What it
+leaves out is listed in docs/kernels.md ("A static model of the kernels").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from elas_kernels.gpu import H200, GpuSpec
+
+# Dense tensor-core FLOPs per cycle per SM by input type (H100/H200: 989 TFLOP/s bf16
+# over 132 SMs at 1.83 GHz); tf32 runs at half the bf16 rate, fp8 at twice.
+_TC_FLOPS_PER_CYCLE = {"f16": 4096, "bf16": 4096, "tf32": 2048, "e4m3": 8192, "e5m2": 8192}
+_MUFU = ("ex2.", "lg2.", "rcp.approx", "rsqrt.", "sqrt.approx", "sin.", "cos.", "tanh.")
+_WGMMA = re.compile(r"wgmma\.mma_async(?:\.sp)?\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.\w+\.(\w+)\.")
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"^(@(!?)(%p\d+)\s+)?bra(?:\.uni)?\s+(\$L__\w+);")
+_SETP = re.compile(r"^setp\.(\w+)\.\w+ (%p\d+), (%\w+), (-?\d+);")
+_MOV_IMM = re.compile(r"^mov\.[bu]32\s+(%r\d+),\s*(\d+);")
+_EXPECT_TX = re.compile(r"^mbarrier\.arrive\.expect_tx\.\S+\s+\S+,\s*\[[^\]]*\],\s*(%r\d+|\d+);")
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+  """What one warpgroup of a role executes in one program (per warp where it says so)."""
+
+  wgmma_cycles: float = 0.0  # tensor-core cycles at peak
+  wgmma_flops: float = 0.0
+  simt: float = 0.0  # instructions per warp, special functions excluded
+  mufu: float = 0.0  # special-function instructions per warp
+  waits: float = 0.0  # wgmma.wait_group 0 executed
+  overlapped: bool = False  # a loop keeps a wgmma in flight (wait_group >= 1)
+  tma_bytes: float = 0.0  # bytes TMA loads into shared memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  """One kernel's PTX, summarised: ``consumers`` warpgroups run ``consumer``, one runs
+  ``producer`` when the kernel is warp-specialized (``producers`` 1), else 0."""
+
+  threads: int
+  consumers: int
+  producers: int
+  consumer: Role
+  producer: Role
+  loops: tuple[tuple[int, int | None], ...]  # (body statements, trips) per loop
+  wgmma_shapes: tuple[str, ...]
+
+  @property
+  def warpgroups(self) -> int:
+    return self.consumers + self.producers
+
+  @property
+  def wgmma_flops(self) -> float:
+    """Tensor-core FLOPs of one program."""
+    return self.consumers * self.consumer.wgmma_flops + self.producers * self.producer.wgmma_flops
+
+
+def _statements(ptx: str) -> list[str]:
+  """The entry function's statements, one per item (an instruction may span lines):
+  labels as ``$L__x:``, inline assembly split at ``;``, directives, comments,
+  declarations and inline assembly's local labels dropped."""
+  body = ptx[ptx.index(".entry"):] if ".entry" in ptx else ptx
+  body = body[body.index("{") + 1:] if "{" in body else body
+  lines = []
+  for line in body.splitlines():
+    line = line.split("//", 1)[0].strip()
+    if line.startswith("{"):  # an inline-assembly block opens (maybe on the same line)
+      line = line[1:].strip()
+    if line.endswith("}") and "{" not in line:
+      line = line[:-1].strip()
+    if line and not (line.startswith(".") and ";" not in line):  # .loc etc. end without ';'
+      lines.append(line)
+  out = []
+  for chunk in " ".join(lines).split(";"):
+    chunk = " ".join(chunk.split()).lstrip("{} ")  # what is left of an inline-asm block's braces
+    while True:  # labels in front of an instruction
+      m = re.match(r"^([$A-Za-z_][\w$]*):(?!:)\s*(.*)$", chunk)
+      if not m:
+        break
+      if m.group(1).startswith("$L__"):
+        out.append(m.group(1) + ":")
+      chunk = m.group(2)
+    if chunk and not chunk.startswith("."):
+      out.append(chunk + ";")
+  return out
+
+
+def _blocks(sts: list[str]) -> tuple[list[tuple[int, int]], dict[int, list[int]]]:
+  """Basic blocks as statement ranges ``[start, end)`` and their successors."""
+  labels = {m.group(1): i for i, s in enumerate(sts) if (m := _LABEL.match(s))}
+  starts = {0} | set(labels.values())
+  for i, s in enumerate(sts):
+    if _BRANCH.match(s) or s.startswith("ret"):
+      starts.add(i + 1)
+  starts = sorted(x for x in starts if x < len(sts))
+  blocks = [(a, b) for a, b in zip(starts, starts[1:] + [len(sts)])]
+  index = {a: k for k, (a, _) in enumerate(blocks)}
+  succ: dict[int, list[int]] = {}
+  for k, (a, b) in enumerate(blocks):
+    last, nxt = sts[b - 1], []
+    m = _BRANCH.match(last)
+    if m:
+      nxt.append(index[labels[m.group(4)]])
+    if not last.startswith("ret") and not (m and not m.group(1)) and k + 1 < len(blocks):
+      nxt.append(k + 1)  # falls through (a conditional branch or no branch)
+    succ[k] = nxt
+  return blocks, succ
+
+
+def _dominators(n: int, succ: dict[int, list[int]]) -> list[set[int]]:
+  preds: dict[int, list[int]] = {k: [] for k in range(n)}
+  for k, vs in succ.items():
+    for v in vs:
+      preds[v].append(k)
+  dom = [set(range(n)) for _ in range(n)]
+  dom[0] = {0}
+  changed = True
+  while changed:
+    changed = False
+    for k in range(1, n):
+      ps = [dom[p] for p in preds[k]]
+      new = ({k} | set.intersection(*ps)) if ps else {k}
+      if new != dom[k]:
+        dom[k], changed = new, True
+  return dom
+
+
+def _natural_loops(sts: list[str], blocks, succ, dom) -> list[tuple[set[int], int | None]]:
+  """``(blocks, trips)`` per loop header: a back edge is an edge to a block that
+  dominates its source; the loop is every block that reaches the source without
+  passing the header. Trips: the immediate the latch's compare tests (the loop
+  continues while ``counter != imm`` or ``counter < imm``), ``None`` when the bound
+  is a register (known at run time only)."""
+  preds: dict[int, list[int]] = {k: [] for k in range(len(blocks))}
+  for k, vs in succ.items():
+    for v in vs:
+      preds[v].append(k)
+  loops: dict[int, tuple[set[int], int | None]] = {}
+  for u, vs in succ.items():
+    for h in vs:
+      if h not in dom[u]:
+        continue
+      body, stack = {h, u}, ([u] if u != h else [])
+      while stack:
+        x = stack.pop()
+        for p in preds[x]:
+          if p not in body:
+            body.add(p)
+            stack.append(p)
+      a, b = blocks[u]
+      trips = None
+      m = _BRANCH.match(sts[b - 1])
+      if m and m.group(1):
+        to_head = blocks[h][0] == _label_index(sts, m.group(4))
+        negated = bool(m.group(2)) if to_head else not m.group(2)
+        for k in range(b - 2, a - 1, -1):
+          c = _SETP.match(sts[k])
+          if c and c.group(2) == m.group(3):
+            cmp, bound = c.group(1), int(c.group(4))
+            start, step = _induction(sts, blocks, body, h, c.group(3))
+            if cmp == "le":
+              bound += 1
+            if ((cmp in ("ne", "lt", "le") and not negated) or (cmp == "eq" and negated)) and step > 0:
+              trips = max(0, -(-(bound - start) // step))
+            break
+      old = loops.get(h)
+      loops[h] = (body | old[0], old[1] if old and old[1] is not None else trips) if old else (body, trips)
+  return [loops[h] for h in sorted(loops)]
+
+
+def _induction(sts: list[str], blocks, body: set[int], head: int, reg: str) -> tuple[int, int]:
+  """(start, step) of the counter ``reg`` a loop's exit compare tests: ``reg = x + step``
+  in the loop (through a ``cvt`` of a 64-bit counter), ``x`` set to an immediate before
+  the header (else 0 and 1)."""
+  loop = [s for k in body for s in sts[blocks[k][0]:blocks[k][1]]]
+  for s in loop:
+    m = re.match(rf"^cvt\.u32\.u64 {re.escape(reg)}, (%rd\d+);", s)
+    if m:
+      reg = m.group(1)
+  step, phi = 1, None
+  for s in loop:
+    m = re.match(rf"^add\.[su](?:32|64) {re.escape(reg)}, (%\w+), (-?\d+);", s)
+    if m:
+      phi, step = m.group(1), int(m.group(2))
+  start = 0
+  if phi:
+    for s in sts[:blocks[head][0]]:
+      m = re.match(rf"^mov\.[bu](?:32|64) {re.escape(phi)}, (-?\d+);", s)
+      if m:
+        start = int(m.group(1))
+  return start, step
+
+
+def _label_index(sts: list[str], label: str) -> int:
+  return next(i for i, s in enumerate(sts) if s == label + ":")
+
+
+def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
+  """Summarise one kernel's PTX (see the module docstring). ``runtime_trips``: the
+  trip count of every loop whose bound is not a constant (1 when not given)."""
+  sts = _statements(ptx)
+  threads = re.search(r"\.(?:maxntid|reqntid)\s+(\d+)", ptx)
+  threads = int(threads.group(1)) if threads else 128
+  warpgroups = max(1, threads // 128)
+  regs = {m.group(1): int(m.group(2)) for s in sts if (m := _MOV_IMM.match(s))}
+  blocks, succ = _blocks(sts)
+  dom = _dominators(len(blocks), succ)
+  loops = _natural_loops(sts, blocks, succ, dom)
+  weight = [1.0] * len(sts)
+  for body, trips in loops:
+    t = trips if trips is not None else (runtime_trips or 1)
+    for k in body:
+      a, b = blocks[k]
+      for i in range(a, b):
+        weight[i] *= t
+  seeds = {"consumer": set(), "producer": set()}
+  for k, (a, b) in enumerate(blocks):
+    for s in sts[a:b]:
+      if s.startswith("setmaxnreg.inc"):
+        seeds["consumer"].add(k)
+      elif s.startswith("setmaxnreg.dec"):
+        seeds["producer"].add(k)
+  role_of = ["all"] * len(sts)
+  for k, (a, b) in enumerate(blocks):
+    for name, ks in seeds.items():
+      if ks & dom[k]:
+        role_of[a:b] = [name] * (b - a)
+
+  def role(names: tuple[str, ...]) -> Role:
+    acc = dict(wgmma_cycles=0.0, wgmma_flops=0.0, simt=0.0, mufu=0.0, waits=0.0, tma_bytes=0.0)
+    overlapped = False
+    for s, w, r in zip(sts, weight, role_of):
+      if r not in names or _LABEL.match(s):
+        continue
+      m = _WGMMA.search(s)
+      if m:
+        mm, nn, kk, dtype = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
+        flops = 2.0 * mm * nn * kk
+        acc["wgmma_flops"] += w * flops
+        acc["wgmma_cycles"] += w * flops / _TC_FLOPS_PER_CYCLE.get(dtype, 4096)
+        continue
+      if s.startswith("setp.ne.b32 p, 1, 0") or s.startswith("setp.ne.b32 p,"):
+        continue  # the scale-d predicate of wgmma's own inline assembly
+      wait = re.match(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", s)
+      if wait:
+        if int(wait.group(1)) == 0:
+          acc["waits"] += w
+        elif w > 1:
+          overlapped = True
+      tx = _EXPECT_TX.match(s.split(" ", 1)[1] if s.startswith("@") else s)
+      if tx:  # Mosaic arrives from every thread of the warpgroup with its share of the bytes
+        v = tx.group(1)
+        per = int(v) if v.isdigit() else regs.get(v, 0)
+        acc["tma_bytes"] += w * per * (1 if s.startswith("@") else 128)
+      if s.startswith(_MUFU):
+        acc["mufu"] += w
+      else:
+        acc["simt"] += w
+    return Role(overlapped=overlapped, **acc)
+
+  ws = bool(seeds["producer"]) and bool(seeds["consumer"])
+  consumers = warpgroups - 1 if ws else warpgroups
+  shapes = tuple(sorted({f"m{a}n{b}k{c}" for s in sts if (x := _WGMMA.search(s))
+                         for a, b, c in [x.groups()[:3]]}))
+  return Profile(
+      threads=threads, consumers=consumers, producers=1 if ws else 0,
+      consumer=role(("consumer", "all")), producer=role(("producer", "all")) if ws else Role(),
+      loops=tuple((sum(blocks[k][1] - blocks[k][0] for k in body), trips) for body, trips in loops),
+      wgmma_shapes=shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """The model's free constants. Defaults: ``benchmarks/calibrate_model.py``'s fit to 11
+  published Hopper measurements (2026-12-05, jax 0.12.0.1; RMS log error 0.093, leave-one-out
+  errors -20% to +18%, docs/kernels.md). Bandwidths are the H200's measured ones
+  (docs/hopper_published.md), not fitted."""
+
+  tc_efficiency: float = 0.90  # sustained fraction of the tensor cores' peak
+  wait_latency: float = 0.0  # cycles a wgmma.wait_group 0 costs beyond the MMAs
+  cpi: float = 4.0  # cycles per SIMT instruction on one warpgroup's own chain
+  mufu_cycles: float = 2.0  # issue cycles of one special-function warp instruction
+  overhead_s: float = 4e-6  # per kernel: launch tail, prologue, pipeline fill, epilogue drain
+  l2_bytes_per_s: float = 9.7e12  # H200 L2 read, 4-40 MB working set (gpu-benches)
+  hbm_bytes_per_s: float = 3.89e12  # H200 DRAM read (gpu-benches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """One kernel's modelled time and which term bounds it."""
+
+  time_s: float
+  bound: str  # tensor, chain, issue, l2, hbm
+  terms_s: dict  # every term, seconds for the whole kernel
+  waves: float
+
+  @property
+  def time_us(self) -> float:
+    return self.time_s * 1e6
+
+
+def clock_hz(gpu: GpuSpec = H200) -> float:
+  """The SM clock the dense bf16 peak implies (4096 FLOP per cycle per SM)."""
+  return gpu.bf16_flops_per_s / (gpu.sm_count * 4096)
+
+
+def _program_cycles(p: Profile, k: int, prm: Params, gpu: GpuSpec) -> dict[str, float]:
+  """Cycles of one wave on one SM with ``k`` programs resident, per term."""
+  c, q = p.consumer, p.producer
+  tc = c.wgmma_cycles / prm.tc_efficiency
+  simt = c.simt * prm.cpi + c.mufu * prm.mufu_cycles
+  chain = (max(tc, simt) if c.overlapped else tc + simt) + c.waits * prm.wait_latency
+  chain = max(chain, q.simt * prm.cpi + q.mufu * prm.mufu_cycles)
+  issue = (p.consumers * (c.simt + c.mufu * prm.mufu_cycles)
+           + p.producers * (q.simt + q.mufu * prm.mufu_cycles))
+  l2_per_cycle = prm.l2_bytes_per_s / gpu.sm_count / clock_hz(gpu)
+  tma = p.consumers * c.tma_bytes + p.producers * q.tma_bytes
+  return {"tensor": k * p.consumers * tc, "chain": chain, "issue": k * issue,
+          "l2": k * tma / l2_per_cycle}
+
+
+def estimate(p: Profile, programs: int, programs_per_sm: int, hbm_bytes: float,
+             params: Params | None = None, gpu: GpuSpec = H200) -> Estimate:
+  """Time of a kernel launching ``programs`` copies of the profiled program (a
+  persistent kernel: one per SM, its work loop given to :func:`profile_ptx` as
+  ``runtime_trips``), ``programs_per_sm`` of them resident at once, moving
+  ``hbm_bytes`` to and from HBM (each input and output once)."""
+  prm = params or Params()
+  k = max(1, programs_per_sm)
+  sms = gpu.sm_count
+  full, rest = divmod(programs, sms * k)
+  waves = programs / (sms * k)
+  terms = {name: 0.0 for name in ("tensor", "chain", "issue", "l2")}
+  total = 0.0
+  for count, kk in ((full, k), (1 if rest else 0, math.ceil(rest / sms))):
+    if not count:
+      continue
+    cyc = _program_cycles(p, kk, prm, gpu)
+    total += count * max(cyc.values())
+    for name, v in cyc.items():
+      terms[name] += count * v / clock_hz(gpu)
+  sm_s = total / clock_hz(gpu)
+  terms["hbm"] = hbm_bytes / prm.hbm_bytes_per_s
+  bound = max(terms, key=terms.get)
+  return Estimate(time_s=max(sm_s, terms["hbm"]) + prm.overhead_s, bound=bound, terms_s=terms,
+                  waves=waves)
