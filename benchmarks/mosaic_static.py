@@ -43,15 +43,21 @@ from elas_jax.targets.compile import mosaic_resources  # the parser lives with t
 MODES = ("masked", "ste", "split")
 
 
-def gate_program(f: int, r: int, tokens: int, modes=MODES, gpu=None):
+# --impl: the implementations of the table this report compiles, and the tiles that
+# make them (kernel_specs takes the same)
+IMPLS = {"mosaic": {}, "mosaic_ws": {"warp_specialized": True, "block_f": 64}}
+
+
+def gate_program(f: int, r: int, tokens: int, modes=MODES, gpu=None, tiles: dict | None = None):
   """One program: the forward (evaluation) and value_and_grad per mode; its abstract inputs.
-  ``gpu``: the :class:`elas_kernels.gpu.GpuSpec` the kernels are built for (default H200)."""
+  ``gpu``: the :class:`elas_kernels.gpu.GpuSpec` the kernels are built for (default H200);
+  ``tiles``: :class:`~elas_kernels.ffn.mosaic.Tiles` fields (one of :data:`IMPLS`)."""
   import jax
   import jax.numpy as jnp
 
   from elas_kernels.ffn.mosaic import MosaicFfn
 
-  op = MosaicFfn(interpret=False, gpu=gpu)
+  op = MosaicFfn(interpret=False, gpu=gpu, **(tiles or {}))
 
   def program(h, w_in, w_out, sparse_on):
     out = [op(h, w_in, w_out, sparse_on)[0]]
@@ -68,11 +74,11 @@ def gate_program(f: int, r: int, tokens: int, modes=MODES, gpu=None):
   return program, args
 
 
-def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
+def compile_size(f: int, r: int, tokens: int, target, modes=MODES, tiles: dict | None = None):
   """(XLA compile report, Mosaic per-kernel resources) of :func:`gate_program`."""
   from elas_jax import targets
 
-  program, args = gate_program(f, r, tokens, modes, gpu=target.gpu_spec())
+  program, args = gate_program(f, r, tokens, modes, gpu=target.gpu_spec(), tiles=tiles)
   report = targets.compile_for_target(program, *args, target=target, keep_dump=True)
   try:  # Mosaic's own dump of the compile (PTX, ptxas -v, resources)
     resources = mosaic_resources(os.path.join(report.dump_dir, "mosaic_gpu"))
@@ -82,7 +88,7 @@ def compile_size(f: int, r: int, tokens: int, target, modes=MODES):
 
 
 def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, params=None,
-                modes=MODES) -> list[dict]:
+                modes=MODES, tiles: dict | None = None) -> list[dict]:
   """One row per (phase, kernel) of every mode's launches, with the static model's time
   (:func:`elas_kernels.perf_model.estimate` of the kernel's PTX at ``params``, default
   the calibrated :class:`~elas_kernels.perf_model.Params`)."""
@@ -92,7 +98,7 @@ def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, params=Non
   gpu = target.gpu_spec()
   rows = []
   for mode in modes:
-    for phase, specs in kernel_specs(tokens, f, r, r, mode=mode, gpu=gpu).items():
+    for phase, specs in kernel_specs(tokens, f, r, r, mode=mode, gpu=gpu, **(tiles or {})).items():
       for s in specs:
         res = resources.get(s.name, {})
         regs, smem = res.get("registers"), res.get("smem_bytes") or s.smem_bytes
@@ -107,6 +113,7 @@ def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, params=Non
             "ptx_wgmma": res.get("ptx_wgmma"), "smem_bytes": smem, "registers": regs,
             "spill_bytes": res.get("spill_bytes"), "wgmma_serialized": res.get("wgmma_serialized"),
             "threads": threads, "warpgroups": (prof.consumers, prof.producers) if prof else None,
+            "planned_warpgroups": s.warpgroups,
             "programs_per_sm": pps, "waves": waves, "gflop": s.flops / 1e9,
             "ptx_gflop": prof.wgmma_flops * s.programs / 1e9 if prof else None,
             "hbm_mb": s.hbm_bytes / 1e6,
@@ -211,6 +218,8 @@ def main(argv=None) -> int:
   ap.add_argument("--tokens", type=int, default=16384)
   ap.add_argument("--target", default="h200")
   ap.add_argument("--no_xla", action="store_true", help="leave out XLA's dense core")
+  ap.add_argument("--impl", default="mosaic", choices=sorted(IMPLS),
+                  help="mosaic, or mosaic_ws (the warp-specialized forward; ranks <= 128)")
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
   from benchmarks import xla_static
@@ -224,8 +233,13 @@ def main(argv=None) -> int:
     f, r = SIZES[size]
     print(f"[{i + 1}/{len(sizes)}] compiling {size} (F {f}, r {r}, {args.tokens} tokens) ...",
           file=sys.stderr, flush=True)
-    report, resources = compile_size(f, r, args.tokens, target)
-    rows = kernel_rows(f, r, args.tokens, target, resources)
+    tiles = IMPLS[args.impl]
+    report, resources = compile_size(f, r, args.tokens, target, tiles=tiles)
+    if not report.compiled:
+      print(f"    not compiled: {report.reason}", file=sys.stderr, flush=True)
+      results[size] = {"compiled": False, "reason": report.reason}
+      continue
+    rows = kernel_rows(f, r, args.tokens, target, resources, tiles=tiles)
     xla = None
     if not args.no_xla:
       xla = {}

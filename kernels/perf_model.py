@@ -13,8 +13,9 @@ No GPU is needed and nothing here is a measurement. From one kernel's PTX
   (``wait_group`` >= 1);
 * TMA bytes loaded (``mbarrier.arrive.expect_tx`` byte counts).
 
-Loops are the PTX's backward branches; a loop's trip count is the immediate its
-exit compare tests (``setp.ne %r, 64``); a loop bounded at run time (a
+Loops are the control-flow graph's natural loops; a loop's trip count comes from
+the compare of the branch that leaves it (``setp.ne %r, 64``, with the counter's
+start and stride, up or down); a loop bounded at run time (a
 persistent kernel's work loop, or one LLVM rewrote to run on flags) takes
 ``runtime_trips`` from the caller; callers check the FLOPs read against the
 work they know. Roles
@@ -169,9 +170,10 @@ def _dominators(n: int, succ: dict[int, list[int]]) -> list[set[int]]:
 def _natural_loops(sts: list[str], blocks, succ, dom) -> list[tuple[set[int], int | None]]:
   """``(blocks, trips)`` per loop header: a back edge is an edge to a block that
   dominates its source; the loop is every block that reaches the source without
-  passing the header. Trips: the immediate the latch's compare tests (the loop
-  continues while ``counter != imm`` or ``counter < imm``), ``None`` when the bound
-  is a register (known at run time only)."""
+  passing the header. Trips: from the branch that leaves the loop (at its latch or
+  in its body), the immediate its compare tests and the counter's start and stride
+  (``(imm - start) / stride``, counting up or down), ``None`` when the bound is a
+  register (known at run time only)."""
   preds: dict[int, list[int]] = {k: [] for k in range(len(blocks))}
   for k, vs in succ.items():
     for v in vs:
@@ -188,25 +190,65 @@ def _natural_loops(sts: list[str], blocks, succ, dom) -> list[tuple[set[int], in
           if p not in body:
             body.add(p)
             stack.append(p)
-      a, b = blocks[u]
       trips = None
-      m = _BRANCH.match(sts[b - 1])
-      if m and m.group(1):
-        to_head = blocks[h][0] == _label_index(sts, m.group(4))
-        negated = bool(m.group(2)) if to_head else not m.group(2)
-        for k in range(b - 2, a - 1, -1):
-          c = _SETP.match(sts[k])
-          if c and c.group(2) == m.group(3):
-            cmp, bound = c.group(1), int(c.group(4))
-            start, step = _induction(sts, blocks, body, h, c.group(3))
-            if cmp == "le":
-              bound += 1
-            if ((cmp in ("ne", "lt", "le") and not negated) or (cmp == "eq" and negated)) and step > 0:
-              trips = max(0, -(-(bound - start) // step))
-            break
+      for k in sorted(body):  # the first exit whose compare and counter can be read
+        trips = _exit_trips(sts, blocks, body, h, k)
+        if trips is not None:
+          break
       old = loops.get(h)
       loops[h] = (body | old[0], old[1] if old and old[1] is not None else trips) if old else (body, trips)
   return [loops[h] for h in sorted(loops)]
+
+
+def _exit_trips(sts: list[str], blocks, body: set[int], head: int, k: int) -> int | None:
+  """Trips of a loop from the conditional branch ending block ``k``, if it leaves the loop:
+  its compare ``counter <cmp> imm`` and the counter's start and stride."""
+  a, b = blocks[k]
+  m = _BRANCH.match(sts[b - 1])
+  if not m or not m.group(1):
+    return None
+  target = next(i for i, (x, _) in enumerate(blocks) if x == _label_index(sts, m.group(4)))
+  stays = target in body
+  falls = k + 1 in body
+  if stays == falls:
+    return None  # both ways stay in (or leave) the loop: not its exit
+  # the loop goes on while the predicate (negated by '@!') is true, when the branch stays
+  exit_when_true = not stays
+  if m.group(2):
+    exit_when_true = not exit_when_true
+  flag = _flag_trips(sts, blocks, body, head, m.group(3), exit_when_true)
+  if flag is not None:
+    return flag
+  for i in range(b - 2, a - 1, -1):
+    c = _SETP.match(sts[i])
+    if c and c.group(2) == m.group(3):
+      cmp, bound = c.group(1), int(c.group(4))
+      start, step = _induction(sts, blocks, body, head, c.group(3))
+      # continue while counter != bound (or < bound): trips = (bound - start) / step
+      if (cmp == "eq" and exit_when_true) or (cmp == "ne" and not exit_when_true):
+        pass
+      elif cmp in ("lt", "le") and not exit_when_true:
+        bound += cmp == "le"
+      elif cmp in ("ge", "gt") and exit_when_true:
+        bound += cmp == "gt"
+      else:
+        return None
+      n = (bound - start) / step if step else -1
+      return max(0, math.ceil(n)) if n >= 0 else None
+  return None
+
+
+def _flag_trips(sts: list[str], blocks, body: set[int], head: int, pred: str,
+                exit_when_true: bool) -> int | None:
+  """2 for the loop LLVM makes of a 2-trip loop: the branch tests ``pred = q`` copied at
+  the top, ``q`` true before the loop and false after the first trip."""
+  loop = [x for k in sorted(body) for x in sts[blocks[k][0]:blocks[k][1]]]
+  copy = next((m.group(1) for x in loop
+               if (m := re.match(rf"^mov\.pred {re.escape(pred)}, (%p\d+);", x))), None)
+  if copy is None or exit_when_true or f"mov.pred {copy}, 0;" not in loop:
+    return None
+  before = [x for x in sts[:blocks[head][0]] if x.startswith(f"mov.pred {copy}, ")]
+  return 2 if before and before[-1] in (f"mov.pred {copy}, -1;", f"mov.pred {copy}, 1;") else None
 
 
 def _induction(sts: list[str], blocks, body: set[int], head: int, reg: str) -> tuple[int, int]:

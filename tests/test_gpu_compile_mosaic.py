@@ -15,6 +15,8 @@ to the plan's. Skipped, with the reason, where the CUDA plugin or
 a usable Mosaic GPU is absent. About 2-3 minutes per size on 2 cores.
 """
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from elas_jax import targets
@@ -68,3 +70,51 @@ def test_every_mosaic_kernel_fits_the_h200(size):
   ratios = ms.flops_ratios(rows, f, r, TOKENS)
   assert all(x >= 1 - 1e-9 for m in ratios.values() for x in m.values()), ratios
   assert ratios["ste"]["fwd_bwd"] > ratios["masked"]["fwd_bwd"], ratios
+
+
+def test_the_warp_specialized_forward_compiles_as_planned():
+  """``mosaic_ws`` at 60M (rank 128; the ranks it serves): its forward kernels have the
+  planned structure in the PTX (two consumer warpgroups under ``setmaxnreg.inc``, one
+  producer under ``.dec``), two pipeline stages, no spill, no serialized wgmma, and the
+  PTX's wgmma FLOPs equal the plan's; one weight step fetched per 128 tokens (the TMA
+  bytes read from the PTX, against the single-warpgroup forward's per 64). Above rank
+  128 it refuses with the reason."""
+  from benchmarks import mosaic_static as ms
+  from elas_kernels.ffn import base
+  from elas_kernels.ffn.mosaic import MosaicWsFfn
+
+  f, r = ms.SIZES["60m"]
+  target = targets.get("h200")
+  tiles = ms.IMPLS["mosaic_ws"]
+  report, resources = ms.compile_size(f, r, TOKENS, target, modes=("masked",), tiles=tiles)
+  assert report.compiled, report.reason
+  rows = {w["kernel"]: w for w in ms.kernel_rows(f, r, TOKENS, target, resources, modes=("masked",),
+                                                    tiles=tiles)}
+  ws = [w for name, w in rows.items() if "_ws" in name]
+  assert {w["kernel"] for w in ws} == {"elas_mgpu_fwd_ws_store"}, sorted(rows)  # masked training
+  assert {"elas_mgpu_fwd_ws", "elas_mgpu_fwd_ws_store"} <= set(resources)  # + the evaluation forward
+  for w in ws:
+    assert w["planned_warpgroups"] == 3 and w["warpgroups"] == (2, 1), w
+    assert w["stages"] >= 2 and w["spill_bytes"] == 0 and not w["wgmma_serialized"], w
+    assert abs(w["ptx_gflop"] / w["gflop"] - 1) < 1e-9, w
+    assert w["terms_us"]["l2"] > 0
+  # Weight bytes through L2 (TMA, read from the PTX), forward with the activation store:
+  # the single-warpgroup kernel fetches every weight step per 64 tokens, this one per 128.
+  from elas_kernels import perf_model as pm
+
+  single, single_res = ms.compile_size(f, r, TOKENS, target, modes=("masked",))
+  assert single.compiled, single.reason
+
+  def l2_bytes(res, name, programs):
+    p = pm.profile_ptx(res[name]["ptx"])
+    return programs * (p.consumers * p.consumer.tma_bytes + p.producers * p.producer.tma_bytes)
+
+  ws_bytes = l2_bytes(resources, "elas_mgpu_fwd_ws_store", rows["elas_mgpu_fwd_ws_store"]["programs"])
+  one_bytes = l2_bytes(single_res, "elas_mgpu_fwd_store", TOKENS // 64)
+  assert 0.4 < ws_bytes / one_bytes < 0.6, (ws_bytes, one_bytes)
+  S, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+  f2, r2 = ms.SIZES["130m"]
+  op = MosaicWsFfn(interpret=False, gpu=target.gpu_spec())
+  with pytest.raises(NotImplementedError, match="ranks up to 128"):
+    op.check_servable(base.check_args(op.what, S((TOKENS, r2), bf16), S((f2, r2), bf16),
+                                      S((r2, f2), bf16), "masked", 0.05))

@@ -95,6 +95,39 @@ def test_reads_nested_loops_and_strided_counters():
   assert p.consumer.wgmma_flops == 8 * 4 * 2 * 64 * 128 * 16
 
 
+# A 2-trip loop as LLVM rewrites it (rank 256 = 2 chunks of 128 at 130M): a flag, true
+# before the loop, copied at the top and cleared in the body; the branch tests the copy.
+# And a producer loop that counts down by 2 and leaves from its middle.
+FLAGS = """
+.entry k(
+)
+.maxntid 128, 1, 1
+{
+	mov.pred 	%p272, -1;
+	mov.b32 	%r465, 30;
+$L__BB0_2:
+	mov.pred 	%p2, %p272;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r3}, %rd1, %rd2, p, 1, 1, 0, 1;
+	mov.pred 	%p272, 0;
+	@%p2 bra 	$L__BB0_2;
+$L__BB0_3:
+	setp.eq.b32 	%p270, %r465, 0;
+	@%p270 bra 	$L__BB0_4;
+	wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r3}, %rd1, %rd2, p, 1, 1, 0, 1;
+	add.s32 	%r465, %r465, -2;
+	bra.uni 	$L__BB0_3;
+$L__BB0_4:
+	ret;
+}
+"""
+
+
+def test_reads_flag_loops_and_down_counters_leaving_mid_body():
+  p = pm.profile_ptx(FLAGS)
+  assert sorted(t for _, t in p.loops) == [2, 15]
+  assert p.consumer.wgmma_flops == 2 * 2 * 64 * 64 * 16 + 15 * 2 * 64 * 128 * 16
+
+
 # Warp-specialized: warpgroup 2 produces (setmaxnreg.dec), the others consume; the
 # persistent work loop is bounded by a register (runtime_trips); the producer's loop
 # runs from 4 by 2 to 20 (8 trips) with two loads per trip.

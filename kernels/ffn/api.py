@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 
 from elas_kernels.ffn import base
-from elas_kernels.ffn.mosaic import MosaicFfn
+from elas_kernels.ffn.mosaic import MosaicFfn, MosaicWsFfn
 from elas_kernels.ffn.triton import TritonFfn
 from elas_kernels.ffn.xla import XlaFfn
 from elas_kernels.gpu import GpuSpec
@@ -26,6 +26,7 @@ IMPLEMENTATIONS: dict[str, type[base.FfnCore]] = {
     "xla": XlaFfn,  # XLA ops: any backend; the CPU default
     "triton": TritonFfn,  # Pallas Triton kernels: NVIDIA GPUs (Ampere and newer)
     "mosaic": MosaicFfn,  # Pallas Mosaic GPU kernels: Hopper
+    "mosaic_ws": MosaicWsFfn,  # the same with the warp-specialized forward (ranks <= 128; opt-in)
 }
 
 

@@ -3,11 +3,12 @@
   ``plan``    tiles, the static plan of a call, kernel specs and shared-memory budgets
   ``bodies``  the kernel bodies and :func:`~elas_kernels.ffn.mosaic.bodies.launch`
   ``vjp``     the op: operands padded and permuted, kernels launched, ``jax.custom_vjp``;
-              :class:`~elas_kernels.ffn.mosaic.vjp.MosaicFfn`
+              :class:`~elas_kernels.ffn.mosaic.vjp.MosaicFfn` and ``MosaicWsFfn`` (the
+              warp-specialized forward)
   ``compat``  what jax versions and the CPU interpreter need
 """
 
 from elas_kernels.ffn.mosaic.plan import KernelSpec, Tiles, default_tiles, kernel_specs
-from elas_kernels.ffn.mosaic.vjp import MosaicFfn
+from elas_kernels.ffn.mosaic.vjp import MosaicFfn, MosaicWsFfn
 
-__all__ = ["KernelSpec", "MosaicFfn", "Tiles", "default_tiles", "kernel_specs"]
+__all__ = ["KernelSpec", "MosaicFfn", "MosaicWsFfn", "Tiles", "default_tiles", "kernel_specs"]

@@ -148,18 +148,13 @@ def _spec(shape, index_map, dtype, swizzle_minor=None):
   return mg.BlockSpec(shape, index_map, transforms=mc.swizzle_transforms(dtype, swizzle_minor))
 
 
-def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
-                pl_: plan.Plan, store: bool, **scr):
-  """``out[rows, n-block] = Σ_steps y2s @ w_outᵀ``; per-row statistics and (``store``)
-  the compressed activation come from the first n-block's programs."""
+def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_s, store_rows,
+              meta_tile, first_nb):
+  """One feature step of the forward for ``c.bt`` tokens (one warpgroup's): ``y1`` by wgmma,
+  ReLU², the 2:4 selection, statistics, (``store``) the compressed activation written by
+  TMA, and ``acc += y2s @ w_outᵀ``. Returns ``step(idx, winT_s, woutT_s, carry)``."""
   mg = mc.plgpu()
-  c = pl_
   dt, bt, fs, ft, p = c.dtype, c.bt, c.fs, c.ft, c.p
-  ti, nb = lax.axis_index("t"), lax.axis_index("n")
-  rows = pl.ds(ti * bt, bt)
-  first_nb = nb == 0
-  dense = flag_ref[0] == 0  # the dense warm-up: keep everything
-  _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[0])
   zero = jnp.zeros((), dt)
 
   def step(idx, winT_s, woutT_s, carry):
@@ -169,7 +164,7 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
     if store:
       mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copies that last used this slot
     for s in range(fs // ft):
-      y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
+      y1 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, h_s, winT_s.at[:, pl.ds(s * ft, ft)]))
       r = _planes(_relu(y1, dt), p)
       y2 = [x * x for x in r]
       keep = _keep_24(y2[:4]) + _keep_24(y2[4:])
@@ -178,14 +173,13 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
       a0, a1, nib_a = cm.compress_group(r[:4], keep[:4])
       b0, b1, nib_b = cm.compress_group(r[4:], keep[4:])
       if store:
-        scr["vals_s"].at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate(
-            [a0, a1, b0, b1], axis=1)
-        mc.store_as(scr["meta_s"].at[slot, pl.ds(s * c.meta_sub, c.meta_sub)],
+        vals_s.at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate([a0, a1, b0, b1], axis=1)
+        mc.store_as(meta_s.at[slot, pl.ds(s * c.meta_sub, c.meta_sub)],
                     cm.pack_meta(nib_a, nib_b), c.interpret)
       kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
       y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(plan.PLANES)]
-      mc.wgmma_a(scr["acc"], jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)],
-                 scr.get("stage_s"), c.interpret)
+      mc.wgmma_a(acc, jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)], stage_s,
+                 c.interpret)
       zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
       total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
     if store:
@@ -193,38 +187,108 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
 
       @pl.when(first_nb)
       def _():
-        mg.copy_smem_to_gmem(scr["vals_s"].at[slot],
-                             store_refs[0].at[rows, pl.ds(fi * (fs // 2), fs // 2)],
+        mg.copy_smem_to_gmem(vals_s.at[slot], store_rows[0].at[:, pl.ds(fi * (fs // 2), fs // 2)],
                              commit_group=False)
         mrows = c.n_sub_step * c.meta_sub
-        mg.copy_smem_to_gmem(scr["meta_s"].at[slot], store_refs[1].at[ti, pl.ds(fi * mrows, mrows)],
+        mg.copy_smem_to_gmem(meta_s.at[slot], store_rows[1].at[meta_tile, pl.ds(fi * mrows, mrows)],
                              commit_group=False)
         mg.commit_smem_to_gmem_group()
     mg.wgmma_wait(0)  # the w_out slot is refilled after this step
     return zeros, total, kept
 
-  def run(acc_ref):
-    scr["acc"] = acc_ref
-    z = mc.zeros((bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
-    carry = mg.emit_pipeline(
-        step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
-        in_specs=[_spec((c.k_pad, fs), lambda f: (0, f), dt, fs),
-                  _spec((fs, c.nb), lambda f: (f, nb), dt, c.nb)],
-        init_carry=(z, z, z))(winT_ref, woutT_ref)
-    return acc_ref[...], carry
+  return step
 
-  acc, (zeros, total, kept) = pl.run_scoped(run, mg.ACC((bt, c.nb), jnp.float32))
+
+def _fwd_epilogue(c: plan.Plan, acc, carry, out_ref, out_s, stats_ref, stats_s, tile, nb, first_nb):
+  """Write one warpgroup's output block and (first n-block) its per-row statistics."""
+  mg = mc.plgpu()
+  zeros, total, kept = carry
   stats = (zeros, total, total - kept)
-  store_out(acc, out_ref, scr["out_s"], ti * bt, nb * c.nb)
+  store_out(acc, out_ref, out_s, tile * c.bt, nb * c.nb)
 
   @pl.when(first_nb)
   def _():
     for i in range(3):
-      scr["stats_s"][i] = stats[i]
+      stats_s[i] = stats[i]
     mg.commit_smem()
-    mg.copy_smem_to_gmem(scr["stats_s"], stats_ref.at[:, rows])
+    mg.copy_smem_to_gmem(stats_s, stats_ref.at[:, pl.ds(tile * c.bt, c.bt)])
 
   mg.wait_smem_to_gmem(0)
+
+
+def _fwd_in_specs(c: plan.Plan, nb):
+  return [_spec((c.k_pad, c.fs), lambda f: (0, f), c.dtype, c.fs),
+          _spec((c.fs, c.nb), lambda f: (f, nb), c.dtype, c.nb)]
+
+
+def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
+                pl_: plan.Plan, store: bool, **scr):
+  """``out[rows, n-block] = Σ_steps y2s @ w_outᵀ``; per-row statistics and (``store``)
+  the compressed activation come from the first n-block's programs."""
+  mg = mc.plgpu()
+  c = pl_
+  ti, nb = lax.axis_index("t"), lax.axis_index("n")
+  rows = pl.ds(ti * c.bt, c.bt)
+  first_nb = nb == 0
+  dense = flag_ref[0] == 0  # the dense warm-up: keep everything
+  _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[0])
+
+  def run(acc_ref):
+    step = _fwd_step(c, store, dense, scr["h_s"], acc_ref, scr.get("vals_s"), scr.get("meta_s"),
+                     scr.get("stage_s"), [r.at[rows] for r in store_refs[:1]] + list(store_refs[1:]),
+                     ti, first_nb)
+    z = mc.zeros((c.bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
+    carry = mg.emit_pipeline(
+        step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
+        in_specs=_fwd_in_specs(c, nb), init_carry=(z, z, z))(winT_ref, woutT_ref)
+    return acc_ref[...], carry
+
+  acc, carry = pl.run_scoped(run, mg.ACC((c.bt, c.nb), jnp.float32))
+  _fwd_epilogue(c, acc, carry, out_ref, scr["out_s"], stats_ref, scr["stats_s"], ti, nb, first_nb)
+
+
+def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
+                   pl_: plan.Plan, store: bool, **scr):
+  """The forward warp-specialized: warpgroup 2 streams the weight steps by TMA
+  (``memory_registers=40``), warpgroups 0 and 1 each run :func:`_fwd_step` on their
+  own ``block_t`` tokens of the program's ``2 · block_t``, reading the same weight
+  step from shared memory (one L2 fetch per 128 tokens instead of per 64); a slot is
+  refilled once both consumers released it."""
+  mg = mc.plgpu()
+  c = pl_
+  ti, nb = lax.axis_index("t"), lax.axis_index("n")
+  wg = lax.axis_index("wg")
+  tile = ti * plan.WS_CONSUMERS + wg  # this consumer's token tile
+  rows = pl.ds(tile * c.bt, c.bt)
+  first_nb = nb == 0
+  dense = flag_ref[0] == 0
+  mine = {k: scr[k].at[wg] for k in ("h_s", "out_s", "stats_s", "vals_s", "meta_s", "stage_s")
+          if k in scr}
+  acc_box = []
+
+  def step(idx, winT_s, woutT_s, carry):
+    body = _fwd_step(c, store, dense, mine["h_s"], acc_box[0], mine.get("vals_s"),
+                     mine.get("meta_s"), mine.get("stage_s"),
+                     [r.at[rows] for r in store_refs[:1]] + list(store_refs[1:]), tile, first_nb)
+    return body(idx, winT_s, woutT_s, carry)
+
+  def compute_context(eval_pipeline):
+    _copy_in(h_ref.at[rows], mine["h_s"], scr["bar"].at[wg])
+
+    def run(acc_ref):
+      acc_box.append(acc_ref)
+      z = mc.zeros((c.bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
+      carry = eval_pipeline((z, z, z))
+      return acc_ref[...], carry
+
+    acc, carry = pl.run_scoped(run, mg.ACC((c.bt, c.nb), jnp.float32))
+    _fwd_epilogue(c, acc, carry, out_ref, mine["out_s"], stats_ref, mine["stats_s"], tile, nb,
+                  first_nb)
+
+  mg.emit_pipeline_warp_specialized(
+      step, grid=(c.n_steps,), memory_registers=40, wg_axis="wg",
+      num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=min(c.tiles.stages, c.n_steps),
+      compute_context=compute_context, in_specs=_fwd_in_specs(c, nb))(winT_ref, woutT_ref)
 
 
 def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, **scr):
@@ -475,8 +539,8 @@ def _named(fn, name: str):
   return body
 
 
-BODIES = {"fwd": _fwd_kernel, "relu": _relu_kernel, "dh": _dh_kernel, "dw_in": _dwin_kernel,
-          "dw_out": _dwout_kernel}
+BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel, "dh": _dh_kernel,
+          "dw_in": _dwin_kernel, "dw_out": _dwout_kernel}
 
 
 def launch(spec: plan.KernelSpec, *args):
@@ -485,6 +549,8 @@ def launch(spec: plan.KernelSpec, *args):
   if "source" in options:  # where the backward kernel's relu(y1) planes come from
     options["relu"] = _Relu(options.pop("source"), spec.c)
   body = functools.partial(BODIES[spec.body], pl_=spec.c, **options)
+  threads = dict(num_threads=spec.warpgroups, thread_name="wg") if spec.warpgroups > 1 else {}
   return mc.kernel(_named(body, spec.name), out_shape=spec.out_shape, scratch=spec.scratch,
-                   grid=spec.grid, grid_names=spec.grid_names, interpret=spec.c.interpret)(*args)
+                   grid=spec.grid, grid_names=spec.grid_names, interpret=spec.c.interpret,
+                   **threads)(*args)
 

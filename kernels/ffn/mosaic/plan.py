@@ -63,7 +63,9 @@ class Tiles:
   gradient token loop (partial sums added in XLA); ``stages`` pipeline buffers
   (fewer where shared memory is short); ``materialize_relu``: the recomputing
   backward reads ``relu(y1)`` from the ``relu`` kernel instead of recomputing
-  it in ``dh`` / ``dw_in`` / ``dw_out``.
+  it in ``dh`` / ``dw_in`` / ``dw_out``; ``warp_specialized``: the forward runs
+  as one TMA producer warpgroup and two consumer warpgroups of ``block_t``
+  tokens each, sharing every weight step (ranks up to 128).
   """
 
   block_t: int = TOKENS
@@ -76,6 +78,7 @@ class Tiles:
   dw_split: int | None = None  # weight-gradient token splits (None: by grid size)
   stages: int = 2
   materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: by rank)
+  warp_specialized: bool = False  # the forward as a producer + 2 consumer warpgroups (ranks <= 128)
 
   def check(self) -> None:
     if self.block_t not in (TOKENS, 2 * TOKENS):
@@ -119,7 +122,8 @@ class Plan:
     self.meta_sub = self.bt * self.p // 16  # one sub-tile's [bt, P] metadata bytes, 16 a row
     self.rp = 4 if mode == "split" else 1  # row planes per weight-gradient step (split: token 2:4)
     self.f_main = f - f % 4  # the f % 4 tail forms no 2:4 group: dense, in XLA
-    self.t_pad = cm.padded(t, self.bt * self.rp)
+    # the warp-specialized forward takes 2 token tiles per program
+    self.t_pad = cm.padded(t, self.bt * max(self.rp, 2 if tiles.warp_specialized else 1))
     self.f_pad = cm.padded(self.f_main, math.lcm(tiles.block_f, tiles.block_f_dw))
     self.k_pad, self.kb = _rank_blocks(k, tiles.block_k)
     self.n_pad, self.nb = _rank_blocks(n, tiles.block_n)
@@ -260,6 +264,10 @@ def _out_chunks(s: Scratch, c: Plan, acc_shape) -> Scratch:
   return s.add("out_s", (2, *(acc_shape if c.interpret else (64, 64))), jnp.float32)
 
 
+WS_CONSUMERS = 2  # consumer warpgroups of the warp-specialized forward (+ 1 producer)
+WS_MAX_RANK = 128  # its [block_t, N] accumulator and y1 tiles within 168 registers a thread
+
+
 @dataclasses.dataclass
 class KernelSpec:
   """One kernel launch as built for a call: what the static report reads.
@@ -283,6 +291,7 @@ class KernelSpec:
   body: str = dataclasses.field(repr=False, default="")  # a kernel body of bodies.BODIES
   options: dict = dataclasses.field(repr=False, default_factory=dict)  # the body's options
   c: object = dataclasses.field(repr=False, default=None)  # the Plan it was built for
+  warpgroups: int = 1  # per program; > 1: warp-specialized (the last one produces)
 
   @property
   def programs(self) -> int:
@@ -301,24 +310,37 @@ def _mma(counts: dict[str, int], n: int, k: int, times: int = 1) -> None:
 
 
 def _spec_of(name, c: Plan, s: Scratch, steps: int, grid, grid_names, out_shape, body: str,
-             wgmma, hbm_bytes, **options) -> KernelSpec:
+             wgmma, hbm_bytes, warpgroups: int = 1, **options) -> KernelSpec:
   c = _with_stages(c, _fit_stages(name, s, c, steps))
+  if warpgroups > 1 and c.tiles.stages < 2 and steps > 1:
+    raise NotImplementedError(f"elas_ffn (mosaic) {name}: one pipeline stage fits shared memory; "
+                              "the warp-specialized forward needs two (use smaller block_f)")
   return KernelSpec(name=name, grid=grid, grid_names=grid_names, stages=c.tiles.stages,
                     smem_bytes=s.bytes(c.tiles.stages), wgmma=wgmma, hbm_bytes=int(hbm_bytes),
-                    out_shape=out_shape, scratch=s.build(2), body=body, options=options, c=c)
+                    out_shape=out_shape, scratch=s.build(2), body=body, options=options, c=c,
+                    warpgroups=warpgroups)
 
 
 def fwd_spec(c: Plan, store: bool) -> KernelSpec:
-  """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``."""
+  """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``. Warp-specialized
+  (``tiles.warp_specialized``): every per-token buffer once per consumer warpgroup."""
   dt, it = c.dtype, c.dtype.itemsize
-  s = Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad)
-  _out_chunks(s, c, (c.bt, c.nb)).add("stats_s", (3, c.bt), jnp.float32)
+  ws = c.tiles.warp_specialized
+  if ws and max(c.k_pad, c.nb) > WS_MAX_RANK:
+    raise NotImplementedError(
+        f"elas_ffn (mosaic): the warp-specialized forward holds a [{c.bt}, {c.nb}] fp32 accumulator "
+        f"and [{c.bt}, {c.k_pad}] inputs per consumer within 168 registers a thread: ranks up to "
+        f"{WS_MAX_RANK} (got K={c.k}, N={c.n}); use warp_specialized=False")
+  per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
+  s = Scratch().add("h_s", (*per, c.bt, c.k_pad), dt, c.k_pad)
+  s.add("out_s", (*per, 2, *((c.bt, c.nb) if c.interpret else (64, 64))), jnp.float32)
+  s.add("stats_s", (*per, 3, c.bt), jnp.float32)
   s.pipelined(((c.k_pad, c.fs), dt), ((c.fs, c.nb), dt))
   if store:
-    s.add("vals_s", (2, c.bt, c.fs // 2), dt, c.ft // 2)
-    s.add("meta_s", (2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
+    s.add("vals_s", (*per, 2, c.bt, c.fs // 2), dt, c.ft // 2)
+    s.add("meta_s", (*per, 2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
   if c.interpret:
-    s.add("stage_s", (c.bt, c.ft), dt, c.ft)
+    s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
   out_shape = [jax.ShapeDtypeStruct((c.t_pad, c.n_pad), jnp.float32),
                jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
   if store:
@@ -330,6 +352,11 @@ def fwd_spec(c: Plan, store: bool) -> KernelSpec:
   hbm = (c.t_pad * c.k_pad * it + c.t_pad * c.n_pad * 4 + 12 * c.t_pad
          + c.f_pad * (c.k_pad + c.n_pad) * it
          + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0))
+  if ws:
+    return _spec_of("elas_mgpu_fwd_ws" + ("_store" if store else ""), c, s, c.n_steps,
+                    (c.nt // WS_CONSUMERS, c.n_pad // c.nb), ("t", "n"), out_shape, "fwd_ws",
+                    {k: WS_CONSUMERS * v for k, v in mma.items()}, hbm,
+                    warpgroups=WS_CONSUMERS + 1, store=store)
   return _spec_of("elas_mgpu_fwd" + ("_store" if store else ""), c, s, c.n_steps,
                   (c.nt, c.n_pad // c.nb), ("t", "n"), out_shape,
                   "fwd", mma, hbm, store=store)

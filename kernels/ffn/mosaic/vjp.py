@@ -300,3 +300,21 @@ class MosaicFfn(base.FfnCore):
     groups = call.f_main // 4
     return (c.rows_out(plan.vals_TxF2(vals, c))[:, : 2 * groups],
             c.rows_out(plan.meta_TxG(meta, c))[:, : -(-groups // 2)])
+
+
+class MosaicWsFfn(MosaicFfn):
+  """:class:`MosaicFfn` with the warp-specialized forward (``Tiles.warp_specialized``):
+  per program a TMA producer warpgroup and two consumer warpgroups of ``block_t`` tokens
+  sharing every weight step; on a GPU 64-feature steps by default (two pipeline stages
+  of the shared steps fit beside the two consumers' buffers). The backward is
+  :class:`MosaicFfn`'s. Ranks up to 128 (``NotImplementedError`` above: the consumer's
+  accumulator and inputs within 168 registers a thread). Unverified on a GPU: ``auto``
+  does not pick it."""
+
+  name = "mosaic_ws"
+
+  def __init__(self, *, interpret: bool | None = None, gpu: GpuSpec | None = None, **tiles):
+    tiles.setdefault("warp_specialized", True)
+    super().__init__(interpret=interpret, gpu=gpu, **tiles)
+    if not self.interpret:
+      self.tile_options.setdefault("block_f", 64)
