@@ -241,7 +241,8 @@ class MosaicFfn(base.FfnCore):
       Hopper GPU (sm_90) when compiled.
     **tiles: fields of :class:`~elas_kernels.ffn.mosaic.plan.Tiles` (``block_t``,
       ``block_f``, ``block_f_dw``, ``sub_f``, ``block_n``, ``block_k``,
-      ``block_n_dw``, ``dw_split``, ``stages``, ``materialize_relu``); None or
+      ``block_n_dw``, ``dw_split``, ``stages``, ``materialize_relu``,
+      ``warp_specialized``); None or
       missing: by rank (:func:`~elas_kernels.ffn.mosaic.plan.default_tiles`).
 
   Cannot serve (``NotImplementedError``, with the reason): jax < 0.11, a GPU
