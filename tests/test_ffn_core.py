@@ -102,18 +102,16 @@ SETTINGS = {
         else f"Mosaic GPU unavailable: {mosaic_compat.unavailable_reason()}"),
 }
 # The warp-specialized forward runs the same cases on the same tiles (two consumers of
-# block_t tokens per program). Interpreted, its 3 warpgroups are threads whose blocking
-# callbacks (barrier waits) run on XLA's CPU thread pool, which has as many threads as the
-# machine has cores: on 2 cores the pool starves (both threads wait at barriers, the third
-# warpgroup's callback never runs) in about 1 run of 2 (2026-12-05, jax 0.12.0.1; stacks in
-# docs/kernels.md). Run one process per case there, they passed (the log in docs/kernels.md);
-# the suite runs them where there are at least 4 cores.
+# block_t tokens per program). Interpreted on this project's 2-core machines its 3
+# warpgroup threads hang now and then (jax 0.12.0.1, 2026-12-05: under pytest -n 2, and one
+# case in 6 run alone; the cause is not established, docs/kernels.md), so these rows run
+# only when asked: ELAS_TEST_WS_INTERPRETED=1.
 SETTINGS["mosaic_ws"] = dataclasses.replace(
     SETTINGS["mosaic"],
     skip=SETTINGS["mosaic"].skip or (
-        None if (os.cpu_count() or 1) >= 4 else
-        f"interpreting the warp-specialized kernel needs >= 4 cores ({os.cpu_count()} here): its 3 "
-        "warpgroups' blocking callbacks share XLA's CPU thread pool (one thread a core)"))
+        None if os.environ.get("ELAS_TEST_WS_INTERPRETED") == "1" else
+        "the interpreted warp-specialized kernel can hang on small machines (docs/kernels.md); "
+        "ELAS_TEST_WS_INTERPRETED=1 runs it"))
 
 
 def settings(name: str) -> Settings:
