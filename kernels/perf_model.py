@@ -127,8 +127,8 @@ def _statements(ptx: str) -> list[str]:
   return out
 
 
-def _blocks(sts: list[str]) -> tuple[list[tuple[int, int]], dict[int, list[int]]]:
-  """Basic blocks as statement ranges ``[start, end)`` and their successors."""
+def _blocks(sts: list[str]) -> tuple[list[tuple[int, int]], dict[int, list[int]], dict[str, int]]:
+  """Basic blocks as statement ranges ``[start, end)``, their successors, and each label's block."""
   labels = {m.group(1): i for i, s in enumerate(sts) if (m := _LABEL.match(s))}
   starts = {0} | set(labels.values())
   for i, s in enumerate(sts):
@@ -146,14 +146,18 @@ def _blocks(sts: list[str]) -> tuple[list[tuple[int, int]], dict[int, list[int]]
     if not last.startswith("ret") and not (m and not m.group(1)) and k + 1 < len(blocks):
       nxt.append(k + 1)  # falls through (a conditional branch or no branch)
     succ[k] = nxt
-  return blocks, succ
+  return blocks, succ, {name: index[i] for name, i in labels.items()}
 
 
-def _dominators(n: int, succ: dict[int, list[int]]) -> list[set[int]]:
+def _preds(n: int, succ: dict[int, list[int]]) -> dict[int, list[int]]:
   preds: dict[int, list[int]] = {k: [] for k in range(n)}
   for k, vs in succ.items():
     for v in vs:
       preds[v].append(k)
+  return preds
+
+
+def _dominators(n: int, preds: dict[int, list[int]]) -> list[set[int]]:
   dom = [set(range(n)) for _ in range(n)]
   dom[0] = {0}
   changed = True
@@ -167,17 +171,13 @@ def _dominators(n: int, succ: dict[int, list[int]]) -> list[set[int]]:
   return dom
 
 
-def _natural_loops(sts: list[str], blocks, succ, dom) -> list[tuple[set[int], int | None]]:
+def _natural_loops(sts: list[str], blocks, succ, preds, dom, block_of) -> list[tuple[set[int], int | None]]:
   """``(blocks, trips)`` per loop header: a back edge is an edge to a block that
   dominates its source; the loop is every block that reaches the source without
   passing the header. Trips: from the branch that leaves the loop (at its latch or
   in its body), the immediate its compare tests and the counter's start and stride
   (``(imm - start) / stride``, counting up or down), ``None`` when the bound is a
-  register (known at run time only)."""
-  preds: dict[int, list[int]] = {k: [] for k in range(len(blocks))}
-  for k, vs in succ.items():
-    for v in vs:
-      preds[v].append(k)
+  register (known at run time only). ``block_of``: label -> its block."""
   loops: dict[int, tuple[set[int], int | None]] = {}
   for u, vs in succ.items():
     for h in vs:
@@ -192,7 +192,7 @@ def _natural_loops(sts: list[str], blocks, succ, dom) -> list[tuple[set[int], in
             stack.append(p)
       trips = None
       for k in sorted(body):  # the first exit whose compare and counter can be read
-        trips = _exit_trips(sts, blocks, body, h, k)
+        trips = _exit_trips(sts, blocks, block_of, body, h, k)
         if trips is not None:
           break
       old = loops.get(h)
@@ -200,15 +200,15 @@ def _natural_loops(sts: list[str], blocks, succ, dom) -> list[tuple[set[int], in
   return [loops[h] for h in sorted(loops)]
 
 
-def _exit_trips(sts: list[str], blocks, body: set[int], head: int, k: int) -> int | None:
+def _exit_trips(sts: list[str], blocks, block_of: dict[str, int], body: set[int], head: int,
+                k: int) -> int | None:
   """Trips of a loop from the conditional branch ending block ``k``, if it leaves the loop:
   its compare ``counter <cmp> imm`` and the counter's start and stride."""
   a, b = blocks[k]
   m = _BRANCH.match(sts[b - 1])
   if not m or not m.group(1):
     return None
-  target = next(i for i, (x, _) in enumerate(blocks) if x == _label_index(sts, m.group(4)))
-  stays = target in body
+  stays = block_of[m.group(4)] in body
   falls = k + 1 in body
   if stays == falls:
     return None  # both ways stay in (or leave) the loop: not its exit
@@ -274,10 +274,6 @@ def _induction(sts: list[str], blocks, body: set[int], head: int, reg: str) -> t
   return start, step
 
 
-def _label_index(sts: list[str], label: str) -> int:
-  return next(i for i, s in enumerate(sts) if s == label + ":")
-
-
 def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
   """Summarise one kernel's PTX (see the module docstring). ``runtime_trips``: the
   trip count of every loop whose bound is not a constant (1 when not given)."""
@@ -286,9 +282,10 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
   threads = int(threads.group(1)) if threads else 128
   warpgroups = max(1, threads // 128)
   regs = {m.group(1): int(m.group(2)) for s in sts if (m := _MOV_IMM.match(s))}
-  blocks, succ = _blocks(sts)
-  dom = _dominators(len(blocks), succ)
-  loops = _natural_loops(sts, blocks, succ, dom)
+  blocks, succ, block_of = _blocks(sts)
+  preds = _preds(len(blocks), succ)
+  dom = _dominators(len(blocks), preds)
+  loops = _natural_loops(sts, blocks, succ, preds, dom, block_of)
   weight = [1.0] * len(sts)
   for body, trips in loops:
     t = trips if trips is not None else (runtime_trips or 1)
@@ -322,7 +319,7 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
         acc["wgmma_flops"] += w * flops
         acc["wgmma_cycles"] += w * flops / _TC_FLOPS_PER_CYCLE.get(dtype, 4096)
         continue
-      if s.startswith("setp.ne.b32 p, 1, 0") or s.startswith("setp.ne.b32 p,"):
+      if s.startswith("setp.ne.b32 p,"):
         continue  # the scale-d predicate of wgmma's own inline assembly
       wait = re.match(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", s)
       if wait:
