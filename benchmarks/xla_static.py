@@ -32,11 +32,13 @@ import re
 import sys
 
 from benchmarks.mosaic_static import SIZES, chosen_sizes, lower_bound_us, write_results
+from elas_kernels.perf_model import Params
 
-# docs/hopper_published.md: cuBLAS bf16 4096³ on an H100 (716 TFLOP/s of 989) and the
-# H200's DRAM read bandwidth measured by te42kyfo/gpu-benches.
+# docs/hopper_published.md: cuBLAS bf16 4096³ on an H100 (716 TFLOP/s of 989); the HBM
+# bandwidth and per-kernel overhead are the static kernel model's (the H200's DRAM read
+# measured by te42kyfo/gpu-benches; the overhead calibrated), the same the ELAS kernels get.
 GEMM_EFFICIENCY = 716 / 989
-HBM_BYTES_PER_S = 3.89e12
+HBM_BYTES_PER_S = Params.hbm_bytes_per_s
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
           "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
@@ -158,14 +160,9 @@ def hlo_kernels(text: str) -> list[HloKernel]:
 
 
 def cost_s(k: HloKernel, peak_flops_per_s: float, gemm_efficiency: float = GEMM_EFFICIENCY,
-           hbm_bytes_per_s: float = HBM_BYTES_PER_S, overhead_s: float | None = None) -> tuple[float, str]:
-  """(seconds, bound) of one kernel under the module docstring's model; ``overhead_s``
-  per kernel (default the calibrated :class:`elas_kernels.perf_model.Params`' own,
-  the same the ELAS kernels are charged)."""
-  if overhead_s is None:
-    from elas_kernels.perf_model import Params
-
-    overhead_s = Params().overhead_s
+           hbm_bytes_per_s: float = HBM_BYTES_PER_S,
+           overhead_s: float = Params.overhead_s) -> tuple[float, str]:
+  """(seconds, bound) of one kernel under the module docstring's model."""
   mem = k.bytes / hbm_bytes_per_s
   if not k.flops:
     return mem + overhead_s, "bytes"
