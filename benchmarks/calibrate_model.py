@@ -171,13 +171,14 @@ def _check_flops(case: str, counted: float, expected: float) -> None:
                          "the model's reading of this kernel is wrong")
 
 
-def predict(point: Point, params, gpu) -> tuple[float, str]:
-  """(seconds, configuration) of the best candidate under ``params``."""
+def predict(point: Point, params, gpu):
+  """(seconds, configuration, :class:`~elas_kernels.perf_model.Estimate`) of the best
+  candidate under ``params``."""
   from elas_kernels import perf_model as pm
 
-  best = min(((pm.estimate(p, n, k, hbm, params, gpu).time_s, text)
-              for text, p, n, k, hbm in point.candidates), default=(float("nan"), "-"))
-  return best
+  ests = [(pm.estimate(p, n, k, hbm, params, gpu), text) for text, p, n, k, hbm in point.candidates]
+  est, text = min(ests, key=lambda e: e[0].time_s)
+  return est.time_s, text, est
 
 
 def fit(points: list[Point], gpu, grid=GRID):
@@ -224,11 +225,9 @@ def main(argv=None) -> int:
   for i, p in enumerate(points):
     rest = points[:i] + points[i + 1:]
     loo_params, _ = fit(rest, gpu, grid)
-    t_fit, cfg = predict(p, params, gpu)
-    t_loo, _ = predict(p, loo_params, gpu)
-    t_peak, _ = predict(p, peak, gpu)
-    best = min(p.candidates, key=lambda c: pm.estimate(c[1], c[2], c[3], c[4], params, gpu).time_s)
-    est = pm.estimate(best[1], best[2], best[3], best[4], params, gpu)
+    t_fit, cfg, est = predict(p, params, gpu)
+    t_loo, _, _ = predict(p, loo_params, gpu)
+    t_peak, _, _ = predict(p, peak, gpu)
     rows.append({"case": p.case, "source": p.source, "published_us": p.published_s * 1e6,
                  "published_tflops": p.flops / p.published_s / 1e12, "configuration": cfg,
                  "configurations": len(p.candidates), "peak_model_us": t_peak * 1e6,
