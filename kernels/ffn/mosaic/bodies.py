@@ -148,13 +148,15 @@ def _spec(shape, index_map, dtype, swizzle_minor=None):
   return mg.BlockSpec(shape, index_map, transforms=mc.swizzle_transforms(dtype, swizzle_minor))
 
 
-def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_s, store_rows,
-              meta_tile, first_nb):
-  """One feature step of the forward for ``c.bt`` tokens (one warpgroup's): ``y1`` by wgmma,
-  ReLU², the 2:4 selection, statistics, (``store``) the compressed activation written by
-  TMA, and ``acc += y2s @ w_outᵀ``. Returns ``step(idx, winT_s, woutT_s, carry)``."""
+def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_s, store_refs,
+              tile, first_nb):
+  """One feature step of the forward for token tile ``tile`` (``c.bt`` tokens, one
+  warpgroup's): ``y1`` by wgmma, ReLU², the 2:4 selection, statistics, (``store``) the
+  compressed activation written by TMA to ``store_refs`` (vals, meta), and
+  ``acc += y2s @ w_outᵀ``. Returns ``step(idx, winT_s, woutT_s, carry)``."""
   mg = mc.plgpu()
   dt, bt, fs, ft, p = c.dtype, c.bt, c.fs, c.ft, c.p
+  rows = pl.ds(tile * bt, bt)
   zero = jnp.zeros((), dt)
 
   def step(idx, winT_s, woutT_s, carry):
@@ -187,10 +189,10 @@ def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_
 
       @pl.when(first_nb)
       def _():
-        mg.copy_smem_to_gmem(vals_s.at[slot], store_rows[0].at[:, pl.ds(fi * (fs // 2), fs // 2)],
+        mg.copy_smem_to_gmem(vals_s.at[slot], store_refs[0].at[rows, pl.ds(fi * (fs // 2), fs // 2)],
                              commit_group=False)
         mrows = c.n_sub_step * c.meta_sub
-        mg.copy_smem_to_gmem(meta_s.at[slot], store_rows[1].at[meta_tile, pl.ds(fi * mrows, mrows)],
+        mg.copy_smem_to_gmem(meta_s.at[slot], store_refs[1].at[tile, pl.ds(fi * mrows, mrows)],
                              commit_group=False)
         mg.commit_smem_to_gmem_group()
     mg.wgmma_wait(0)  # the w_out slot is refilled after this step
@@ -235,8 +237,7 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
 
   def run(acc_ref):
     step = _fwd_step(c, store, dense, scr["h_s"], acc_ref, scr.get("vals_s"), scr.get("meta_s"),
-                     scr.get("stage_s"), [r.at[rows] for r in store_refs[:1]] + list(store_refs[1:]),
-                     ti, first_nb)
+                     scr.get("stage_s"), store_refs, ti, first_nb)
     z = mc.zeros((c.bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
     carry = mg.emit_pipeline(
         step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
@@ -268,8 +269,7 @@ def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *st
 
   def step(idx, winT_s, woutT_s, carry):
     body = _fwd_step(c, store, dense, mine["h_s"], acc_box[0], mine.get("vals_s"),
-                     mine.get("meta_s"), mine.get("stage_s"),
-                     [r.at[rows] for r in store_refs[:1]] + list(store_refs[1:]), tile, first_nb)
+                     mine.get("meta_s"), mine.get("stage_s"), store_refs, tile, first_nb)
     return body(idx, winT_s, woutT_s, carry)
 
   def compute_context(eval_pipeline):
