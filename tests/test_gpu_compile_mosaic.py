@@ -26,6 +26,8 @@ from tests.helpers import require_deviceless
 pytestmark = pytest.mark.gpu_compile
 
 TOKENS = 16384
+FLOPS_TARGET = 1.05  # executed / minimum wgmma FLOPs, masked and split fwd+bwd
+NOT_YET_AT_TARGET = {"60m": 1.055, "1b": 1.334}  # today's values (docs/kernels.md)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,14 +72,21 @@ def test_every_mosaic_kernel_fits_the_h200(size):
   ratios = ms.flops_ratios(rows, f, r, TOKENS)
   assert all(x >= 1 - 1e-9 for m in ratios.values() for x in m.values()), ratios
   assert ratios["ste"]["fwd_bwd"] > ratios["masked"]["fwd_bwd"], ratios
+  # The Hopper issue's target for the 2:4 phase of masked and split (dh writes dy1 for
+  # dw_in, no dy2 recomputed): executed / minimum <= 1.05. Not met yet (the caps hold
+  # today's value so it cannot grow): 60m, features padded to 128-feature steps (2176 for
+  # 2064); 1b, y1 recomputed per 256-column output block and dy2 per dh column block.
+  cap = NOT_YET_AT_TARGET.get(size, FLOPS_TARGET)
+  for mode in ("masked", "split"):
+    assert ratios[mode]["fwd_bwd"] <= cap, (mode, ratios[mode])
 
 
-def test_the_warp_specialized_forward_compiles_as_planned():
-  """``mosaic_ws`` at 60M (rank 128; the ranks it serves): its forward kernels have the
+def test_the_warp_specialized_kernels_compile_as_planned():
+  """``mosaic_ws`` at 60M (rank 128; the ranks it serves): its forward and ``dh`` kernels have the
   planned structure in the PTX (two consumer warpgroups under ``setmaxnreg.inc``, one
   producer under ``.dec``), two pipeline stages, no spill, no serialized wgmma, and the
   PTX's wgmma FLOPs equal the plan's; one weight step fetched per 128 tokens (the TMA
-  bytes read from the PTX, against the single-warpgroup forward's per 64). Above rank
+  bytes read from the PTX against a count by hand). Above rank
   128 it refuses with the reason."""
   from benchmarks import mosaic_static as ms
   from elas_kernels.ffn import base
@@ -91,27 +100,38 @@ def test_the_warp_specialized_forward_compiles_as_planned():
   rows = {w["kernel"]: w for w in ms.kernel_rows(f, r, TOKENS, target, resources, modes=("masked",),
                                                     tiles=tiles)}
   ws = [w for name, w in rows.items() if "_ws" in name]
-  assert {w["kernel"] for w in ws} == {"elas_mgpu_fwd_ws_store"}, sorted(rows)  # masked training
+  # masked training: the forward and dh (from the compressed activation)
+  assert {w["kernel"] for w in ws} == {"elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed"}, \
+      sorted(rows)
   assert {"elas_mgpu_fwd_ws", "elas_mgpu_fwd_ws_store"} <= set(resources)  # + the evaluation forward
   for w in ws:
     assert w["planned_warpgroups"] == 3 and w["warpgroups"] == (2, 1), w
     assert w["stages"] >= 2 and w["spill_bytes"] == 0 and not w["wgmma_serialized"], w
     assert abs(w["ptx_gflop"] / w["gflop"] - 1) < 1e-9, w
     assert w["terms_us"]["l2"] > 0
-  # Weight bytes through L2 (TMA, read from the PTX), forward with the activation store:
-  # the single-warpgroup kernel fetches every weight step per 64 tokens, this one per 128.
+  # Bytes through L2 (TMA, read from the PTX) against a count by hand: every weight step
+  # fetched once per 128 tokens (the single-warpgroup kernels fetch it per 64).
   from elas_kernels import perf_model as pm
 
-  single, single_res = ms.compile_size(f, r, TOKENS, target, modes=("masked",))
-  assert single.compiled, single.reason
+  def l2_bytes(name):
+    p = pm.profile_ptx(resources[name]["ptx"])
+    return rows[name]["programs"] * (p.consumers * p.consumer.tma_bytes
+                                     + p.producers * p.producer.tma_bytes)
 
-  def l2_bytes(res, name, programs):
-    p = pm.profile_ptx(res[name]["ptx"])
-    return programs * (p.consumers * p.consumer.tma_bytes + p.producers * p.producer.tma_bytes)
-
-  ws_bytes = l2_bytes(resources, "elas_mgpu_fwd_ws_store", rows["elas_mgpu_fwd_ws_store"]["programs"])
-  one_bytes = l2_bytes(single_res, "elas_mgpu_fwd_store", TOKENS // 64)
-  assert 0.4 < ws_bytes / one_bytes < 0.6, (ws_bytes, one_bytes)
+  fs, it, pairs = tiles["block_f"], 2, TOKENS // 128
+  steps = -(-(f - f % 4) // fs)
+  weights = 2 * r * fs * it  # per step: w_in [fs, r] and w_out [r, fs]
+  # dh, exactly: the weight steps, the compressed activation per 64 tokens (values
+  # [64, fs/2], metadata [64, fs/8] bytes), g [64, r] once per consumer
+  act = 64 * fs // 2 * it + 64 * fs // 8
+  assert l2_bytes("elas_mgpu_dh_ws_compressed") == pairs * (steps * (weights + 2 * act)
+                                                            + 2 * 64 * r * it)
+  # forward: the weight steps and h [64, r] once per consumer. perf_model reads its producer
+  # as 32 weight steps of the 33 (2026-12-05, not explained yet: docs/kernels.md), so
+  # within one step of the count
+  fwd = l2_bytes("elas_mgpu_fwd_ws_store")
+  full = pairs * (steps * weights + 2 * 64 * r * it)
+  assert full - pairs * weights <= fwd <= full, (fwd, full)
   S, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
   f2, r2 = ms.SIZES["130m"]
   op = MosaicWsFfn(interpret=False, gpu=target.gpu_spec())

@@ -16,9 +16,11 @@ interpreter differ.
   256 in ``ste`` / the dense warm-up, where a recompute would not fit).
 - ``dh``, per 64 tokens x ``block_k`` columns: ``dy2 = g @ w_out`` by wgmma,
   ``relu(y1)`` decompressed or recomputed, ``dy1 = dy2 · 2 relu(y1)`` in
-  registers as the A operand of ``dh += dy1 @ w_in``.
+  registers as the A operand of ``dh += dy1 @ w_in``; from the compressed
+  activation it also writes ``dy1``'s kept values (the forward's layout).
 - ``dw_in`` / ``dw_out``, per feature step x rank block, looping over token
-  tiles: ``dy1`` / the activation ``w_out``'s gradient sees go through shared
+  tiles: ``dy1`` (decompressed from what ``dh`` wrote, or formed again where
+  the activation is recomputed) / the activation ``w_out``'s gradient sees go through shared
   memory and are read transposed by wgmma; split mode applies token-wise 2:4
   across 4 row planes element-wise.
 """
@@ -69,14 +71,6 @@ def _planes(x: jax.Array, p: int) -> list[jax.Array]:
 def _relu(y1: jax.Array, dtype) -> jax.Array:
   """``relu(y1)`` rounded to the compute dtype first, as the XLA op rounds ``y1``."""
   return jnp.maximum(y1.astype(dtype), jnp.zeros((), dtype))
-
-
-def _decompress(vals: jax.Array, meta: jax.Array, p: int) -> list[jax.Array]:
-  """8 dense planes of ``relu(y1)`` (zeros where 2:4 dropped) from one sub-tile's
-  values ``[bt, 4p]`` and metadata ``[bt, p]``."""
-  v = [vals[:, i * p:(i + 1) * p] for i in range(4)]
-  nib_a, nib_b = cm.unpack_meta(meta)
-  return cm.decompress_group(v[0], v[1], nib_a) + cm.decompress_group(v[2], v[3], nib_b)
 
 
 def _wgmma_k(acc, a_ref, b_ref, chunk: int = 128) -> None:
@@ -322,11 +316,25 @@ class _Relu:
 
   def __init__(self, source: str, c: plan.Plan):
     self.source, self.c = source, c
+    # dw_in's "dy1": the planes of dy1 that dh wrote compressed, in the forward's layout
+    self.packed = source in ("compressed", "dy1")
+
+  def planes_and_nibbles(self, refs, q: int, s: int):
+    """A packed source's 8 dense planes and its metadata nibbles (groups a, b)."""
+    c = self.c
+    ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
+    vals_s, meta_s = refs
+    vals = mc.load(vals_s.at[rows, pl.ds(s * ft // 2, ft // 2)])
+    meta = mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, p), c.interpret)
+    v = [vals[:, i * p:(i + 1) * p] for i in range(4)]
+    nibs = cm.unpack_meta(meta)
+    return (cm.decompress_group(v[0], v[1], nibs[0]) + cm.decompress_group(v[2], v[3], nibs[1]),
+            nibs)
 
   def specs(self, rows_idx, fi_of, step_rows: int):
     """Pipelined inputs for ``step_rows`` tokens at token-block ``rows_idx(step)``."""
     c = self.c
-    if self.source == "compressed":
+    if self.packed:
       rp = step_rows // c.bt
       return [_spec((step_rows, c.fs // 2), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype,
                     c.ft // 2),
@@ -339,92 +347,203 @@ class _Relu:
   def planes(self, refs, q: int, s: int, h_rows=None, winT_s=None) -> list[jax.Array]:
     """The 8 ``relu(y1)`` planes of row plane ``q``, sub-tile ``s`` of a step, loaded (or
     recomputed) just for it: a step's other tiles stay in shared memory, not registers."""
+    if self.packed:
+      return self.planes_and_nibbles(refs, q, s)[0]
     c = self.c
     ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
-    if self.source == "compressed":
-      vals_s, meta_s = refs
-      vals = mc.load(vals_s.at[rows, pl.ds(s * ft // 2, ft // 2)])
-      meta = mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, p), c.interpret)
-      return _decompress(vals, meta, p)
     if self.source == "dense":
       return _planes(mc.load(refs[0].at[rows, pl.ds(s * ft, ft)]), p)
     y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
     return _planes(_relu(y1, c.dtype), p)
 
 
-def _dy1_planes(dy2: jax.Array, r: list[jax.Array], c: plan.Plan) -> jax.Array:
-  """``dy1 = dy2 · 2 relu(y1)`` (zero where 2:4 dropped, when ``r`` is decompressed),
-  rounded to the compute dtype as the XLA op rounds it; planes side by side."""
+def _dy1_list(dy2: jax.Array, r: list[jax.Array], c: plan.Plan) -> list[jax.Array]:
+  """The 8 planes of ``dy1 = dy2 · 2 relu(y1)`` (zero where 2:4 dropped, when ``r`` is
+  decompressed), rounded to the compute dtype as the XLA op rounds it."""
   d = _planes(dy2, c.p)
-  return jnp.concatenate([(d[j] * (2 * r[j]).astype(jnp.float32)).astype(c.dtype)
-                          for j in range(plan.PLANES)], axis=1)
+  return [(d[j] * (2 * r[j]).astype(jnp.float32)).astype(c.dtype) for j in range(plan.PLANES)]
 
 
-def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, **scr):
-  """``dh[rows, k-block] = Σ_steps dy1 @ w_in``."""
+def _dy1_planes(dy2: jax.Array, r: list[jax.Array], c: plan.Plan) -> jax.Array:
+  """:func:`_dy1_list`, planes side by side (a wgmma operand)."""
+  return jnp.concatenate(_dy1_list(dy2, r, c), axis=1)
+
+
+def _gather_group(x: list[jax.Array], nib: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The values of 4 planes at a group's kept indices ``i0 < i1`` (its nibble): the
+  inverse of ``cm.decompress_group`` (``i0`` is 0-2, ``i1`` is 1-3)."""
+  i0, i1 = nib & 0x3, nib >> 2
+  return (jnp.where(i0 == 0, x[0], jnp.where(i0 == 1, x[1], x[2])),
+          jnp.where(i1 == 3, x[3], jnp.where(i1 == 2, x[2], x[1])))
+
+
+def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, stage_s, dy1_ref,
+             tile, q: int, first_kb):
+  """One feature step of ``dh`` for token tile ``tile`` (one warpgroup's ``c.bt`` tokens,
+  row plane ``q`` of a pipelined packed block): ``dy2 = g @ w_out`` by wgmma,
+  ``relu(y1)`` decompressed or recomputed, ``acc += dy1 @ w_in`` with ``dy1`` in
+  registers; ``store_dy1``: ``dy1``'s kept values staged in ``dy1v_s`` and written by TMA
+  (programs of ``first_kb``). Returns ``step(idx, wout_s, win_s, *rest)``."""
+  mg = mc.plgpu()
+  bt, fs, ft = c.bt, c.fs, c.ft
+  rows = pl.ds(tile * bt, bt)
+
+  def step(idx, wout_s, win_s, *rest):
+    (fi,) = idx
+    slot = lax.rem(fi, 2)
+    winT_s = rest[0] if relu.source == "recompute" else None
+    src = rest if relu.source != "recompute" else ()
+    if store_dy1:
+      mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that last used this slot
+    for s in range(fs // ft):
+      # relu(y1) first: a recomputed y1's accumulator is free again before dy2's is taken
+      if store_dy1:
+        r, nibs = relu.planes_and_nibbles(src, q, s)
+      else:
+        r = relu.planes(src, q, s, h_s, winT_s)
+      dy2 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, g_s, wout_s.at[:, pl.ds(s * ft, ft)]))
+      dy1 = _dy1_list(dy2, r, c)
+      if store_dy1:
+        kept = _gather_group(dy1[:4], nibs[0]) + _gather_group(dy1[4:], nibs[1])
+        dy1v_s.at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate(kept, axis=1)
+      mc.wgmma_a(acc, jnp.concatenate(dy1, axis=1), win_s.at[pl.ds(s * ft, ft)], stage_s,
+                 c.interpret)
+    if store_dy1:
+      mg.commit_smem()
+
+      @pl.when(first_kb)
+      def _():
+        mg.copy_smem_to_gmem(dy1v_s.at[slot], dy1_ref.at[rows, pl.ds(fi * (fs // 2), fs // 2)])
+    mg.wgmma_wait(0)  # the w_in slot is refilled after this step
+
+  return step
+
+
+def _dh_in_specs(c: plan.Plan, relu: _Relu, kb, tile_block, rows_per_step: int):
+  """The pipelined inputs of ``dh``: ``w_out``, ``w_in`` (and ``w_inᵀ``) steps, the
+  activation source's block ``tile_block`` of ``rows_per_step`` tokens."""
+  specs = [_spec((c.n_pad, c.fs), lambda f: (0, f), c.dtype, c.fs),
+           _spec((c.fs, c.kb), lambda f: (f, kb), c.dtype, c.kb)]
+  if relu.source == "recompute":
+    specs.append(_spec((c.k_pad, c.fs), lambda f: (0, f), c.dtype, c.fs))
+  return specs + relu.specs(lambda f: tile_block, lambda f: f, rows_per_step)
+
+
+def _dh_refs(refs, relu: _Relu, store_dy1: bool):
+  """(h, w_inᵀ, source refs, dh, dy1) from a ``dh`` kernel's trailing refs."""
+  n_out = 2 if store_dy1 else 1
+  ins, outs = refs[:-n_out], refs[-n_out:]
+  dy1_ref = outs[1] if store_dy1 else None
+  if relu.source == "recompute":
+    return ins[0], ins[1], (), outs[0], dy1_ref
+  return None, None, tuple(ins), outs[0], dy1_ref
+
+
+def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
+               **scr):
+  """``dh[rows, k-block] = Σ_steps dy1 @ w_in``; ``store_dy1`` (a packed source): the first
+  k-block's programs also write ``dy1``'s kept values in the forward's compressed layout
+  (its metadata is the forward's), which ``dw_in`` reads instead of forming ``dy1`` again."""
   mg = mc.plgpu()
   c = pl_
-  bt, fs, ft = c.bt, c.fs, c.ft
-  ins, dh_ref = refs[:-1], refs[-1]
-  if relu.source == "recompute":
-    h_ref, winT_ref, src_refs = ins[0], ins[1], ()
-  else:
-    h_ref = winT_ref = None
-    src_refs = ins
+  h_ref, winT_ref, src_refs, dh_ref, dy1_ref = _dh_refs(refs, relu, store_dy1)
   ti, kb = lax.axis_index("t"), lax.axis_index("k")
-  rows = pl.ds(ti * bt, bt)
+  rows = pl.ds(ti * c.bt, c.bt)
   _copy_in(g_ref.at[rows], scr["g_s"], scr["bar"].at[0])
   if h_ref is not None:
     _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[1])
 
-  def step(idx, wout_s, win_s, *rest):
-    winT_s = rest[0] if relu.source == "recompute" else None
-    src = rest if relu.source != "recompute" else ()
-    for s in range(fs // ft):
-      # relu(y1) first: a recomputed y1's accumulator is free again before dy2's is taken
-      r = relu.planes(src, 0, s, scr.get("h_s"), winT_s)
-      dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["g_s"], wout_s.at[:, pl.ds(s * ft, ft)]))
-      mc.wgmma_a(scr["acc"], _dy1_planes(dy2, r, c), win_s.at[pl.ds(s * ft, ft)],
-                 scr.get("stage_s"), c.interpret)
-    mg.wgmma_wait(0)
-
   def run(acc_ref):
-    scr["acc"] = acc_ref
-    specs = [_spec((c.n_pad, fs), lambda f: (0, f), c.dtype, fs),
-             _spec((fs, c.kb), lambda f: (f, kb), c.dtype, c.kb)]
-    args = [wout_ref, win_ref]
-    if relu.source == "recompute":
-      specs.append(_spec((c.k_pad, fs), lambda f: (0, f), c.dtype, fs))
-      args.append(winT_ref)
-    specs += relu.specs(lambda f: ti, lambda f: f, bt)
-    args += list(src_refs)
-    mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=specs,
+    step = _dh_step(c, relu, store_dy1, scr["g_s"], scr.get("h_s"), acc_ref, scr.get("dy1v_s"),
+                    scr.get("stage_s"), dy1_ref, ti, 0, kb == 0)
+    args = [wout_ref, win_ref] + ([winT_ref] if winT_ref is not None else []) + list(src_refs)
+    mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=_dh_in_specs(c, relu, kb, ti, c.bt),
                      max_concurrent_steps=min(c.tiles.stages, c.n_steps))(*args)
     return acc_ref[...]
 
-  acc = pl.run_scoped(run, mg.ACC((bt, c.kb), jnp.float32))
-  store_out(acc, dh_ref, scr["out_s"], ti * bt, kb * c.kb)
+  acc = pl.run_scoped(run, mg.ACC((c.bt, c.kb), jnp.float32))
+  store_out(acc, dh_ref, scr["out_s"], ti * c.bt, kb * c.kb)
   mg.wait_smem_to_gmem(0)
 
 
-def _dwin_kernel(g_ref, h_ref, wout_ref, *refs, pl_: plan.Plan, relu: _Relu, **scr):
-  """``dw_in[f-step, k-block] = Σ_token tiles dy1ᵀ h`` (rows in kernel feature order)."""
+def _dh_ws_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
+                  **scr):
+  """``dh`` warp-specialized (from the compressed activation): warpgroup 2 streams the
+  weight steps and both consumers' activation blocks by TMA, warpgroups 0 and 1 each
+  run :func:`_dh_step` on their own ``block_t`` tokens (row plane ``wg`` of the step's
+  ``2 · block_t``-token block), sharing every weight step."""
+  mg = mc.plgpu()
+  c = pl_
+  _, _, src_refs, dh_ref, dy1_ref = _dh_refs(refs, relu, store_dy1)
+  ti, kb = lax.axis_index("t"), lax.axis_index("k")
+  wg = lax.axis_index("wg")
+  tile = ti * plan.WS_CONSUMERS + wg
+  rows = pl.ds(tile * c.bt, c.bt)
+  mine = {k: scr[k].at[wg] for k in ("g_s", "out_s", "dy1v_s", "stage_s") if k in scr}
+  acc_box = []
+
+  def step(idx, *ins):  # ins end with the pipeline's carry (unused: () here)
+    body = _dh_step(c, relu, store_dy1, mine["g_s"], None, acc_box[0], mine.get("dy1v_s"),
+                    mine.get("stage_s"), dy1_ref, tile, wg, kb == 0)
+    body(idx, *ins[:-1])
+    return ins[-1]
+
+  def compute_context(eval_pipeline):
+    _copy_in(g_ref.at[rows], mine["g_s"], scr["bar"].at[wg])
+
+    def run(acc_ref):
+      acc_box.append(acc_ref)
+      eval_pipeline(())
+      return acc_ref[...]
+
+    acc = pl.run_scoped(run, mg.ACC((c.bt, c.kb), jnp.float32))
+    store_out(acc, dh_ref, mine["out_s"], tile * c.bt, kb * c.kb)
+    mg.wait_smem_to_gmem(0)
+
+  mg.emit_pipeline_warp_specialized(
+      step, grid=(c.n_steps,), memory_registers=40, wg_axis="wg",
+      num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=min(c.tiles.stages, c.n_steps),
+      compute_context=compute_context,
+      in_specs=_dh_in_specs(c, relu, kb, ti, plan.WS_CONSUMERS * c.bt))(wout_ref, win_ref,
+                                                                          *src_refs)
+
+
+def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
+  """``dw_in[f-step, k-block] = Σ_token tiles dy1ᵀ h`` (rows in kernel feature order);
+  ``dy1`` read as ``dh`` wrote it (source ``dy1``) or formed from ``g @ w_out`` and
+  ``relu(y1)`` (the other sources)."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
-  ins, dwin_ref = refs[:-1], refs[-1]
-  winT_ref = ins[0] if relu.source == "recompute" else None
-  src_refs = () if relu.source == "recompute" else ins
+  refs = list(refs)
+  dwin_ref = refs.pop()
+  from_dy1 = relu.source == "dy1"
+  recompute = relu.source == "recompute"
+  g_ref = wout_ref = winT_ref = None
+  if from_dy1:
+    h_ref = refs.pop(0)
+  else:
+    g_ref, h_ref, wout_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+  if recompute:
+    winT_ref = refs.pop(0)
+  src_refs = refs
   fi, kb, si = lax.axis_index("f"), lax.axis_index("k"), lax.axis_index("s")
   t0 = si * c.dw_steps  # this program's share of the token tiles (split-K over tokens)
-  _copy_in(wout_ref.at[:, pl.ds(fi * fs, fs)], scr["wout_s"], scr["bar"].at[0])
+  if wout_ref is not None:
+    _copy_in(wout_ref.at[:, pl.ds(fi * fs, fs)], scr["wout_s"], scr["bar"].at[0])
   if winT_ref is not None:
     _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[1])
-  recompute = relu.source == "recompute"
 
-  def step(idx, g_s, h_s, *src):
+  def step(idx, *ins):
+    ins = list(ins)
+    g_s = None if from_dy1 else ins.pop(0)
+    h_s = ins.pop(0)
+    src = ins
     for s in range(fs // ft):
       r = relu.planes(src, 0, s, h_s, scr.get("winT_s"))  # before dy2, as in dh
+      if from_dy1:  # the planes are dy1's
+        scr["dy1_s"][:, s * ft:(s + 1) * ft] = jnp.concatenate(r, axis=1)
+        continue
       dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, g_s, scr["wout_s"].at[:, pl.ds(s * ft, ft)]))
       scr["dy1_s"][:, s * ft:(s + 1) * ft] = _dy1_planes(dy2, r, c)
     mg.commit_smem()  # dy1 in shared memory before wgmma reads it
@@ -436,10 +555,13 @@ def _dwin_kernel(g_ref, h_ref, wout_ref, *refs, pl_: plan.Plan, relu: _Relu, **s
     scr["acc"] = acc_ref
     h_spec = (_spec((bt, c.k_pad), lambda t: (t0 + t, 0), c.dtype, c.k_pad) if recompute
               else _spec((bt, c.kb), lambda t: (t0 + t, kb), c.dtype, c.kb))
-    specs = [_spec((bt, c.n_pad), lambda t: (t0 + t, 0), c.dtype, c.n_pad), h_spec]
+    specs, args = [h_spec], [h_ref]
+    if not from_dy1:
+      specs.insert(0, _spec((bt, c.n_pad), lambda t: (t0 + t, 0), c.dtype, c.n_pad))
+      args.insert(0, g_ref)
     specs += relu.specs(lambda t: t0 + t, lambda t: fi, bt)
     mg.emit_pipeline(step, grid=(c.dw_steps,), in_specs=specs,
-                     max_concurrent_steps=min(c.tiles.stages, c.dw_steps))(g_ref, h_ref, *src_refs)
+                     max_concurrent_steps=min(c.tiles.stages, c.dw_steps))(*args, *src_refs)
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((fs, c.kb), jnp.float32))
@@ -540,7 +662,7 @@ def _named(fn, name: str):
 
 
 BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel, "dh": _dh_kernel,
-          "dw_in": _dwin_kernel, "dw_out": _dwout_kernel}
+          "dh_ws": _dh_ws_kernel, "dw_in": _dwin_kernel, "dw_out": _dwout_kernel}
 
 
 def launch(spec: plan.KernelSpec, *args):

@@ -63,9 +63,10 @@ class Tiles:
   gradient token loop (partial sums added in XLA); ``stages`` pipeline buffers
   (fewer where shared memory is short); ``materialize_relu``: the recomputing
   backward reads ``relu(y1)`` from the ``relu`` kernel instead of recomputing
-  it in ``dh`` / ``dw_in`` / ``dw_out``; ``warp_specialized``: the forward runs
-  as one TMA producer warpgroup and two consumer warpgroups of ``block_t``
-  tokens each, sharing every weight step (ranks up to 128).
+  it in ``dh`` / ``dw_in`` / ``dw_out``; ``warp_specialized``: the forward and
+  (from the compressed activation) ``dh`` run as one TMA producer warpgroup and
+  two consumer warpgroups of ``block_t`` tokens each, sharing every weight step
+  (ranks up to 128).
   """
 
   block_t: int = TOKENS
@@ -78,7 +79,7 @@ class Tiles:
   dw_split: int | None = None  # weight-gradient token splits (None: by grid size)
   stages: int = 2
   materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: by rank)
-  warp_specialized: bool = False  # the forward as a producer + 2 consumer warpgroups (ranks <= 128)
+  warp_specialized: bool = False  # fwd and dh as a producer + 2 consumer warpgroups (ranks <= 128)
 
   def check(self) -> None:
     if self.block_t not in (TOKENS, 2 * TOKENS):
@@ -265,7 +266,7 @@ def _out_chunks(s: Scratch, c: Plan, acc_shape) -> Scratch:
 
 
 WS_CONSUMERS = 2  # consumer warpgroups of the warp-specialized forward (+ 1 producer)
-WS_MAX_RANK = 128  # its [block_t, N] accumulator and y1 tiles within 168 registers a thread
+WS_MAX_RANK = 128  # a consumer's [block_t, rank] accumulator and tiles within 168 registers a thread
 
 
 @dataclasses.dataclass
@@ -314,11 +315,19 @@ def _spec_of(name, c: Plan, s: Scratch, steps: int, grid, grid_names, out_shape,
   c = _with_stages(c, _fit_stages(name, s, c, steps))
   if warpgroups > 1 and c.tiles.stages < 2 and steps > 1:
     raise NotImplementedError(f"elas_ffn (mosaic) {name}: one pipeline stage fits shared memory; "
-                              "the warp-specialized forward needs two (use smaller block_f)")
+                              "a warp-specialized kernel needs two (use smaller block_f)")
   return KernelSpec(name=name, grid=grid, grid_names=grid_names, stages=c.tiles.stages,
                     smem_bytes=s.bytes(c.tiles.stages), wgmma=wgmma, hbm_bytes=int(hbm_bytes),
                     out_shape=out_shape, scratch=s.build(2), body=body, options=options, c=c,
                     warpgroups=warpgroups)
+
+
+def _check_ws_ranks(c: Plan) -> None:
+  if max(c.k_pad, c.n_pad) > WS_MAX_RANK:
+    raise NotImplementedError(
+        f"elas_ffn (mosaic): the warp-specialized kernels hold a [{c.bt}, rank] fp32 accumulator "
+        f"and [{c.bt}, rank] inputs per consumer within 168 registers a thread: ranks up to "
+        f"{WS_MAX_RANK} (got K={c.k}, N={c.n}); use warp_specialized=False")
 
 
 def fwd_spec(c: Plan, store: bool) -> KernelSpec:
@@ -326,11 +335,8 @@ def fwd_spec(c: Plan, store: bool) -> KernelSpec:
   (``tiles.warp_specialized``): every per-token buffer once per consumer warpgroup."""
   dt, it = c.dtype, c.dtype.itemsize
   ws = c.tiles.warp_specialized
-  if ws and max(c.k_pad, c.nb) > WS_MAX_RANK:
-    raise NotImplementedError(
-        f"elas_ffn (mosaic): the warp-specialized forward holds a [{c.bt}, {c.nb}] fp32 accumulator "
-        f"and [{c.bt}, {c.k_pad}] inputs per consumer within 168 registers a thread: ranks up to "
-        f"{WS_MAX_RANK} (got K={c.k}, N={c.n}); use warp_specialized=False")
+  if ws:
+    _check_ws_ranks(c)
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
   s = Scratch().add("h_s", (*per, c.bt, c.k_pad), dt, c.k_pad)
   s.add("out_s", (*per, 2, *((c.bt, c.nb) if c.interpret else (64, 64))), jnp.float32)
@@ -374,7 +380,7 @@ def relu_spec(c: Plan) -> KernelSpec:
 
 
 def _src_blocks(source: str, c: Plan, rows: int):
-  if source == "compressed":
+  if source in ("compressed", "dy1"):  # values and the forward's metadata
     return [((rows, c.fs // 2), c.dtype), ((rows // c.bt, c.n_sub_step * c.meta_sub, 16), jnp.uint8)]
   if source == "dense":
     return [((rows, c.fs), c.dtype)]
@@ -384,47 +390,77 @@ def _src_blocks(source: str, c: Plan, rows: int):
 def _src_bytes(source: str, c: Plan) -> int:
   """HBM bytes of the backward's relu(y1) source: compressed (9/16 of dense), dense, or h."""
   it = c.dtype.itemsize
-  return {"compressed": c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8,
+  packed = c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8
+  return {"compressed": packed, "dy1": packed,
           "dense": c.t_pad * c.f_pad * it, "recompute": c.t_pad * c.k_pad * it}[source]
 
 
 def dh_spec(c: Plan, source: str) -> KernelSpec:
+  """``dh``; from the compressed activation it also writes ``dy1``'s kept values (output 2,
+  ``[T, F/2]`` in the forward's value layout) for ``dw_in``."""
   dt, it = c.dtype, c.dtype.itemsize
-  s = _out_chunks(Scratch().add("g_s", (c.bt, c.n_pad), dt, c.n_pad), c, (c.bt, c.kb))
-  s.pipelined(((c.n_pad, c.fs), dt), ((c.fs, c.kb), dt), *_src_blocks(source, c, c.bt))
+  store = source == "compressed"
+  # warp-specialized from the compressed activation (the 2:4 phase of masked / split)
+  ws = store and c.tiles.warp_specialized
+  if ws:
+    _check_ws_ranks(c)
+  per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
+  s = Scratch().add("g_s", (*per, c.bt, c.n_pad), dt, c.n_pad)
+  s.add("out_s", (*per, 2, *((c.bt, c.kb) if c.interpret else (64, 64))), jnp.float32)
+  s.pipelined(((c.n_pad, c.fs), dt), ((c.fs, c.kb), dt),
+              *_src_blocks(source, c, c.bt * (WS_CONSUMERS if ws else 1)))
   if source == "recompute":
     s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.k_pad, c.fs), dt))
+  if store:
+    s.add("dy1v_s", (*per, 2, c.bt, c.fs // 2), dt, c.ft // 2)
   if c.interpret:
-    s.add("stage_s", (c.bt, c.ft), dt, c.ft)
+    s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
   mma = {}
   _mma(mma, c.ft, c.n_pad, c.n_sub)
   if source == "recompute":
     _mma(mma, c.ft, c.k_pad, c.n_sub)
   _mma(mma, c.kb, c.ft, c.n_sub)
   hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * c.k_pad * 4
-         + c.f_pad * (c.k_pad + c.n_pad) * it)
+         + c.f_pad * (c.k_pad + c.n_pad) * it + (c.t_pad * c.f_pad // 2 * it if store else 0))
+  out_shape = jax.ShapeDtypeStruct((c.t_pad, c.k_pad), jnp.float32)
+  if store:
+    out_shape = [out_shape, jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt)]
+  if ws:
+    return _spec_of(f"elas_mgpu_dh_ws_{source}", c, s, c.n_steps,
+                    (c.nt // WS_CONSUMERS, c.k_pad // c.kb), ("t", "k"), out_shape, "dh_ws",
+                    {k: WS_CONSUMERS * v for k, v in mma.items()}, hbm,
+                    warpgroups=WS_CONSUMERS + 1, source=source, store_dy1=store)
   return _spec_of(f"elas_mgpu_dh_{source}", c, s, c.n_steps, (c.nt, c.k_pad // c.kb), ("t", "k"),
-                  jax.ShapeDtypeStruct((c.t_pad, c.k_pad), jnp.float32),
-                  "dh", mma, hbm, source=source)
+                  out_shape, "dh", mma, hbm, source=source, store_dy1=store)
 
 
 def dwin_spec(c: Plan, source: str) -> KernelSpec:
+  """``dw_in``; source ``dy1``: from the values ``dh`` wrote (no ``dy2`` product here)."""
   c = c.for_dw()
   dt, it = c.dtype, c.dtype.itemsize
-  s = _out_chunks(Scratch().add("wout_s", (c.n_pad, c.fs), dt, c.fs), c, (c.fs, c.kb))
+  from_dy1 = source == "dy1"
+  s = Scratch()
+  if not from_dy1:
+    s.add("wout_s", (c.n_pad, c.fs), dt, c.fs)
+  s = _out_chunks(s, c, (c.fs, c.kb))
   s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
   h_cols = c.k_pad if source == "recompute" else c.kb
-  s.pipelined(((c.bt, c.n_pad), dt), ((c.bt, h_cols), dt), *_src_blocks(source, c, c.bt))
+  if not from_dy1:
+    s.pipelined(((c.bt, c.n_pad), dt))
+  s.pipelined(((c.bt, h_cols), dt), *_src_blocks(source, c, c.bt))
   if source == "recompute":
     s.add("winT_s", (c.k_pad, c.fs), dt, c.fs)
   mma = {}
   c = _with_dw_split(c, c.nt, c.n_steps * (c.k_pad // c.kb))
-  _mma(mma, c.ft, c.n_pad, c.dw_steps * c.n_sub_step)
+  if not from_dy1:
+    _mma(mma, c.ft, c.n_pad, c.dw_steps * c.n_sub_step)
   if source == "recompute":
     _mma(mma, c.ft, c.k_pad, c.dw_steps * c.n_sub_step)
   _mma(mma, c.kb, c.bt, c.dw_steps * c.fs // 64)  # [fs, bt] x [bt, kb]: fs/64 m64 rows per tile
-  hbm = (c.t_pad * (c.n_pad + c.k_pad) * it + _src_bytes(source, c) * (source != "recompute")
-         + c.f_pad * (c.k_pad + c.n_pad) * it + c.dw_split * c.f_pad * c.k_pad * 4)
+  hbm = (c.t_pad * c.k_pad * it + _src_bytes(source, c) * (source != "recompute")
+         + c.f_pad * c.k_pad * 4 * c.dw_split)
+  if not from_dy1:
+    hbm += c.t_pad * c.n_pad * it + c.f_pad * (c.k_pad + c.n_pad) * it
   return _spec_of(f"elas_mgpu_dw_in_{source}", c, s, c.dw_steps,
                   (c.n_steps, c.k_pad // c.kb, c.dw_split), ("f", "k", "s"),
                   jax.ShapeDtypeStruct((c.dw_split, c.f_pad, c.k_pad), jnp.float32),
@@ -528,7 +564,10 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
 
     def bwd(source, dw_mask):
       first = [relu_spec(c)] if source == "dense" else []
-      return first + [dh_spec(c, source), dwin_spec(c, source), dwout_spec(c, source, dw_mask)]
+      # dh writes dy1 compressed from the compressed activation, dw_in reads it
+      dwin_source = "dy1" if source == "compressed" else source
+      return first + [dh_spec(c, source), dwin_spec(c, dwin_source),
+                      dwout_spec(c, source, dw_mask)]
 
     out["backward"] = bwd(recompute if mode == "ste" else "compressed",
                           {"masked": "none", "ste": "ste", "split": "tokens"}[mode])

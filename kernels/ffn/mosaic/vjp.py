@@ -44,8 +44,13 @@ fp32 accumulation in wgmma accumulators):
   ``relu(y1)`` decompressed (``masked``, ``split``) or recomputed
   (``ste``, dense warm-up), ``dy1 = dy2 · 2 relu(y1)`` in registers as the A
   operand of ``dh += dy1 @ w_in``.
+  From the compressed activation (``masked``, ``split``) the first ``block_k``
+  programs also write ``dy1``'s kept values in the forward's value layout (the
+  metadata is the forward's): ``dw_in`` reads them instead of forming ``dy2``
+  a second time.
 - ``dw_in`` per feature step x ``block_k``, ``dw_out`` per feature step x
-  ``block_n``, looping over tokens: ``dy1`` / the activation ``w_out``'s
+  ``block_n``, looping over tokens: ``dy1`` (decompressed, or formed from
+  ``g @ w_out`` where nothing was stored) / the activation ``w_out``'s
   gradient sees are written to shared memory and read transposed by wgmma
   (``dw_in += dy1ᵀ h``, ``dw_out += gᵀ y2``); the token loop is split over
   ``dw_split`` programs so the grid fills the GPU. ``split`` loads 4 row planes
@@ -103,7 +108,10 @@ def _dh_call(g, h, wout, win, winT, src, source: str, c: plan.Plan):
 
 
 def _dwin_call(g, h, wout, winT, src, source: str, c: plan.Plan):
-  args = [g, h, wout] + ([winT] if source == "recompute" else []) + list(src)
+  if source == "dy1":  # src: dy1's values (dh wrote them) and the forward's metadata
+    args = [h] + list(src)
+  else:
+    args = [g, h, wout] + ([winT] if source == "recompute" else []) + list(src)
   return jnp.sum(bodies.launch(plan.dwin_spec(c, source), *args), axis=0)
 
 
@@ -199,7 +207,11 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
     if source == "dense":
       src = (_relu_call(hk, winT, c),)
     dh = _dh_call(gk, hk, wout, win, winT, src, source, c)
-    dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
+    if source == "compressed":  # dh also wrote dy1 compressed: dw_in needs no dy2 product
+      dh, dy1_vals = dh
+      dwin = _dwin_call(gk, hk, wout, winT, (dy1_vals, meta), "dy1", c)
+    else:
+      dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
     dwout = _dwout_call(gk, hk, winT, src, dense_f, tok_dense, source, dw_mask, c)
     return dh, dwin, dwout
 
@@ -304,10 +316,12 @@ class MosaicFfn(base.FfnCore):
 
 
 class MosaicWsFfn(MosaicFfn):
-  """:class:`MosaicFfn` with the warp-specialized forward (``Tiles.warp_specialized``):
+  """:class:`MosaicFfn` with the warp-specialized forward and ``dh`` (``Tiles.warp_specialized``):
   per program a TMA producer warpgroup and two consumer warpgroups of ``block_t`` tokens
   sharing every weight step; on a GPU 64-feature steps by default (two pipeline stages
-  of the shared steps fit beside the two consumers' buffers). The backward is
+  of the shared steps fit beside the two consumers' buffers). ``dh`` is warp-specialized
+  where it reads the compressed activation (``masked``, ``split``); the weight-gradient
+  kernels and the recomputing backward (``ste``, the dense warm-up) are
   :class:`MosaicFfn`'s. Ranks up to 128 (``NotImplementedError`` above: the consumer's
   accumulator and inputs within 168 registers a thread). Unverified on a GPU: ``auto``
   does not pick it."""
