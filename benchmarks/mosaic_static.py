@@ -130,6 +130,18 @@ def lower_bound_us(f: int, r: int, tokens: int, target, train: bool) -> float:
   return roofline.ffn_core(tokens, f, r, train=train, gpu=target.gpu_spec()).time_s * 1e6
 
 
+def _phase_sums(rows: list[dict], mode: str, value) -> tuple[float, float, float, float]:
+  """Per mode: the 2:4 forward, its backward, the warm-up's forward (the 2:4 one unless
+  the plan gives the warm-up its own, ``dense warm-up forward``) and the warm-up backward."""
+  sel = [w for w in rows if w["mode"] == mode]
+  fwd, bwd, warm_fwd, warm = (sum(value(w) for w in sel if w["phase"] == ph)
+                              for ph in ("forward", "backward", "dense warm-up forward",
+                                         "dense warm-up"))
+  if not any(w["phase"] == "dense warm-up forward" for w in sel):
+    warm_fwd = fwd
+  return fwd, bwd, warm_fwd, warm
+
+
 def flops_ratios(rows: list[dict], f: int, r: int, tokens: int) -> dict[str, dict[str, float]]:
   """Executed wgmma FLOPs over the FFN core's minimum (:func:`elas_kernels.roofline.ffn_core`:
   each product once), per mode: the forward, fwd+bwd of the 2:4 phase and of the dense warm-up.
@@ -140,11 +152,9 @@ def flops_ratios(rows: list[dict], f: int, r: int, tokens: int) -> dict[str, dic
   train_min = roofline.ffn_core(tokens, f, r, train=True).flops
   out = {}
   for mode in sorted({w["mode"] for w in rows}):
-    sel = [w for w in rows if w["mode"] == mode]
-    fwd, bwd, warm = (sum(w["gflop"] * 1e9 for w in sel if w["phase"] == ph)
-                      for ph in ("forward", "backward", "dense warm-up"))
+    fwd, bwd, warm_fwd, warm = _phase_sums(rows, mode, lambda w: w["gflop"] * 1e9)
     out[mode] = {"forward": fwd / fwd_min, "fwd_bwd": (fwd + bwd) / train_min,
-                 "warm_up": (fwd + warm) / train_min}
+                 "warm_up": (warm_fwd + warm) / train_min}
   return out
 
 
@@ -152,10 +162,8 @@ def totals(rows: list[dict]) -> dict[str, dict[str, float]]:
   """Modelled µs per mode: forward, fwd+bwd of the 2:4 phase and of the dense warm-up."""
   out = {}
   for mode in sorted({w["mode"] for w in rows}):
-    sel = [w for w in rows if w["mode"] == mode]
-    fwd, bwd, warm = (sum(w["est_us"] for w in sel if w["phase"] == ph)
-                      for ph in ("forward", "backward", "dense warm-up"))
-    out[mode] = {"forward": fwd, "fwd_bwd": fwd + bwd, "warm_up": fwd + warm}
+    fwd, bwd, warm_fwd, warm = _phase_sums(rows, mode, lambda w: w["est_us"])
+    out[mode] = {"forward": fwd, "fwd_bwd": fwd + bwd, "warm_up": warm_fwd + warm}
   return out
 
 

@@ -650,6 +650,40 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
 
 
 
+def _packed_mm_kernel(vals_ref, meta_ref, w_ref, out_ref, *, pl_: plan.Plan, operand: str, **scr):
+  """``out[rows, block c] = A @ W[:, block c + 1]`` with ``A`` decompressed from a stored
+  2:4 operand (values + the forward's metadata) into the register A operand: ``y2``
+  squares the kept ``relu(y1)`` values (the forward's ``y2s``, as its kernel rounds it),
+  ``dy1`` takes them as they are."""
+  mg = mc.plgpu()
+  c = pl_
+  bt, fs, ft = c.bt, c.fs, c.ft
+  cb = c.nb if operand == "y2" else c.kb
+  ti, ci = lax.axis_index("t"), lax.axis_index("c")
+  src = _Relu("compressed", c)
+
+  def step(idx, w_s, *packed):
+    for s in range(fs // ft):
+      a = src.planes(packed, 0, s)
+      if operand == "y2":
+        a = [x * x for x in a]
+      mc.wgmma_a(scr["acc"], jnp.concatenate(a, axis=1), w_s.at[pl.ds(s * ft, ft)],
+                 scr.get("stage_s"), c.interpret)
+    mg.wgmma_wait(0)  # the W slot is refilled after this step
+
+  def run(acc_ref):
+    scr["acc"] = acc_ref
+    specs = [_spec((fs, cb), lambda f: (f, ci + 1), c.dtype, cb)]
+    specs += src.specs(lambda f: ti, lambda f: f, bt)
+    mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=specs,
+                     max_concurrent_steps=min(c.tiles.stages, c.n_steps))(w_ref, vals_ref, meta_ref)
+    return acc_ref[...]
+
+  acc = pl.run_scoped(run, mg.ACC((bt, cb), jnp.float32))
+  store_out(acc, out_ref, scr["out_s"], ti * bt, ci * cb)
+  mg.wait_smem_to_gmem(0)
+
+
 def _named(fn, name: str):
   """Give a kernel body a name (Mosaic GPU names the compiled kernel after it)."""
 
@@ -662,7 +696,8 @@ def _named(fn, name: str):
 
 
 BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel, "dh": _dh_kernel,
-          "dh_ws": _dh_ws_kernel, "dw_in": _dwin_kernel, "dw_out": _dwout_kernel}
+          "dh_ws": _dh_ws_kernel, "dw_in": _dwin_kernel, "dw_out": _dwout_kernel,
+          "packed_mm": _packed_mm_kernel}
 
 
 def launch(spec: plan.KernelSpec, *args):

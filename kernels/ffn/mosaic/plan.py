@@ -330,9 +330,11 @@ def _check_ws_ranks(c: Plan) -> None:
         f"{WS_MAX_RANK} (got K={c.k}, N={c.n}); use warp_specialized=False")
 
 
-def fwd_spec(c: Plan, store: bool) -> KernelSpec:
+def fwd_spec(c: Plan, store: bool, first_block: bool = False) -> KernelSpec:
   """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``. Warp-specialized
-  (``tiles.warp_specialized``): every per-token buffer once per consumer warpgroup."""
+  (``tiles.warp_specialized``): every per-token buffer once per consumer warpgroup.
+  ``first_block``: only the first ``block_n`` output columns (out ``[T, block_n]``); the
+  others come from :func:`packed_mm_spec` on the stored activation (``y1`` computed once)."""
   dt, it = c.dtype, c.dtype.itemsize
   ws = c.tiles.warp_specialized
   if ws:
@@ -347,7 +349,8 @@ def fwd_spec(c: Plan, store: bool) -> KernelSpec:
     s.add("meta_s", (*per, 2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
   if c.interpret:
     s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
-  out_shape = [jax.ShapeDtypeStruct((c.t_pad, c.n_pad), jnp.float32),
+  n_cols = c.nb if first_block else c.n_pad
+  out_shape = [jax.ShapeDtypeStruct((c.t_pad, n_cols), jnp.float32),
                jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
   if store:
     out_shape += [jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt),
@@ -355,9 +358,12 @@ def fwd_spec(c: Plan, store: bool) -> KernelSpec:
   mma = {}
   _mma(mma, c.ft, c.k_pad, c.n_sub)
   _mma(mma, c.nb, c.ft, c.n_sub)
-  hbm = (c.t_pad * c.k_pad * it + c.t_pad * c.n_pad * 4 + 12 * c.t_pad
-         + c.f_pad * (c.k_pad + c.n_pad) * it
+  hbm = (c.t_pad * c.k_pad * it + c.t_pad * n_cols * 4 + 12 * c.t_pad
+         + c.f_pad * (c.k_pad + n_cols) * it
          + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0))
+  if first_block:
+    return _spec_of("elas_mgpu_fwd_first" + ("_store" if store else ""), c, s, c.n_steps,
+                    (c.nt, 1), ("t", "n"), out_shape, "fwd", mma, hbm, store=store)
   if ws:
     return _spec_of("elas_mgpu_fwd_ws" + ("_store" if store else ""), c, s, c.n_steps,
                     (c.nt // WS_CONSUMERS, c.n_pad // c.nb), ("t", "n"), out_shape, "fwd_ws",
@@ -397,7 +403,9 @@ def _src_bytes(source: str, c: Plan) -> int:
 
 def dh_spec(c: Plan, source: str) -> KernelSpec:
   """``dh``; from the compressed activation it also writes ``dy1``'s kept values (output 2,
-  ``[T, F/2]`` in the forward's value layout) for ``dw_in``."""
+  ``[T, F/2]`` in the forward's value layout) for ``dw_in``, and then covers only the first
+  ``block_k`` columns (``[T, block_k]``) when there are more: :func:`packed_mm_spec` makes
+  the others from the stored ``dy1`` (``dy2`` formed once)."""
   dt, it = c.dtype, c.dtype.itemsize
   store = source == "compressed"
   # warp-specialized from the compressed activation (the 2:4 phase of masked / split)
@@ -420,18 +428,47 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   if source == "recompute":
     _mma(mma, c.ft, c.k_pad, c.n_sub)
   _mma(mma, c.kb, c.ft, c.n_sub)
-  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * c.k_pad * 4
-         + c.f_pad * (c.k_pad + c.n_pad) * it + (c.t_pad * c.f_pad // 2 * it if store else 0))
-  out_shape = jax.ShapeDtypeStruct((c.t_pad, c.k_pad), jnp.float32)
+  k_cols = c.kb if store else c.k_pad
+  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * k_cols * 4
+         + c.f_pad * (k_cols + c.n_pad) * it + (c.t_pad * c.f_pad // 2 * it if store else 0))
+  out_shape = jax.ShapeDtypeStruct((c.t_pad, k_cols), jnp.float32)
   if store:
     out_shape = [out_shape, jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt)]
+  k_blocks = k_cols // c.kb
   if ws:
     return _spec_of(f"elas_mgpu_dh_ws_{source}", c, s, c.n_steps,
-                    (c.nt // WS_CONSUMERS, c.k_pad // c.kb), ("t", "k"), out_shape, "dh_ws",
+                    (c.nt // WS_CONSUMERS, k_blocks), ("t", "k"), out_shape, "dh_ws",
                     {k: WS_CONSUMERS * v for k, v in mma.items()}, hbm,
                     warpgroups=WS_CONSUMERS + 1, source=source, store_dy1=store)
-  return _spec_of(f"elas_mgpu_dh_{source}", c, s, c.n_steps, (c.nt, c.k_pad // c.kb), ("t", "k"),
+  return _spec_of(f"elas_mgpu_dh_{source}", c, s, c.n_steps, (c.nt, k_blocks), ("t", "k"),
                   out_shape, "dh", mma, hbm, source=source, store_dy1=store)
+
+
+def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
+  """``out[:, blocks 1..] = A @ W`` for a stored 2:4 operand ``A`` (the forward's value
+  layout and metadata), decompressed in registers: ``operand`` ``y2`` (``A = v·v`` of the
+  compressed activation, ``W = w_outᵀ``, the forward's output columns past the first
+  ``block_n``) or ``dy1`` (``A`` = ``dh``'s stored ``dy1``, ``W = w_in``, ``dh``'s columns
+  past the first ``block_k``). Output ``[T, cols - block]`` fp32."""
+  dt, it = c.dtype, c.dtype.itemsize
+  cols, cb = (c.n_pad, c.nb) if operand == "y2" else (c.k_pad, c.kb)
+  rest = cols - cb
+  s = Scratch().add("out_s", (2, *((c.bt, cb) if c.interpret else (64, 64))), jnp.float32)
+  s.pipelined(((c.fs, cb), dt), *_src_blocks("compressed", c, c.bt))
+  if c.interpret:
+    s.add("stage_s", (c.bt, c.ft), dt, c.ft)
+  mma = {}
+  _mma(mma, cb, c.ft, c.n_sub)
+  hbm = _src_bytes("compressed", c) + c.f_pad * rest * it + c.t_pad * rest * 4
+  return _spec_of(f"elas_mgpu_packed_mm_{operand}", c, s, c.n_steps, (c.nt, rest // cb),
+                  ("t", "c"), jax.ShapeDtypeStruct((c.t_pad, rest), jnp.float32), "packed_mm",
+                  mma, hbm, operand=operand)
+
+
+def splits_y2(c: Plan) -> bool:
+  """The 2:4 forward as :func:`fwd_spec` (first block) + :func:`packed_mm_spec` (``y2``):
+  more than one output block, and no warp specialisation (ranks <= 128 have one block)."""
+  return c.n_pad > c.nb and not c.tiles.warp_specialized
 
 
 def dwin_spec(c: Plan, source: str) -> KernelSpec:
@@ -544,7 +581,8 @@ def default_tiles(k: int, n: int, *, interpret: bool) -> Tiles:
 def kernel_specs(t: int, f: int, k: int, n: int, *, mode: str = "masked", dtype=jnp.bfloat16,
                  train: bool = True, interpret: bool = False, gpu: GpuSpec = H200,
                  **tile_kw) -> dict[str, list[KernelSpec]]:
-  """The kernels one call launches, by phase (``forward``; with ``train`` the
+  """The kernels one call launches, by phase (``forward`` of the 2:4 phase, and
+  ``dense warm-up forward`` where the warm-up runs another; with ``train`` the
   ``backward`` of the 2:4 phase and the ``dense warm-up`` backward), as built
   for ``gpu`` (default tiles unless given): grids, stages, shared memory,
   wgmma instructions per program, FLOPs and HBM bytes (the static report's input).
@@ -558,7 +596,12 @@ def kernel_specs(t: int, f: int, k: int, n: int, *, mode: str = "masked", dtype=
 def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
   """Every kernel of a call on plan ``c``, by phase (see :func:`kernel_specs`)."""
   mode = c.mode
-  out = {"forward": [fwd_spec(c, store=train and mode != "ste")]}
+  store = train and mode != "ste"
+  if splits_y2(c):  # 2:4 phase: y1 once, the other output blocks from the stored activation
+    out = {"forward": [fwd_spec(c, store=True, first_block=True), packed_mm_spec(c, "y2")],
+           "dense warm-up forward": [fwd_spec(c, store=store)]}
+  else:
+    out = {"forward": [fwd_spec(c, store=store)]}
   if train:
     recompute = recompute_source(c)
 
@@ -566,8 +609,9 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
       first = [relu_spec(c)] if source == "dense" else []
       # dh writes dy1 compressed from the compressed activation, dw_in reads it
       dwin_source = "dy1" if source == "compressed" else source
-      return first + [dh_spec(c, source), dwin_spec(c, dwin_source),
-                      dwout_spec(c, source, dw_mask)]
+      rest = [packed_mm_spec(c, "dy1")] if source == "compressed" and c.k_pad > c.kb else []
+      return first + [dh_spec(c, source)] + rest + [dwin_spec(c, dwin_source),
+                                                    dwout_spec(c, source, dw_mask)]
 
     out["backward"] = bwd(recompute if mode == "ste" else "compressed",
                           {"masked": "none", "ste": "ste", "split": "tokens"}[mode])

@@ -62,8 +62,14 @@ fp32 accumulation in wgmma accumulators):
 Shapes that don't divide: tokens, features and ranks are zero-padded (zeros
 flow through exactly) and the ``F % 4`` tail is dense in XLA, as in the
 Triton wrapper. Ranks above 256 are split over programs (``block_n`` /
-``block_k`` <= 256: a wgmma's N and the register budget), which recomputes
-``y1`` (forward) or ``dy2`` (``dh``, ``dw_in``) once per extra block.
+``block_k`` <= 256: a wgmma's N and the register budget). In the 2:4 phase
+nothing is formed twice: the forward kernel covers the first output block and
+stores the compressed activation, and ``packed_mm`` (the stored operand
+decompressed into the register A operand of one wgmma per sub-tile) makes the
+other blocks from it, squaring the values (``y2s``); ``dh`` likewise covers
+its first column block and ``packed_mm`` makes the others from the stored
+``dy1``. The dense warm-up (``lax.cond`` on ``sparse_on``) and ``ste``'s
+backward recompute ``y1`` per extra block.
 
 GPU: bf16 or fp16 inputs (wgmma's register A operand is 16-bit). fp32 runs in
 the interpreter only (``interpret=True``); compiled it raises
@@ -94,8 +100,13 @@ reference = base.reference  # the op's plain-jnp definition, which the tests com
 # --------------------------------------------------------------------------
 
 
-def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool):
-  return bodies.launch(plan.fwd_spec(c, store), flag, h, winT, woutT)
+def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool, first_block: bool = False):
+  return bodies.launch(plan.fwd_spec(c, store, first_block), flag, h, winT, woutT)
+
+
+def _packed_mm_call(vals, meta, w, operand: str, c: plan.Plan):
+  """The output columns past the first block from a stored 2:4 operand (``y2`` or ``dy1``)."""
+  return bodies.launch(plan.packed_mm_spec(c, operand), vals, meta, w)
 
 
 def _relu_call(h, winT, c: plan.Plan):
@@ -143,9 +154,25 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
   hk = _pad_cols(c.rows_in(h), c.k_pad)
   win, wout = _prep_weights(w_in, w_out, c)
   flag = jnp.asarray(sparse_on, jnp.int32).reshape(1)
-  outs = _fwd_call(flag, hk, win.T, wout.T, c, store)
-  out_k, stats_rows = outs[:2]
-  vals, meta = outs[2:4] if store else (None, None)
+  if plan.splits_y2(c):
+    # Several output blocks: in the 2:4 phase y1 is computed once (first block, the
+    # activation stored) and the other blocks come from the stored activation; the dense
+    # warm-up keeps the kernel that recomputes y1 per block (its y2 is not 2:4).
+    def sparse():
+      out0, stats_rows, vals, meta = _fwd_call(flag, hk, win.T, wout.T, c, True, first_block=True)
+      rest = _packed_mm_call(vals, meta, wout.T, "y2", c)
+      return (jnp.concatenate([out0, rest], axis=1), stats_rows) + ((vals, meta) if store else ())
+
+    def dense():
+      return tuple(_fwd_call(flag, hk, win.T, wout.T, c, store))
+
+    outs = jax.lax.cond(jnp.asarray(sparse_on, bool), sparse, dense)
+    out_k, stats_rows = outs[:2]
+    vals, meta = outs[2:4] if store else (None, None)
+  else:
+    outs = _fwd_call(flag, hk, win.T, wout.T, c, store)
+    out_k, stats_rows = outs[:2]
+    vals, meta = outs[2:4] if store else (None, None)
   out, stats, r_tail = base.finish_forward(c.rows_out(out_k)[:, :c.n], c.rows_out(stats_rows.T),
                                            h, w_in, w_out, c.f_pad)
   return out, stats, (vals, meta, r_tail)
@@ -209,6 +236,8 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
     dh = _dh_call(gk, hk, wout, win, winT, src, source, c)
     if source == "compressed":  # dh also wrote dy1 compressed: dw_in needs no dy2 product
       dh, dy1_vals = dh
+      if c.k_pad > c.kb:  # dh's other column blocks from the stored dy1 (dy2 formed once)
+        dh = jnp.concatenate([dh, _packed_mm_call(dy1_vals, meta, win, "dy1", c)], axis=1)
       dwin = _dwin_call(gk, hk, wout, winT, (dy1_vals, meta), "dy1", c)
     else:
       dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
