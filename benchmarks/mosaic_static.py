@@ -87,6 +87,26 @@ def compile_size(f: int, r: int, tokens: int, target, modes=MODES, tiles: dict |
   return report, resources
 
 
+def _compile_worker(f: int, r: int, tokens: int, target_name: str, modes, tiles):
+  from elas_jax import targets
+
+  report, resources = compile_size(f, r, tokens, targets.get(target_name), modes, tiles)
+  return {"compiled": report.compiled, "reason": report.reason}, resources
+
+
+def compile_size_fresh(f: int, r: int, tokens: int, target, modes=MODES, tiles: dict | None = None):
+  """:func:`compile_size` in a fresh process. Mosaic GPU compiles a kernel identical to one
+  this process compiled before from a cache, writing no PTX or ptxas dump for it, so a
+  process that compiles steps and then reads kernels (the test gate) would find them
+  missing. Returns (an object with ``compiled`` and ``reason``, the resources)."""
+  import multiprocessing
+  import types
+
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    report, resources = pool.apply(_compile_worker, (f, r, tokens, target.name, tuple(modes), tiles))
+  return types.SimpleNamespace(**report), resources
+
+
 def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, params=None,
                 modes=MODES, tiles: dict | None = None) -> list[dict]:
   """One row per (phase, kernel) of every mode's launches, with the static model's time

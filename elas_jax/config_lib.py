@@ -148,8 +148,9 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # parameter (and optimizer state) dtype: float32 | bfloat16
   # 2:4 FFN implementation, one of elas_kernels.ffn.IMPLEMENTATIONS (elas_jax/ops/ffn.py):
   # xla (pure JAX) | triton (the Pallas Triton kernels of kernels/; "pallas" is its old
-  # name) | mosaic (the Pallas Mosaic GPU kernels, Hopper, jax >= 0.11); both interpreted
-  # off GPUs | auto (compiling for a GPU: mosaic, else triton, else xla, whichever serves
+  # name) | mosaic (the Pallas Mosaic GPU kernels, Hopper, jax >= 0.11) | mosaic_ws (the
+  # same, forward and dh warp-specialized, ranks <= 128); all interpreted off GPUs | auto
+  # (compiling for a GPU: mosaic_ws, else mosaic, else triton, else xla, whichever serves
   # first; xla elsewhere)
   m.kernel = "auto"
   # causal attention: xla (jax.nn.dot_product_attention) | cudnn (flash, CUDA GPUs, bf16)

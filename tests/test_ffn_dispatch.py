@@ -34,13 +34,13 @@ def test_choices_follow_the_compile_target():
   h200 = _Mesh(_Device("gpu", "NVIDIA H200"))  # as a deviceless topology reports it
   assert ffn.resolve_kernel("auto", cpu) == ("xla",)
   assert ffn.resolve_kernel("auto", None) == ("xla",)  # this CPU process
-  assert ffn.resolve_kernel("auto", h200) == ("mosaic", "triton", "xla")
+  # mosaic_ws serves ranks up to 128 and falls through to mosaic above
+  assert ffn.resolve_kernel("auto", h200) == ("mosaic_ws", "mosaic", "triton", "xla")
   assert ffn.resolve_kernel("pallas", h200) == ("triton",)  # the old name
   for name in ("xla", "triton", "mosaic", "mosaic_ws"):
     assert ffn.resolve_kernel(name, cpu) == (name,)
   with pytest.raises(ValueError, match="unknown FFN kernel 'cuda'"):
     ffn.resolve_kernel("cuda", cpu)
-  # mosaic_ws (the warp-specialized forward) is opt-in: auto does not try it (above)
   assert set(ffn.KERNELS) == {"auto", "xla", "triton", "mosaic", "mosaic_ws", "pallas"}
   # Saved configs with the old name still validate.
   config_lib.validate(tiny_train_config("elas", **{"model.kernel": "pallas"}))

@@ -43,7 +43,7 @@ def test_every_mosaic_kernel_fits_the_h200(size):
 
   f, r = ms.SIZES[size]
   target = targets.get("h200")
-  report, resources = ms.compile_size(f, r, TOKENS, target)
+  report, resources = ms.compile_size_fresh(f, r, TOKENS, target)
   assert report.compiled, report.reason
   rows = ms.kernel_rows(f, r, TOKENS, target, resources)
   bad = []
@@ -95,7 +95,7 @@ def test_the_warp_specialized_kernels_compile_as_planned():
   f, r = ms.SIZES["60m"]
   target = targets.get("h200")
   tiles = ms.IMPLS["mosaic_ws"]
-  report, resources = ms.compile_size(f, r, TOKENS, target, modes=("masked",), tiles=tiles)
+  report, resources = ms.compile_size_fresh(f, r, TOKENS, target, modes=("masked",), tiles=tiles)
   assert report.compiled, report.reason
   rows = {w["kernel"]: w for w in ms.kernel_rows(f, r, TOKENS, target, resources, modes=("masked",),
                                                     tiles=tiles)}

@@ -57,22 +57,34 @@ def test_train_eval_and_decode_steps_compile_for_the_h200(size):
   assert any(k.name == "kCuDnn" for k in report.programs["train"].kernels)
 
 
-@pytest.mark.parametrize("size", ["60m", "1b"])
-def test_train_step_with_the_mosaic_kernels_compiles_for_the_h200(size):
+# The forward (storing the compressed activation) and the three backward kernels (from
+# the stored activation, and the warm-up's dense ones); at 1B the 2:4 phase's forward
+# covers the first output block and packed_mm the others (dh likewise); mosaic_ws's
+# forward and dh are its warp-specialized ones.
+MOSAIC_STEP_KERNELS = {
+    ("60m", "mosaic"): ("elas_mgpu_fwd_store", "elas_mgpu_dh_", "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
+    ("1b", "mosaic"): ("elas_mgpu_fwd_first_store", "elas_mgpu_fwd_store", "elas_mgpu_packed_mm_y2",
+                       "elas_mgpu_packed_mm_dy1", "elas_mgpu_dh_", "elas_mgpu_dw_in_",
+                       "elas_mgpu_dw_out_"),
+    ("60m", "mosaic_ws"): ("elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed", "elas_mgpu_dh_recompute",
+                           "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
+}
+
+
+@pytest.mark.parametrize("size,kernel", sorted(MOSAIC_STEP_KERNELS))
+def test_train_step_with_the_mosaic_kernels_compiles_for_the_h200(size, kernel):
   from elas_jax import deviceless
   from elas_kernels.ffn.mosaic import compat as mosaic_compat
 
   if mosaic_compat.unavailable_reason():
     pytest.skip(mosaic_compat.unavailable_reason())
-  report = deviceless.compile_steps(_config(size, **{"model.kernel": "mosaic"}), "h200", micro_batch=64,
+  report = deviceless.compile_steps(_config(size, **{"model.kernel": kernel}), "h200", micro_batch=64,
                                     programs=("train",), fit=False)
   assert report.compiled, report.failures
   train = report.programs["train"]
   mosaic = [k for k in train.kernels if k.kind == "mosaic"]
   names = {k.name for k in mosaic}
-  # the forward (storing the compressed activation) and the three backward kernels
-  # (from the stored activation, and the warm-up's dense ones)
-  for prefix in ("elas_mgpu_fwd_store", "elas_mgpu_dh_", "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"):
+  for prefix in MOSAIC_STEP_KERNELS[size, kernel]:
     assert any(n.startswith(prefix) for n in names), (prefix, names)
   assert not any(k.kind == "pallas" for k in train.kernels)  # no Triton kernel slipped in
   h200 = targets.get("h200")

@@ -4,7 +4,7 @@
 ``sparsify_24(relu(h @ w_inᵀ)²) @ w_outᵀ`` (and its statistics) with the
 implementation ``config.model.kernel`` names, from the one table of
 implementations, :data:`elas_kernels.ffn.IMPLEMENTATIONS` (``xla``, ``triton``,
-``mosaic``; ``pallas`` is ``triton``'s old name and still accepted), or
+``mosaic``, ``mosaic_ws``; ``pallas`` is ``triton``'s old name and still accepted), or
 ``auto``: for the devices the step is compiled for (the mesh's, not this
 process's), on a GPU the first of :data:`AUTO_ORDER` that serves the call,
 elsewhere ``xla``.
@@ -39,7 +39,9 @@ from elas_kernels import ffn as kernel_ffn
 IMPLEMENTATIONS = kernel_ffn.IMPLEMENTATIONS  # name -> FfnCore subclass: the one table
 ALIASES = {"pallas": "triton"}  # names saved configs may hold
 # What ``auto`` tries, in order, by the compile target's platform.
-AUTO_ORDER = {"gpu": ("mosaic", "triton", "xla")}
+# mosaic_ws first: where it serves (ranks <= 128) the static model puts it at 0.5x mosaic's
+# time (docs/kernels.md); both are unverified on a GPU so far.
+AUTO_ORDER = {"gpu": ("mosaic_ws", "mosaic", "triton", "xla")}
 DEFAULT_ORDER = ("xla",)
 KERNELS = ("auto", *IMPLEMENTATIONS, *ALIASES)  # the values of config.model.kernel
 _LOGGED: set[str] = set()

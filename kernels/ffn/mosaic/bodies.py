@@ -650,15 +650,17 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
 
 
 
-def _packed_mm_kernel(vals_ref, meta_ref, w_ref, out_ref, *, pl_: plan.Plan, operand: str, **scr):
-  """``out[rows, block c] = A @ W[:, block c + 1]`` with ``A`` decompressed from a stored
-  2:4 operand (values + the forward's metadata) into the register A operand: ``y2``
-  squares the kept ``relu(y1)`` values (the forward's ``y2s``, as its kernel rounds it),
-  ``dy1`` takes them as they are."""
+def _packed_mm_kernel(vals_ref, meta_ref, w_ref, out_ref, *, pl_: plan.Plan, operand: str,
+                      block: int, offset: int, **scr):
+  """``out[rows, block c] = A @ W[:, block c + offset]`` (blocks of ``block`` columns; the
+  first ``offset`` are the first kernel's) with ``A`` decompressed from a stored 2:4
+  operand (values + the forward's metadata) into the register A operand: ``y2`` squares
+  the kept ``relu(y1)`` values (the forward's ``y2s``, as its kernel rounds it), ``dy1``
+  takes them as they are."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
-  cb = c.nb if operand == "y2" else c.kb
+  cb = block
   ti, ci = lax.axis_index("t"), lax.axis_index("c")
   src = _Relu("compressed", c)
 
@@ -673,7 +675,7 @@ def _packed_mm_kernel(vals_ref, meta_ref, w_ref, out_ref, *, pl_: plan.Plan, ope
 
   def run(acc_ref):
     scr["acc"] = acc_ref
-    specs = [_spec((fs, cb), lambda f: (f, ci + 1), c.dtype, cb)]
+    specs = [_spec((fs, cb), lambda f: (f, ci + offset), c.dtype, cb)]
     specs += src.specs(lambda f: ti, lambda f: f, bt)
     mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=specs,
                      max_concurrent_steps=min(c.tiles.stages, c.n_steps))(w_ref, vals_ref, meta_ref)

@@ -451,8 +451,13 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   ``block_n``) or ``dy1`` (``A`` = ``dh``'s stored ``dy1``, ``W = w_in``, ``dh``'s columns
   past the first ``block_k``). Output ``[T, cols - block]`` fp32."""
   dt, it = c.dtype, c.dtype.itemsize
-  cols, cb = (c.n_pad, c.nb) if operand == "y2" else (c.k_pad, c.kb)
-  rest = cols - cb
+  cols, first = (c.n_pad, c.nb) if operand == "y2" else (c.k_pad, c.kb)
+  rest = cols - first
+  # Its own column block: the first block's, or on a GPU halved (multiples of 64) until the
+  # grid fills every SM twice (two programs fit an SM's shared memory).
+  cb = first
+  while not c.interpret and c.nt * (rest // cb) < 2 * c.gpu.sm_count and cb % 128 == 0:
+    cb //= 2
   s = Scratch().add("out_s", (2, *((c.bt, cb) if c.interpret else (64, 64))), jnp.float32)
   s.pipelined(((c.fs, cb), dt), *_src_blocks("compressed", c, c.bt))
   if c.interpret:
@@ -462,7 +467,7 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   hbm = _src_bytes("compressed", c) + c.f_pad * rest * it + c.t_pad * rest * 4
   return _spec_of(f"elas_mgpu_packed_mm_{operand}", c, s, c.n_steps, (c.nt, rest // cb),
                   ("t", "c"), jax.ShapeDtypeStruct((c.t_pad, rest), jnp.float32), "packed_mm",
-                  mma, hbm, operand=operand)
+                  mma, hbm, operand=operand, block=cb, offset=first // cb)
 
 
 def splits_y2(c: Plan) -> bool:

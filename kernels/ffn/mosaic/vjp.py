@@ -352,8 +352,8 @@ class MosaicWsFfn(MosaicFfn):
   where it reads the compressed activation (``masked``, ``split``); the weight-gradient
   kernels and the recomputing backward (``ste``, the dense warm-up) are
   :class:`MosaicFfn`'s. Ranks up to 128 (``NotImplementedError`` above: the consumer's
-  accumulator and inputs within 168 registers a thread). Unverified on a GPU: ``auto``
-  does not pick it."""
+  accumulator and inputs within 168 registers a thread). Unverified on a GPU (as
+  :class:`MosaicFfn`); the model's ``auto`` tries it first on Hopper."""
 
   name = "mosaic_ws"
 
