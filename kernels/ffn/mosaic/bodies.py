@@ -312,7 +312,8 @@ def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, **scr):
 class _Relu:
   """Where a backward kernel's ``relu(y1)`` planes come from: ``compressed`` (the
   forward's vals + meta), ``recompute`` (wgmma of ``h`` and ``w_inᵀ``) or ``dense``
-  (the ``relu`` kernel's output)."""
+  (the ``relu`` kernel's output); ``dy1`` (``dw_in``'s, and ``packed_mm``'s operands
+  alike): another operand in the forward's compressed layout, read as ``compressed``."""
 
   def __init__(self, source: str, c: plan.Plan):
     self.source, self.c = source, c
