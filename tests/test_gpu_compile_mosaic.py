@@ -27,7 +27,6 @@ pytestmark = pytest.mark.gpu_compile
 
 TOKENS = 16384
 FLOPS_TARGET = 1.05  # executed / minimum wgmma FLOPs, masked and split fwd+bwd
-NOT_YET_AT_TARGET = {"60m": 1.055}  # today's value (docs/kernels.md)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,11 +73,9 @@ def test_every_mosaic_kernel_fits_the_h200(size):
   assert ratios["ste"]["fwd_bwd"] > ratios["masked"]["fwd_bwd"], ratios
   # The Hopper issue's target for the 2:4 phase of masked and split (y1 and dy2 formed
   # once: dh writes dy1 for dw_in, blocks past the first from the stored operands):
-  # executed / minimum <= 1.05. Not met at 60m (the cap holds today's value so it cannot
-  # grow): features padded to 128-feature steps (2176 for 2064).
-  cap = NOT_YET_AT_TARGET.get(size, FLOPS_TARGET)
+  # executed / minimum <= 1.05.
   for mode in ("masked", "split"):
-    assert ratios[mode]["fwd_bwd"] <= cap, (mode, ratios[mode])
+    assert ratios[mode]["fwd_bwd"] <= FLOPS_TARGET, (mode, ratios[mode])
 
 
 def test_the_warp_specialized_kernels_compile_as_planned():

@@ -347,7 +347,7 @@ class MosaicFfn(base.FfnCore):
 class MosaicWsFfn(MosaicFfn):
   """:class:`MosaicFfn` with the warp-specialized forward and ``dh`` (``Tiles.warp_specialized``):
   per program a TMA producer warpgroup and two consumer warpgroups of ``block_t`` tokens
-  sharing every weight step; on a GPU 64-feature steps by default (two pipeline stages
+  sharing every weight step (64-feature steps on a GPU, the default: two pipeline stages
   of the shared steps fit beside the two consumers' buffers). ``dh`` is warp-specialized
   where it reads the compressed activation (``masked``, ``split``); the weight-gradient
   kernels and the recomputing backward (``ste``, the dense warm-up) are
@@ -360,5 +360,3 @@ class MosaicWsFfn(MosaicFfn):
   def __init__(self, *, interpret: bool | None = None, gpu: GpuSpec | None = None, **tiles):
     tiles.setdefault("warp_specialized", True)
     super().__init__(interpret=interpret, gpu=gpu, **tiles)
-    if not self.interpret:
-      self.tile_options.setdefault("block_f", 64)
