@@ -58,15 +58,18 @@ def test_train_eval_and_decode_steps_compile_for_the_h200(size):
 
 
 # The forward (storing the compressed activation) and the three backward kernels (from
-# the stored activation, and the warm-up's dense ones); at 1B the 2:4 phase's forward
-# covers the first output block and packed_mm the others (dh likewise); mosaic_ws's
+# the stored activation, and the warm-up's: relu(y1) written once, dh writing dy1 for
+# dw_in); at 1B the forward covers the first output block and packed_mm / dense_mm the
+# others from the stored activation (dh likewise, from its stored dy1); mosaic_ws's
 # forward and dh are its warp-specialized ones.
 MOSAIC_STEP_KERNELS = {
-    ("60m", "mosaic"): ("elas_mgpu_fwd_store", "elas_mgpu_dh_", "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
-    ("1b", "mosaic"): ("elas_mgpu_fwd_first_store", "elas_mgpu_fwd_store", "elas_mgpu_packed_mm_y2",
-                       "elas_mgpu_packed_mm_dy1", "elas_mgpu_dh_", "elas_mgpu_dw_in_",
-                       "elas_mgpu_dw_out_"),
-    ("60m", "mosaic_ws"): ("elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed", "elas_mgpu_dh_recompute",
+    ("60m", "mosaic"): ("elas_mgpu_fwd_store", "elas_mgpu_relu", "elas_mgpu_dh_compressed",
+                        "elas_mgpu_dh_dense", "elas_mgpu_dw_in_dy1", "elas_mgpu_dw_out_"),
+    ("1b", "mosaic"): ("elas_mgpu_fwd_first_store", "elas_mgpu_fwd_first_store_relu",
+                       "elas_mgpu_packed_mm_y2", "elas_mgpu_packed_mm_dy1", "elas_mgpu_dense_mm_y2",
+                       "elas_mgpu_dense_mm_dy1", "elas_mgpu_relu", "elas_mgpu_dh_",
+                       "elas_mgpu_dw_in_dy1", "elas_mgpu_dw_out_"),
+    ("60m", "mosaic_ws"): ("elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed", "elas_mgpu_dh_dense",
                            "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
 }
 

@@ -143,10 +143,11 @@ def _spec(shape, index_map, dtype, swizzle_minor=None):
 
 
 def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_s, store_refs,
-              tile, first_nb):
+              tile, first_nb, relu_out=None):
   """One feature step of the forward for token tile ``tile`` (``c.bt`` tokens, one
   warpgroup's): ``y1`` by wgmma, ReLU², the 2:4 selection, statistics, (``store``) the
-  compressed activation written by TMA to ``store_refs`` (vals, meta), and
+  compressed activation written by TMA to ``store_refs`` (vals, meta), (``relu_out``:
+  a staging buffer and its destination) ``relu(y1)`` dense, and
   ``acc += y2s @ w_outᵀ``. Returns ``step(idx, winT_s, woutT_s, carry)``."""
   mg = mc.plgpu()
   dt, bt, fs, ft, p = c.dtype, c.bt, c.fs, c.ft, c.p
@@ -157,7 +158,7 @@ def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_
     (fi,) = idx
     zeros, total, kept = carry
     slot = lax.rem(fi, 2)
-    if store:
+    if store or relu_out:
       mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copies that last used this slot
     for s in range(fs // ft):
       y1 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, h_s, winT_s.at[:, pl.ds(s * ft, ft)]))
@@ -172,22 +173,29 @@ def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_
         vals_s.at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate([a0, a1, b0, b1], axis=1)
         mc.store_as(meta_s.at[slot, pl.ds(s * c.meta_sub, c.meta_sub)],
                     cm.pack_meta(nib_a, nib_b), c.interpret)
+      if relu_out:
+        relu_out[0].at[slot][:, s * ft:(s + 1) * ft] = jnp.concatenate(r, axis=1)
       kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
       y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(plan.PLANES)]
       mc.wgmma_a(acc, jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)], stage_s,
                  c.interpret)
       zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
       total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
-    if store:
+    if store or relu_out:
       mg.commit_smem()
 
       @pl.when(first_nb)
       def _():
-        mg.copy_smem_to_gmem(vals_s.at[slot], store_refs[0].at[rows, pl.ds(fi * (fs // 2), fs // 2)],
-                             commit_group=False)
-        mrows = c.n_sub_step * c.meta_sub
-        mg.copy_smem_to_gmem(meta_s.at[slot], store_refs[1].at[tile, pl.ds(fi * mrows, mrows)],
-                             commit_group=False)
+        if store:
+          mg.copy_smem_to_gmem(vals_s.at[slot],
+                               store_refs[0].at[rows, pl.ds(fi * (fs // 2), fs // 2)],
+                               commit_group=False)
+          mrows = c.n_sub_step * c.meta_sub
+          mg.copy_smem_to_gmem(meta_s.at[slot], store_refs[1].at[tile, pl.ds(fi * mrows, mrows)],
+                               commit_group=False)
+        if relu_out:
+          mg.copy_smem_to_gmem(relu_out[0].at[slot], relu_out[1].at[rows, pl.ds(fi * fs, fs)],
+                               commit_group=False)
         mg.commit_smem_to_gmem_group()
     mg.wgmma_wait(0)  # the w_out slot is refilled after this step
     return zeros, total, kept
@@ -218,9 +226,10 @@ def _fwd_in_specs(c: plan.Plan, nb):
 
 
 def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
-                pl_: plan.Plan, store: bool, **scr):
+                pl_: plan.Plan, store: bool, store_relu: bool = False, **scr):
   """``out[rows, n-block] = Σ_steps y2s @ w_outᵀ``; per-row statistics and (``store``)
-  the compressed activation come from the first n-block's programs."""
+  the compressed activation come from the first n-block's programs, and
+  (``store_relu``, the last output) ``relu(y1)`` dense for :func:`_packed_mm_kernel`."""
   mg = mc.plgpu()
   c = pl_
   ti, nb = lax.axis_index("t"), lax.axis_index("n")
@@ -231,7 +240,8 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
 
   def run(acc_ref):
     step = _fwd_step(c, store, dense, scr["h_s"], acc_ref, scr.get("vals_s"), scr.get("meta_s"),
-                     scr.get("stage_s"), store_refs, ti, first_nb)
+                     scr.get("stage_s"), store_refs, ti, first_nb,
+                     (scr["r_s"], store_refs[-1]) if store_relu else None)
     z = mc.zeros((c.bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
     carry = mg.emit_pipeline(
         step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
@@ -285,12 +295,13 @@ def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *st
       compute_context=compute_context, in_specs=_fwd_in_specs(c, nb))(winT_ref, woutT_ref)
 
 
-def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, **scr):
-  """``relu(y1)`` of 64 tokens, every feature, written in kernel feature order."""
+def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, chunk_steps: int, **scr):
+  """``relu(y1)`` of 64 tokens and ``chunk_steps`` feature steps (chunk ``f`` of the features),
+  written in kernel feature order."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
-  ti = lax.axis_index("t")
+  ti, f0 = lax.axis_index("t"), lax.axis_index("f") * chunk_steps
   rows = pl.ds(ti * bt, bt)
   _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[0])
 
@@ -302,10 +313,11 @@ def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, **scr):
       y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
       scr["r_s"].at[slot][:, s * ft:(s + 1) * ft] = _relu(y1, c.dtype)
     mg.commit_smem()
-    mg.copy_smem_to_gmem(scr["r_s"].at[slot], r_ref.at[rows, pl.ds(fi * fs, fs)])
+    mg.copy_smem_to_gmem(scr["r_s"].at[slot], r_ref.at[rows, pl.ds((f0 + fi) * fs, fs)])
 
-  mg.emit_pipeline(step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
-                   in_specs=[_spec((c.k_pad, fs), lambda f: (0, f), c.dtype, fs)])(winT_ref)
+  mg.emit_pipeline(step, grid=(chunk_steps,),
+                   max_concurrent_steps=min(c.tiles.stages, chunk_steps),
+                   in_specs=[_spec((c.k_pad, fs), lambda f: (0, f0 + f), c.dtype, fs)])(winT_ref)
   mg.wait_smem_to_gmem(0)
 
 
@@ -313,12 +325,15 @@ class _Relu:
   """Where a backward kernel's ``relu(y1)`` planes come from: ``compressed`` (the
   forward's vals + meta), ``recompute`` (wgmma of ``h`` and ``w_inᵀ``) or ``dense``
   (the ``relu`` kernel's output); ``dy1`` (``dw_in``'s, and ``packed_mm``'s operands
-  alike): another operand in the forward's compressed layout, read as ``compressed``."""
+  alike): another operand in the forward's compressed layout, read as ``compressed``;
+  ``dy1_dense`` (``dw_in``'s): ``dy1`` as ``dh`` wrote it from a ``dense`` source, read as
+  ``dense``."""
 
   def __init__(self, source: str, c: plan.Plan):
     self.source, self.c = source, c
     # dw_in's "dy1": the planes of dy1 that dh wrote compressed, in the forward's layout
     self.packed = source in ("compressed", "dy1")
+    self.dense = source in ("dense", "dy1_dense")
 
   def planes_and_nibbles(self, refs, q: int, s: int):
     """A packed source's 8 dense planes and its metadata nibbles (groups a, b)."""
@@ -341,7 +356,7 @@ class _Relu:
                     c.ft // 2),
               _spec((rp, c.n_sub_step * c.meta_sub, 16),
                     lambda *i: (rows_idx(*i), fi_of(*i), 0), jnp.uint8)]
-    if self.source == "dense":
+    if self.dense:
       return [_spec((step_rows, c.fs), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype, c.ft)]
     return []  # recompute: h and w_inᵀ are passed separately
 
@@ -352,7 +367,7 @@ class _Relu:
       return self.planes_and_nibbles(refs, q, s)[0]
     c = self.c
     ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
-    if self.source == "dense":
+    if self.dense:
       return _planes(mc.load(refs[0].at[rows, pl.ds(s * ft, ft)]), p)
     y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
     return _planes(_relu(y1, c.dtype), p)
@@ -383,30 +398,34 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
   """One feature step of ``dh`` for token tile ``tile`` (one warpgroup's ``c.bt`` tokens,
   row plane ``q`` of a pipelined packed block): ``dy2 = g @ w_out`` by wgmma,
   ``relu(y1)`` decompressed or recomputed, ``acc += dy1 @ w_in`` with ``dy1`` in
-  registers; ``store_dy1``: ``dy1``'s kept values staged in ``dy1v_s`` and written by TMA
-  (programs of ``first_kb``). Returns ``step(idx, wout_s, win_s, *rest)``."""
+  registers; ``store_dy1``: ``dy1``'s kept values (a packed source; all of it from a dense
+  one) staged in ``dy1v_s`` and written by TMA (programs of ``first_kb``). Returns
+  ``step(idx, wout_s, win_s, *rest)``."""
   mg = mc.plgpu()
   bt, fs, ft = c.bt, c.fs, c.ft
   rows = pl.ds(tile * bt, bt)
 
   def step(idx, wout_s, win_s, *rest):
     (fi,) = idx
-    slot = lax.rem(fi, 2)
+    slots = dy1v_s.shape[0] if store_dy1 else 1
+    slot = lax.rem(fi, slots)
     winT_s = rest[0] if relu.source == "recompute" else None
     src = rest if relu.source != "recompute" else ()
-    if store_dy1:
-      mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that last used this slot
+    if store_dy1:  # the copy that last used this slot
+      mg.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+    cols = ft // 2 if relu.packed else ft  # dy1 columns a sub-tile stores
     for s in range(fs // ft):
       # relu(y1) first: a recomputed y1's accumulator is free again before dy2's is taken
-      if store_dy1:
+      if relu.packed:
         r, nibs = relu.planes_and_nibbles(src, q, s)
       else:
         r = relu.planes(src, q, s, h_s, winT_s)
       dy2 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, g_s, wout_s.at[:, pl.ds(s * ft, ft)]))
       dy1 = _dy1_list(dy2, r, c)
       if store_dy1:
-        kept = _gather_group(dy1[:4], nibs[0]) + _gather_group(dy1[4:], nibs[1])
-        dy1v_s.at[slot][:, s * ft // 2:(s + 1) * ft // 2] = jnp.concatenate(kept, axis=1)
+        kept = (_gather_group(dy1[:4], nibs[0]) + _gather_group(dy1[4:], nibs[1])
+                if relu.packed else dy1)
+        dy1v_s.at[slot][:, s * cols:(s + 1) * cols] = jnp.concatenate(kept, axis=1)
       mc.wgmma_a(acc, jnp.concatenate(dy1, axis=1), win_s.at[pl.ds(s * ft, ft)], stage_s,
                  c.interpret)
     if store_dy1:
@@ -414,7 +433,8 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
 
       @pl.when(first_kb)
       def _():
-        mg.copy_smem_to_gmem(dy1v_s.at[slot], dy1_ref.at[rows, pl.ds(fi * (fs // 2), fs // 2)])
+        step_cols = cols * (fs // ft)
+        mg.copy_smem_to_gmem(dy1v_s.at[slot], dy1_ref.at[rows, pl.ds(fi * step_cols, step_cols)])
     mg.wgmma_wait(0)  # the w_in slot is refilled after this step
 
   return step
@@ -442,9 +462,10 @@ def _dh_refs(refs, relu: _Relu, store_dy1: bool):
 
 def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
                **scr):
-  """``dh[rows, k-block] = Σ_steps dy1 @ w_in``; ``store_dy1`` (a packed source): the first
-  k-block's programs also write ``dy1``'s kept values in the forward's compressed layout
-  (its metadata is the forward's), which ``dw_in`` reads instead of forming ``dy1`` again."""
+  """``dh[rows, k-block] = Σ_steps dy1 @ w_in``; ``store_dy1``: the first k-block's programs
+  also write ``dy1`` (from a packed source its kept values in the forward's compressed
+  layout, whose metadata is the forward's; from a dense one all of it), which ``dw_in``
+  reads instead of forming ``dy1`` again."""
   mg = mc.plgpu()
   c = pl_
   h_ref, winT_ref, src_refs, dh_ref, dy1_ref = _dh_refs(refs, relu, store_dy1)
@@ -518,7 +539,7 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
   bt, fs, ft = c.bt, c.fs, c.ft
   refs = list(refs)
   dwin_ref = refs.pop()
-  from_dy1 = relu.source == "dy1"
+  from_dy1 = relu.source in ("dy1", "dy1_dense")
   recompute = relu.source == "recompute"
   g_ref = wout_ref = winT_ref = None
   if from_dy1:
@@ -540,6 +561,11 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
     g_s = None if from_dy1 else ins.pop(0)
     h_s = ins.pop(0)
     src = ins
+    h_k = h_s.at[:, pl.ds(kb * c.kb, c.kb)] if recompute else h_s
+    if relu.source == "dy1_dense":  # dh's dense dy1, as TMA left it, is wgmma's operand
+      mg.wgmma(scr["acc"], src[0].T, h_k)
+      mg.wgmma_wait(0)
+      return
     for s in range(fs // ft):
       r = relu.planes(src, 0, s, h_s, scr.get("winT_s"))  # before dy2, as in dh
       if from_dy1:  # the planes are dy1's
@@ -548,7 +574,6 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
       dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, g_s, scr["wout_s"].at[:, pl.ds(s * ft, ft)]))
       scr["dy1_s"][:, s * ft:(s + 1) * ft] = _dy1_planes(dy2, r, c)
     mg.commit_smem()  # dy1 in shared memory before wgmma reads it
-    h_k = h_s.at[:, pl.ds(kb * c.kb, c.kb)] if recompute else h_s
     mg.wgmma(scr["acc"], scr["dy1_s"].T, h_k)
     mg.wgmma_wait(0)
 
@@ -651,27 +676,32 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
 
 
 
-def _packed_mm_kernel(vals_ref, meta_ref, w_ref, out_ref, *, pl_: plan.Plan, operand: str,
-                      block: int, offset: int, **scr):
+def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: int, **scr):
   """``out[rows, block c] = A @ W[:, block c + offset]`` (blocks of ``block`` columns; the
-  first ``offset`` are the first kernel's) with ``A`` decompressed from a stored 2:4
-  operand (values + the forward's metadata) into the register A operand: ``y2`` squares
-  the kept ``relu(y1)`` values (the forward's ``y2s``, as its kernel rounds it), ``dy1``
-  takes them as they are."""
+  first ``offset`` are the first kernel's) with ``A`` a stored operand (refs: its source
+  refs, ``W``, ``out``): from a 2:4 one (values + the forward's metadata) decompressed
+  into the register A operand, ``y2`` squaring the kept ``relu(y1)`` values (the
+  forward's ``y2s``, as its kernel rounds it), ``dy1`` taking them as they are; from a
+  dense one ``y2_dense`` squaring ``relu(y1)`` in registers (the warm-up's ``y2``) and
+  ``dy1_dense``'s tile read by wgmma from shared memory as TMA left it."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
   cb = block
+  *src_refs, w_ref, out_ref = refs
   ti, ci = lax.axis_index("t"), lax.axis_index("c")
-  src = _Relu("compressed", c)
+  src = _Relu("dense" if operand.endswith("_dense") else "compressed", c)
 
-  def step(idx, w_s, *packed):
-    for s in range(fs // ft):
-      a = src.planes(packed, 0, s)
-      if operand == "y2":
-        a = [x * x for x in a]
-      mc.wgmma_a(scr["acc"], jnp.concatenate(a, axis=1), w_s.at[pl.ds(s * ft, ft)],
-                 scr.get("stage_s"), c.interpret)
+  def step(idx, w_s, *a_refs):
+    if operand == "dy1_dense":
+      mg.wgmma(scr["acc"], a_refs[0], w_s)
+    else:
+      for s in range(fs // ft):
+        a = src.planes(a_refs, 0, s)
+        if operand.startswith("y2"):
+          a = [x * x for x in a]
+        mc.wgmma_a(scr["acc"], jnp.concatenate(a, axis=1), w_s.at[pl.ds(s * ft, ft)],
+                   scr.get("stage_s"), c.interpret)
     mg.wgmma_wait(0)  # the W slot is refilled after this step
 
   def run(acc_ref):
@@ -679,7 +709,7 @@ def _packed_mm_kernel(vals_ref, meta_ref, w_ref, out_ref, *, pl_: plan.Plan, ope
     specs = [_spec((fs, cb), lambda f: (f, ci + offset), c.dtype, cb)]
     specs += src.specs(lambda f: ti, lambda f: f, bt)
     mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=specs,
-                     max_concurrent_steps=min(c.tiles.stages, c.n_steps))(w_ref, vals_ref, meta_ref)
+                     max_concurrent_steps=min(c.tiles.stages, c.n_steps))(w_ref, *src_refs)
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((bt, cb), jnp.float32))
@@ -698,6 +728,19 @@ def _named(fn, name: str):
   return body
 
 
+def _unions_named(fn):
+  """Hand a body the members of each ``plgpu.RefUnion`` scratch (``Scratch.alias``) under
+  their own names."""
+
+  @functools.wraps(fn)
+  def body(*args, **kwargs):
+    for key in [k for k in kwargs if plan.UNION_SEP in k]:
+      kwargs.update(zip(key.split(plan.UNION_SEP), kwargs.pop(key)))
+    return fn(*args, **kwargs)
+
+  return body
+
+
 BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel, "dh": _dh_kernel,
           "dh_ws": _dh_ws_kernel, "dw_in": _dwin_kernel, "dw_out": _dwout_kernel,
           "packed_mm": _packed_mm_kernel}
@@ -708,7 +751,7 @@ def launch(spec: plan.KernelSpec, *args):
   options = dict(spec.options)
   if "source" in options:  # where the backward kernel's relu(y1) planes come from
     options["relu"] = _Relu(options.pop("source"), spec.c)
-  body = functools.partial(BODIES[spec.body], pl_=spec.c, **options)
+  body = functools.partial(_unions_named(BODIES[spec.body]), pl_=spec.c, **options)
   threads = dict(num_threads=spec.warpgroups, thread_name="wg") if spec.warpgroups > 1 else {}
   return mc.kernel(_named(body, spec.name), out_shape=spec.out_shape, scratch=spec.scratch,
                    grid=spec.grid, grid_names=spec.grid_names, interpret=spec.c.interpret,

@@ -61,9 +61,11 @@ class Tiles:
   output columns per program (multiples of 64, at most 256), ``block_n_dw``
   split mode's ``dw_out`` columns; ``dw_split`` programs sharing one weight-
   gradient token loop (partial sums added in XLA); ``stages`` pipeline buffers
-  (fewer where shared memory is short); ``materialize_relu``: the recomputing
-  backward reads ``relu(y1)`` from the ``relu`` kernel instead of recomputing
-  it in ``dh`` / ``dw_in`` / ``dw_out``; ``warp_specialized``: the forward and
+  (fewer where shared memory is short); ``materialize_relu``: ``ste``'s and the
+  warm-up's backward read ``relu(y1)`` from the ``relu`` kernel and ``dw_in`` reads
+  the ``dy1`` that ``dh`` wrote (None or True, the default), or (False) recompute
+  ``y1`` in ``dh`` / ``dw_in`` / ``dw_out`` (no ``[T, F]`` temporaries; ranks up to
+  256): :func:`recompute_source`; ``warp_specialized``: the forward and
   (from the compressed activation) ``dh`` run as one TMA producer warpgroup and
   two consumer warpgroups of ``block_t`` tokens each, sharing every weight step
   (ranks up to 128).
@@ -78,7 +80,7 @@ class Tiles:
   block_n_dw: int | None = None  # split mode's dw_out columns (None: block_n)
   dw_split: int | None = None  # weight-gradient token splits (None: by grid size)
   stages: int = 2
-  materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: by rank)
+  materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: yes)
   warp_specialized: bool = False  # fwd and dh as a producer + 2 consumer warpgroups (ranks <= 128)
 
   def check(self) -> None:
@@ -219,7 +221,7 @@ class Scratch:
   added to the budget with :meth:`pipelined` (``stages`` copies each)."""
 
   def __init__(self):
-    self.buffers, self.pipeline_bytes = {}, 0
+    self.buffers, self.pipeline_bytes, self.unions = {}, 0, []
 
   def add(self, name, shape, dtype, swizzle_minor=None):
     mg = mc.plgpu()
@@ -231,13 +233,27 @@ class Scratch:
     self.pipeline_bytes += sum(_nbytes(s, d) for s, d in blocks)
     return self
 
+  def alias(self, *names: str):
+    """Let buffers whose lifetimes are disjoint share shared memory (a ``plgpu.RefUnion``:
+    the kernel still sees each under its own name, see ``bodies.launch``)."""
+    self.unions.append(names)
+    return self
+
   def bytes(self, stages: int) -> int:
-    own = sum(_nbytes(b.shape, b.dtype) for b in self.buffers.values())
+    size = {n: _nbytes(b.shape, b.dtype) for n, b in self.buffers.items()}
+    own = sum(v for n, v in size.items() if not any(n in u for u in self.unions))
+    own += sum(max(size[n] for n in u) for u in self.unions)
     return own + stages * self.pipeline_bytes
 
   def build(self, n_barriers: int):
     mg = mc.plgpu()
-    return dict(self.buffers, bar=mg.Barrier(num_barriers=n_barriers))
+    out = {n: b for n, b in self.buffers.items() if not any(n in u for u in self.unions)}
+    out.update({UNION_SEP.join(u): mg.RefUnion(*(self.buffers[n] for n in u))
+                for u in self.unions})
+    return dict(out, bar=mg.Barrier(num_barriers=n_barriers))
+
+
+UNION_SEP = "|"  # the scratch key of a RefUnion joins its members' names
 
 
 def _fit_stages(what: str, scratch: Scratch, c: Plan, steps: int) -> int:
@@ -330,11 +346,14 @@ def _check_ws_ranks(c: Plan) -> None:
         f"{WS_MAX_RANK} (got K={c.k}, N={c.n}); use warp_specialized=False")
 
 
-def fwd_spec(c: Plan, store: bool, first_block: bool = False) -> KernelSpec:
+def fwd_spec(c: Plan, store: bool, first_block: bool = False,
+             store_relu: bool = False) -> KernelSpec:
   """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``. Warp-specialized
   (``tiles.warp_specialized``): every per-token buffer once per consumer warpgroup.
   ``first_block``: only the first ``block_n`` output columns (out ``[T, block_n]``); the
-  others come from :func:`packed_mm_spec` on the stored activation (``y1`` computed once)."""
+  others come from :func:`packed_mm_spec` on the stored activation (``y1`` computed once):
+  the compressed one in the 2:4 phase, or (``store_relu``, the dense warm-up) ``relu(y1)``
+  dense, a last output ``[T, F]`` in kernel feature order."""
   dt, it = c.dtype, c.dtype.itemsize
   ws = c.tiles.warp_specialized
   if ws:
@@ -347,23 +366,32 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False) -> KernelSpec:
   if store:
     s.add("vals_s", (*per, 2, c.bt, c.fs // 2), dt, c.ft // 2)
     s.add("meta_s", (*per, 2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
+  if store_relu:
+    s.add("r_s", (2, c.bt, c.fs), dt, c.ft)
   if c.interpret:
     s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
+  if ws:  # the output staged where h was: h is read by the last step's wgmma, before it
+    s.alias("h_s", "out_s")
   n_cols = c.nb if first_block else c.n_pad
   out_shape = [jax.ShapeDtypeStruct((c.t_pad, n_cols), jnp.float32),
                jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
   if store:
     out_shape += [jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt),
                   jax.ShapeDtypeStruct((c.nt, c.n_sub * c.meta_sub, 16), jnp.uint8)]
+  if store_relu:
+    out_shape.append(jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt))
   mma = {}
   _mma(mma, c.ft, c.k_pad, c.n_sub)
   _mma(mma, c.nb, c.ft, c.n_sub)
   hbm = (c.t_pad * c.k_pad * it + c.t_pad * n_cols * 4 + 12 * c.t_pad
          + c.f_pad * (c.k_pad + n_cols) * it
-         + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0))
+         + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0)
+         + (c.t_pad * c.f_pad * it if store_relu else 0))
   if first_block:
-    return _spec_of("elas_mgpu_fwd_first" + ("_store" if store else ""), c, s, c.n_steps,
-                    (c.nt, 1), ("t", "n"), out_shape, "fwd", mma, hbm, store=store)
+    return _spec_of("elas_mgpu_fwd_first" + ("_store" if store else "")
+                    + ("_relu" if store_relu else ""), c, s, c.n_steps,
+                    (c.nt, 1), ("t", "n"), out_shape, "fwd", mma, hbm, store=store,
+                    store_relu=store_relu)
   if ws:
     return _spec_of("elas_mgpu_fwd_ws" + ("_store" if store else ""), c, s, c.n_steps,
                     (c.nt // WS_CONSUMERS, c.n_pad // c.nb), ("t", "n"), out_shape, "fwd_ws",
@@ -375,20 +403,28 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False) -> KernelSpec:
 
 
 def relu_spec(c: Plan) -> KernelSpec:
+  """``relu(y1)`` dense ``[T, F]`` (kernel feature order) for the backward of ``ste`` and
+  the warm-up: per program a token tile and ``n_steps / chunks`` feature steps, ``chunks``
+  the least divisor of the step count that fills the GPU with one wave (60M: 3, 1.9
+  waves instead of 0.65)."""
   dt, it = c.dtype, c.dtype.itemsize
   s = Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad).add("r_s", (2, c.bt, c.fs), dt, c.ft)
   s.pipelined(((c.k_pad, c.fs), dt))
+  per_sm = max(1, c.gpu.smem_per_block // (s.bytes(c.tiles.stages) + SMEM_MARGIN))
+  chunks = next(d for d in range(1, c.n_steps + 1)
+                if c.n_steps % d == 0 and (c.nt * d >= c.gpu.sm_count * per_sm or d == c.n_steps))
   mma = {}
   _mma(mma, c.ft, c.k_pad, c.n_sub)
-  hbm = c.t_pad * c.k_pad * it + c.f_pad * c.k_pad * it + c.t_pad * c.f_pad * it
-  return _spec_of("elas_mgpu_relu", c, s, c.n_steps, (c.nt,), ("t",),
-                  jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt), "relu", mma, hbm)
+  hbm = c.t_pad * c.k_pad * it * chunks + c.f_pad * c.k_pad * it + c.t_pad * c.f_pad * it
+  return _spec_of("elas_mgpu_relu", c, s, c.n_steps // chunks, (c.nt, chunks), ("t", "f"),
+                  jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt), "relu",
+                  {k: v // chunks for k, v in mma.items()}, hbm, chunk_steps=c.n_steps // chunks)
 
 
 def _src_blocks(source: str, c: Plan, rows: int):
   if source in ("compressed", "dy1"):  # values and the forward's metadata
     return [((rows, c.fs // 2), c.dtype), ((rows // c.bt, c.n_sub_step * c.meta_sub, 16), jnp.uint8)]
-  if source == "dense":
+  if source in ("dense", "dy1_dense"):
     return [((rows, c.fs), c.dtype)]
   return []
 
@@ -398,18 +434,22 @@ def _src_bytes(source: str, c: Plan) -> int:
   it = c.dtype.itemsize
   packed = c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8
   return {"compressed": packed, "dy1": packed,
-          "dense": c.t_pad * c.f_pad * it, "recompute": c.t_pad * c.k_pad * it}[source]
+          "dense": c.t_pad * c.f_pad * it, "dy1_dense": c.t_pad * c.f_pad * it, "recompute": c.t_pad * c.k_pad * it}[source]
 
 
 def dh_spec(c: Plan, source: str) -> KernelSpec:
   """``dh``; from the compressed activation it also writes ``dy1``'s kept values (output 2,
   ``[T, F/2]`` in the forward's value layout) for ``dw_in``, and then covers only the first
   ``block_k`` columns (``[T, block_k]``) when there are more: :func:`packed_mm_spec` makes
-  the others from the stored ``dy1`` (``dy2`` formed once)."""
+  the others from the stored ``dy1`` (``dy2`` formed once). From the ``relu`` kernel's
+  dense activation (``dense``) the first ``block_k`` programs write ``dy1`` dense (output 2,
+  ``[T, F]`` in kernel feature order) for ``dw_in`` and likewise covers only the first
+  ``block_k`` columns: ``packed_mm_spec(c, "dy1_dense")`` makes the others."""
   dt, it = c.dtype, c.dtype.itemsize
-  store = source == "compressed"
+  store = source in STORED_DY1
+  dy1_cols = c.fs if source == "dense" else c.fs // 2  # a step's dy1 columns written
   # warp-specialized from the compressed activation (the 2:4 phase of masked / split)
-  ws = store and c.tiles.warp_specialized
+  ws = source == "compressed" and c.tiles.warp_specialized
   if ws:
     _check_ws_ranks(c)
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
@@ -419,8 +459,12 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
               *_src_blocks(source, c, c.bt * (WS_CONSUMERS if ws else 1)))
   if source == "recompute":
     s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.k_pad, c.fs), dt))
-  if store:
-    s.add("dy1v_s", (*per, 2, c.bt, c.fs // 2), dt, c.ft // 2)
+  if ws:  # dh staged where g was (g is read by the last step's wgmma, before it)
+    s.alias("g_s", "out_s")
+  if store:  # dy1's staging, double-buffered where two pipeline stages leave room for it
+    s.add("dy1v_s", (*per, 2, c.bt, dy1_cols), dt, dy1_cols * c.ft // c.fs)
+    if not c.interpret and s.bytes(2) > c.gpu.smem_per_block - SMEM_MARGIN:
+      s.add("dy1v_s", (*per, 1, c.bt, dy1_cols), dt, dy1_cols * c.ft // c.fs)
   if c.interpret:
     s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
   mma = {}
@@ -429,11 +473,12 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
     _mma(mma, c.ft, c.k_pad, c.n_sub)
   _mma(mma, c.kb, c.ft, c.n_sub)
   k_cols = c.kb if store else c.k_pad
+  dy1_bytes = c.t_pad * c.f_pad * dy1_cols // c.fs * it if store else 0
   hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * k_cols * 4
-         + c.f_pad * (k_cols + c.n_pad) * it + (c.t_pad * c.f_pad // 2 * it if store else 0))
+         + c.f_pad * (k_cols + c.n_pad) * it + dy1_bytes)
   out_shape = jax.ShapeDtypeStruct((c.t_pad, k_cols), jnp.float32)
   if store:
-    out_shape = [out_shape, jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt)]
+    out_shape = [out_shape, jax.ShapeDtypeStruct((c.t_pad, c.f_pad * dy1_cols // c.fs), dt)]
   k_blocks = k_cols // c.kb
   if ws:
     return _spec_of(f"elas_mgpu_dh_ws_{source}", c, s, c.n_steps,
@@ -445,13 +490,15 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
 
 
 def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
-  """``out[:, blocks 1..] = A @ W`` for a stored 2:4 operand ``A`` (the forward's value
-  layout and metadata), decompressed in registers: ``operand`` ``y2`` (``A = v·v`` of the
-  compressed activation, ``W = w_outᵀ``, the forward's output columns past the first
-  ``block_n``) or ``dy1`` (``A`` = ``dh``'s stored ``dy1``, ``W = w_in``, ``dh``'s columns
-  past the first ``block_k``). Output ``[T, cols - block]`` fp32."""
+  """``out[:, blocks 1..] = A @ W`` for a stored operand ``A``: ``y2`` (``A = v·v`` of the
+  compressed activation, decompressed in registers, ``W = w_outᵀ``: the forward's output
+  columns past the first ``block_n``), ``dy1`` (``A`` = ``dh``'s stored 2:4 ``dy1``,
+  decompressed, ``W = w_in``: ``dh``'s columns past the first ``block_k``) or
+  ``dy1_dense`` (``dh``'s dense ``dy1``, wgmma's operand as TMA left it). Output
+  ``[T, cols - block]`` fp32."""
   dt, it = c.dtype, c.dtype.itemsize
-  cols, first = (c.n_pad, c.nb) if operand == "y2" else (c.k_pad, c.kb)
+  source = "dense" if operand.endswith("_dense") else "compressed"
+  cols, first = (c.n_pad, c.nb) if operand.startswith("y2") else (c.k_pad, c.kb)
   rest = cols - first
   # Its own column block: the first block's, or on a GPU halved (multiples of 64) until the
   # grid has a program per SM. Not more: at 1B 128-column blocks (256 x 2 programs, 3 per
@@ -461,15 +508,27 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   while not c.interpret and c.nt * (rest // cb) < c.gpu.sm_count and cb % 128 == 0:
     cb //= 2
   s = Scratch().add("out_s", (2, *((c.bt, cb) if c.interpret else (64, 64))), jnp.float32)
-  s.pipelined(((c.fs, cb), dt), *_src_blocks("compressed", c, c.bt))
-  if c.interpret:
+  s.pipelined(((c.fs, cb), dt), *_src_blocks(source, c, c.bt))
+  if c.interpret and operand != "dy1_dense":  # the register A operand's interpreted staging
     s.add("stage_s", (c.bt, c.ft), dt, c.ft)
   mma = {}
   _mma(mma, cb, c.ft, c.n_sub)
-  hbm = _src_bytes("compressed", c) + c.f_pad * rest * it + c.t_pad * rest * 4
-  return _spec_of(f"elas_mgpu_packed_mm_{operand}", c, s, c.n_steps, (c.nt, rest // cb),
-                  ("t", "c"), jax.ShapeDtypeStruct((c.t_pad, rest), jnp.float32), "packed_mm",
+  hbm = _src_bytes(source, c) + c.f_pad * rest * it + c.t_pad * rest * 4
+  kind = "dense" if source == "dense" else "packed"
+  return _spec_of(f"elas_mgpu_{kind}_mm_{operand.removesuffix('_dense')}", c, s, c.n_steps,
+                  (c.nt, rest // cb), ("t", "c"),
+                  jax.ShapeDtypeStruct((c.t_pad, rest), jnp.float32), "packed_mm",
                   mma, hbm, operand=operand, block=cb, offset=first // cb)
+
+
+# dh writes dy1 from these activation sources, as dw_in's (and packed_mm's) source / operand
+STORED_DY1 = {"compressed": "dy1", "dense": "dy1_dense"}
+
+
+def splits_dy1(c: Plan) -> bool:
+  """``dh`` (from a source in :data:`STORED_DY1`) covers its first ``block_k`` columns and
+  :func:`packed_mm_spec` the others from the stored ``dy1``: more than one column block."""
+  return c.k_pad > c.kb
 
 
 def splits_y2(c: Plan) -> bool:
@@ -479,15 +538,17 @@ def splits_y2(c: Plan) -> bool:
 
 
 def dwin_spec(c: Plan, source: str) -> KernelSpec:
-  """``dw_in``; source ``dy1``: from the values ``dh`` wrote (no ``dy2`` product here)."""
+  """``dw_in``; sources ``dy1`` / ``dy1_dense``: from the values ``dh`` wrote, compressed
+  or dense (no ``dy2`` product here; a dense tile is wgmma's operand as TMA left it)."""
   c = c.for_dw()
   dt, it = c.dtype, c.dtype.itemsize
-  from_dy1 = source == "dy1"
+  from_dy1 = source in STORED_DY1.values()
   s = Scratch()
   if not from_dy1:
     s.add("wout_s", (c.n_pad, c.fs), dt, c.fs)
   s = _out_chunks(s, c, (c.fs, c.kb))
-  s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
+  if source != "dy1_dense":
+    s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
   h_cols = c.k_pad if source == "recompute" else c.kb
   if not from_dy1:
     s.pipelined(((c.bt, c.n_pad), dt))
@@ -554,12 +615,14 @@ def _with_dw_split(c: Plan, steps: int, programs: int) -> Plan:
 
 
 def recompute_source(c: Plan) -> str:
-  """``recompute`` where its kernels fit shared memory (ranks <= 256), else ``dense``
-  (``relu(y1)`` written once by the relu kernel); ``Tiles.materialize_relu`` overrides."""
-  materialize = c.tiles.materialize_relu
-  if materialize is None:
-    materialize = max(c.k_pad, c.n_pad) > 256
-  return "dense" if materialize else "recompute"
+  """Where ``ste``'s and the dense warm-up's backward get ``relu(y1)``: ``dense`` (the
+  default: written once by the ``relu`` kernel, and ``dh`` writes ``dy1`` dense for
+  ``dw_in``: 7 products where the minimum is 6, two ``[T, F]`` temporaries in the
+  backward) or ``recompute`` (``Tiles.materialize_relu=False``: ``y1`` formed again in
+  ``dh``, ``dw_in`` and ``dw_out``, ``dy2`` in both of the first two: 10 products, nothing
+  ``[T, F]``; ranks up to 256, where its kernels fit shared memory). The calibrated model
+  puts ``dense`` ahead at every paper size (docs/kernels.md)."""
+  return "recompute" if c.tiles.materialize_relu is False else "dense"
 
 
 def meta_TxG(meta: jax.Array, c: Plan) -> jax.Array:
@@ -608,7 +671,8 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
   store = train and mode != "ste"
   if splits_y2(c):  # 2:4 phase: y1 once, the other output blocks from the stored activation
     out = {"forward": [fwd_spec(c, store=True, first_block=True), packed_mm_spec(c, "y2")],
-           "dense warm-up forward": [fwd_spec(c, store=store)]}
+           "dense warm-up forward": [fwd_spec(c, store=store, first_block=True, store_relu=True),
+                                     packed_mm_spec(c, "y2_dense")]}
   else:
     out = {"forward": [fwd_spec(c, store=store)]}
   if train:
@@ -616,9 +680,10 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
 
     def bwd(source, dw_mask):
       first = [relu_spec(c)] if source == "dense" else []
-      # dh writes dy1 compressed from the compressed activation, dw_in reads it
-      dwin_source = "dy1" if source == "compressed" else source
-      rest = [packed_mm_spec(c, "dy1")] if source == "compressed" and c.k_pad > c.kb else []
+      # dh writes dy1 (compressed or dense) from a stored activation, dw_in reads it
+      dwin_source = STORED_DY1.get(source, source)
+      rest = ([packed_mm_spec(c, dwin_source)] if source in STORED_DY1 and splits_dy1(c)
+              else [])
       return first + [dh_spec(c, source)] + rest + [dwin_spec(c, dwin_source),
                                                     dwout_spec(c, source, dw_mask)]
 

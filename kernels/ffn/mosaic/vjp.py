@@ -100,13 +100,15 @@ reference = base.reference  # the op's plain-jnp definition, which the tests com
 # --------------------------------------------------------------------------
 
 
-def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool, first_block: bool = False):
-  return bodies.launch(plan.fwd_spec(c, store, first_block), flag, h, winT, woutT)
+def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool, first_block: bool = False,
+              store_relu: bool = False):
+  return bodies.launch(plan.fwd_spec(c, store, first_block, store_relu), flag, h, winT, woutT)
 
 
-def _packed_mm_call(vals, meta, w, operand: str, c: plan.Plan):
-  """The output columns past the first block from a stored 2:4 operand (``y2`` or ``dy1``)."""
-  return bodies.launch(plan.packed_mm_spec(c, operand), vals, meta, w)
+def _packed_mm_call(src, w, operand: str, c: plan.Plan):
+  """The output columns past the first block from a stored operand (``src``: 2:4 values and
+  metadata for ``y2`` / ``dy1``, the dense ``dy1`` for ``dy1_dense``)."""
+  return bodies.launch(plan.packed_mm_spec(c, operand), *src, w)
 
 
 def _relu_call(h, winT, c: plan.Plan):
@@ -119,7 +121,7 @@ def _dh_call(g, h, wout, win, winT, src, source: str, c: plan.Plan):
 
 
 def _dwin_call(g, h, wout, winT, src, source: str, c: plan.Plan):
-  if source == "dy1":  # src: dy1's values (dh wrote them) and the forward's metadata
+  if source in plan.STORED_DY1.values():  # src: dy1 as dh wrote it (+ the forward's metadata)
     args = [h] + list(src)
   else:
     args = [g, h, wout] + ([winT] if source == "recompute" else []) + list(src)
@@ -155,16 +157,19 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
   win, wout = _prep_weights(w_in, w_out, c)
   flag = jnp.asarray(sparse_on, jnp.int32).reshape(1)
   if plan.splits_y2(c):
-    # Several output blocks: in the 2:4 phase y1 is computed once (first block, the
-    # activation stored) and the other blocks come from the stored activation; the dense
-    # warm-up keeps the kernel that recomputes y1 per block (its y2 is not 2:4).
+    # Several output blocks: y1 is computed once (first block) and the other blocks come
+    # from the stored activation: compressed in the 2:4 phase, relu(y1) dense in the
+    # warm-up (its y2 is not 2:4; a temporary: the compressed one stays the residual).
     def sparse():
       out0, stats_rows, vals, meta = _fwd_call(flag, hk, win.T, wout.T, c, True, first_block=True)
-      rest = _packed_mm_call(vals, meta, wout.T, "y2", c)
+      rest = _packed_mm_call((vals, meta), wout.T, "y2", c)
       return (jnp.concatenate([out0, rest], axis=1), stats_rows) + ((vals, meta) if store else ())
 
     def dense():
-      return tuple(_fwd_call(flag, hk, win.T, wout.T, c, store))
+      out0, stats_rows, *stored, r = _fwd_call(flag, hk, win.T, wout.T, c, store,
+                                               first_block=True, store_relu=True)
+      rest = _packed_mm_call((r,), wout.T, "y2_dense", c)
+      return (jnp.concatenate([out0, rest], axis=1), stats_rows, *stored)
 
     outs = jax.lax.cond(jnp.asarray(sparse_on, bool), sparse, dense)
     out_k, stats_rows = outs[:2]
@@ -234,11 +239,13 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
     if source == "dense":
       src = (_relu_call(hk, winT, c),)
     dh = _dh_call(gk, hk, wout, win, winT, src, source, c)
-    if source == "compressed":  # dh also wrote dy1 compressed: dw_in needs no dy2 product
-      dh, dy1_vals = dh
-      if c.k_pad > c.kb:  # dh's other column blocks from the stored dy1 (dy2 formed once)
-        dh = jnp.concatenate([dh, _packed_mm_call(dy1_vals, meta, win, "dy1", c)], axis=1)
-      dwin = _dwin_call(gk, hk, wout, winT, (dy1_vals, meta), "dy1", c)
+    stored = plan.STORED_DY1.get(source)
+    if stored:  # dh also wrote dy1 (2:4 or dense): dw_in forms no dy2, nor do dh's other blocks
+      dh, dy1 = dh
+      dy1_src = (dy1, meta) if source == "compressed" else (dy1,)
+      if plan.splits_dy1(c):
+        dh = jnp.concatenate([dh, _packed_mm_call(dy1_src, win, stored, c)], axis=1)
+      dwin = _dwin_call(gk, hk, wout, winT, dy1_src, stored, c)
     else:
       dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
     dwout = _dwout_call(gk, hk, winT, src, dense_f, tok_dense, source, dw_mask, c)
