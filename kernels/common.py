@@ -341,6 +341,14 @@ def decompress_group(v0: jax.Array, v1: jax.Array, nib: jax.Array) -> list[jax.A
   return [jnp.where(i0 == j, v0, jnp.where(i1 == j, v1, zero)) for j in range(GROUP)]
 
 
+def gather_group(x: list[jax.Array], nib: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The values of a group's 4 planes at its kept indices ``i0 < i1`` (its nibble): the
+  inverse of :func:`decompress_group` (``i0`` is 0-2, ``i1`` is 1-3)."""
+  i0, i1 = nib & 0x3, nib >> 2
+  return (jnp.where(i0 == 0, x[0], jnp.where(i0 == 1, x[1], x[2])),
+          jnp.where(i1 == 3, x[3], jnp.where(i1 == 2, x[2], x[1])))
+
+
 def kept_planes(nib: jax.Array) -> list[jax.Array]:
   """Keep-masks of the 4 planes of one group from its nibble."""
   i0 = nib & 0x3

@@ -67,6 +67,11 @@ def test_plane_layout_round_trips_compress_24():
   b0, b1, nb = cm.compress_group([yp[j] for j in range(4, 8)], cm.keep_24(x[4:]))
   np.testing.assert_array_equal(jnp.stack([a0, a1, b0, b1]).transpose(0, 2, 1), planes)
   np.testing.assert_array_equal(cm.pack_meta(na, nb).T, meta)
+  # gather_group (how the Mosaic dh stores dy1) reads the kept values of a dense group by
+  # its nibble: compress_24's values again.
+  kept = (cm.gather_group([yp[j] for j in range(4)], na)
+          + cm.gather_group([yp[j] for j in range(4, 8)], nb))
+  np.testing.assert_array_equal(jnp.stack(kept).transpose(0, 2, 1), planes)
 
 
 def test_bad_blocks_fail_clearly():

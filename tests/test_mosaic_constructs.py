@@ -672,6 +672,53 @@ def test_race_detector_catches_a_broken_tma_store(bug):
 
 
 # --------------------------------------------------------------------------
+# 10: shared memory reused across lifetimes (plgpu.RefUnion): the output staged where
+# its input was, as the warp-specialized forward and dh stage theirs (plan.Scratch.alias).
+# --------------------------------------------------------------------------
+
+
+def union_store(interpret: bool, *, races: bool = True, bug: str | None = None):
+  """``out = bf16(h @ w)`` per 64 tokens with the output tile in a ``RefUnion`` with
+  ``h``'s: written once the product (which read ``h``) is done, then stored by TMA.
+  ``bug``: ``"reread"`` (``h`` read again, through its member, after the output was
+  written through the other: the union's contract broken)."""
+  mg = _mg()
+  t, r, n = ST["T"], ST["R"], ST["N"]
+
+  def body(h_g, w_g, o_g, h_out, w_s, bar):
+    h_s, o_s = h_out
+    rows = pl.ds(lax.axis_index("t") * BT, BT)
+    mg.copy_gmem_to_smem(h_g.at[rows], h_s, bar.at[0])
+    mg.copy_gmem_to_smem(w_g, w_s, bar.at[0])
+    mg.barrier_wait(bar.at[0])
+    y = bodies._dot_acc((BT, n), lambda acc: mg.wgmma(acc, h_s, w_s))  # waits for it
+    o_s[...] = y.astype(BF16)
+    if bug == "reread":  # h's tile read after the output overwrote it (r == n here)
+      o_s[...] = mc.load(h_s)
+    mg.commit_smem()
+    mg.copy_smem_to_gmem(o_s, o_g.at[rows])
+    mg.wait_smem_to_gmem(0)
+
+  scratch = [mg.RefUnion(mc.smem((BT, r), BF16), mc.smem((BT, n), BF16)),
+             mc.smem((r, n), BF16), mg.Barrier(num_arrivals=2, num_barriers=1)]
+  return mc.kernel(body, out_shape=jax.ShapeDtypeStruct((t, n), BF16), scratch=scratch,
+                   grid=(t // BT,), grid_names=("t",), compiler_params=_warpgroup(),
+                   interpret=interpret, detect_races=races)
+
+
+def test_output_staged_where_its_input_was():
+  h, w = st_inputs()
+  np.testing.assert_array_equal(np.asarray(union_store(True)(h, w), np.float32),
+                                np.asarray(_mm(h, w).astype(BF16), np.float32))
+
+
+def test_race_detector_catches_a_broken_ref_union():
+  err = _interpret_fails(union_store(True, bug="reread"), *st_inputs())
+  # the detector's RefUnion check: a member read after the other member overwrote it
+  assert "which was last written through alias group" in err, err
+
+
+# --------------------------------------------------------------------------
 # The same probes compiled deviceless for the H200 (marker gpu_compile).
 # --------------------------------------------------------------------------
 
@@ -788,6 +835,16 @@ def test_compiled_2to4_planes(h200):
   assert _matches(r"wgmma\.mma_async", k.ptx)
   # vals by TMA (tensor), meta's 16-byte rows by a plain bulk copy or TMA
   assert _matches(r"cp\.async\.bulk\.(?:tensor\.\dd\.)?global\.shared::cta", k.ptx) == 3
+
+
+@pytest.mark.gpu_compile
+def test_compiled_ref_union_shares_shared_memory(h200):
+  # One allocation for the two members: the union probe takes the 8 KiB of one [64, 64]
+  # bf16 tile less than the same kernel with separate tiles (store_tile).
+  union = _compile(union_store(False), *st_inputs())
+  separate = _compile(store_tile(False), *st_inputs())
+  assert union.spill_bytes == 0 and _matches(TMA_STORE, union.ptx) == 1
+  assert separate.smem_bytes - union.smem_bytes == BT * ST["N"] * 2, (union, separate)
 
 
 @pytest.mark.gpu_compile

@@ -385,14 +385,6 @@ def _dy1_planes(dy2: jax.Array, r: list[jax.Array], c: plan.Plan) -> jax.Array:
   return jnp.concatenate(_dy1_list(dy2, r, c), axis=1)
 
 
-def _gather_group(x: list[jax.Array], nib: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The values of 4 planes at a group's kept indices ``i0 < i1`` (its nibble): the
-  inverse of ``cm.decompress_group`` (``i0`` is 0-2, ``i1`` is 1-3)."""
-  i0, i1 = nib & 0x3, nib >> 2
-  return (jnp.where(i0 == 0, x[0], jnp.where(i0 == 1, x[1], x[2])),
-          jnp.where(i1 == 3, x[3], jnp.where(i1 == 2, x[2], x[1])))
-
-
 def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, stage_s, dy1_ref,
              tile, q: int, first_kb):
   """One feature step of ``dh`` for token tile ``tile`` (one warpgroup's ``c.bt`` tokens,
@@ -423,7 +415,7 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
       dy2 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, g_s, wout_s.at[:, pl.ds(s * ft, ft)]))
       dy1 = _dy1_list(dy2, r, c)
       if store_dy1:
-        kept = (_gather_group(dy1[:4], nibs[0]) + _gather_group(dy1[4:], nibs[1])
+        kept = (cm.gather_group(dy1[:4], nibs[0]) + cm.gather_group(dy1[4:], nibs[1])
                 if relu.packed else dy1)
         dy1v_s.at[slot][:, s * cols:(s + 1) * cols] = jnp.concatenate(kept, axis=1)
       mc.wgmma_a(acc, jnp.concatenate(dy1, axis=1), win_s.at[pl.ds(s * ft, ft)], stage_s,

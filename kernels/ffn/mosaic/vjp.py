@@ -172,12 +172,10 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
       return (jnp.concatenate([out0, rest], axis=1), stats_rows, *stored)
 
     outs = jax.lax.cond(jnp.asarray(sparse_on, bool), sparse, dense)
-    out_k, stats_rows = outs[:2]
-    vals, meta = outs[2:4] if store else (None, None)
   else:
     outs = _fwd_call(flag, hk, win.T, wout.T, c, store)
-    out_k, stats_rows = outs[:2]
-    vals, meta = outs[2:4] if store else (None, None)
+  out_k, stats_rows = outs[:2]
+  vals, meta = outs[2:4] if store else (None, None)
   out, stats, r_tail = base.finish_forward(c.rows_out(out_k)[:, :c.n], c.rows_out(stats_rows.T),
                                            h, w_in, w_out, c.f_pad)
   return out, stats, (vals, meta, r_tail)
