@@ -217,7 +217,8 @@ def rel_err(out, ref, *, strict: bool = True) -> float:
 
   The one error measure of the tests and the benchmarks (a wrong kernel's speed
   means nothing). ``strict`` (the tests): the trees must have the same leaves and
-  shapes, and uint8 leaves (2:4 metadata) must be equal (else ``inf``).
+  shapes, and uint8 leaves (2:4 metadata) must be equal (else ``inf``). Non-finite
+  entries must be equal (NaN to NaN, inf to inf; else ``inf``) and the rest is measured.
   ``strict=False`` (benchmark rows): leaves whose shapes differ and uint8 leaves
   are skipped.
   """
@@ -235,6 +236,11 @@ def rel_err(out, ref, *, strict: bool = True) -> float:
         return float("inf")
       continue
     o, r = np.asarray(o, np.float32), np.asarray(r, np.float32)
+    bad = ~(np.isfinite(o) & np.isfinite(r))
+    if bad.any():  # NaN / inf must match exactly: a NaN would vanish in max() below
+      if not np.array_equal(o[bad], r[bad], equal_nan=True):
+        return float("inf")
+      o, r = o[~bad], r[~bad]
     scale = max(float(np.max(np.abs(r), initial=0.0)), 1e-30)
     worst = max(worst, float(np.max(np.abs(o - r), initial=0.0)) / scale)
   return worst

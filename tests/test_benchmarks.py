@@ -125,3 +125,18 @@ def test_prepare_scale_and_data_startup(tmp_path):
   assert sum(s["tokens"] for s in manifest["splits"]["train"]["shards"]) == two["tokens"]
   start = _run("data_startup", "--train_files", str(out / "train-*.arrayrecord"))
   assert start["documents"] == two["documents"] and start["open_s"] >= 0
+
+
+def test_rel_err_does_not_let_a_nan_through():
+  # max() drops a NaN (every comparison with it is False): a kernel writing NaN into
+  # part of its output once compared as exact. Non-finite entries must now match.
+  import numpy as np
+
+  from benchmarks.harness import rel_err
+
+  ref = np.array([1.0, 2.0, 4.0])
+  assert rel_err(np.array([1.0, np.nan, 4.0]), ref) == float("inf")
+  assert rel_err(ref, np.array([1.0, np.nan, 4.0])) == float("inf")
+  assert rel_err(np.array([1.0, np.inf, 4.0]), ref) == float("inf")
+  assert rel_err(np.array([1.0, np.nan, 4.4]), np.array([1.0, np.nan, 4.0])) == pytest.approx(0.1)
+  assert rel_err(np.array([1.0, 2.2, 4.0]), ref) == pytest.approx(0.05)

@@ -15,6 +15,8 @@ to the plan's. Skipped, with the reason, where the CUDA plugin or
 a usable Mosaic GPU is absent. About 2-3 minutes per size on 2 cores.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -62,7 +64,7 @@ def test_every_mosaic_kernel_fits_the_h200(size):
     # run (the PTX's loops and trip counts, read by elas_kernels.perf_model)
     if set(row["wgmma"]) - set(row["ptx_wgmma"]):
       bad.append(f"{name}: planned {sorted(row['wgmma'])}, PTX has {row['ptx_wgmma']}")
-    if row["ptx_gflop"] is None or abs(row["ptx_gflop"] / row["gflop"] - 1) > 1e-9:
+    if row["ptx_gflop"] is None or not math.isclose(row["ptx_gflop"], row["gflop"], rel_tol=1e-9):
       bad.append(f"{name}: the PTX executes {row['ptx_gflop']} GFLOP of wgmma, the plan {row['gflop']}")
     if row["wgmma_serialized"]:  # ptxas C7512: too few registers, each wgmma waits for the last
       bad.append(f"{name}: ptxas serialized its wgmma (C7512)")

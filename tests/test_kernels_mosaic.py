@@ -45,20 +45,23 @@ def test_backward_that_recomputes_y1(mode, sparse_on):
   assert launched == 4  # forward, dh, dw_in, dw_out
 
 
-def test_relu_kernel_split_over_feature_chunks():
-  # The relu kernel's grid takes feature chunks when token tiles alone leave SMs idle
-  # (60M on the H200: 3 chunks of 11 steps). A GPU of 2 SMs makes one 64-token tile take
-  # 2 chunks of 2 steps, so a chunk's offset and its pipeline's later steps both count.
+@pytest.mark.parametrize("mode,kernel,t", [("ste", "elas_mgpu_relu", 64),
+                                           ("split", "elas_mgpu_tokmask", 256)])
+def test_kernels_split_over_feature_chunks(mode, kernel, t):
+  # The relu kernel (ste, the warm-up) and split's tokmask take feature chunks when token
+  # blocks alone leave SMs idle (60M on the H200: 3 and 11 chunks). A GPU of 2 SMs makes
+  # one token block (64 tokens; split: 4 row planes of 64) take 2 chunks of 2 steps, so a
+  # chunk's offset and its pipeline's later steps both count.
   tiny_gpu = dataclasses.replace(H200, name="tiny", sm_count=2, smem_per_block=4096)
   tiles = dict(block_t=64, block_f=64, sub_f=64)
-  h, w_in, w_out, cot = ffn_inputs(5, 64, 256, 32, 32, jnp.float32)
-  relu = kernel_specs(64, 256, 32, 32, mode="ste", dtype=jnp.float32, interpret=True,
-                      gpu=tiny_gpu, **tiles)["backward"][0]
-  assert (relu.name, relu.grid) == ("elas_mgpu_relu", (1, 2))
+  h, w_in, w_out, cot = ffn_inputs(5, t, 256, 32, 32, jnp.float32)
+  specs = kernel_specs(t, 256, 32, 32, mode=mode, dtype=jnp.float32, interpret=True,
+                       gpu=tiny_gpu, **tiles)["backward"]
+  assert [s.grid for s in specs if s.name == kernel] == [(1, 2)], [(s.name, s.grid) for s in specs]
   op = MosaicFfn(interpret=True, gpu=tiny_gpu, **tiles)
-  got = ffn_value_and_grads(lambda *a: op(*a, True, mode="ste"), h, w_in, w_out, cot)
-  want = ffn_value_and_grads(lambda *a: base.reference(*a, True, mode="ste"), h, w_in, w_out, cot)
-  for g, w in zip(got[2], want[2]):  # d_h, d_w_in, d_w_out: all read relu(y1) or dy1
+  got = ffn_value_and_grads(lambda *a: op(*a, True, mode=mode), h, w_in, w_out, cot)
+  want = ffn_value_and_grads(lambda *a: base.reference(*a, True, mode=mode), h, w_in, w_out, cot)
+  for g, w in zip(got[2], want[2]):  # d_h, d_w_in, d_w_out
     assert rel_err(g, w) < 2e-5
 
 

@@ -12,17 +12,20 @@ interpreter differ.
 - ``fwd``, per 64 tokens x ``block_n`` outputs: per sub-tile ``y1`` by wgmma,
   ReLU², 2:4 select + compress, ``acc += y2s @ w_outᵀ`` with ``y2s`` in
   registers; per-row statistics. ``y1`` and the dense ``y2`` never reach HBM.
-- ``relu``: ``relu(y1)`` written once for the backward kernels (ranks above
-  256 in ``ste`` / the dense warm-up, where a recompute would not fit).
+- ``relu``: ``relu(y1)`` written once, dense, for the backward kernels of
+  ``ste`` and the dense warm-up (unless ``materialize_relu=False``).
+- ``tokmask``: split mode's token-wise 2:4 across 4 row planes, applied once
+  to the decompressed ``relu(y1)`` and written dense for ``dw_out``.
 - ``dh``, per 64 tokens x ``block_k`` columns: ``dy2 = g @ w_out`` by wgmma,
-  ``relu(y1)`` decompressed or recomputed, ``dy1 = dy2 · 2 relu(y1)`` in
-  registers as the A operand of ``dh += dy1 @ w_in``; from the compressed
-  activation it also writes ``dy1``'s kept values (the forward's layout).
+  ``relu(y1)`` decompressed, read or recomputed, ``dy1 = dy2 · 2 relu(y1)`` in
+  registers as the A operand of ``dh += dy1 @ w_in``; from a stored activation
+  it also writes ``dy1`` (its kept values in the forward's layout, or dense).
+- ``packed_mm``: the output / ``dh`` columns past the first block from a
+  stored operand (``y2`` or ``dy1``, 2:4 or dense), when ranks exceed a block.
 - ``dw_in`` / ``dw_out``, per feature step x rank block, looping over token
-  tiles: ``dy1`` (decompressed from what ``dh`` wrote, or formed again where
-  the activation is recomputed) / the activation ``w_out``'s gradient sees go through shared
-  memory and are read transposed by wgmma; split mode applies token-wise 2:4
-  across 4 row planes element-wise.
+  tiles: ``dy1`` (as ``dh`` wrote it, or formed again where the activation is
+  recomputed) / the activation ``w_out``'s gradient sees go through shared
+  memory and are read transposed by wgmma.
 """
 
 from __future__ import annotations
@@ -321,6 +324,55 @@ def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, chunk_steps: int, **
   mg.wait_smem_to_gmem(0)
 
 
+def _tokmask_kernel(densef_ref, tokd_ref, vals_ref, meta_ref, r_ref, *, pl_: plan.Plan,
+                    chunk_steps: int, **scr):
+  """Split mode's ``dw_out`` operand: ``relu(y1)`` of one step of ``rp · block_t`` tokens
+  (row planes ``q`` of ``block_t``) decompressed from the forward's activation, with the
+  token-wise 2:4 of its square across the row planes applied (ties to the lower plane;
+  the dense features and the rows of an incomplete token group keep all), for
+  ``chunk_steps`` feature steps (chunk ``f``); written dense in kernel feature order."""
+  mg = mc.plgpu()
+  c = pl_
+  bt, fs, ft, p, rp = c.bt, c.fs, c.ft, c.p, c.rp
+  ti, f0 = lax.axis_index("t"), lax.axis_index("f") * chunk_steps
+  rows = pl.ds(ti * bt * rp, bt * rp)
+  _copy_in(tokd_ref.at[rows], scr["tokd_s"], scr["bar"].at[0])
+  tok_dense = [mc.load(scr["tokd_s"].at[pl.ds(q * bt, bt)], mg.Layout.WGMMA.reduce(1)) != 0
+               for q in range(rp)]
+  src = _Relu("compressed", c)
+  zero = jnp.zeros((), c.dtype)
+
+  def step(idx, densef_s, *packed):
+    (fi,) = idx
+    slot = lax.rem(fi, 2)
+    mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that last used this slot
+    half = plan.PLANES // 2
+    for s in range(fs // ft):
+      for g in range(2):  # one 2:4 group's 4 planes at a time: half the registers live
+        r = [src.planes(packed, q, s)[g * half:(g + 1) * half] for q in range(rp)]
+        for i in range(half):
+          j = g * half + i
+          dense_f = mc.load(densef_s.at[pl.ds(s * ft + j * p, p)],
+                            mg.Layout.WGMMA.reduce(0)) != 0
+          keep = _keep_24([r[q][i] * r[q][i] for q in range(rp)])  # along tokens, on y2
+          for q in range(rp):
+            keep_qi = (keep[q] | lax.broadcast_in_dim(dense_f, (bt, p), [1])
+                       | lax.broadcast_in_dim(tok_dense[q], (bt, p), [0]))
+            r[q][i] = jnp.where(keep_qi, r[q][i], zero)
+        c0 = s * ft + g * half * p
+        for q in range(rp):
+          scr["r_s"].at[slot][q * bt:(q + 1) * bt, c0:c0 + half * p] = jnp.concatenate(r[q], axis=1)
+    mg.commit_smem()
+    mg.copy_smem_to_gmem(scr["r_s"].at[slot], r_ref.at[rows, pl.ds((f0 + fi) * fs, fs)])
+
+  specs = [_spec((fs,), lambda f: (f0 + f,), jnp.int32)]
+  specs += src.specs(lambda f: ti, lambda f: f0 + f, bt * rp)
+  mg.emit_pipeline(step, grid=(chunk_steps,), in_specs=specs,
+                   max_concurrent_steps=min(c.tiles.stages, chunk_steps))(densef_ref, vals_ref,
+                                                                          meta_ref)
+  mg.wait_smem_to_gmem(0)
+
+
 class _Relu:
   """Where a backward kernel's ``relu(y1)`` planes come from: ``compressed`` (the
   forward's vals + meta), ``recompute`` (wgmma of ``h`` and ``w_inᵀ``) or ``dense``
@@ -589,74 +641,44 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
 
 def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr):
   """``dw_out[n-block, f-step] = Σ_token steps gᵀ y2``; ``y2`` as the backward mode
-  defines it: ``none`` (as rebuilt), ``ste`` (2:4 of the recomputed ``y2``) or
-  ``tokens`` (split: token-wise 2:4 across the 4 row planes of a step, except
-  the dense features and the rows of an incomplete token group)."""
+  defines it: ``none`` (as rebuilt or read) or ``ste`` (2:4 of the recomputed ``y2``).
+  Split mode's token-wise 2:4 is applied before, by :func:`_tokmask_kernel`."""
   mg = mc.plgpu()
   c = pl_
-  bt, fs, ft, p = c.bt, c.fs, c.ft, c.p
-  rp = c.rp if dw_mask == "tokens" else 1
-  sr = bt * rp  # tokens per pipeline step
+  bt, fs, ft = c.bt, c.fs, c.ft
   refs = list(refs)
   dwout_ref = refs.pop()
-  h_ref = winT_ref = densef_ref = tokd_ref = None
+  h_ref = winT_ref = None
   if relu.source == "recompute":
     h_ref, winT_ref = refs.pop(0), refs.pop(0)
-  if dw_mask == "tokens":
-    densef_ref, tokd_ref = refs.pop(0), refs.pop(0)
   src_refs = refs
   fi, nb, si = lax.axis_index("f"), lax.axis_index("n"), lax.axis_index("s")
   t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
   if winT_ref is not None:
     _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[0])
-  if densef_ref is not None:
-    _copy_in(densef_ref.at[pl.ds(fi * fs, fs)], scr["densef_s"], scr["bar"].at[1])
   zero = jnp.zeros((), c.dtype)
 
   def step(idx, g_s, *rest):
-    rest = list(rest)
-    h_s = rest.pop(0) if h_ref is not None else None
-    tokd_s = rest.pop(0) if tokd_ref is not None else None
-    src = rest
-    tok_dense = [None] * rp
-    if tokd_s is not None:
-      tok_dense = [mc.load(tokd_s.at[pl.ds(q * bt, bt)], mg.Layout.WGMMA.reduce(1)) != 0
-                   for q in range(rp)]
+    h_s = rest[0] if h_ref is not None else None
+    src = rest[1:] if h_ref is not None else rest
     for s in range(fs // ft):
-      y2 = []
-      for q in range(rp):
-        h_q = h_s.at[pl.ds(q * bt, bt)] if h_s is not None else None
-        y2q = [x * x for x in relu.planes(src, q, s, h_q, scr.get("winT_s"))]
-        if dw_mask == "ste":  # straight-through: w_out sees the 2:4 forward activation
-          keep = _keep_24(y2q[:4]) + _keep_24(y2q[4:])
-          y2q = [jnp.where(keep[j], y2q[j], zero) for j in range(plan.PLANES)]
-        y2.append(y2q)
-      if dw_mask == "tokens":
-        for j in range(plan.PLANES):
-          dense_f = mc.load(scr["densef_s"].at[pl.ds(s * ft + j * p, p)],
-                            mg.Layout.WGMMA.reduce(0)) != 0
-          keep = _keep_24([y2[q][j] for q in range(rp)])  # along tokens
-          for q in range(rp):
-            keep_qj = (keep[q] | lax.broadcast_in_dim(dense_f, (bt, p), [1])
-                       | lax.broadcast_in_dim(tok_dense[q], (bt, p), [0]))
-            y2[q][j] = jnp.where(keep_qj, y2[q][j], zero)
-      for q in range(rp):
-        scr["y2_s"][q * bt:(q + 1) * bt, s * ft:(s + 1) * ft] = jnp.concatenate(y2[q], axis=1)
+      y2 = [x * x for x in relu.planes(src, 0, s, h_s, scr.get("winT_s"))]
+      if dw_mask == "ste":  # straight-through: w_out sees the 2:4 forward activation
+        keep = _keep_24(y2[:4]) + _keep_24(y2[4:])
+        y2 = [jnp.where(keep[j], y2[j], zero) for j in range(plan.PLANES)]
+      scr["y2_s"][:, s * ft:(s + 1) * ft] = jnp.concatenate(y2, axis=1)
     mg.commit_smem()
     mg.wgmma(scr["acc"], g_s.T, scr["y2_s"])
     mg.wgmma_wait(0)
 
   def run(acc_ref):
     scr["acc"] = acc_ref
-    specs = [_spec((sr, c.nb), lambda t: (t0 + t, nb), c.dtype, c.nb)]
+    specs = [_spec((bt, c.nb), lambda t: (t0 + t, nb), c.dtype, c.nb)]
     args = [g_ref]
     if h_ref is not None:
-      specs.append(_spec((sr, c.k_pad), lambda t: (t0 + t, 0), c.dtype, c.k_pad))
+      specs.append(_spec((bt, c.k_pad), lambda t: (t0 + t, 0), c.dtype, c.k_pad))
       args.append(h_ref)
-    if tokd_ref is not None:
-      specs.append(_spec((sr,), lambda t: (t0 + t,), jnp.int32))
-      args.append(tokd_ref)
-    specs += relu.specs(lambda t: t0 + t, lambda t: fi, sr)
+    specs += relu.specs(lambda t: t0 + t, lambda t: fi, bt)
     args += src_refs
     mg.emit_pipeline(step, grid=(c.dw_steps,), in_specs=specs,
                      max_concurrent_steps=min(c.tiles.stages, c.dw_steps))(*args)
@@ -733,7 +755,8 @@ def _unions_named(fn):
   return body
 
 
-BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel, "dh": _dh_kernel,
+BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel,
+          "tokmask": _tokmask_kernel, "dh": _dh_kernel,
           "dh_ws": _dh_ws_kernel, "dw_in": _dwin_kernel, "dw_out": _dwout_kernel,
           "packed_mm": _packed_mm_kernel}
 

@@ -58,8 +58,7 @@ class Tiles:
   forward and ``dh`` kernels, ``block_f_dw`` per program of the weight-gradient
   kernels (their accumulator is ``[block_f_dw, block_k]``), both multiples of
   ``sub_f`` (8 planes of ``sub_f / 8``; one wgmma N); ``block_n`` / ``block_k``
-  output columns per program (multiples of 64, at most 256), ``block_n_dw``
-  split mode's ``dw_out`` columns; ``dw_split`` programs sharing one weight-
+  output columns per program (multiples of 64, at most 256); ``dw_split`` programs sharing one weight-
   gradient token loop (partial sums added in XLA); ``stages`` pipeline buffers
   (fewer where shared memory is short); ``materialize_relu``: ``ste``'s and the
   warm-up's backward read ``relu(y1)`` from the ``relu`` kernel and ``dw_in`` reads
@@ -77,7 +76,6 @@ class Tiles:
   sub_f: int = 64
   block_n: int = 256
   block_k: int = 256
-  block_n_dw: int | None = None  # split mode's dw_out columns (None: block_n)
   dw_split: int | None = None  # weight-gradient token splits (None: by grid size)
   stages: int = 2
   materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: yes)
@@ -94,10 +92,8 @@ class Tiles:
       if v % self.sub_f or v > 256:
         raise ValueError(f"elas_ffn (mosaic): {name}={v} must be a multiple of "
                          f"sub_f={self.sub_f} and at most 256")
-    for name in ("block_n", "block_k", "block_n_dw"):
+    for name in ("block_n", "block_k"):
       v = getattr(self, name)
-      if v is None and name == "block_n_dw":
-        continue
       if v % RANK_ALIGN or not 0 < v <= 256:
         raise ValueError(f"elas_ffn (mosaic): {name}={v} must be a multiple of 64, at most 256")
     if self.stages < 1:
@@ -410,15 +406,40 @@ def relu_spec(c: Plan) -> KernelSpec:
   dt, it = c.dtype, c.dtype.itemsize
   s = Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad).add("r_s", (2, c.bt, c.fs), dt, c.ft)
   s.pipelined(((c.k_pad, c.fs), dt))
-  per_sm = max(1, c.gpu.smem_per_block // (s.bytes(c.tiles.stages) + SMEM_MARGIN))
-  chunks = next(d for d in range(1, c.n_steps + 1)
-                if c.n_steps % d == 0 and (c.nt * d >= c.gpu.sm_count * per_sm or d == c.n_steps))
+  chunks = _feature_chunks(c, s, c.nt)
   mma = {}
   _mma(mma, c.ft, c.k_pad, c.n_sub)
   hbm = c.t_pad * c.k_pad * it * chunks + c.f_pad * c.k_pad * it + c.t_pad * c.f_pad * it
   return _spec_of("elas_mgpu_relu", c, s, c.n_steps // chunks, (c.nt, chunks), ("t", "f"),
                   jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt), "relu",
                   {k: v // chunks for k, v in mma.items()}, hbm, chunk_steps=c.n_steps // chunks)
+
+
+def _feature_chunks(c: Plan, s: Scratch, token_programs: int) -> int:
+  """The least divisor of the feature steps that, as programs per token block, fills the
+  GPU with one wave (at the programs per SM that ``s`` leaves room for)."""
+  per_sm = max(1, c.gpu.smem_per_block // (s.bytes(c.tiles.stages) + SMEM_MARGIN))
+  return next(d for d in range(1, c.n_steps + 1) if c.n_steps % d == 0 and (
+      token_programs * d >= c.gpu.sm_count * per_sm or d == c.n_steps))
+
+
+def tokmask_spec(c: Plan) -> KernelSpec:
+  """Split mode's ``dw_out`` operand: ``relu(y1)`` decompressed with the token-wise 2:4 of
+  its square applied, dense ``[T, F]`` (a transient) in kernel feature order; one
+  program per ``rp · block_t`` tokens and chunk of feature steps (as :func:`relu_spec`).
+  The selection runs once per element here, not once per ``dw_out`` column block."""
+  dt, it = c.dtype, c.dtype.itemsize
+  sr = c.bt * c.rp
+  # swizzled by half a sub-tile: the kernel stores one 2:4 group's 4 planes at a time
+  s = Scratch().add("r_s", (2, sr, c.fs), dt, c.ft // 2).add("tokd_s", (sr,), jnp.int32)
+  s.pipelined(((c.fs,), jnp.int32), *_src_blocks("compressed", c, sr))
+  groups = c.t_pad // sr
+  chunks = _feature_chunks(c, s, groups)
+  hbm = (_src_bytes("compressed", c) + c.t_pad * c.f_pad * it + groups * c.f_pad * 4
+         + chunks * c.t_pad * 4)
+  return _spec_of("elas_mgpu_tokmask", c, s, c.n_steps // chunks, (groups, chunks), ("t", "f"),
+                  jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt), "tokmask", {}, hbm,
+                  chunk_steps=c.n_steps // chunks)
 
 
 def _src_blocks(source: str, c: Plan, rows: int):
@@ -573,22 +594,19 @@ def dwin_spec(c: Plan, source: str) -> KernelSpec:
 
 
 def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
+  """``dw_out``; ``dw_mask`` ``none`` or ``ste`` (split mode's token-wise 2:4 is
+  :func:`tokmask_spec`'s, whose output this reads as a ``dense`` source)."""
   c = c.for_dw()
-  if dw_mask == "tokens" and c.tiles.block_n_dw:
-    c = c.replace(nb=min(c.tiles.block_n_dw, c.nb))
   dt, it = c.dtype, c.dtype.itemsize
-  rp = c.rp if dw_mask == "tokens" else 1
-  sr = c.bt * rp
+  sr = c.bt
   s = _out_chunks(Scratch(), c, (c.nb, c.fs)).add("y2_s", (sr, c.fs), dt, c.ft)
   s.pipelined(((sr, c.nb), dt), *_src_blocks(source, c, sr))
   if source == "recompute":
     s.add("winT_s", (c.k_pad, c.fs), dt, c.fs).pipelined(((sr, c.k_pad), dt))
-  if dw_mask == "tokens":
-    s.add("densef_s", (c.fs,), jnp.int32).pipelined(((sr,), jnp.int32))
   c = _with_dw_split(c, c.t_pad // sr, c.n_steps * (c.n_pad // c.nb))
   mma = {}
   if source == "recompute":
-    _mma(mma, c.ft, c.k_pad, c.dw_steps * rp * c.n_sub_step)
+    _mma(mma, c.ft, c.k_pad, c.dw_steps * c.n_sub_step)
   _mma(mma, c.fs, sr, c.dw_steps * c.nb // 64)  # [nb, sr] x [sr, fs]
   hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.f_pad * c.k_pad * it
          + c.dw_split * c.n_pad * c.f_pad * 4)
@@ -647,7 +665,7 @@ def default_tiles(k: int, n: int, *, interpret: bool) -> Tiles:
   if interpret:  # few, large tiles: the interpreter's time goes by steps and kernel body size
     return Tiles(block_t=2 * TOKENS, block_f=256, block_f_dw=256, sub_f=256)
   # split's dw_out holds 4 row planes of y2: 64 output columns keep it within registers
-  return Tiles(block_f=64, block_f_dw=64, sub_f=64, block_n_dw=64)
+  return Tiles(block_f=64, block_f_dw=64, sub_f=64)
 
 
 def kernel_specs(t: int, f: int, k: int, n: int, *, mode: str = "masked", dtype=jnp.bfloat16,
@@ -684,8 +702,10 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
       dwin_source = STORED_DY1.get(source, source)
       rest = ([packed_mm_spec(c, dwin_source)] if source in STORED_DY1 and splits_dy1(c)
               else [])
-      return first + [dh_spec(c, source)] + rest + [dwin_spec(c, dwin_source),
-                                                    dwout_spec(c, source, dw_mask)]
+      # split: the token-wise 2:4 applied once (tokmask), dw_out reads the result dense
+      dwout = ([tokmask_spec(c), dwout_spec(c, "dense", "none")] if dw_mask == "tokens"
+               else [dwout_spec(c, source, dw_mask)])
+      return first + [dh_spec(c, source)] + rest + [dwin_spec(c, dwin_source)] + dwout
 
     out["backward"] = bwd(recompute if mode == "ste" else "compressed",
                           {"masked": "none", "ste": "ste", "split": "tokens"}[mode])

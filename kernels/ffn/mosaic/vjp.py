@@ -41,23 +41,22 @@ fp32 accumulation in wgmma accumulators):
   ReLU², 2:4 select + compress, ``acc += y2s @ w_outᵀ`` with ``y2s`` in
   registers; per-row statistics. ``y1`` and the dense ``y2`` never reach HBM.
 - ``dh``, per 64 tokens x ``block_k`` columns: ``dy2 = g @ w_out`` by wgmma,
-  ``relu(y1)`` decompressed (``masked``, ``split``) or recomputed
-  (``ste``, dense warm-up), ``dy1 = dy2 · 2 relu(y1)`` in registers as the A
-  operand of ``dh += dy1 @ w_in``.
-  From the compressed activation (``masked``, ``split``) the first ``block_k``
-  programs also write ``dy1``'s kept values in the forward's value layout (the
-  metadata is the forward's): ``dw_in`` reads them instead of forming ``dy2``
-  a second time.
+  ``relu(y1)`` decompressed (``masked``, ``split``) or read from the ``relu``
+  kernel's dense output (``ste``, dense warm-up), ``dy1 = dy2 · 2 relu(y1)`` in
+  registers as the A operand of ``dh += dy1 @ w_in``. The first ``block_k``
+  programs also write ``dy1``: its kept values in the forward's value layout
+  (the metadata is the forward's) from the compressed activation, all of it
+  from the dense one; ``dw_in`` reads it instead of forming ``dy2`` again.
 - ``dw_in`` per feature step x ``block_k``, ``dw_out`` per feature step x
-  ``block_n``, looping over tokens: ``dy1`` (decompressed, or formed from
-  ``g @ w_out`` where nothing was stored) / the activation ``w_out``'s
+  ``block_n``, looping over tokens: ``dy1`` (as ``dh`` wrote it, or formed from
+  ``g @ w_out`` where the activation is recomputed) / the activation ``w_out``'s
   gradient sees are written to shared memory and read transposed by wgmma
   (``dw_in += dy1ᵀ h``, ``dw_out += gᵀ y2``); the token loop is split over
-  ``dw_split`` programs so the grid fills the GPU. ``split`` loads 4 row planes
-  of 64 tokens per step and applies token-wise 2:4 across them element-wise.
-- ``relu`` (only where a recompute would not fit shared memory: ranks above
-  256 in ``ste`` / the dense warm-up): ``relu(y1)`` written once for the three
-  backward kernels to read.
+  ``dw_split`` programs so the grid fills the GPU.
+- ``relu`` (``ste`` and the dense warm-up): ``relu(y1)`` written once, dense, for
+  the backward kernels (``materialize_relu=False``: recomputed in each instead,
+  ranks up to 256). ``tokmask`` (``split``): the token-wise 2:4 of ``dw_out``
+  applied once to the decompressed ``relu(y1)``, written dense for ``dw_out``.
 
 Shapes that don't divide: tokens, features and ranks are zero-padded (zeros
 flow through exactly) and the ``F % 4`` tail is dense in XLA, as in the
@@ -68,8 +67,8 @@ stores the compressed activation, and ``packed_mm`` (the stored operand
 decompressed into the register A operand of one wgmma per sub-tile) makes the
 other blocks from it, squaring the values (``y2s``); ``dh`` likewise covers
 its first column block and ``packed_mm`` makes the others from the stored
-``dy1``. The dense warm-up (``lax.cond`` on ``sparse_on``) and ``ste``'s
-backward recompute ``y1`` per extra block.
+``dy1``. The dense warm-up (``lax.cond`` on ``sparse_on``) likewise, from
+``relu(y1)`` stored dense by its first block and ``dh``'s dense ``dy1``.
 
 GPU: bf16 or fp16 inputs (wgmma's register A operand is 16-bit). fp32 runs in
 the interpreter only (``interpret=True``); compiled it raises
@@ -128,10 +127,14 @@ def _dwin_call(g, h, wout, winT, src, source: str, c: plan.Plan):
   return jnp.sum(bodies.launch(plan.dwin_spec(c, source), *args), axis=0)
 
 
-def _dwout_call(g, h, winT, src, dense_f, tok_dense, source: str, dw_mask: str, c: plan.Plan):
-  args = ([g] + ([h, winT] if source == "recompute" else [])
-          + ([dense_f, tok_dense] if dw_mask == "tokens" else []) + list(src))
+def _dwout_call(g, h, winT, src, source: str, dw_mask: str, c: plan.Plan):
+  args = [g] + ([h, winT] if source == "recompute" else []) + list(src)
   return jnp.sum(bodies.launch(plan.dwout_spec(c, source, dw_mask), *args), axis=0)
+
+
+def _tokmask_call(dense_f, tok_dense, vals, meta, c: plan.Plan):
+  """Split mode: relu(y1) with the token-wise 2:4 applied, dense (``dw_out``'s operand)."""
+  return bodies.launch(plan.tokmask_spec(c), dense_f, tok_dense, vals, meta)
 
 
 # --------------------------------------------------------------------------
@@ -246,7 +249,11 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
       dwin = _dwin_call(gk, hk, wout, winT, dy1_src, stored, c)
     else:
       dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
-    dwout = _dwout_call(gk, hk, winT, src, dense_f, tok_dense, source, dw_mask, c)
+    if dw_mask == "tokens":  # split: the token-wise 2:4 applied once, read back dense
+      r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c)
+      dwout = _dwout_call(gk, hk, winT, (r_tok,), "dense", "none", c)
+    else:
+      dwout = _dwout_call(gk, hk, winT, src, source, dw_mask, c)
     return dh, dwin, dwout
 
   recompute = plan.recompute_source(c)
@@ -287,7 +294,7 @@ class MosaicFfn(base.FfnCore):
       Hopper GPU (sm_90) when compiled.
     **tiles: fields of :class:`~elas_kernels.ffn.mosaic.plan.Tiles` (``block_t``,
       ``block_f``, ``block_f_dw``, ``sub_f``, ``block_n``, ``block_k``,
-      ``block_n_dw``, ``dw_split``, ``stages``, ``materialize_relu``,
+      ``dw_split``, ``stages``, ``materialize_relu``,
       ``warp_specialized``); None or
       missing: by rank (:func:`~elas_kernels.ffn.mosaic.plan.default_tiles`).
 
