@@ -677,16 +677,21 @@ def test_race_detector_catches_a_broken_tma_store(bug):
 # --------------------------------------------------------------------------
 
 
-def union_store(interpret: bool, *, races: bool = True, bug: str | None = None):
+def union_store(interpret: bool, *, races: bool = True, bug: str | None = None,
+                union: bool = True):
   """``out = bf16(h @ w)`` per 64 tokens with the output tile in a ``RefUnion`` with
   ``h``'s: written once the product (which read ``h``) is done, then stored by TMA.
   ``bug``: ``"reread"`` (``h`` read again, through its member, after the output was
-  written through the other: the union's contract broken)."""
+  written through the other: the union's contract broken). ``union=False``: the same
+  kernel with the two tiles apart (the baseline of the compiled test)."""
   mg = _mg()
   t, r, n = ST["T"], ST["R"], ST["N"]
 
-  def body(h_g, w_g, o_g, h_out, w_s, bar):
-    h_s, o_s = h_out
+  def body(h_g, w_g, o_g, *scr):
+    if union:
+      (h_s, o_s), w_s, bar = scr
+    else:
+      h_s, o_s, w_s, bar = scr
     rows = pl.ds(lax.axis_index("t") * BT, BT)
     mg.copy_gmem_to_smem(h_g.at[rows], h_s, bar.at[0])
     mg.copy_gmem_to_smem(w_g, w_s, bar.at[0])
@@ -699,8 +704,9 @@ def union_store(interpret: bool, *, races: bool = True, bug: str | None = None):
     mg.copy_smem_to_gmem(o_s, o_g.at[rows])
     mg.wait_smem_to_gmem(0)
 
-  scratch = [mg.RefUnion(mc.smem((BT, r), BF16), mc.smem((BT, n), BF16)),
-             mc.smem((r, n), BF16), mg.Barrier(num_arrivals=2, num_barriers=1)]
+  tiles = [mc.smem((BT, r), BF16), mc.smem((BT, n), BF16)]
+  scratch = ([mg.RefUnion(*tiles)] if union else tiles) + [
+      mc.smem((r, n), BF16), mg.Barrier(num_arrivals=2, num_barriers=1)]
   return mc.kernel(body, out_shape=jax.ShapeDtypeStruct((t, n), BF16), scratch=scratch,
                    grid=(t // BT,), grid_names=("t",), compiler_params=_warpgroup(),
                    interpret=interpret, detect_races=races)
@@ -840,9 +846,9 @@ def test_compiled_2to4_planes(h200):
 @pytest.mark.gpu_compile
 def test_compiled_ref_union_shares_shared_memory(h200):
   # One allocation for the two members: the union probe takes the 8 KiB of one [64, 64]
-  # bf16 tile less than the same kernel with separate tiles (store_tile).
+  # bf16 tile less than the same kernel with separate tiles.
   union = _compile(union_store(False), *st_inputs())
-  separate = _compile(store_tile(False), *st_inputs())
+  separate = _compile(union_store(False, union=False), *st_inputs())
   assert union.spill_bytes == 0 and _matches(TMA_STORE, union.ptx) == 1
   assert separate.smem_bytes - union.smem_bytes == BT * ST["N"] * 2, (union, separate)
 
