@@ -58,9 +58,10 @@ class Tiles:
   forward and ``dh`` kernels, ``block_f_dw`` per program of the weight-gradient
   kernels (their accumulator is ``[block_f_dw, block_k]``), both multiples of
   ``sub_f`` (8 planes of ``sub_f / 8``; one wgmma N); ``block_n`` / ``block_k``
-  output columns per program (multiples of 64, at most 256); ``dw_split`` programs sharing one weight-
-  gradient token loop (partial sums added in XLA); ``stages`` pipeline buffers
-  (fewer where shared memory is short); ``materialize_relu``: ``ste``'s and the
+  output columns per program (multiples of 64, at most 256); ``dw_split``
+  programs sharing one weight-gradient token loop (partial sums added in XLA);
+  ``stages`` pipeline buffers (fewer where shared memory is short);
+  ``materialize_relu``: ``ste``'s and the
   warm-up's backward read ``relu(y1)`` from the ``relu`` kernel and ``dw_in`` reads
   the ``dy1`` that ``dh`` wrote (None or True, the default), or (False) recompute
   ``y1`` in ``dh`` / ``dw_in`` / ``dw_out`` (no ``[T, F]`` temporaries; ranks up to
@@ -514,9 +515,10 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   """``out[:, blocks 1..] = A @ W`` for a stored operand ``A``: ``y2`` (``A = v·v`` of the
   compressed activation, decompressed in registers, ``W = w_outᵀ``: the forward's output
   columns past the first ``block_n``), ``dy1`` (``A`` = ``dh``'s stored 2:4 ``dy1``,
-  decompressed, ``W = w_in``: ``dh``'s columns past the first ``block_k``) or
-  ``dy1_dense`` (``dh``'s dense ``dy1``, wgmma's operand as TMA left it). Output
-  ``[T, cols - block]`` fp32."""
+  decompressed, ``W = w_in``: ``dh``'s columns past the first ``block_k``), and from
+  the dense warm-up's dense operands ``y2_dense`` (the forward's stored ``relu(y1)``,
+  squared in registers) and ``dy1_dense`` (``dh``'s dense ``dy1``, wgmma's operand as
+  TMA left it). Output ``[T, cols - block]`` fp32."""
   dt, it = c.dtype, c.dtype.itemsize
   source = "dense" if operand.endswith("_dense") else "compressed"
   cols, first = (c.n_pad, c.nb) if operand.startswith("y2") else (c.k_pad, c.kb)

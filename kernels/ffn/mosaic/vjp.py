@@ -106,7 +106,8 @@ def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool, first_block: bool
 
 def _packed_mm_call(src, w, operand: str, c: plan.Plan):
   """The output columns past the first block from a stored operand (``src``: 2:4 values and
-  metadata for ``y2`` / ``dy1``, the dense ``dy1`` for ``dy1_dense``)."""
+  metadata for ``y2`` / ``dy1``, the dense ``relu(y1)`` / ``dy1`` for ``y2_dense`` /
+  ``dy1_dense``)."""
   return bodies.launch(plan.packed_mm_spec(c, operand), *src, w)
 
 
