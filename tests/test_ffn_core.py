@@ -66,8 +66,8 @@ CASES = {
     "ste-ragged": Case("ste", True, 50, 203, 40, 24, slow=True),
     "warmup-split": Case("split", False, 37, 130, 12, 10),
     "warmup-masked": Case("masked", False, 48, 130, 16, 16),
-    # several output / dh column blocks in the warm-up (Mosaic: the branch that recomputes
-    # y1 per block, beside the 2:4 phase's stored-activation path)
+    # several output / dh column blocks in the warm-up (Mosaic: the blocks past the first
+    # from the stored dense relu(y1) / dy1, beside the 2:4 phase's compressed ones)
     "warmup-steps": Case("masked", False, 128, 256, 128, 128, slow=True),
     "bf16-masked": Case("masked", True, 64, 256, 64, 64, jnp.bfloat16),
     "bf16-split": Case("split", True, 64, 256, 64, 64, jnp.bfloat16),

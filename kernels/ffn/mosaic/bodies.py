@@ -349,7 +349,7 @@ def _tokmask_kernel(densef_ref, tokd_ref, vals_ref, meta_ref, r_ref, *, pl_: pla
     half = plan.PLANES // 2
     for s in range(fs // ft):
       for g in range(2):  # one 2:4 group's 4 planes at a time: half the registers live
-        r = [src.planes(packed, q, s)[g * half:(g + 1) * half] for q in range(rp)]
+        r = [src.planes_and_nibbles(packed, q, s, groups=(g,))[0] for q in range(rp)]
         for i in range(half):
           j = g * half + i
           dense_f = mc.load(densef_s.at[pl.ds(s * ft + j * p, p)],
@@ -387,8 +387,9 @@ class _Relu:
     self.packed = source in ("compressed", "dy1")
     self.dense = source in ("dense", "dy1_dense")
 
-  def planes_and_nibbles(self, refs, q: int, s: int):
-    """A packed source's 8 dense planes and its metadata nibbles (groups a, b)."""
+  def planes_and_nibbles(self, refs, q: int, s: int, groups=(0, 1)):
+    """A packed source's dense planes of ``groups`` (4 each: group a's planes 0-3, b's
+    4-7) and its metadata nibbles (groups a, b)."""
     c = self.c
     ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
     vals_s, meta_s = refs
@@ -396,8 +397,7 @@ class _Relu:
     meta = mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, p), c.interpret)
     v = [vals[:, i * p:(i + 1) * p] for i in range(4)]
     nibs = cm.unpack_meta(meta)
-    return (cm.decompress_group(v[0], v[1], nibs[0]) + cm.decompress_group(v[2], v[3], nibs[1]),
-            nibs)
+    return sum((cm.decompress_group(v[2 * g], v[2 * g + 1], nibs[g]) for g in groups), []), nibs
 
   def specs(self, rows_idx, fi_of, step_rows: int):
     """Pipelined inputs for ``step_rows`` tokens at token-block ``rows_idx(step)``."""
@@ -583,7 +583,7 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
   bt, fs, ft = c.bt, c.fs, c.ft
   refs = list(refs)
   dwin_ref = refs.pop()
-  from_dy1 = relu.source in ("dy1", "dy1_dense")
+  from_dy1 = relu.source in plan.STORED_DY1.values()
   recompute = relu.source == "recompute"
   g_ref = wout_ref = winT_ref = None
   if from_dy1:

@@ -456,7 +456,8 @@ def _src_bytes(source: str, c: Plan) -> int:
   it = c.dtype.itemsize
   packed = c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8
   return {"compressed": packed, "dy1": packed,
-          "dense": c.t_pad * c.f_pad * it, "dy1_dense": c.t_pad * c.f_pad * it, "recompute": c.t_pad * c.k_pad * it}[source]
+          "dense": c.t_pad * c.f_pad * it, "dy1_dense": c.t_pad * c.f_pad * it,
+          "recompute": c.t_pad * c.k_pad * it}[source]
 
 
 def dh_spec(c: Plan, source: str) -> KernelSpec:
