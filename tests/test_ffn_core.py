@@ -69,6 +69,10 @@ CASES = {
     # several output / dh column blocks in the warm-up (Mosaic: the blocks past the first
     # from the stored dense relu(y1) / dy1, beside the 2:4 phase's compressed ones)
     "warmup-steps": Case("masked", False, 128, 256, 128, 128, slow=True),
+    # ranks above a warp-specialized consumer's 128-column block (mosaic_ws: its forward
+    # and dh cover 128 columns, packed_mm the rest; the warm-up forward one 256 block)
+    "masked-wide": Case("masked", True, 96, 256, 256, 256, slow=True),
+    "warmup-wide": Case("masked", False, 96, 256, 256, 256, slow=True),
     "bf16-masked": Case("masked", True, 64, 256, 64, 64, jnp.bfloat16),
     "bf16-split": Case("split", True, 64, 256, 64, 64, jnp.bfloat16),
 }

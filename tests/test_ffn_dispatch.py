@@ -34,7 +34,7 @@ def test_choices_follow_the_compile_target():
   h200 = _Mesh(_Device("gpu", "NVIDIA H200"))  # as a deviceless topology reports it
   assert ffn.resolve_kernel("auto", cpu) == ("xla",)
   assert ffn.resolve_kernel("auto", None) == ("xla",)  # this CPU process
-  # mosaic_ws serves ranks up to 128 and falls through to mosaic above
+  # mosaic_ws serves ranks up to 256 and falls through to mosaic above
   assert ffn.resolve_kernel("auto", h200) == ("mosaic_ws", "mosaic", "triton", "xla")
   assert ffn.resolve_kernel("pallas", h200) == ("triton",)  # the old name
   for name in ("xla", "triton", "mosaic", "mosaic_ws"):

@@ -86,18 +86,27 @@ def test_every_mosaic_kernel_fits_the_h200(size):
     assert ratios[mode]["warm_up"] <= FLOPS_TARGET_DENSE, (mode, ratios[mode])
 
 
-def test_the_warp_specialized_kernels_compile_as_planned():
-  """``mosaic_ws`` at 60M (rank 128; the ranks it serves): its forward and ``dh`` kernels have the
-  planned structure in the PTX (two consumer warpgroups under ``setmaxnreg.inc``, one
-  producer under ``.dec``), two pipeline stages, no spill, no serialized wgmma, and the
-  PTX's wgmma FLOPs equal the plan's; one weight step fetched per 128 tokens (the TMA
-  bytes read from the PTX against a count by hand). Above rank
-  128 it refuses with the reason."""
-  from benchmarks import mosaic_static as ms
-  from elas_kernels.ffn import base
-  from elas_kernels.ffn.mosaic import MosaicWsFfn
+# mosaic_ws's kernels of the masked 2:4 phase by size: its forward and dh cover column blocks
+# of at most 128 (a consumer's accumulator within 168 registers); at rank 256 packed_mm makes
+# the other 128 columns from the stored activation / dy1
+WS_KERNELS = {
+    "60m": {"elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed"},
+    "130m": {"elas_mgpu_fwd_ws_first_store", "elas_mgpu_dh_ws_compressed"},
+    "350m": {"elas_mgpu_fwd_ws_first_store", "elas_mgpu_dh_ws_compressed"},
+}
 
-  f, r = ms.SIZES["60m"]
+
+@pytest.mark.parametrize("size", sorted(WS_KERNELS))
+def test_the_warp_specialized_kernels_compile_as_planned(size):
+  """``mosaic_ws`` (ranks 128 and 256): its forward and ``dh`` kernels have the planned
+  structure in the PTX (two consumer warpgroups under ``setmaxnreg.inc``, one producer
+  under ``.dec``), two pipeline stages, no spill, no serialized wgmma, and the PTX's
+  wgmma FLOPs equal the plan's; one weight step fetched per 128 tokens (the TMA bytes
+  read from the PTX against a count by hand); at rank 256 ``packed_mm`` makes the
+  columns past the first 128 (``y1`` and ``dy2`` formed once)."""
+  from benchmarks import mosaic_static as ms
+
+  f, r = ms.SIZES[size]
   target = targets.get("h200")
   tiles = ms.IMPLS["mosaic_ws"]
   report, resources = ms.compile_size_fresh(f, r, TOKENS, target, modes=("masked",), tiles=tiles)
@@ -106,9 +115,12 @@ def test_the_warp_specialized_kernels_compile_as_planned():
                                                     tiles=tiles)}
   ws = [w for name, w in rows.items() if "_ws" in name]
   # masked training: the forward and dh (from the compressed activation)
-  assert {w["kernel"] for w in ws} == {"elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed"}, \
-      sorted(rows)
-  assert {"elas_mgpu_fwd_ws", "elas_mgpu_fwd_ws_store"} <= set(resources)  # + the evaluation forward
+  assert {w["kernel"] for w in ws} == WS_KERNELS[size], sorted(rows)
+  if r > 128:
+    assert {"elas_mgpu_packed_mm_y2", "elas_mgpu_packed_mm_dy1"} <= set(rows), sorted(rows)
+    assert ms.flops_ratios(list(rows.values()), f, r, TOKENS)["masked"]["fwd_bwd"] <= FLOPS_TARGET
+  else:  # + the evaluation forward
+    assert {"elas_mgpu_fwd_ws", "elas_mgpu_fwd_ws_store"} <= set(resources)
   for w in ws:
     assert w["planned_warpgroups"] == 3 and w["warpgroups"] == (2, 1), w
     assert w["stages"] >= 2 and w["spill_bytes"] == 0 and not w["wgmma_serialized"], w
@@ -125,21 +137,32 @@ def test_the_warp_specialized_kernels_compile_as_planned():
 
   fs, it, pairs = tiles["block_f"], 2, TOKENS // 128
   steps = -(-(f - f % 4) // fs)
-  weights = 2 * r * fs * it  # per step: w_in [fs, r] and w_out [r, fs]
+  # per step: w_in [fs, r] and w_out [r, fs], the output side's in the kernel's column block
+  weights = (r + min(r, 128)) * fs * it
   # dh, exactly: the weight steps, the compressed activation per 64 tokens (values
   # [64, fs/2], metadata [64, fs/8] bytes), g [64, r] once per consumer
   act = 64 * fs // 2 * it + 64 * fs // 8
-  assert l2_bytes("elas_mgpu_dh_ws_compressed") == pairs * (steps * (weights + 2 * act)
-                                                            + 2 * 64 * r * it)
+  dh = next(w["kernel"] for w in ws if "_dh_" in w["kernel"])
+  assert l2_bytes(dh) == pairs * (steps * (weights + 2 * act) + 2 * 64 * r * it)
   # forward: the weight steps and h [64, r] once per consumer. perf_model reads its producer
   # as 32 weight steps of the 33 (2026-12-05, not explained yet: docs/kernels.md), so
   # within one step of the count
-  fwd = l2_bytes("elas_mgpu_fwd_ws_store")
+  fwd_name = next(w["kernel"] for w in ws if "_fwd_" in w["kernel"])
+  fwd = l2_bytes(fwd_name)
   full = pairs * (steps * weights + 2 * 64 * r * it)
   assert full - pairs * weights <= fwd <= full, (fwd, full)
+
+
+def test_the_warp_specialized_kernels_refuse_rank_512():
+  """At 1B (rank 512) two consumers' ``[64, 512]`` token tiles and a weight step exceed
+  shared memory: refused before tracing, naming the fallback."""
+  from benchmarks import mosaic_static as ms
+  from elas_kernels.ffn import base
+  from elas_kernels.ffn.mosaic import MosaicWsFfn
+
   S, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-  f2, r2 = ms.SIZES["130m"]
-  op = MosaicWsFfn(interpret=False, gpu=target.gpu_spec())
-  with pytest.raises(NotImplementedError, match="ranks up to 128"):
+  f2, r2 = ms.SIZES["1b"]
+  op = MosaicWsFfn(interpret=False, gpu=targets.get("h200").gpu_spec())
+  with pytest.raises(NotImplementedError, match=r"shared memory.*use kernel=mosaic"):
     op.check_servable(base.check_args(op.what, S((TOKENS, r2), bf16), S((f2, r2), bf16),
                                       S((r2, f2), bf16), "masked", 0.05))

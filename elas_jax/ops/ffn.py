@@ -39,8 +39,8 @@ from elas_kernels import ffn as kernel_ffn
 IMPLEMENTATIONS = kernel_ffn.IMPLEMENTATIONS  # name -> FfnCore subclass: the one table
 ALIASES = {"pallas": "triton"}  # names saved configs may hold
 # What ``auto`` tries, in order, by the compile target's platform.
-# mosaic_ws first: where it serves (ranks <= 128) the static model puts it at 0.6x mosaic's
-# time (docs/kernels.md); both are unverified on a GPU so far.
+# mosaic_ws first: where it serves (ranks <= 256) the static model puts it at 0.6-0.75x
+# mosaic's time (docs/kernels.md); both are unverified on a GPU so far.
 AUTO_ORDER = {"gpu": ("mosaic_ws", "mosaic", "triton", "xla")}
 DEFAULT_ORDER = ("xla",)
 KERNELS = ("auto", *IMPLEMENTATIONS, *ALIASES)  # the values of config.model.kernel

@@ -26,7 +26,7 @@ IMPLEMENTATIONS: dict[str, type[base.FfnCore]] = {
     "xla": XlaFfn,  # XLA ops: any backend; the CPU default
     "triton": TritonFfn,  # Pallas Triton kernels: NVIDIA GPUs (Ampere and newer)
     "mosaic": MosaicFfn,  # Pallas Mosaic GPU kernels: Hopper
-    "mosaic_ws": MosaicWsFfn,  # the same, forward and dh warp-specialized (ranks <= 128)
+    "mosaic_ws": MosaicWsFfn,  # the same, forward and dh warp-specialized (ranks <= 256)
 }
 
 

@@ -256,12 +256,13 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
 
 
 def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
-                   pl_: plan.Plan, store: bool, **scr):
+                   pl_: plan.Plan, store: bool, store_relu: bool = False, **scr):
   """The forward warp-specialized: warpgroup 2 streams the weight steps by TMA
   (``memory_registers=40``), warpgroups 0 and 1 each run :func:`_fwd_step` on their
   own ``block_t`` tokens of the program's ``2 · block_t``, reading the same weight
   step from shared memory (one L2 fetch per 128 tokens instead of per 64); a slot is
-  refilled once both consumers released it."""
+  refilled once both consumers released it. Outputs as :func:`_fwd_kernel`'s (the grid's
+  ``n`` axis of length 1 where the plan covers only the first output block)."""
   mg = mc.plgpu()
   c = pl_
   ti, nb = lax.axis_index("t"), lax.axis_index("n")
@@ -270,13 +271,14 @@ def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *st
   rows = pl.ds(tile * c.bt, c.bt)
   first_nb = nb == 0
   dense = flag_ref[0] == 0
-  mine = {k: scr[k].at[wg] for k in ("h_s", "out_s", "stats_s", "vals_s", "meta_s", "stage_s")
-          if k in scr}
+  mine = {k: scr[k].at[wg] for k in ("h_s", "out_s", "stats_s", "vals_s", "meta_s", "stage_s",
+                                     "r_s") if k in scr}
   acc_box = []
 
   def step(idx, winT_s, woutT_s, carry):
     body = _fwd_step(c, store, dense, mine["h_s"], acc_box[0], mine.get("vals_s"),
-                     mine.get("meta_s"), mine.get("stage_s"), store_refs, tile, first_nb)
+                     mine.get("meta_s"), mine.get("stage_s"), store_refs, tile, first_nb,
+                     (mine["r_s"], store_refs[-1]) if store_relu else None)
     return body(idx, winT_s, woutT_s, carry)
 
   def compute_context(eval_pipeline):

@@ -266,7 +266,9 @@ def _fit_stages(what: str, scratch: Scratch, c: Plan, steps: int) -> int:
   raise NotImplementedError(
       f"elas_ffn (mosaic) {what}: {scratch.bytes(1)} bytes of shared memory with one pipeline "
       f"stage exceed the {limit} a block of the {c.gpu.name} has (K={c.k_pad}, N={c.n_pad}, "
-      f"block_f={c.fs}); use kernel=triton or xla for these ranks")
+      f"block_f={c.fs}); use "
+      + ("kernel=mosaic (warp_specialized=False: one warpgroup's buffers)"
+         if c.tiles.warp_specialized else "kernel=triton or xla") + " for these ranks")
 
 
 def _with_stages(c: Plan, stages: int) -> Plan:
@@ -279,7 +281,34 @@ def _out_chunks(s: Scratch, c: Plan, acc_shape) -> Scratch:
 
 
 WS_CONSUMERS = 2  # consumer warpgroups of the warp-specialized forward (+ 1 producer)
-WS_MAX_RANK = 128  # a consumer's [block_t, rank] accumulator and tiles within 168 registers a thread
+# A consumer's [block_t, block] fp32 accumulator and its y1 / dy2 sub-tile within the 168
+# registers a thread ptxas gives a 384-thread CTA (setmaxnreg is ignored, docs/kernels.md):
+# the warp-specialized forward and dh cover output / dh column blocks of at most 128 (rank
+# 256 in one block spilled 1552 bytes); the columns past them come from packed_mm.
+WS_MAX_BLOCK = 128
+
+
+def fwd_block(c: Plan) -> int:
+  """Output columns of the forward kernel's programs: ``block_n``'s blocks, at most
+  :data:`WS_MAX_BLOCK` warp-specialized (a multiple of 64 all the same)."""
+  return min(c.nb, WS_MAX_BLOCK) if c.tiles.warp_specialized else c.nb
+
+
+def dh_block(c: Plan, source: str) -> int:
+  """``dh``'s column block from ``source``: ``block_k``'s, at most :data:`WS_MAX_BLOCK`
+  where ``dh`` is warp-specialized (from the compressed activation)."""
+  ws = c.tiles.warp_specialized and source == "compressed"
+  return min(c.kb, WS_MAX_BLOCK) if ws else c.kb
+
+
+def dense_forward_plan(c: Plan) -> Plan:
+  """The plan of the dense warm-up's forward: ``c``, or without warp specialisation where
+  the warp-specialized forward would split the output (its ``relu(y1)`` store beside a
+  ``[64, 128]`` accumulator spills in 168 registers, 16 bytes at 130M; the single
+  warpgroup covers up to 256 columns in one block, ``y1`` once)."""
+  if c.tiles.warp_specialized and c.n_pad > fwd_block(c):
+    return c.replace(tiles=dataclasses.replace(c.tiles, warp_specialized=False))
+  return c
 
 
 @dataclasses.dataclass
@@ -335,14 +364,6 @@ def _spec_of(name, c: Plan, s: Scratch, steps: int, grid, grid_names, out_shape,
                     warpgroups=warpgroups)
 
 
-def _check_ws_ranks(c: Plan) -> None:
-  if max(c.k_pad, c.n_pad) > WS_MAX_RANK:
-    raise NotImplementedError(
-        f"elas_ffn (mosaic): the warp-specialized kernels hold a [{c.bt}, rank] fp32 accumulator "
-        f"and [{c.bt}, rank] inputs per consumer within 168 registers a thread: ranks up to "
-        f"{WS_MAX_RANK} (got K={c.k}, N={c.n}); use warp_specialized=False")
-
-
 def fwd_spec(c: Plan, store: bool, first_block: bool = False,
              store_relu: bool = False) -> KernelSpec:
   """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``. Warp-specialized
@@ -354,7 +375,7 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
   dt, it = c.dtype, c.dtype.itemsize
   ws = c.tiles.warp_specialized
   if ws:
-    _check_ws_ranks(c)
+    c = c.replace(nb=fwd_block(c))
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
   s = Scratch().add("h_s", (*per, c.bt, c.k_pad), dt, c.k_pad)
   s.add("out_s", (*per, 2, *((c.bt, c.nb) if c.interpret else (64, 64))), jnp.float32)
@@ -364,7 +385,7 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
     s.add("vals_s", (*per, 2, c.bt, c.fs // 2), dt, c.ft // 2)
     s.add("meta_s", (*per, 2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
   if store_relu:
-    s.add("r_s", (2, c.bt, c.fs), dt, c.ft)
+    s.add("r_s", (*per, 2, c.bt, c.fs), dt, c.ft)
   if c.interpret:
     s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
   if ws:  # the output staged where h was: h is read by the last step's wgmma, before it
@@ -384,16 +405,18 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
          + c.f_pad * (c.k_pad + n_cols) * it
          + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0)
          + (c.t_pad * c.f_pad * it if store_relu else 0))
+  suffix = (("_first" if first_block else "") + ("_store" if store else "")
+            + ("_relu" if store_relu else ""))
+  n_blocks = 1 if first_block else c.n_pad // c.nb
+  if ws:
+    return _spec_of("elas_mgpu_fwd_ws" + suffix, c, s, c.n_steps,
+                    (c.nt // WS_CONSUMERS, n_blocks), ("t", "n"), out_shape, "fwd_ws",
+                    {k: WS_CONSUMERS * v for k, v in mma.items()}, hbm,
+                    warpgroups=WS_CONSUMERS + 1, store=store, store_relu=store_relu)
   if first_block:
-    return _spec_of("elas_mgpu_fwd_first" + ("_store" if store else "")
-                    + ("_relu" if store_relu else ""), c, s, c.n_steps,
+    return _spec_of("elas_mgpu_fwd" + suffix, c, s, c.n_steps,
                     (c.nt, 1), ("t", "n"), out_shape, "fwd", mma, hbm, store=store,
                     store_relu=store_relu)
-  if ws:
-    return _spec_of("elas_mgpu_fwd_ws" + ("_store" if store else ""), c, s, c.n_steps,
-                    (c.nt // WS_CONSUMERS, c.n_pad // c.nb), ("t", "n"), out_shape, "fwd_ws",
-                    {k: WS_CONSUMERS * v for k, v in mma.items()}, hbm,
-                    warpgroups=WS_CONSUMERS + 1, store=store)
   return _spec_of("elas_mgpu_fwd" + ("_store" if store else ""), c, s, c.n_steps,
                   (c.nt, c.n_pad // c.nb), ("t", "n"), out_shape,
                   "fwd", mma, hbm, store=store)
@@ -474,7 +497,7 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   # warp-specialized from the compressed activation (the 2:4 phase of masked / split)
   ws = source == "compressed" and c.tiles.warp_specialized
   if ws:
-    _check_ws_ranks(c)
+    c = c.replace(kb=dh_block(c, source))
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
   s = Scratch().add("g_s", (*per, c.bt, c.n_pad), dt, c.n_pad)
   s.add("out_s", (*per, 2, *((c.bt, c.kb) if c.interpret else (64, 64))), jnp.float32)
@@ -522,13 +545,19 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   TMA left it). Output ``[T, cols - block]`` fp32."""
   dt, it = c.dtype, c.dtype.itemsize
   source = "dense" if operand.endswith("_dense") else "compressed"
-  cols, first = (c.n_pad, c.nb) if operand.startswith("y2") else (c.k_pad, c.kb)
+  if operand.startswith("y2"):
+    cols, first = c.n_pad, fwd_block(c)
+  else:
+    cols, first = c.k_pad, dh_block(c, source)
   rest = cols - first
-  # Its own column block: the first block's, or on a GPU halved (multiples of 64) until the
-  # grid has a program per SM. Not more: at 1B 128-column blocks (256 x 2 programs, 3 per
-  # SM: 1.29 waves) model at 210 µs against 136 for 256 columns (256 programs, 2 per SM:
-  # 0.97 waves), the A operand decompressed once per block.
+  # Its own column block: the first block's (halved while it does not divide the rest), or
+  # on a GPU halved (multiples of 64) until the grid has a program per SM. Not more: at 1B
+  # 128-column blocks (256 x 2 programs, 3 per SM: 1.29 waves) model at 210 µs against 136
+  # for 256 columns (256 programs, 2 per SM: 0.97 waves), the A operand decompressed once
+  # per block.
   cb = first
+  while rest % cb:
+    cb //= 2
   while not c.interpret and c.nt * (rest // cb) < c.gpu.sm_count and cb % 128 == 0:
     cb //= 2
   s = Scratch().add("out_s", (2, *((c.bt, cb) if c.interpret else (64, 64))), jnp.float32)
@@ -549,16 +578,17 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
 STORED_DY1 = {"compressed": "dy1", "dense": "dy1_dense"}
 
 
-def splits_dy1(c: Plan) -> bool:
-  """``dh`` (from a source in :data:`STORED_DY1`) covers its first ``block_k`` columns and
-  :func:`packed_mm_spec` the others from the stored ``dy1``: more than one column block."""
-  return c.k_pad > c.kb
+def splits_dy1(c: Plan, source: str) -> bool:
+  """``dh`` (from a source in :data:`STORED_DY1`) covers its first column block
+  (:func:`dh_block`) and :func:`packed_mm_spec` the others from the stored ``dy1``: more
+  than one column block."""
+  return c.k_pad > dh_block(c, source)
 
 
 def splits_y2(c: Plan) -> bool:
   """The 2:4 forward as :func:`fwd_spec` (first block) + :func:`packed_mm_spec` (``y2``):
-  more than one output block, and no warp specialisation (ranks <= 128 have one block)."""
-  return c.n_pad > c.nb and not c.tiles.warp_specialized
+  more than one output block."""
+  return c.n_pad > fwd_block(c)
 
 
 def dwin_spec(c: Plan, source: str) -> KernelSpec:
@@ -691,9 +721,11 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
   mode = c.mode
   store = train and mode != "ste"
   if splits_y2(c):  # 2:4 phase: y1 once, the other output blocks from the stored activation
-    out = {"forward": [fwd_spec(c, store=True, first_block=True), packed_mm_spec(c, "y2")],
-           "dense warm-up forward": [fwd_spec(c, store=store, first_block=True, store_relu=True),
-                                     packed_mm_spec(c, "y2_dense")]}
+    out = {"forward": [fwd_spec(c, store=True, first_block=True), packed_mm_spec(c, "y2")]}
+    cd = dense_forward_plan(c)
+    out["dense warm-up forward"] = (
+        [fwd_spec(cd, store=store, first_block=True, store_relu=True),
+         packed_mm_spec(cd, "y2_dense")] if splits_y2(cd) else [fwd_spec(cd, store=store)])
   else:
     out = {"forward": [fwd_spec(c, store=store)]}
   if train:
@@ -703,7 +735,7 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
       first = [relu_spec(c)] if source == "dense" else []
       # dh writes dy1 (compressed or dense) from a stored activation, dw_in reads it
       dwin_source = STORED_DY1.get(source, source)
-      rest = ([packed_mm_spec(c, dwin_source)] if source in STORED_DY1 and splits_dy1(c)
+      rest = ([packed_mm_spec(c, dwin_source)] if source in STORED_DY1 and splits_dy1(c, source)
               else [])
       # split: the token-wise 2:4 applied once (tokmask), dw_out reads the result dense
       dwout = ([tokmask_spec(c), dwout_spec(c, "dense", "none")] if dw_mask == "tokens"

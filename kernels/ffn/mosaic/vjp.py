@@ -170,9 +170,12 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
       return (jnp.concatenate([out0, rest], axis=1), stats_rows) + ((vals, meta) if store else ())
 
     def dense():
-      out0, stats_rows, *stored, r = _fwd_call(flag, hk, win.T, wout.T, c, store,
+      cd = plan.dense_forward_plan(c)
+      if not plan.splits_y2(cd):  # one block: the flag keeps every y2
+        return tuple(_fwd_call(flag, hk, win.T, wout.T, cd, store))
+      out0, stats_rows, *stored, r = _fwd_call(flag, hk, win.T, wout.T, cd, store,
                                                first_block=True, store_relu=True)
-      rest = _packed_mm_call((r,), wout.T, "y2_dense", c)
+      rest = _packed_mm_call((r,), wout.T, "y2_dense", cd)
       return (jnp.concatenate([out0, rest], axis=1), stats_rows, *stored)
 
     outs = jax.lax.cond(jnp.asarray(sparse_on, bool), sparse, dense)
@@ -245,7 +248,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
     if stored:  # dh also wrote dy1 (2:4 or dense): dw_in forms no dy2, nor do dh's other blocks
       dh, dy1 = dh
       dy1_src = (dy1, meta) if source == "compressed" else (dy1,)
-      if plan.splits_dy1(c):
+      if plan.splits_dy1(c, source):
         dh = jnp.concatenate([dh, _packed_mm_call(dy1_src, win, stored, c)], axis=1)
       dwin = _dwin_call(gk, hk, wout, winT, dy1_src, stored, c)
     else:
@@ -362,11 +365,16 @@ class MosaicWsFfn(MosaicFfn):
   per program a TMA producer warpgroup and two consumer warpgroups of ``block_t`` tokens
   sharing every weight step (64-feature steps on a GPU, the default: two pipeline stages
   of the shared steps fit beside the two consumers' buffers). ``dh`` is warp-specialized
-  where it reads the compressed activation (``masked``, ``split``); the weight-gradient
-  kernels and the recomputing backward (``ste``, the dense warm-up) are
-  :class:`MosaicFfn`'s. Ranks up to 128 (``NotImplementedError`` above: the consumer's
-  accumulator and inputs within 168 registers a thread). Unverified on a GPU (as
-  :class:`MosaicFfn`); the model's ``auto`` tries it first on Hopper."""
+  where it reads the compressed activation (``masked``, ``split``). Both cover column
+  blocks of at most 128 (a consumer's ``[64, 128]`` fp32 accumulator within the 168
+  registers a thread ptxas gives: ``setmaxnreg`` is ignored in Mosaic's build); at rank
+  256 the other 128 columns come from ``packed_mm`` on the stored operand, so ``y1`` and
+  ``dy2`` are still formed once. The weight-gradient kernels, the recomputing backward
+  (``ste``, the dense warm-up) and, where the output splits, the warm-up's forward are
+  :class:`MosaicFfn`'s. Ranks up to 256 (``NotImplementedError`` above: at rank 512 two
+  consumers' ``[64, 512]`` ``h`` / ``g`` tiles and the weight steps exceed shared
+  memory). Unverified on a GPU (as :class:`MosaicFfn`); ``auto`` tries it first on
+  Hopper."""
 
   name = "mosaic_ws"
 
