@@ -21,7 +21,11 @@ persistent kernel's work loop, or one LLVM rewrote to run on flags) takes
 work they know. Roles
 come from ``setmaxnreg``: code dominated by ``setmaxnreg.inc`` is a consumer's,
 by ``setmaxnreg.dec`` the producer's, the rest every warpgroup's; a kernel
-without it is one role run by all its warpgroups.
+without it is one role run by all its warpgroups. Within the consumers' code a
+branch on the warpgroup index (``%tid.x >> 7``, as Mosaic's ``lax.axis_index``
+computes it, compared with a constant ``k``) guards the blocks it dominates:
+only consumer ``k`` runs them (a kernel whose consumers do different work,
+e.g. one weight gradient each).
 
 :func:`estimate` turns a profile into time on one GPU (:class:`Params`, fitted by
 ``benchmarks/calibrate_model.py`` against published measurements). Per SM and
@@ -58,6 +62,7 @@ _LABEL = re.compile(r"^(\$L__\w+):")
 _BRANCH = re.compile(r"^(@(!?)(%p\d+)\s+)?bra(?:\.uni)?\s+(\$L__\w+);")
 _SETP = re.compile(r"^setp\.(\w+)\.\w+ (%p\d+), (%\w+), (-?\d+);")
 _MOV_IMM = re.compile(r"^mov\.[bu]32\s+(%r\d+),\s*(\d+);")
+_WG_GUARD = re.compile(r"^setp\.(ne|eq)\.[bsu]32\s+(%p\d+),\s*(%r\d+),\s*(\d+);")
 _EXPECT_TX = re.compile(r"^mbarrier\.arrive\.expect_tx\.\S+\s+\S+,\s*\[[^\]]*\],\s*(%r\d+|\d+);")
 
 
@@ -86,6 +91,9 @@ class Profile:
   producer: Role
   loops: tuple[tuple[int, int | None], ...]  # (body statements, trips) per loop
   wgmma_shapes: tuple[str, ...]
+  # Where consumers run different code (branches on the warpgroup index): each one's own
+  # Role, and ``consumer`` their mean (what the tensor, issue and L2 terms add up)
+  consumer_roles: tuple[Role, ...] = ()
 
   @property
   def warpgroups(self) -> int:
@@ -306,11 +314,13 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
       if ks & dom[k]:
         role_of[a:b] = [name] * (b - a)
 
-  def role(names: tuple[str, ...]) -> Role:
+  guard = _consumer_guards(sts, blocks, succ, preds, dom)
+
+  def role(names: tuple[str, ...], index: int | None = None) -> Role:
     acc = dict(wgmma_cycles=0.0, wgmma_flops=0.0, simt=0.0, mufu=0.0, waits=0.0, tma_bytes=0.0)
     overlapped = False
-    for s, w, r in zip(sts, weight, role_of):
-      if r not in names or _LABEL.match(s):
+    for s, w, r, g in zip(sts, weight, role_of, guard):
+      if r not in names or _LABEL.match(s) or (index is not None and g not in (None, index)):
         continue
       m = _WGMMA.search(s)
       if m:
@@ -342,11 +352,52 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
   consumers = warpgroups - 1 if ws else warpgroups
   shapes = tuple(sorted({f"m{a}n{b}k{c}" for s in sts if (x := _WGMMA.search(s))
                          for a, b, c in [x.groups()[:3]]}))
+  consumer, per_consumer = role(("consumer", "all")), ()
+  if any(g is not None and g < consumers and r == "consumer" for g, r in zip(guard, role_of)):
+    per_consumer = tuple(role(("consumer", "all"), k) for k in range(consumers))
+    consumer = _mean_role(per_consumer)
   return Profile(
       threads=threads, consumers=consumers, producers=1 if ws else 0,
-      consumer=role(("consumer", "all")), producer=role(("producer", "all")) if ws else Role(),
+      consumer=consumer, producer=role(("producer", "all")) if ws else Role(),
       loops=tuple((sum(blocks[k][1] - blocks[k][0] for k in body), trips) for body, trips in loops),
-      wgmma_shapes=shapes)
+      wgmma_shapes=shapes, consumer_roles=per_consumer)
+
+
+def _consumer_guards(sts: list[str], blocks, succ, preds, dom) -> list[int | None]:
+  """Per statement: the warpgroup index ``k`` that alone runs it (a block dominated by the
+  one-predecessor successor of a branch on ``wg == k`` / ``wg != k``), else None. The
+  index is ``%tid.x >> 7``, possibly broadcast by ``shfl.sync.idx`` (Mosaic's form)."""
+  tid = {m.group(1) for s in sts if (m := re.match(r"^mov\.u32\s+(%r\d+),\s*%tid\.x;", s))}
+  wg = {m.group(1) for s in sts
+        if (m := re.match(r"^shr\.u32\s+(%r\d+),\s*(%r\d+),\s*7;", s)) and m.group(2) in tid}
+  wg |= {m.group(1) for s in sts
+         if (m := re.match(r"^shfl\.sync\.idx\.b32\s+(%r\d+),\s*(%r\d+),\s*0,", s))
+         and m.group(2) in wg}
+  tests = {m.group(2): (m.group(1), int(m.group(4))) for s in sts
+           if (m := _WG_GUARD.match(s)) and m.group(3) in wg}
+  guard: list[int | None] = [None] * len(sts)
+  for k, (a, b) in enumerate(blocks):
+    m = _BRANCH.match(sts[b - 1]) if b > a else None
+    if not m or not m.group(3) or m.group(3) not in tests or len(succ.get(k, [])) != 2:
+      continue
+    op, index = tests[m.group(3)]
+    taken_when_equal = (op == "eq") != (m.group(2) == "!")
+    target = next(j for j, (x, _) in enumerate(blocks) if sts[x] == m.group(4) + ":")
+    fall = k + 1
+    only = target if taken_when_equal else fall  # the successor run only by warpgroup index
+    if preds.get(only) != [k]:
+      continue
+    for j, (x, y) in enumerate(blocks):
+      if only in dom[j]:
+        guard[x:y] = [index] * (y - x)
+  return guard
+
+
+def _mean_role(roles: tuple[Role, ...]) -> Role:
+  n = len(roles)
+  fields = ("wgmma_cycles", "wgmma_flops", "simt", "mufu", "waits", "tma_bytes")
+  return Role(overlapped=any(r.overlapped for r in roles),
+              **{f: sum(getattr(r, f) for r in roles) / n for f in fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,8 +439,13 @@ def _program_cycles(p: Profile, k: int, prm: Params, gpu: GpuSpec) -> dict[str, 
   """Cycles of one wave on one SM with ``k`` programs resident, per term."""
   c, q = p.consumer, p.producer
   tc = c.wgmma_cycles / prm.tc_efficiency
-  simt = c.simt * prm.cpi + c.mufu * prm.mufu_cycles
-  chain = (max(tc, simt) if c.overlapped else tc + simt) + c.waits * prm.wait_latency
+
+  def own_chain(r: Role) -> float:  # one warpgroup's wgmma, SIMT and waits
+    t = r.wgmma_cycles / prm.tc_efficiency
+    simt = r.simt * prm.cpi + r.mufu * prm.mufu_cycles
+    return (max(t, simt) if r.overlapped else t + simt) + r.waits * prm.wait_latency
+
+  chain = max(own_chain(r) for r in (p.consumer_roles or (c,)))
   chain = max(chain, q.simt * prm.cpi + q.mufu * prm.mufu_cycles)
   issue = (p.consumers * (c.simt + c.mufu * prm.mufu_cycles)
            + p.producers * (q.simt + q.mufu * prm.mufu_cycles))

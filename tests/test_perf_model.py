@@ -190,6 +190,73 @@ def test_reads_warp_specialized_roles():
   assert q.simt == 3 * (2 + 8 * 7 + 1 + 5) + 3
 
 
+# Two consumers doing different work, as Mosaic emits a branch on lax.axis_index("wg"):
+# the warpgroup index is %tid.x >> 7 broadcast by shfl.sync.idx; consumer 0 runs 2 wgmma
+# m64n64k16 and 3 SIMT instructions per trip, consumer 1 one wgmma and 7 SIMT; 4 trips.
+BRANCHED = """
+.entry k(
+)
+.maxntid 384, 1, 1
+{
+	mov.u32 	%r1, %tid.x;
+	shr.u32 	%r5, %r1, 7;
+	shfl.sync.idx.b32 	%r6, %r5, 0, 31, -1;
+	setp.ne.b32 	%p10, %r6, 2;
+	@%p10 bra 	$L__BB0_4;
+	setmaxnreg.dec.sync.aligned.u32 40;
+	bra.uni 	$L__BB0_11;
+$L__BB0_4:
+	setmaxnreg.inc.sync.aligned.u32 232;
+	mov.b32 	%r70, 0;
+$L__BB0_5:
+	setp.ne.b32 	%p11, %r6, 0;
+	@%p11 bra 	$L__BB0_7;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r3}, %rd1, %rd2, p, 1, 1, 0, 1;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r3}, %rd1, %rd2, p, 1, 1, 0, 1;
+	add.f32 	%r7, %r3, %r3;
+	add.f32 	%r7, %r3, %r3;
+	add.f32 	%r7, %r3, %r3;
+$L__BB0_7:
+	setp.ne.b32 	%p76, %r6, 1;
+	@%p76 bra 	$L__BB0_9;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r3}, %rd1, %rd2, p, 1, 1, 0, 1;
+	mul.f32 	%r8, %r3, %r3;
+	mul.f32 	%r8, %r3, %r3;
+	mul.f32 	%r8, %r3, %r3;
+	mul.f32 	%r8, %r3, %r3;
+	mul.f32 	%r8, %r3, %r3;
+	mul.f32 	%r8, %r3, %r3;
+	mul.f32 	%r8, %r3, %r3;
+$L__BB0_9:
+	wgmma.wait_group.sync.aligned 0;
+	add.s32 	%r70, %r70, 1;
+	setp.ne.b32 	%p12, %r70, 4;
+	@%p12 bra 	$L__BB0_5;
+$L__BB0_11:
+	ret;
+}
+"""
+
+
+def test_reads_consumers_that_branch_on_their_index():
+  p = pm.profile_ptx(BRANCHED)
+  assert (p.consumers, p.producers) == (2, 1)
+  c0, c1 = p.consumer_roles
+  assert c0.wgmma_flops == 4 * 2 * MMA_FLOPS and c1.wgmma_flops == 4 * MMA_FLOPS
+  # shared per trip: setp, bra (twice: each consumer tests both indices), wait, add, setp,
+  # bra; once: the 5 statements before the role split, setmaxnreg, mov and ret
+  shared = 4 * 8 + 8
+  assert c0.simt == shared + 4 * 3 and c1.simt == shared + 4 * 7
+  assert p.consumer.wgmma_flops == (c0.wgmma_flops + c1.wgmma_flops) / 2  # what the SM's tensor cores see
+  assert p.wgmma_flops == 4 * 3 * MMA_FLOPS
+  prm = pm.Params(tc_efficiency=1.0, wait_latency=0, cpi=1, mufu_cycles=1, overhead_s=0,
+                  l2_bytes_per_s=1e30, hbm_bytes_per_s=1e30)
+  e = pm.estimate(p, programs=H200.sm_count, programs_per_sm=1, hbm_bytes=0, params=prm)
+  # one consumer's chain: the larger of its own wgmma + SIMT (not the two bodies together)
+  chains = [r.wgmma_cycles + r.simt for r in (c0, c1)]
+  assert math.isclose(e.terms_s["chain"] * pm.clock_hz(H200), max(chains), rel_tol=1e-12)
+
+
 def _profile(**consumer) -> pm.Profile:
   return pm.Profile(threads=128, consumers=1, producers=0, consumer=pm.Role(**consumer),
                     producer=pm.Role(), loops=(), wgmma_shapes=())

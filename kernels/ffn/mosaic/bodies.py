@@ -692,6 +692,68 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
 
 
 
+def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan.Plan, act: str,
+                  **scr):
+  """``dw_in`` and ``dw_out`` together, warp-specialized (:func:`plan.dw_ws_spec`):
+  warpgroup 2 streams per token step ``h``, ``g``, ``dy1``'s kept values, the forward's
+  metadata and the activation; consumer 0 decompresses ``dy1`` into its shared-memory
+  tile and accumulates ``dy1ᵀ h``, consumer 1 the activation squared (``y2``, as the
+  forward rounds it) and ``y2ᵀ g``: each weight gradient's accumulator in its own
+  warpgroup's registers, both fed by one pass over the tokens."""
+  mg = mc.plgpu()
+  c = pl_
+  bt, fs, ft = c.bt, c.fs, c.ft
+  fi, si = lax.axis_index("f"), lax.axis_index("s")
+  wg = lax.axis_index("wg")
+  t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
+  dy1_src = _Relu("dy1", c)
+  act_src = _Relu(act, c)
+  a_s = scr["a_s"]
+  acc_box = []
+
+  def step(idx, h_s, g_s, dv_s, meta_s, act_s, carry):
+    @pl.when(wg == 0)
+    def _():
+      for s in range(fs // ft):
+        a_s[0, :, s * ft:(s + 1) * ft] = jnp.concatenate(
+            dy1_src.planes((dv_s, meta_s), 0, s), axis=1)
+      mg.commit_smem()  # the tile in shared memory before wgmma reads it
+      mg.wgmma(acc_box[0], a_s.at[0].T, h_s)
+
+    @pl.when(wg == 1)
+    def _():
+      for s in range(fs // ft):
+        refs = (act_s, meta_s) if act == "compressed" else (act_s,)
+        a_s[1, :, s * ft:(s + 1) * ft] = jnp.concatenate(
+            [x * x for x in act_src.planes(refs, 0, s)], axis=1)
+      mg.commit_smem()
+      mg.wgmma(acc_box[0], a_s.at[1].T, g_s)
+
+    mg.wgmma_wait(0)  # the step's slots are released after this
+    return carry
+
+  def compute_context(eval_pipeline):
+    def run(acc_ref):
+      acc_box.append(acc_ref)
+      eval_pipeline(())
+      return acc_ref[...]
+
+    acc = pl.run_scoped(run, mg.ACC((fs, c.k_pad), jnp.float32))
+    store_out(acc, out_ref.at[si, wg], scr["out_s"].at[wg], fi * fs, 0)
+    mg.wait_smem_to_gmem(0)
+
+  r = c.k_pad
+  in_specs = [_spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r),
+              _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r)]
+  in_specs += dy1_src.specs(lambda t: t0 + t, lambda t: fi, bt)
+  act_cols = fs // 2 if act == "compressed" else fs
+  in_specs.append(_spec((bt, act_cols), lambda t: (t0 + t, fi), c.dtype, act_cols * ft // fs))
+  mg.emit_pipeline_warp_specialized(
+      step, grid=(c.dw_steps,), memory_registers=40, wg_axis="wg",
+      num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=min(c.tiles.stages, c.dw_steps),
+      compute_context=compute_context, in_specs=in_specs)(h_ref, g_ref, dv_ref, meta_ref, act_ref)
+
+
 def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: int, **scr):
   """``out[rows, block c] = A @ W[:, block c + offset]`` (blocks of ``block`` columns; the
   first ``offset`` are the first kernel's) with ``A`` a stored operand (refs: its source
@@ -760,6 +822,7 @@ def _unions_named(fn):
 BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel,
           "tokmask": _tokmask_kernel, "dh": _dh_kernel,
           "dh_ws": _dh_ws_kernel, "dw_in": _dwin_kernel, "dw_out": _dwout_kernel,
+          "dw_ws": _dw_ws_kernel,
           "packed_mm": _packed_mm_kernel}
 
 

@@ -649,17 +649,67 @@ def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
                   "dw_out", mma, hbm, source=source, dw_mask=dw_mask)
 
 
-def _with_dw_split(c: Plan, steps: int, programs: int) -> Plan:
+def serves_dw_ws(c: Plan) -> bool:
+  """The 2:4 phase's weight gradients as one warp-specialized kernel (:func:`dw_ws_spec`):
+  warp-specialized tiles and equal padded ranks (one accumulator shape for both consumers;
+  the LLaMA low-rank factors have ``K = N = r``) of at most :data:`WS_DW_MAX_RANK`."""
+  return c.tiles.warp_specialized and c.k_pad == c.n_pad <= WS_DW_MAX_RANK
+
+
+WS_DW_MAX_RANK = 256  # a consumer's [block_f_dw, rank] fp32 accumulator: 128 registers at 256
+
+
+def dw_ws_spec(c: Plan, act: str) -> KernelSpec:
+  """``dw_in`` and ``dw_out`` of the 2:4 phase in one kernel (FlashAttention-3's dK / dV
+  pattern): per feature step of ``block_f_dw`` and share of the token steps, a producer
+  warpgroup streams per step ``h``, ``g``, ``dy1``'s kept values (as ``dh`` wrote them),
+  the forward's metadata (shared by both: ``dy1`` keeps the forward's positions) and the
+  activation ``act`` (``compressed``: the forward's values, squared after decompression;
+  ``dense``: split mode's ``tokmask`` output, squared); consumer 0 holds
+  ``dw_in[f-step] += dy1ᵀ h``, consumer 1 ``dw_outᵀ[f-step] += y2ᵀ g`` (the same
+  ``[block_f_dw, rank]`` accumulator shape). Output ``[dw_split, 2, F, rank]`` fp32 (the
+  split's partial sums, added in XLA; ``[:, 1]`` is ``dw_out`` transposed)."""
+  c = c.for_dw()
+  dt, it = c.dtype, c.dtype.itemsize
+  r = c.k_pad
+  per = (WS_CONSUMERS,)
+  s = Scratch().add("a_s", (*per, c.bt, c.fs), dt, c.ft)  # each consumer's decompressed A tile
+  # the output staged in [64, 32] chunks (64x64 ones would not leave two stages at rank 256)
+  s.add("out_s", (*per, 2, *((c.fs, r) if c.interpret else (64, 32))), jnp.float32)
+  act_block = (((c.bt, c.fs // 2), dt) if act == "compressed" else ((c.bt, c.fs), dt))
+  s.pipelined(((c.bt, r), dt), ((c.bt, r), dt), *_src_blocks("dy1", c, c.bt), act_block)
+  # one program per SM (shared memory): splits of the token loop until the grid fills the
+  # GPU once (the single-warpgroup kernels aim at two programs per SM)
+  c = _with_dw_split(c, c.nt, c.n_steps, per_sm=1, whole_waves=True)
+  mma = {}
+  _mma(mma, r, c.bt, c.dw_steps * c.fs // 64 * WS_CONSUMERS)  # [fs, bt] x [bt, r] each
+  act_bytes = c.t_pad * c.f_pad * it // (2 if act == "compressed" else 1)
+  hbm = (2 * c.t_pad * r * it + _src_bytes("dy1", c) + act_bytes
+         + c.dw_split * WS_CONSUMERS * c.f_pad * r * 4)
+  return _spec_of(f"elas_mgpu_dw_ws_{act}", c, s, c.dw_steps, (c.n_steps, c.dw_split),
+                  ("f", "s"), jax.ShapeDtypeStruct((c.dw_split, WS_CONSUMERS, c.f_pad, r),
+                                                   jnp.float32),
+                  "dw_ws", mma, hbm, warpgroups=WS_CONSUMERS + 1, act=act)
+
+
+def _with_dw_split(c: Plan, steps: int, programs: int, per_sm: int = 2,
+                   whole_waves: bool = False) -> Plan:
   """Split a weight-gradient kernel's token loop over ``dw_split`` programs (partial sums
   added in XLA): the feature x rank grid alone is ~33 programs at 60M shapes for 132
   SMs. Auto (``Tiles.dw_split=None``): the fewest splits, dividing ``steps``, that
-  give two programs per SM of the plan's GPU (one when interpreting)."""
+  give ``per_sm`` programs per SM of the plan's GPU (one when interpreting)."""
   split = c.tiles.dw_split
   if split is None:
     split = 1
     if not c.interpret:
-      while split < steps and (programs * split < 2 * c.gpu.sm_count or steps % split):
+      while split < steps and (programs * split < per_sm * c.gpu.sm_count or steps % split):
         split += 1
+      if whole_waves:  # up to 4x as many splits where the last wave fills the GPU better:
+        # a program's time goes as 1 / split, the kernel's as its waves rounded up / split
+        slots = per_sm * c.gpu.sm_count
+        cost = lambda n: (-(-programs * n // slots) / n, n)
+        split = min((n for n in range(split, 4 * split + 1) if steps % n == 0 and n <= steps),
+                    key=cost)
   if steps % split:
     raise ValueError(f"elas_ffn (mosaic): dw_split={split} does not divide the {steps} token steps")
   return c.replace(dw_split=split, dw_steps=steps // split)
@@ -738,9 +788,12 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
       rest = ([packed_mm_spec(c, dwin_source)] if source in STORED_DY1 and splits_dy1(c, source)
               else [])
       # split: the token-wise 2:4 applied once (tokmask), dw_out reads the result dense
-      dwout = ([tokmask_spec(c), dwout_spec(c, "dense", "none")] if dw_mask == "tokens"
-               else [dwout_spec(c, source, dw_mask)])
-      return first + [dh_spec(c, source)] + rest + [dwin_spec(c, dwin_source)] + dwout
+      tok = [tokmask_spec(c)] if dw_mask == "tokens" else []
+      if source == "compressed" and serves_dw_ws(c):  # both weight gradients in one kernel
+        return first + [dh_spec(c, source)] + rest + tok + [
+            dw_ws_spec(c, "dense" if tok else "compressed")]
+      dwout = ([dwout_spec(c, "dense", "none")] if tok else [dwout_spec(c, source, dw_mask)])
+      return first + [dh_spec(c, source)] + rest + [dwin_spec(c, dwin_source)] + tok + dwout
 
     out["backward"] = bwd(recompute if mode == "ste" else "compressed",
                           {"masked": "none", "ste": "ste", "split": "tokens"}[mode])

@@ -250,11 +250,18 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
       dy1_src = (dy1, meta) if source == "compressed" else (dy1,)
       if plan.splits_dy1(c, source):
         dh = jnp.concatenate([dh, _packed_mm_call(dy1_src, win, stored, c)], axis=1)
+    # split: the token-wise 2:4 applied once, read back dense by dw_out
+    r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c) if dw_mask == "tokens" else None
+    if source == "compressed" and plan.serves_dw_ws(c):  # both in one warp-specialized kernel
+      act = "compressed" if r_tok is None else "dense"
+      dw = jnp.sum(bodies.launch(plan.dw_ws_spec(c, act), hk, gk, dy1, meta,
+                                 vals if r_tok is None else r_tok), axis=0)
+      return dh, dw[0], dw[1].T
+    if stored:
       dwin = _dwin_call(gk, hk, wout, winT, dy1_src, stored, c)
     else:
       dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
-    if dw_mask == "tokens":  # split: the token-wise 2:4 applied once, read back dense
-      r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c)
+    if r_tok is not None:
       dwout = _dwout_call(gk, hk, winT, (r_tok,), "dense", "none", c)
     else:
       dwout = _dwout_call(gk, hk, winT, src, source, dw_mask, c)
