@@ -151,6 +151,11 @@ def test_the_warp_specialized_kernels_compile_as_planned(size):
   # the weight gradients, exactly: per program and token step h and g [64, r], dy1's and the
   # activation's values [64, fs/2] and the forward's metadata once (both use it)
   dw = rows["elas_mgpu_dw_ws_compressed"]
+  # a step's wgmma stays in flight while the consumer fills the next tile (wait_group 1),
+  # and each consumer runs only its own weight gradient's code
+  prof = pm.profile_ptx(resources["elas_mgpu_dw_ws_compressed"]["ptx"])
+  assert prof.consumer.overlapped and len(prof.consumer_roles) == 2
+  assert all(x.wgmma_flops == prof.consumer.wgmma_flops for x in prof.consumer_roles)
   per_step = 2 * 64 * r * it + 2 * 64 * fs // 2 * it + 64 * fs // 8
   assert l2_bytes("elas_mgpu_dw_ws_compressed") == dw["programs"] * (TOKENS // 64) // dw["grid"][1] * per_step
   # forward: the weight steps and h [64, r] once per consumer. perf_model reads its producer

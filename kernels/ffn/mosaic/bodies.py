@@ -137,12 +137,15 @@ def store_out(acc: jax.Array, out_ref, out_s, row0, col0) -> None:
 # --------------------------------------------------------------------------
 
 
-def _spec(shape, index_map, dtype, swizzle_minor=None):
-  """A pipelined input: a shared-memory block TMA fills, swizzled for wgmma."""
+def _spec(shape, index_map, dtype, swizzle_minor=None, delay_release: int = 0):
+  """A pipelined input: a shared-memory block TMA fills, swizzled for wgmma;
+  ``delay_release``: its slot is refilled that many steps later (a wgmma reading it may
+  still run while the next step works)."""
   mg = mc.plgpu()
   if swizzle_minor is None:
-    return mg.BlockSpec(shape, index_map)
-  return mg.BlockSpec(shape, index_map, transforms=mc.swizzle_transforms(dtype, swizzle_minor))
+    return mg.BlockSpec(shape, index_map, delay_release=delay_release)
+  return mg.BlockSpec(shape, index_map, transforms=mc.swizzle_transforms(dtype, swizzle_minor),
+                      delay_release=delay_release)
 
 
 def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_s, store_refs,
@@ -401,17 +404,19 @@ class _Relu:
     nibs = cm.unpack_meta(meta)
     return sum((cm.decompress_group(v[2 * g], v[2 * g + 1], nibs[g]) for g in groups), []), nibs
 
-  def specs(self, rows_idx, fi_of, step_rows: int):
+  def specs(self, rows_idx, fi_of, step_rows: int, delay_release: int = 0):
     """Pipelined inputs for ``step_rows`` tokens at token-block ``rows_idx(step)``."""
     c = self.c
+    late = delay_release
     if self.packed:
       rp = step_rows // c.bt
       return [_spec((step_rows, c.fs // 2), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype,
-                    c.ft // 2),
+                    c.ft // 2, late),
               _spec((rp, c.n_sub_step * c.meta_sub, 16),
-                    lambda *i: (rows_idx(*i), fi_of(*i), 0), jnp.uint8)]
+                    lambda *i: (rows_idx(*i), fi_of(*i), 0), jnp.uint8, None, late)]
     if self.dense:
-      return [_spec((step_rows, c.fs), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype, c.ft)]
+      return [_spec((step_rows, c.fs), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype, c.ft,
+                    late)]
     return []  # recompute: h and w_inᵀ are passed separately
 
   def planes(self, refs, q: int, s: int, h_rows=None, winT_s=None) -> list[jax.Array]:
@@ -699,7 +704,9 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
   metadata and the activation; consumer 0 decompresses ``dy1`` into its shared-memory
   tile and accumulates ``dy1ᵀ h``, consumer 1 the activation squared (``y2``, as the
   forward rounds it) and ``y2ᵀ g``: each weight gradient's accumulator in its own
-  warpgroup's registers, both fed by one pass over the tokens."""
+  warpgroup's registers, both fed by one pass over the tokens. A step's wgmma stays in
+  flight while the consumer decompresses the next step's tile (its tile double-buffered,
+  the inputs' slots released one step late, ``wgmma_wait(1)``)."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
@@ -712,42 +719,48 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
   acc_box = []
 
   def step(idx, h_s, g_s, dv_s, meta_s, act_s, carry):
+    slot = lax.rem(idx[0], 2)  # the tile the previous step's wgmma may still read is the other
+
     @pl.when(wg == 0)
     def _():
       for s in range(fs // ft):
-        a_s[0, :, s * ft:(s + 1) * ft] = jnp.concatenate(
+        a_s[0, slot, :, s * ft:(s + 1) * ft] = jnp.concatenate(
             dy1_src.planes((dv_s, meta_s), 0, s), axis=1)
       mg.commit_smem()  # the tile in shared memory before wgmma reads it
-      mg.wgmma(acc_box[0], a_s.at[0].T, h_s)
+      mg.wgmma(acc_box[0], a_s.at[0, slot].T, h_s)
 
     @pl.when(wg == 1)
     def _():
       for s in range(fs // ft):
         refs = (act_s, meta_s) if act == "compressed" else (act_s,)
-        a_s[1, :, s * ft:(s + 1) * ft] = jnp.concatenate(
+        a_s[1, slot, :, s * ft:(s + 1) * ft] = jnp.concatenate(
             [x * x for x in act_src.planes(refs, 0, s)], axis=1)
       mg.commit_smem()
-      mg.wgmma(acc_box[0], a_s.at[1].T, g_s)
+      mg.wgmma(acc_box[0], a_s.at[1, slot].T, g_s)
 
-    mg.wgmma_wait(0)  # the step's slots are released after this
+    # the previous step's wgmma done: its tile and (released after this step) its input
+    # slots are free; this step's stays in flight
+    mg.wgmma_wait(1)
     return carry
 
   def compute_context(eval_pipeline):
     def run(acc_ref):
       acc_box.append(acc_ref)
       eval_pipeline(())
+      mg.wgmma_wait(0)
       return acc_ref[...]
 
     acc = pl.run_scoped(run, mg.ACC((fs, c.k_pad), jnp.float32))
     store_out(acc, out_ref.at[si, wg], scr["out_s"].at[wg], fi * fs, 0)
     mg.wait_smem_to_gmem(0)
 
-  r = c.k_pad
-  in_specs = [_spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r),
-              _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r)]
-  in_specs += dy1_src.specs(lambda t: t0 + t, lambda t: fi, bt)
+  r, late = c.k_pad, 1
+  in_specs = [_spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late),
+              _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late)]
+  in_specs += dy1_src.specs(lambda t: t0 + t, lambda t: fi, bt, late)
   act_cols = fs // 2 if act == "compressed" else fs
-  in_specs.append(_spec((bt, act_cols), lambda t: (t0 + t, fi), c.dtype, act_cols * ft // fs))
+  in_specs.append(_spec((bt, act_cols), lambda t: (t0 + t, fi), c.dtype, act_cols * ft // fs,
+                        late))
   mg.emit_pipeline_warp_specialized(
       step, grid=(c.dw_steps,), memory_registers=40, wg_axis="wg",
       num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=min(c.tiles.stages, c.dw_steps),

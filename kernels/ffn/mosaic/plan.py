@@ -673,7 +673,9 @@ def dw_ws_spec(c: Plan, act: str) -> KernelSpec:
   dt, it = c.dtype, c.dtype.itemsize
   r = c.k_pad
   per = (WS_CONSUMERS,)
-  s = Scratch().add("a_s", (*per, c.bt, c.fs), dt, c.ft)  # each consumer's decompressed A tile
+  # each consumer's decompressed A tile, double-buffered: a step's wgmma runs while the
+  # consumer fills the next
+  s = Scratch().add("a_s", (*per, 2, c.bt, c.fs), dt, c.ft)
   # the output staged in [64, 32] chunks (64x64 ones would not leave two stages at rank 256)
   s.add("out_s", (*per, 2, *((c.fs, r) if c.interpret else (64, 32))), jnp.float32)
   act_block = (((c.bt, c.fs // 2), dt) if act == "compressed" else ((c.bt, c.fs), dt))
