@@ -247,7 +247,7 @@ def main(argv=None) -> int:
   ap.add_argument("--target", default="h200")
   ap.add_argument("--no_xla", action="store_true", help="leave out XLA's dense core")
   ap.add_argument("--impl", default="mosaic", choices=sorted(IMPLS),
-                  help="mosaic, or mosaic_ws (the warp-specialized forward; ranks <= 128)")
+                  help="mosaic, or mosaic_ws (the warp-specialized kernels; ranks <= 256)")
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
   from benchmarks import xla_static

@@ -67,8 +67,9 @@ class Tiles:
   ``y1`` in ``dh`` / ``dw_in`` / ``dw_out`` (no ``[T, F]`` temporaries; ranks up to
   256): :func:`recompute_source`; ``warp_specialized``: the forward and
   (from the compressed activation) ``dh`` run as one TMA producer warpgroup and
-  two consumer warpgroups of ``block_t`` tokens each, sharing every weight step
-  (ranks up to 128).
+  two consumer warpgroups of ``block_t`` tokens each, sharing every weight step,
+  in column blocks of at most :data:`WS_MAX_BLOCK`, and the 2:4 phase's weight
+  gradients as one kernel with a consumer each (:func:`dw_ws_spec`).
   """
 
   block_t: int = TOKENS
@@ -80,7 +81,7 @@ class Tiles:
   dw_split: int | None = None  # weight-gradient token splits (None: by grid size)
   stages: int = 2
   materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: yes)
-  warp_specialized: bool = False  # fwd and dh as a producer + 2 consumer warpgroups (ranks <= 128)
+  warp_specialized: bool = False  # fwd, dh, dW as a producer + 2 consumer warpgroups (ranks <= 256)
 
   def check(self) -> None:
     if self.block_t not in (TOKENS, 2 * TOKENS):
