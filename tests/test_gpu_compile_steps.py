@@ -70,11 +70,11 @@ MOSAIC_STEP_KERNELS = {
                        "elas_mgpu_packed_mm_y2", "elas_mgpu_packed_mm_dy1", "elas_mgpu_dense_mm_y2",
                        "elas_mgpu_dense_mm_dy1", "elas_mgpu_relu", "elas_mgpu_dh_",
                        "elas_mgpu_dw_in_dy1", "elas_mgpu_dw_out_"),
-    ("60m", "mosaic_ws"): ("elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed", "elas_mgpu_dh_dense",
+    ("60m", "mosaic_ws"): ("elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed", "elas_mgpu_dh_ws_dense",
                            "elas_mgpu_dw_ws_compressed", "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
     ("130m", "mosaic_ws"): ("elas_mgpu_fwd_ws_first_store", "elas_mgpu_packed_mm_y2",
                             "elas_mgpu_fwd_store", "elas_mgpu_dh_ws_compressed",
-                            "elas_mgpu_packed_mm_dy1", "elas_mgpu_dh_dense",
+                            "elas_mgpu_packed_mm_dy1", "elas_mgpu_dh_ws_dense",
                             "elas_mgpu_dw_ws_compressed", "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
 }
 

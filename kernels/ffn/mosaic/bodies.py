@@ -541,7 +541,8 @@ def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, sto
 
 def _dh_ws_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
                   **scr):
-  """``dh`` warp-specialized (from the compressed activation): warpgroup 2 streams the
+  """``dh`` warp-specialized (from the compressed activation or the ``relu`` kernel's dense
+  ``relu(y1)``): warpgroup 2 streams the
   weight steps and both consumers' activation blocks by TMA, warpgroups 0 and 1 each
   run :func:`_dh_step` on their own ``block_t`` tokens (row plane ``wg`` of the step's
   ``2 · block_t``-token block), sharing every weight step."""
@@ -717,6 +718,8 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
   act_src = _Relu(act, c)
   a_s = scr["a_s"]
   acc_box = []
+  stages = min(c.tiles.stages, c.dw_steps)
+  late = 1 if stages > 1 else 0  # slots released a step late need a second stage
 
   def step(idx, h_s, g_s, dv_s, meta_s, act_s, carry):
     slot = lax.rem(idx[0], 2)  # the tile the previous step's wgmma may still read is the other
@@ -739,8 +742,8 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
       mg.wgmma(acc_box[0], a_s.at[1, slot].T, g_s)
 
     # the previous step's wgmma done: its tile and (released after this step) its input
-    # slots are free; this step's stays in flight
-    mg.wgmma_wait(1)
+    # slots are free; this step's stays in flight (a one-stage pipeline: wait for it)
+    mg.wgmma_wait(late)
     return carry
 
   def compute_context(eval_pipeline):
@@ -754,7 +757,7 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
     store_out(acc, out_ref.at[si, wg], scr["out_s"].at[wg], fi * fs, 0)
     mg.wait_smem_to_gmem(0)
 
-  r, late = c.k_pad, 1
+  r = c.k_pad
   in_specs = [_spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late),
               _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late)]
   in_specs += dy1_src.specs(lambda t: t0 + t, lambda t: fi, bt, late)
@@ -763,7 +766,7 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
                         late))
   mg.emit_pipeline_warp_specialized(
       step, grid=(c.dw_steps,), memory_registers=40, wg_axis="wg",
-      num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=min(c.tiles.stages, c.dw_steps),
+      num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=stages,
       compute_context=compute_context, in_specs=in_specs)(h_ref, g_ref, dv_ref, meta_ref, act_ref)
 
 

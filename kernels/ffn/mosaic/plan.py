@@ -66,7 +66,7 @@ class Tiles:
   the ``dy1`` that ``dh`` wrote (None or True, the default), or (False) recompute
   ``y1`` in ``dh`` / ``dw_in`` / ``dw_out`` (no ``[T, F]`` temporaries; ranks up to
   256): :func:`recompute_source`; ``warp_specialized``: the forward and
-  (from the compressed activation) ``dh`` run as one TMA producer warpgroup and
+  (from a stored activation) ``dh`` run as one TMA producer warpgroup and
   two consumer warpgroups of ``block_t`` tokens each, sharing every weight step,
   in column blocks of at most :data:`WS_MAX_BLOCK`, and the 2:4 phase's weight
   gradients as one kernel with a consumer each (:func:`dw_ws_spec`).
@@ -287,6 +287,7 @@ WS_CONSUMERS = 2  # consumer warpgroups of the warp-specialized forward (+ 1 pro
 # the warp-specialized forward and dh cover output / dh column blocks of at most 128 (rank
 # 256 in one block spilled 1552 bytes); the columns past them come from packed_mm.
 WS_MAX_BLOCK = 128
+WS_DH_SOURCES = ("compressed", "dense")  # dh warp-specialized from these relu(y1) sources
 
 
 def fwd_block(c: Plan) -> int:
@@ -297,8 +298,8 @@ def fwd_block(c: Plan) -> int:
 
 def dh_block(c: Plan, source: str) -> int:
   """``dh``'s column block from ``source``: ``block_k``'s, at most :data:`WS_MAX_BLOCK`
-  where ``dh`` is warp-specialized (from the compressed activation)."""
-  ws = c.tiles.warp_specialized and source == "compressed"
+  where ``dh`` is warp-specialized (from a source in :data:`WS_DH_SOURCES`)."""
+  ws = c.tiles.warp_specialized and source in WS_DH_SOURCES
   return min(c.kb, WS_MAX_BLOCK) if ws else c.kb
 
 
@@ -496,7 +497,7 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   store = source in STORED_DY1
   dy1_cols = c.fs if source == "dense" else c.fs // 2  # a step's dy1 columns written
   # warp-specialized from the compressed activation (the 2:4 phase of masked / split)
-  ws = source == "compressed" and c.tiles.warp_specialized
+  ws = source in WS_DH_SOURCES and c.tiles.warp_specialized
   if ws:
     c = c.replace(kb=dh_block(c, source))
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers

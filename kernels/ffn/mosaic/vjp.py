@@ -368,20 +368,21 @@ class MosaicFfn(base.FfnCore):
 
 
 class MosaicWsFfn(MosaicFfn):
-  """:class:`MosaicFfn` with the warp-specialized forward and ``dh`` (``Tiles.warp_specialized``):
-  per program a TMA producer warpgroup and two consumer warpgroups of ``block_t`` tokens
+  """:class:`MosaicFfn` with warp-specialized kernels (``Tiles.warp_specialized``): per
+  program a TMA producer warpgroup and two consumer warpgroups of ``block_t`` tokens
   sharing every weight step (64-feature steps on a GPU, the default: two pipeline stages
-  of the shared steps fit beside the two consumers' buffers). ``dh`` is warp-specialized
-  where it reads the compressed activation (``masked``, ``split``). Both cover column
-  blocks of at most 128 (a consumer's ``[64, 128]`` fp32 accumulator within the 168
-  registers a thread ptxas gives: ``setmaxnreg`` is ignored in Mosaic's build); at rank
-  256 the other 128 columns come from ``packed_mm`` on the stored operand, so ``y1`` and
-  ``dy2`` are still formed once. The weight-gradient kernels, the recomputing backward
-  (``ste``, the dense warm-up) and, where the output splits, the warm-up's forward are
-  :class:`MosaicFfn`'s. Ranks up to 256 (``NotImplementedError`` above: at rank 512 two
-  consumers' ``[64, 512]`` ``h`` / ``g`` tiles and the weight steps exceed shared
-  memory). Unverified on a GPU (as :class:`MosaicFfn`); ``auto`` tries it first on
-  Hopper."""
+  of the shared steps fit beside the two consumers' buffers): the forward, ``dh`` (from
+  the compressed activation in the 2:4 phase, from ``relu(y1)`` dense in ``ste`` and the
+  warm-up) and, in the 2:4 phase, ``dw_in`` and ``dw_out`` in one kernel with a consumer
+  each. The forward and ``dh`` cover column blocks of at most 128 (a consumer's
+  ``[64, 128]`` fp32 accumulator within the 168 registers a thread ptxas gives:
+  ``setmaxnreg`` is ignored in Mosaic's build); at rank 256 the other 128 columns come
+  from ``packed_mm`` on the stored operand, so ``y1`` and ``dy2`` are still formed once.
+  The dense phases' weight-gradient kernels and, where the output splits, the warm-up's
+  forward are :class:`MosaicFfn`'s. Ranks up to 256 (``NotImplementedError`` above: at
+  rank 512 two consumers' ``[64, 512]`` ``h`` / ``g`` tiles and the weight steps exceed
+  shared memory). Unverified on a GPU (as :class:`MosaicFfn`); ``auto`` tries it first
+  on Hopper."""
 
   name = "mosaic_ws"
 
