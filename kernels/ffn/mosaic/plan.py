@@ -496,7 +496,7 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   dt, it = c.dtype, c.dtype.itemsize
   store = source in STORED_DY1
   dy1_cols = c.fs if source == "dense" else c.fs // 2  # a step's dy1 columns written
-  # warp-specialized from the compressed activation (the 2:4 phase of masked / split)
+  # warp-specialized from a stored activation: compressed (2:4 phase) or relu(y1) dense
   ws = source in WS_DH_SOURCES and c.tiles.warp_specialized
   if ws:
     c = c.replace(kb=dh_block(c, source))
