@@ -777,7 +777,9 @@ def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: i
   into the register A operand, ``y2`` squaring the kept ``relu(y1)`` values (the
   forward's ``y2s``, as its kernel rounds it), ``dy1`` taking them as they are; from a
   dense one ``y2_dense`` squaring ``relu(y1)`` in registers (the warm-up's ``y2``) and
-  ``dy1_dense``'s tile read by wgmma from shared memory as TMA left it."""
+  ``dy1_dense``'s tile read by wgmma from shared memory as TMA left it. With two or more
+  pipeline stages a step's wgmma stays in flight while the next step's operand is formed
+  (slots released a step late, ``wgmma_wait(1)``)."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
@@ -785,6 +787,8 @@ def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: i
   *src_refs, w_ref, out_ref = refs
   ti, ci = lax.axis_index("t"), lax.axis_index("c")
   src = _Relu("dense" if operand.endswith("_dense") else "compressed", c)
+  stages = min(c.tiles.stages, c.n_steps)
+  late = 1 if stages > 1 else 0
 
   def step(idx, w_s, *a_refs):
     if operand == "dy1_dense":
@@ -796,14 +800,17 @@ def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: i
           a = [x * x for x in a]
         mc.wgmma_a(scr["acc"], jnp.concatenate(a, axis=1), w_s.at[pl.ds(s * ft, ft)],
                    scr.get("stage_s"), c.interpret)
-    mg.wgmma_wait(0)  # the W slot is refilled after this step
+    # the previous step's wgmma done (its slots are refilled after this step); this
+    # step's runs on while the next one forms its operand
+    mg.wgmma_wait(late)
 
   def run(acc_ref):
     scr["acc"] = acc_ref
-    specs = [_spec((fs, cb), lambda f: (f, ci + offset), c.dtype, cb)]
-    specs += src.specs(lambda f: ti, lambda f: f, bt)
+    specs = [_spec((fs, cb), lambda f: (f, ci + offset), c.dtype, cb, late)]
+    specs += src.specs(lambda f: ti, lambda f: f, bt, late)
     mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=specs,
-                     max_concurrent_steps=min(c.tiles.stages, c.n_steps))(w_ref, *src_refs)
+                     max_concurrent_steps=stages)(w_ref, *src_refs)
+    mg.wgmma_wait(0)
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((bt, cb), jnp.float32))
