@@ -314,7 +314,7 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
       if ks & dom[k]:
         role_of[a:b] = [name] * (b - a)
 
-  guard = _consumer_guards(sts, blocks, succ, preds, dom)
+  guard = _consumer_guards(sts, blocks, succ, preds, dom, block_of)
 
   def role(names: tuple[str, ...], index: int | None = None) -> Role:
     acc = dict(wgmma_cycles=0.0, wgmma_flops=0.0, simt=0.0, mufu=0.0, waits=0.0, tma_bytes=0.0)
@@ -363,7 +363,8 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
       wgmma_shapes=shapes, consumer_roles=per_consumer)
 
 
-def _consumer_guards(sts: list[str], blocks, succ, preds, dom) -> list[int | None]:
+def _consumer_guards(sts: list[str], blocks, succ, preds, dom,
+                     block_of: dict[str, int]) -> list[int | None]:
   """Per statement: the warpgroup index ``k`` that alone runs it (a block dominated by the
   one-predecessor successor of a branch on ``wg == k`` / ``wg != k``), else None. The
   index is ``%tid.x >> 7``, possibly broadcast by ``shfl.sync.idx`` (Mosaic's form)."""
@@ -382,7 +383,7 @@ def _consumer_guards(sts: list[str], blocks, succ, preds, dom) -> list[int | Non
       continue
     op, index = tests[m.group(3)]
     taken_when_equal = (op == "eq") != (m.group(2) == "!")
-    target = next(j for j, (x, _) in enumerate(blocks) if sts[x] == m.group(4) + ":")
+    target = block_of[m.group(4)]
     fall = k + 1
     only = target if taken_when_equal else fall  # the successor run only by warpgroup index
     if preds.get(only) != [k]:

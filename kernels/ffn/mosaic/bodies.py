@@ -137,6 +137,13 @@ def store_out(acc: jax.Array, out_ref, out_s, row0, col0) -> None:
 # --------------------------------------------------------------------------
 
 
+def _in_flight(stages: int, steps: int) -> tuple[int, int]:
+  """(pipeline stages, steps a slot's release is delayed): one step late, so that a step's
+  wgmma may still read its slots while the next step works, where two stages run."""
+  stages = min(stages, steps)
+  return stages, 1 if stages > 1 else 0
+
+
 def _spec(shape, index_map, dtype, swizzle_minor=None, delay_release: int = 0):
   """A pipelined input: a shared-memory block TMA fills, swizzled for wgmma;
   ``delay_release``: its slot is refilled that many steps later (a wgmma reading it may
@@ -718,8 +725,7 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
   act_src = _Relu(act, c)
   a_s = scr["a_s"]
   acc_box = []
-  stages = min(c.tiles.stages, c.dw_steps)
-  late = 1 if stages > 1 else 0  # slots released a step late need a second stage
+  stages, late = _in_flight(c.tiles.stages, c.dw_steps)
 
   def step(idx, h_s, g_s, dv_s, meta_s, act_s, carry):
     slot = lax.rem(idx[0], 2)  # the tile the previous step's wgmma may still read is the other
@@ -761,9 +767,8 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
   in_specs = [_spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late),
               _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late)]
   in_specs += dy1_src.specs(lambda t: t0 + t, lambda t: fi, bt, late)
-  act_cols = fs // 2 if act == "compressed" else fs
-  in_specs.append(_spec((bt, act_cols), lambda t: (t0 + t, fi), c.dtype, act_cols * ft // fs,
-                        late))
+  # the activation's values (compressed) or tile (dense); its metadata is dy1's
+  in_specs += act_src.specs(lambda t: t0 + t, lambda t: fi, bt, late)[:1]
   mg.emit_pipeline_warp_specialized(
       step, grid=(c.dw_steps,), memory_registers=40, wg_axis="wg",
       num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=stages,
@@ -787,8 +792,7 @@ def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: i
   *src_refs, w_ref, out_ref = refs
   ti, ci = lax.axis_index("t"), lax.axis_index("c")
   src = _Relu("dense" if operand.endswith("_dense") else "compressed", c)
-  stages = min(c.tiles.stages, c.n_steps)
-  late = 1 if stages > 1 else 0
+  stages, late = _in_flight(c.tiles.stages, c.n_steps)
 
   def step(idx, w_s, *a_refs):
     if operand == "dy1_dense":

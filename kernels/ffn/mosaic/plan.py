@@ -651,11 +651,14 @@ def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
                   "dw_out", mma, hbm, source=source, dw_mask=dw_mask)
 
 
-def serves_dw_ws(c: Plan) -> bool:
-  """The 2:4 phase's weight gradients as one warp-specialized kernel (:func:`dw_ws_spec`):
-  warp-specialized tiles and equal padded ranks (one accumulator shape for both consumers;
-  the LLaMA low-rank factors have ``K = N = r``) of at most :data:`WS_DW_MAX_RANK`."""
-  return c.tiles.warp_specialized and c.k_pad == c.n_pad <= WS_DW_MAX_RANK
+def serves_dw_ws(c: Plan, source: str) -> bool:
+  """The weight gradients from ``source`` as one warp-specialized kernel
+  (:func:`dw_ws_spec`): the 2:4 phase's (the compressed activation, ``dh``'s stored
+  ``dy1``), warp-specialized tiles and equal padded ranks (one accumulator shape for both
+  consumers; the LLaMA low-rank factors have ``K = N = r``) of at most
+  :data:`WS_DW_MAX_RANK`."""
+  return (source == "compressed" and c.tiles.warp_specialized
+          and c.k_pad == c.n_pad <= WS_DW_MAX_RANK)
 
 
 WS_DW_MAX_RANK = 256  # a consumer's [block_f_dw, rank] fp32 accumulator: 128 registers at 256
@@ -680,8 +683,9 @@ def dw_ws_spec(c: Plan, act: str) -> KernelSpec:
   s = Scratch().add("a_s", (*per, 2, c.bt, c.fs), dt, c.ft)
   # the output staged in [64, 32] chunks (64x64 ones would not leave two stages at rank 256)
   s.add("out_s", (*per, 2, *((c.fs, r) if c.interpret else (64, 32))), jnp.float32)
-  act_block = (((c.bt, c.fs // 2), dt) if act == "compressed" else ((c.bt, c.fs), dt))
-  s.pipelined(((c.bt, r), dt), ((c.bt, r), dt), *_src_blocks("dy1", c, c.bt), act_block)
+  # the activation's values or dense tile (its metadata is dy1's, the forward's)
+  s.pipelined(((c.bt, r), dt), ((c.bt, r), dt), *_src_blocks("dy1", c, c.bt),
+              *_src_blocks(act, c, c.bt)[:1])
   # one program per SM (shared memory): splits of the token loop until the grid fills the
   # GPU once (the single-warpgroup kernels aim at two programs per SM)
   c = _with_dw_split(c, c.nt, c.n_steps, per_sm=1, whole_waves=True)
@@ -793,7 +797,7 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
               else [])
       # split: the token-wise 2:4 applied once (tokmask), dw_out reads the result dense
       tok = [tokmask_spec(c)] if dw_mask == "tokens" else []
-      if source == "compressed" and serves_dw_ws(c):  # both weight gradients in one kernel
+      if serves_dw_ws(c, source):  # both weight gradients in one kernel
         return first + [dh_spec(c, source)] + rest + tok + [
             dw_ws_spec(c, "dense" if tok else "compressed")]
       dwout = ([dwout_spec(c, "dense", "none")] if tok else [dwout_spec(c, source, dw_mask)])

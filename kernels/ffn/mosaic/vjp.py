@@ -252,7 +252,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
         dh = jnp.concatenate([dh, _packed_mm_call(dy1_src, win, stored, c)], axis=1)
     # split: the token-wise 2:4 applied once, read back dense by dw_out
     r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c) if dw_mask == "tokens" else None
-    if source == "compressed" and plan.serves_dw_ws(c):  # both in one warp-specialized kernel
+    if plan.serves_dw_ws(c, source):  # both in one warp-specialized kernel
       act = "compressed" if r_tok is None else "dense"
       dw = jnp.sum(bodies.launch(plan.dw_ws_spec(c, act), hk, gk, dy1, meta,
                                  vals if r_tok is None else r_tok), axis=0)
