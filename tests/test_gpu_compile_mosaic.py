@@ -93,9 +93,9 @@ WS_KERNELS = {
     "60m": {"elas_mgpu_fwd_ws_store", "elas_mgpu_dh_ws_compressed", "elas_mgpu_dw_ws_compressed",
             "elas_mgpu_dh_ws_dense"},
     "130m": {"elas_mgpu_fwd_ws_first_store", "elas_mgpu_dh_ws_compressed",
-             "elas_mgpu_dw_ws_compressed", "elas_mgpu_dh_ws_dense"},
+             "elas_mgpu_dw_ws_in", "elas_mgpu_dw_ws_out_compressed", "elas_mgpu_dh_ws_dense"},
     "350m": {"elas_mgpu_fwd_ws_first_store", "elas_mgpu_dh_ws_compressed",
-             "elas_mgpu_dw_ws_compressed", "elas_mgpu_dh_ws_dense"},
+             "elas_mgpu_dw_ws_in", "elas_mgpu_dw_ws_out_compressed", "elas_mgpu_dh_ws_dense"},
 }
 
 
@@ -149,16 +149,25 @@ def test_the_warp_specialized_kernels_compile_as_planned(size):
   act = 64 * fs // 2 * it + 64 * fs // 8
   dh = "elas_mgpu_dh_ws_compressed"
   assert l2_bytes(dh) == pairs * (steps * (weights + 2 * act) + 2 * 64 * r * it)
-  # the weight gradients, exactly: per program and token step h and g [64, r], dy1's and the
-  # activation's values [64, fs/2] and the forward's metadata once (both use it)
-  dw = rows["elas_mgpu_dw_ws_compressed"]
-  # a step's wgmma stays in flight while the consumer fills the next tile (wait_group 1),
-  # and each consumer runs only its own weight gradient's code
-  prof = pm.profile_ptx(resources["elas_mgpu_dw_ws_compressed"]["ptx"])
-  assert prof.consumer.overlapped and len(prof.consumer_roles) == 2
-  assert all(x.wgmma_flops == prof.consumer.wgmma_flops for x in prof.consumer_roles)
-  per_step = 2 * 64 * r * it + 2 * 64 * fs // 2 * it + 64 * fs // 8
-  assert l2_bytes("elas_mgpu_dw_ws_compressed") == dw["programs"] * (TOKENS // 64) // dw["grid"][1] * per_step
+  # the weight gradients, exactly, per program and token step. Rank 128: one kernel,
+  # h and g [64, r], dy1's and the activation's values [64, fs/2] and the forward's
+  # metadata once (both consumers use it). Rank 256: a kernel per gradient whose two
+  # consumers take a feature step each: h (or g) [64, r] once for both, and each
+  # consumer's values and metadata.
+  values, meta = 64 * fs // 2 * it, 64 * fs // 8
+  if r > 128:
+    dw_bytes = {"elas_mgpu_dw_ws_in": 64 * r * it + 2 * (values + meta),
+                "elas_mgpu_dw_ws_out_compressed": 64 * r * it + 2 * (values + meta)}
+  else:
+    dw_bytes = {"elas_mgpu_dw_ws_compressed": 2 * 64 * r * it + 2 * values + meta}
+  for name, per_step in dw_bytes.items():
+    dw = rows[name]
+    assert l2_bytes(name) == dw["programs"] * (TOKENS // 64) // dw["grid"][1] * per_step, name
+    # a step's wgmma stays in flight while the consumer fills the next tile (wait_group
+    # 1), and each consumer runs its own role's code (the same at rank 256)
+    prof = pm.profile_ptx(resources[name]["ptx"])
+    assert prof.consumer.overlapped and len(prof.consumer_roles) == 2, name
+    assert all(x.wgmma_flops == prof.consumer.wgmma_flops for x in prof.consumer_roles)
   # forward: the weight steps and h [64, r] once per consumer. perf_model reads its producer
   # as 32 weight steps of the 33 (2026-12-05, not explained yet: docs/kernels.md), so
   # within one step of the count

@@ -62,7 +62,9 @@ def test_train_eval_and_decode_steps_compile_for_the_h200(size):
 # dw_in); at 1B the forward covers the first output block and packed_mm / dense_mm the
 # others from the stored activation (dh likewise, from its stored dy1); mosaic_ws's
 # forward and dh are its warp-specialized ones, at rank 256 covering 128 columns (packed_mm
-# the rest) with the warm-up's forward mosaic's (one 256-column block).
+# the rest) with the warm-up's forward mosaic's (one 256-column block); its 2:4 phase's
+# weight gradients one kernel with a consumer each at rank 128, a kernel each (consumers on
+# two feature steps) at 256.
 MOSAIC_STEP_KERNELS = {
     ("60m", "mosaic"): ("elas_mgpu_fwd_store", "elas_mgpu_relu", "elas_mgpu_dh_compressed",
                         "elas_mgpu_dh_dense", "elas_mgpu_dw_in_dy1", "elas_mgpu_dw_out_"),
@@ -75,7 +77,8 @@ MOSAIC_STEP_KERNELS = {
     ("130m", "mosaic_ws"): ("elas_mgpu_fwd_ws_first_store", "elas_mgpu_packed_mm_y2",
                             "elas_mgpu_fwd_store", "elas_mgpu_dh_ws_compressed",
                             "elas_mgpu_packed_mm_dy1", "elas_mgpu_dh_ws_dense",
-                            "elas_mgpu_dw_ws_compressed", "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
+                            "elas_mgpu_dw_ws_in", "elas_mgpu_dw_ws_out_compressed",
+                            "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
 }
 
 

@@ -155,3 +155,56 @@ def test_kernel_benchmark_times_the_mosaic_kernels_beside_xla(tmp_path):
     assert r["status"] == "ok" and r["max_rel_err"] is not None and r["max_rel_err"] < 2e-2, r
   assert {r["impl"] for r in rows if r["op"].endswith("ffn/masked") or r["op"] == "xla dense ffn"} == {
       "xla_dense", "xla_sparse", "triton", "mosaic"}
+
+
+def _kernel_layout(vals_TxF2, meta_TxF8, c):
+  """compress_24's values / metadata (original feature order) in the Mosaic kernels' layout:
+  the inverse of ``plan.vals_TxF2`` / ``plan.meta_TxG`` (sub-tiles of 4 value planes; per
+  token tile and sub-tile ``[bt, P]`` metadata bytes, 16 a row)."""
+  v = vals_TxF2.reshape(c.t_pad, c.n_sub, c.p, 4).transpose(0, 1, 3, 2).reshape(c.t_pad, -1)
+  m = meta_TxF8.reshape(c.nt, c.bt, c.n_sub, c.p).transpose(0, 2, 1, 3)
+  return v, m.reshape(c.nt, c.n_sub * c.meta_sub, 16)
+
+
+@pytest.mark.parametrize("k,f,act", [(256, 192, "dense"), (256, 256, "compressed"),
+                                     (128, 192, "compressed")])
+def test_warp_specialized_weight_gradients(k, f, act):
+  """``dw_ws`` on its own, against ``dy1ᵀ h`` and ``(act²)ᵀ g`` in jnp from the dense
+  operands: at rank 256 a kernel per gradient with consumers on two feature steps (3
+  steps at F=192: the last program's second consumer has none and must store nothing), at
+  rank 128 one kernel with a consumer per gradient; the activation compressed (masked) or
+  dense (split's ``tokmask`` output). The whole op's rows in the shared suite reach these
+  kernels only where the interpreted warp-specialized forward does not hang (rank 256
+  with several programs does, docs/kernels.md)."""
+  from elas_kernels import sparse24
+  from elas_kernels.ffn.mosaic import bodies, plan
+
+  tiles = plan.Tiles(block_t=64, block_f=64, block_f_dw=64, sub_f=64, dw_split=2,
+                     warp_specialized=True)
+  c = plan.Plan(256, f, k, k, jnp.float32, "masked", tiles, True)
+  ks = jax.random.split(jax.random.PRNGKey(k + f), 4)
+  t_, f_ = c.t_pad, c.f_pad
+  h = jax.random.normal(ks[0], (t_, k))
+  g = jax.random.normal(ks[1], (t_, k))
+  dy1_v, meta = sparse24.compress_24(jax.random.normal(ks[2], (t_, f_)))
+  act_dense = jax.random.normal(ks[3], (t_, f_))
+  act_v = jax.random.normal(ks[3], dy1_v.shape)
+  dy1_dense = sparse24.decompress_24(dy1_v, meta)
+  y = act_dense if act == "dense" else sparse24.decompress_24(act_v, meta)
+  want_in = dy1_dense.T @ h
+  want_out_t = (y * y).T @ g
+  arrays = {"h": h, "g": g, "meta": _kernel_layout(dy1_v, meta, c)[1],
+            "dy1": _kernel_layout(dy1_v, meta, c)[0],
+            "act": jnp.take(act_dense, c.perm, axis=1) if act == "dense"
+            else _kernel_layout(act_v, meta, c)[0]}
+  specs = plan.dw_ws_specs(c, act)
+  assert len(specs) == (2 if k > 128 else 1), [s.name for s in specs]
+  got = {}
+  for spec in specs:
+    roles = spec.options["roles"]
+    out = jnp.sum(bodies.launch(spec, *(arrays[n] for n, _ in plan.dw_ws_inputs(roles, act))), 0)
+    grads = [gr for gr, _ in roles]
+    got.update({grads[0]: out} if len(set(grads)) == 1 else dict(zip(grads, out)))
+  back = jnp.argsort(c.perm)  # kernel feature order -> original
+  assert rel_err(got["in"][back], want_in) < 1e-5
+  assert rel_err(got["out"][back], want_out_t) < 1e-5

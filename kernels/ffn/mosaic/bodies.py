@@ -705,52 +705,51 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
 
 
 
-def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan.Plan, act: str,
-                  **scr):
-  """``dw_in`` and ``dw_out`` together, warp-specialized (:func:`plan.dw_ws_spec`):
-  warpgroup 2 streams per token step ``h``, ``g``, ``dy1``'s kept values, the forward's
-  metadata and the activation; consumer 0 decompresses ``dy1`` into its shared-memory
-  tile and accumulates ``dy1ᵀ h``, consumer 1 the activation squared (``y2``, as the
-  forward rounds it) and ``y2ᵀ g``: each weight gradient's accumulator in its own
-  warpgroup's registers, both fed by one pass over the tokens. A step's wgmma stays in
-  flight while the consumer decompresses the next step's tile (its tile double-buffered,
-  the inputs' slots released one step late, ``wgmma_wait(1)``)."""
+def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
+  """The 2:4 phase's weight gradients, warp-specialized (:func:`plan.dw_ws_spec`): per
+  token step warpgroup 2 streams the program's inputs (:func:`plan.dw_ws_inputs`, each
+  once however many consumers read it); consumer ``k`` of role ``(grad, offset)``
+  forms the A tile of its feature step in shared memory, ``dy1``'s kept values
+  decompressed (``in``) or the activation squared (``out``: ``y2`` as the forward rounds
+  it), and accumulates ``dy1ᵀ h`` / ``y2ᵀ g`` in its registers. A step's wgmma stays in
+  flight while the consumer fills the next tile (tiles double-buffered, the inputs' slots
+  released one step late, ``wgmma_wait(1)``). A consumer whose feature step is past the
+  last (paired by features, an odd step count) reads the last step again and stores
+  nothing."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
-  fi, si = lax.axis_index("f"), lax.axis_index("s")
+  *in_refs, out_ref = refs
+  pi, si = lax.axis_index("f"), lax.axis_index("s")
   wg = lax.axis_index("wg")
   t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
-  dy1_src = _Relu("dy1", c)
-  act_src = _Relu(act, c)
+  width = 1 + max(off for _, off in roles)  # feature steps per program
+  inputs = plan.dw_ws_inputs(roles, act)
   a_s = scr["a_s"]
   acc_box = []
   stages, late = _in_flight(c.tiles.stages, c.dw_steps)
 
-  def step(idx, h_s, g_s, dv_s, meta_s, act_s, carry):
+  def step(idx, *ins):  # ins end with the pipeline's carry (unused: ())
     slot = lax.rem(idx[0], 2)  # the tile the previous step's wgmma may still read is the other
+    for k, (grad, off) in enumerate(roles):
 
-    @pl.when(wg == 0)
-    def _():
-      for s in range(fs // ft):
-        a_s[0, slot, :, s * ft:(s + 1) * ft] = jnp.concatenate(
-            dy1_src.planes((dv_s, meta_s), 0, s), axis=1)
-      mg.commit_smem()  # the tile in shared memory before wgmma reads it
-      mg.wgmma(acc_box[0], a_s.at[0, slot].T, h_s)
-
-    @pl.when(wg == 1)
-    def _():
-      for s in range(fs // ft):
-        refs = (act_s, meta_s) if act == "compressed" else (act_s,)
-        a_s[1, slot, :, s * ft:(s + 1) * ft] = jnp.concatenate(
-            [x * x for x in act_src.planes(refs, 0, s)], axis=1)
-      mg.commit_smem()
-      mg.wgmma(acc_box[0], a_s.at[1, slot].T, g_s)
+      @pl.when(wg == k)
+      def _():
+        x_key, *src_keys = plan.dw_ws_inputs([(grad, off)], act)
+        src = _Relu("dy1" if grad == "in" else act, c)
+        mine = [ins[inputs.index(key)] for key in src_keys]
+        for s in range(fs // ft):
+          planes = src.planes(mine, 0, s)
+          if grad == "out":
+            planes = [x * x for x in planes]
+          a_s[k, slot, :, s * ft:(s + 1) * ft] = jnp.concatenate(planes, axis=1)
+        mg.commit_smem()  # the tile in shared memory before wgmma reads it
+        mg.wgmma(acc_box[0], a_s.at[k, slot].T, ins[inputs.index(x_key)])
 
     # the previous step's wgmma done: its tile and (released after this step) its input
     # slots are free; this step's stays in flight (a one-stage pipeline: wait for it)
     mg.wgmma_wait(late)
-    return carry
+    return ins[-1]
 
   def compute_context(eval_pipeline):
     def run(acc_ref):
@@ -759,20 +758,31 @@ def _dw_ws_kernel(h_ref, g_ref, dv_ref, meta_ref, act_ref, out_ref, *, pl_: plan
       mg.wgmma_wait(0)
       return acc_ref[...]
 
-    acc = pl.run_scoped(run, mg.ACC((fs, c.k_pad), jnp.float32))
-    store_out(acc, out_ref.at[si, wg], scr["out_s"].at[wg], fi * fs, 0)
-    mg.wait_smem_to_gmem(0)
+    acc = pl.run_scoped(run, mg.ACC((fs, out_ref.shape[-1]), jnp.float32))
+    for k, (grad, off) in enumerate(roles):
+      f = width * pi + off
 
-  r = c.k_pad
-  in_specs = [_spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late),
-              _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late)]
-  in_specs += dy1_src.specs(lambda t: t0 + t, lambda t: fi, bt, late)
-  # the activation's values (compressed) or tile (dense); its metadata is dy1's
-  in_specs += act_src.specs(lambda t: t0 + t, lambda t: fi, bt, late)[:1]
+      @pl.when((wg == k) & (f < c.n_steps))
+      def _():
+        dst = out_ref.at[si] if width > 1 else out_ref.at[si, k]  # [split, (grad,) F, rank]
+        store_out(acc, dst, scr["out_s"].at[k], f * fs, 0)
+        mg.wait_smem_to_gmem(0)
+
+  def block(key):  # the pipelined block of one input, at this program's feature step
+    name, off = key
+    f = width * pi + off
+    if c.n_steps % width:  # the last program's second step is past the end: the last again
+      f = jnp.minimum(f, c.n_steps - 1)
+    if name in ("h", "g"):
+      r = in_refs[inputs.index(key)].shape[1]
+      return _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late)
+    source = {"dy1": "dy1", "meta": "dy1", "act": act}[name]
+    return _Relu(source, c).specs(lambda t: t0 + t, lambda t: f, bt, late)[name == "meta"]
+
   mg.emit_pipeline_warp_specialized(
       step, grid=(c.dw_steps,), memory_registers=40, wg_axis="wg",
       num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=stages,
-      compute_context=compute_context, in_specs=in_specs)(h_ref, g_ref, dv_ref, meta_ref, act_ref)
+      compute_context=compute_context, in_specs=[block(k) for k in inputs])(*in_refs)
 
 
 def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: int, **scr):

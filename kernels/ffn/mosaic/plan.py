@@ -652,52 +652,103 @@ def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
 
 
 def serves_dw_ws(c: Plan, source: str) -> bool:
-  """The weight gradients from ``source`` as one warp-specialized kernel
-  (:func:`dw_ws_spec`): the 2:4 phase's (the compressed activation, ``dh``'s stored
-  ``dy1``), warp-specialized tiles and equal padded ranks (one accumulator shape for both
-  consumers; the LLaMA low-rank factors have ``K = N = r``) of at most
-  :data:`WS_DW_MAX_RANK`."""
+  """The weight gradients from ``source`` as warp-specialized kernels
+  (:func:`dw_ws_specs`): the 2:4 phase's (the compressed activation, ``dh``'s stored
+  ``dy1``), warp-specialized tiles, padded ranks of at most :data:`WS_DW_MAX_RANK` and,
+  where one kernel pairs the two gradients, equal ones (one accumulator shape for both
+  consumers; the LLaMA low-rank factors have ``K = N = r``)."""
   return (source == "compressed" and c.tiles.warp_specialized
-          and c.k_pad == c.n_pad <= WS_DW_MAX_RANK)
+          and max(c.k_pad, c.n_pad) <= WS_DW_MAX_RANK
+          and (dw_ws_pairs_features(c) or c.k_pad == c.n_pad))
 
 
 WS_DW_MAX_RANK = 256  # a consumer's [block_f_dw, rank] fp32 accumulator: 128 registers at 256
 
 
-def dw_ws_spec(c: Plan, act: str) -> KernelSpec:
-  """``dw_in`` and ``dw_out`` of the 2:4 phase in one kernel (FlashAttention-3's dK / dV
-  pattern): per feature step of ``block_f_dw`` and share of the token steps, a producer
-  warpgroup streams per step ``h``, ``g``, ``dy1``'s kept values (as ``dh`` wrote them),
-  the forward's metadata (shared by both: ``dy1`` keeps the forward's positions) and the
-  activation ``act`` (``compressed``: the forward's values, squared after decompression;
-  ``dense``: split mode's ``tokmask`` output, squared); consumer 0 holds
-  ``dw_in[f-step] += dy1ᵀ h``, consumer 1 ``dw_outᵀ[f-step] += y2ᵀ g`` (the same
-  ``[block_f_dw, rank]`` accumulator shape). Output ``[dw_split, 2, F, rank]`` fp32 (the
-  split's partial sums, added in XLA; ``[:, 1]`` is ``dw_out`` transposed)."""
+def dw_ws_pairs_features(c: Plan) -> bool:
+  """How ``dw_ws`` pairs its two consumers. Above rank 128 by feature steps: a kernel per
+  gradient whose consumers take two feature steps and share the ``[block_t, rank]`` tile
+  of ``h`` (``dw_in``) or ``g`` (``dw_out``), which at rank 256 is 7x a step's other bytes
+  and bounds the kernel by L2 (under the model, 2026-12-05: 130M 101 -> 72 µs, 350M
+  133 -> 89 for both gradients). At rank 128 by gradients: one kernel, consumer 0
+  ``dw_in``, consumer 1 ``dw_out`` of the same feature step, sharing the metadata; there
+  the chain, not L2, bounds it, and at 60M its 33 feature steps x 4 splits are one wave
+  where 17 pairs of steps are not (44 µs against 63)."""
+  return max(c.k_pad, c.n_pad) > 128
+
+
+def dw_ws_inputs(roles, act: str) -> list[tuple[str, int]]:
+  """The pipelined inputs of a ``dw_ws`` program whose consumers have ``roles`` ((gradient,
+  feature offset) each), as (array, feature offset), each once: ``h`` and ``dy1``'s
+  kept values for ``in``, ``g`` and the activation for ``out``, the forward's metadata
+  for both when the activation is compressed. A consumer's own list starts with its
+  ``h`` / ``g``."""
+  keys = []
+  for grad, off in roles:
+    if grad == "in":
+      mine = [("h", 0), ("dy1", off), ("meta", off)]
+    else:
+      mine = [("g", 0), ("act", off)] + ([("meta", off)] if act == "compressed" else [])
+    keys += [k for k in mine if k not in keys]
+  return keys
+
+
+def dw_ws_specs(c: Plan, act: str) -> list[KernelSpec]:
+  """The 2:4 phase's ``dw_in`` and ``dw_out`` warp-specialized
+  (:func:`dw_ws_pairs_features`): one kernel with a consumer per gradient, or a kernel
+  per gradient with a consumer per feature step."""
+  if dw_ws_pairs_features(c):
+    return [dw_ws_spec(c, (("in", 0), ("in", 1)), act),
+            dw_ws_spec(c, (("out", 0), ("out", 1)), act)]
+  return [dw_ws_spec(c, (("in", 0), ("out", 0)), act)]
+
+
+def dw_ws_spec(c: Plan, roles, act: str) -> KernelSpec:
+  """Weight gradients of the 2:4 phase, warp-specialized (FlashAttention-3's dK / dV
+  pattern): a producer warpgroup streams per token step :func:`dw_ws_inputs` (``h``,
+  ``g``, ``dy1``'s kept values as ``dh`` wrote them, the forward's metadata, the
+  activation ``act``: ``compressed``, the forward's values squared after decompression,
+  or ``dense``, split mode's ``tokmask`` output, squared); consumer ``k`` of ``roles[k]
+  = (grad, offset)`` holds the ``[block_f_dw, rank]`` fp32 accumulator of ``dw_in``
+  (``dy1ᵀ h``) or ``dw_outᵀ`` (``y2ᵀ g``) at feature step ``width · program + offset``.
+  Output ``[dw_split, (2,) F, rank]`` fp32 (the split's partial sums, added in XLA; the
+  gradients' axis where the roles differ)."""
   c = c.for_dw()
   dt, it = c.dtype, c.dtype.itemsize
-  r = c.k_pad
+  grads = [g for g, _ in roles]
+  width = 1 + max(off for _, off in roles)  # feature steps per program
+  r = c.k_pad if grads[0] == "in" else c.n_pad  # the accumulator's columns: h's or g's
   per = (WS_CONSUMERS,)
-  # each consumer's decompressed A tile, double-buffered: a step's wgmma runs while the
-  # consumer fills the next
+  inputs = dw_ws_inputs(roles, act)
+  # each consumer's A tile, double-buffered: a step's wgmma runs while the consumer fills
+  # the next; the output staged in [64, 32] chunks (64x64 ones would not leave two
+  # stages at rank 256, paired by gradients)
   s = Scratch().add("a_s", (*per, 2, c.bt, c.fs), dt, c.ft)
-  # the output staged in [64, 32] chunks (64x64 ones would not leave two stages at rank 256)
   s.add("out_s", (*per, 2, *((c.fs, r) if c.interpret else (64, 32))), jnp.float32)
-  # the activation's values or dense tile (its metadata is dy1's, the forward's)
-  s.pipelined(((c.bt, r), dt), ((c.bt, r), dt), *_src_blocks("dy1", c, c.bt),
-              *_src_blocks(act, c, c.bt)[:1])
-  # one program per SM (shared memory): splits of the token loop until the grid fills the
-  # GPU once (the single-warpgroup kernels aim at two programs per SM)
-  c = _with_dw_split(c, c.nt, c.n_steps, per_sm=1, whole_waves=True)
+  blocks = {"h": ((c.bt, c.k_pad), dt), "g": ((c.bt, c.n_pad), dt),
+            "dy1": _src_blocks("dy1", c, c.bt)[0], "meta": _src_blocks("dy1", c, c.bt)[1],
+            "act": _src_blocks(act, c, c.bt)[0]}
+  s.pipelined(*(blocks[name] for name, _ in inputs))
+  programs = -(-c.n_steps // width)
+  # one program per SM (registers): splits of the token loop for whole waves
+  c = _with_dw_split(c, c.nt, programs, per_sm=1, whole_waves=True)
   mma = {}
   _mma(mma, r, c.bt, c.dw_steps * c.fs // 64 * WS_CONSUMERS)  # [fs, bt] x [bt, r] each
-  act_bytes = c.t_pad * c.f_pad * it // (2 if act == "compressed" else 1)
-  hbm = (2 * c.t_pad * r * it + _src_bytes("dy1", c) + act_bytes
-         + c.dw_split * WS_CONSUMERS * c.f_pad * r * 4)
-  return _spec_of(f"elas_mgpu_dw_ws_{act}", c, s, c.dw_steps, (c.n_steps, c.dw_split),
-                  ("f", "s"), jax.ShapeDtypeStruct((c.dw_split, WS_CONSUMERS, c.f_pad, r),
-                                                   jnp.float32),
-                  "dw_ws", mma, hbm, warpgroups=WS_CONSUMERS + 1, act=act)
+  hbm = c.dw_split * len(set(grads)) * c.f_pad * r * 4  # the partial sums
+  for name, off in inputs:
+    if off == 0:  # every element once (offsets > 0 are the other half of the features)
+      hbm += (c.t_pad * r * it if name in ("h", "g")
+              else c.t_pad * c.f_pad // 8 if name == "meta"
+              else c.t_pad * c.f_pad * it // (1 if name == "act" and act == "dense" else 2))
+  if width > 1:
+    name, shape = f"elas_mgpu_dw_ws_{grads[0]}", (c.dw_split, c.f_pad, r)
+    if grads[0] == "out":
+      name += f"_{act}"
+  else:
+    name, shape = f"elas_mgpu_dw_ws_{act}", (c.dw_split, len(roles), c.f_pad, r)
+  return _spec_of(name, c, s, c.dw_steps, (programs, c.dw_split), ("f", "s"),
+                  jax.ShapeDtypeStruct(shape, jnp.float32), "dw_ws", mma, hbm,
+                  warpgroups=WS_CONSUMERS + 1, roles=tuple(roles), act=act)
 
 
 def _with_dw_split(c: Plan, steps: int, programs: int, per_sm: int = 2,
@@ -797,9 +848,9 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
               else [])
       # split: the token-wise 2:4 applied once (tokmask), dw_out reads the result dense
       tok = [tokmask_spec(c)] if dw_mask == "tokens" else []
-      if serves_dw_ws(c, source):  # both weight gradients in one kernel
+      if serves_dw_ws(c, source):  # each weight gradient warp-specialized
         return first + [dh_spec(c, source)] + rest + tok + [
-            dw_ws_spec(c, "dense" if tok else "compressed")]
+            *dw_ws_specs(c, "dense" if tok else "compressed")]
       dwout = ([dwout_spec(c, "dense", "none")] if tok else [dwout_spec(c, source, dw_mask)])
       return first + [dh_spec(c, source)] + rest + [dwin_spec(c, dwin_source)] + tok + dwout
 

@@ -252,11 +252,17 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
         dh = jnp.concatenate([dh, _packed_mm_call(dy1_src, win, stored, c)], axis=1)
     # split: the token-wise 2:4 applied once, read back dense by dw_out
     r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c) if dw_mask == "tokens" else None
-    if plan.serves_dw_ws(c, source):  # both in one warp-specialized kernel
+    if plan.serves_dw_ws(c, source):  # warp-specialized, a consumer per gradient or step
       act = "compressed" if r_tok is None else "dense"
-      dw = jnp.sum(bodies.launch(plan.dw_ws_spec(c, act), hk, gk, dy1, meta,
-                                 vals if r_tok is None else r_tok), axis=0)
-      return dh, dw[0], dw[1].T
+      arrays = {"h": hk, "g": gk, "dy1": dy1, "meta": meta, "act": vals if r_tok is None else r_tok}
+      dw = {}
+      for spec in plan.dw_ws_specs(c, act):
+        roles = spec.options["roles"]
+        out = jnp.sum(bodies.launch(spec, *(arrays[name] for name, _ in
+                                            plan.dw_ws_inputs(roles, act))), axis=0)
+        grads = [g for g, _ in roles]
+        dw.update({grads[0]: out} if len(set(grads)) == 1 else dict(zip(grads, out)))
+      return dh, dw["in"], dw["out"].T
     if stored:
       dwin = _dwin_call(gk, hk, wout, winT, dy1_src, stored, c)
     else:
