@@ -16,6 +16,7 @@ a usable Mosaic GPU is absent. About 2-3 minutes per size on 2 cores.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +168,8 @@ def test_the_warp_specialized_kernels_compile_as_planned(size):
     # 1), and each consumer runs its own role's code (the same at rank 256)
     prof = pm.profile_ptx(resources[name]["ptx"])
     assert prof.consumer.overlapped and len(prof.consumer_roles) == 2, name
+    # the token splits' partial sums added into one output by TMA reduce-add
+    assert re.search(r"cp\.reduce\.async\.bulk\.tensor[^;]*\.add", resources[name]["ptx"]), name
     assert all(x.wgmma_flops == prof.consumer.wgmma_flops for x in prof.consumer_roles)
   # forward: the weight steps and h [64, r] once per consumer. perf_model reads its producer
   # as 32 weight steps of the 33 (2026-12-05, not explained yet: docs/kernels.md), so

@@ -112,10 +112,13 @@ def _copy_in(src, dst, barrier):
   mg.barrier_wait(barrier)
 
 
-def store_out(acc: jax.Array, out_ref, out_s, row0, col0) -> None:
+def store_out(acc: jax.Array, out_ref, out_s, row0, col0, add=None) -> None:
   """Write an fp32 ``[M, C]`` register tile to ``out_ref[row0:, col0:]`` in chunks
   through a double-buffered shared-memory tile ``out_s [2, cm, cc]`` (64x64 on a
-  GPU, to spare shared memory; the whole tile when interpreting: fewer copies)."""
+  GPU, to spare shared memory; the whole tile when interpreting: fewer copies).
+  ``add = (split, lead, interpret)``: add it into ``out_ref[*lead, rows, cols]`` by TMA
+  reduce-add instead (``compat.copy_smem_to_gmem_add``: split ``split``'s slab when
+  interpreting)."""
   mg = mc.plgpu()
   m, c = acc.shape
   cm, cc = out_s.shape[1:]
@@ -126,8 +129,12 @@ def store_out(acc: jax.Array, out_ref, out_s, row0, col0) -> None:
       mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that last used this slot
       out_s[slot] = acc[mi * cm:(mi + 1) * cm, ci * cc:(ci + 1) * cc]
       mg.commit_smem()
-      mg.copy_smem_to_gmem(out_s.at[slot], out_ref.at[pl.ds(row0 + mi * cm, cm),
-                                                      pl.ds(col0 + ci * cc, cc)])
+      idx = (pl.ds(row0 + mi * cm, cm), pl.ds(col0 + ci * cc, cc))
+      if add is None:
+        mg.copy_smem_to_gmem(out_s.at[slot], out_ref.at[idx])
+      else:
+        split, lead, interpret = add
+        mc.copy_smem_to_gmem_add(out_s.at[slot], out_ref, (*lead, *idx), split, interpret)
       chunk += 1
 
 
@@ -719,12 +726,13 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
-  *in_refs, out_ref = refs
+  *in_refs, out_ref = refs  # out: the reduce-add buffer (compat.reduce_add_zeros)
   pi, si = lax.axis_index("f"), lax.axis_index("s")
   wg = lax.axis_index("wg")
   t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
   width = 1 + max(off for _, off in roles)  # feature steps per program
   inputs = plan.dw_ws_inputs(roles, act)
+  r = in_refs[inputs.index(("h" if roles[0][0] == "in" else "g", 0))].shape[1]
   a_s = scr["a_s"]
   acc_box = []
   stages, late = _in_flight(c.tiles.stages, c.dw_steps)
@@ -758,14 +766,14 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
       mg.wgmma_wait(0)
       return acc_ref[...]
 
-    acc = pl.run_scoped(run, mg.ACC((fs, out_ref.shape[-1]), jnp.float32))
+    acc = pl.run_scoped(run, mg.ACC((fs, r), jnp.float32))
     for k, (grad, off) in enumerate(roles):
       f = width * pi + off
 
       @pl.when((wg == k) & (f < c.n_steps))
       def _():
-        dst = out_ref.at[si] if width > 1 else out_ref.at[si, k]  # [split, (grad,) F, rank]
-        store_out(acc, dst, scr["out_s"].at[k], f * fs, 0)
+        lead = () if width > 1 else (k,)  # the gradients' axis where the roles differ
+        store_out(acc, out_ref, scr["out_s"].at[k], f * fs, 0, add=(si, lead, c.interpret))
         mg.wait_smem_to_gmem(0)
 
   def block(key):  # the pipelined block of one input, at this program's feature step
@@ -774,7 +782,6 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
     if c.n_steps % width:  # the last program's second step is past the end: the last again
       f = jnp.minimum(f, c.n_steps - 1)
     if name in ("h", "g"):
-      r = in_refs[inputs.index(key)].shape[1]
       return _spec((bt, r), lambda t: (t0 + t, 0), c.dtype, r, late)
     source = {"dy1": "dy1", "meta": "dy1", "act": act}[name]
     return _Relu(source, c).specs(lambda t: t0 + t, lambda t: f, bt, late)[name == "meta"]
@@ -868,9 +875,16 @@ def launch(spec: plan.KernelSpec, *args):
   options = dict(spec.options)
   if "source" in options:  # where the backward kernel's relu(y1) planes come from
     options["relu"] = _Relu(options.pop("source"), spec.c)
+  splits = options.pop("reduce_add", None)  # programs adding into one output by TMA
   body = functools.partial(_unions_named(BODIES[spec.body]), pl_=spec.c, **options)
   threads = dict(num_threads=spec.warpgroups, thread_name="wg") if spec.warpgroups > 1 else {}
-  return mc.kernel(_named(body, spec.name), out_shape=spec.out_shape, scratch=spec.scratch,
-                   grid=spec.grid, grid_names=spec.grid_names, interpret=spec.c.interpret,
-                   **threads)(*args)
+  call = functools.partial(
+      mc.kernel(_named(body, spec.name), out_shape=() if splits else spec.out_shape,
+                scratch=spec.scratch, grid=spec.grid, grid_names=spec.grid_names,
+                interpret=spec.c.interpret, **threads), *args)
+  if not splits:
+    return call()
+  out = mc.reduce_add_zeros(spec.out_shape.shape, spec.out_shape.dtype, splits, spec.c.interpret)
+  call(out)
+  return mc.reduce_add_total(out, spec.c.interpret)
 

@@ -69,7 +69,7 @@ class Tiles:
   (from a stored activation) ``dh`` run as one TMA producer warpgroup and
   two consumer warpgroups of ``block_t`` tokens each, sharing every weight step,
   in column blocks of at most :data:`WS_MAX_BLOCK`, and the 2:4 phase's weight
-  gradients as one kernel with a consumer each (:func:`dw_ws_spec`).
+  gradients warp-specialized too (:func:`dw_ws_specs`).
   """
 
   block_t: int = TOKENS
@@ -711,8 +711,10 @@ def dw_ws_spec(c: Plan, roles, act: str) -> KernelSpec:
   or ``dense``, split mode's ``tokmask`` output, squared); consumer ``k`` of ``roles[k]
   = (grad, offset)`` holds the ``[block_f_dw, rank]`` fp32 accumulator of ``dw_in``
   (``dy1ᵀ h``) or ``dw_outᵀ`` (``y2ᵀ g``) at feature step ``width · program + offset``.
-  Output ``[dw_split, (2,) F, rank]`` fp32 (the split's partial sums, added in XLA; the
-  gradients' axis where the roles differ)."""
+  The ``dw_split`` programs of a feature step add their partial sums into one fp32
+  output ``[(2,) F, rank]`` by TMA reduce-add (the gradients' axis where the roles
+  differ; ``bodies.launch`` zeroes it, per-split slabs summed in XLA when interpreting:
+  ``compat.copy_smem_to_gmem_add``)."""
   c = c.for_dw()
   dt, it = c.dtype, c.dtype.itemsize
   grads = [g for g, _ in roles]
@@ -734,21 +736,23 @@ def dw_ws_spec(c: Plan, roles, act: str) -> KernelSpec:
   c = _with_dw_split(c, c.nt, programs, per_sm=1, whole_waves=True)
   mma = {}
   _mma(mma, r, c.bt, c.dw_steps * c.fs // 64 * WS_CONSUMERS)  # [fs, bt] x [bt, r] each
-  hbm = c.dw_split * len(set(grads)) * c.f_pad * r * 4  # the partial sums
+  hbm = 2 * len(set(grads)) * c.f_pad * r * 4  # the output zeroed, then written once
+  # (the splits' reduce-adds meet in L2)
   for name, off in inputs:
     if off == 0:  # every element once (offsets > 0 are the other half of the features)
       hbm += (c.t_pad * r * it if name in ("h", "g")
               else c.t_pad * c.f_pad // 8 if name == "meta"
               else c.t_pad * c.f_pad * it // (1 if name == "act" and act == "dense" else 2))
   if width > 1:
-    name, shape = f"elas_mgpu_dw_ws_{grads[0]}", (c.dw_split, c.f_pad, r)
+    name, shape = f"elas_mgpu_dw_ws_{grads[0]}", (c.f_pad, r)
     if grads[0] == "out":
       name += f"_{act}"
   else:
-    name, shape = f"elas_mgpu_dw_ws_{act}", (c.dw_split, len(roles), c.f_pad, r)
+    name, shape = f"elas_mgpu_dw_ws_{act}", (len(roles), c.f_pad, r)
   return _spec_of(name, c, s, c.dw_steps, (programs, c.dw_split), ("f", "s"),
                   jax.ShapeDtypeStruct(shape, jnp.float32), "dw_ws", mma, hbm,
-                  warpgroups=WS_CONSUMERS + 1, roles=tuple(roles), act=act)
+                  warpgroups=WS_CONSUMERS + 1, roles=tuple(roles), act=act,
+                  reduce_add=c.dw_split)
 
 
 def _with_dw_split(c: Plan, steps: int, programs: int, per_sm: int = 2,

@@ -258,8 +258,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
       dw = {}
       for spec in plan.dw_ws_specs(c, act):
         roles = spec.options["roles"]
-        out = jnp.sum(bodies.launch(spec, *(arrays[name] for name, _ in
-                                            plan.dw_ws_inputs(roles, act))), axis=0)
+        out = bodies.launch(spec, *(arrays[name] for name, _ in plan.dw_ws_inputs(roles, act)))
         grads = [g for g, _ in roles]
         dw.update({grads[0]: out} if len(set(grads)) == 1 else dict(zip(grads, out)))
       return dh, dw["in"], dw["out"].T
