@@ -604,7 +604,7 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
   refs = list(refs)
-  dwin_ref = refs.pop()
+  dwin_ref = refs.pop()  # the reduce-add buffer: the token splits add into it
   from_dy1 = relu.source in plan.STORED_DY1.values()
   recompute = relu.source == "recompute"
   g_ref = wout_ref = winT_ref = None
@@ -657,7 +657,7 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((fs, c.kb), jnp.float32))
-  store_out(acc, dwin_ref.at[si], scr["out_s"], fi * fs, kb * c.kb)
+  store_out(acc, dwin_ref, scr["out_s"], fi * fs, kb * c.kb, add=(si, (), c.interpret))
   mg.wait_smem_to_gmem(0)
 
 
@@ -669,7 +669,7 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
   refs = list(refs)
-  dwout_ref = refs.pop()
+  dwout_ref = refs.pop()  # the reduce-add buffer: the token splits add into it
   h_ref = winT_ref = None
   if relu.source == "recompute":
     h_ref, winT_ref = refs.pop(0), refs.pop(0)
@@ -707,7 +707,7 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((c.nb, fs), jnp.float32))
-  store_out(acc, dwout_ref.at[si], scr["out_s"], nb * c.nb, fi * fs)
+  store_out(acc, dwout_ref, scr["out_s"], nb * c.nb, fi * fs, add=(si, (), c.interpret))
   mg.wait_smem_to_gmem(0)
 
 

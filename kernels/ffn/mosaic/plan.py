@@ -59,8 +59,8 @@ class Tiles:
   kernels (their accumulator is ``[block_f_dw, block_k]``), both multiples of
   ``sub_f`` (8 planes of ``sub_f / 8``; one wgmma N); ``block_n`` / ``block_k``
   output columns per program (multiples of 64, at most 256); ``dw_split``
-  programs sharing one weight-gradient token loop (partial sums added in XLA);
-  ``stages`` pipeline buffers (fewer where shared memory is short);
+  programs sharing one weight-gradient token loop (partial sums added by TMA
+  reduce-add); ``stages`` pipeline buffers (fewer where shared memory is short);
   ``materialize_relu``: ``ste``'s and the
   warm-up's backward read ``relu(y1)`` from the ``relu`` kernel and ``dw_in`` reads
   the ``dy1`` that ``dh`` wrote (None or True, the default), or (False) recompute
@@ -619,13 +619,13 @@ def dwin_spec(c: Plan, source: str) -> KernelSpec:
     _mma(mma, c.ft, c.k_pad, c.dw_steps * c.n_sub_step)
   _mma(mma, c.kb, c.bt, c.dw_steps * c.fs // 64)  # [fs, bt] x [bt, kb]: fs/64 m64 rows per tile
   hbm = (c.t_pad * c.k_pad * it + _src_bytes(source, c) * (source != "recompute")
-         + c.f_pad * c.k_pad * 4 * c.dw_split)
+         + 2 * c.f_pad * c.k_pad * 4)  # the output zeroed, then written (splits add in L2)
   if not from_dy1:
     hbm += c.t_pad * c.n_pad * it + c.f_pad * (c.k_pad + c.n_pad) * it
   return _spec_of(f"elas_mgpu_dw_in_{source}", c, s, c.dw_steps,
                   (c.n_steps, c.k_pad // c.kb, c.dw_split), ("f", "k", "s"),
-                  jax.ShapeDtypeStruct((c.dw_split, c.f_pad, c.k_pad), jnp.float32),
-                  "dw_in", mma, hbm, source=source)
+                  jax.ShapeDtypeStruct((c.f_pad, c.k_pad), jnp.float32),
+                  "dw_in", mma, hbm, source=source, reduce_add=c.dw_split)
 
 
 def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
@@ -644,11 +644,11 @@ def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
     _mma(mma, c.ft, c.k_pad, c.dw_steps * c.n_sub_step)
   _mma(mma, c.fs, sr, c.dw_steps * c.nb // 64)  # [nb, sr] x [sr, fs]
   hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.f_pad * c.k_pad * it
-         + c.dw_split * c.n_pad * c.f_pad * 4)
+         + 2 * c.n_pad * c.f_pad * 4)  # the output zeroed, then written (splits add in L2)
   return _spec_of(f"elas_mgpu_dw_out_{source}_{dw_mask}", c, s, c.dw_steps,
                   (c.n_steps, c.n_pad // c.nb, c.dw_split), ("f", "n", "s"),
-                  jax.ShapeDtypeStruct((c.dw_split, c.n_pad, c.f_pad), jnp.float32),
-                  "dw_out", mma, hbm, source=source, dw_mask=dw_mask)
+                  jax.ShapeDtypeStruct((c.n_pad, c.f_pad), jnp.float32),
+                  "dw_out", mma, hbm, source=source, dw_mask=dw_mask, reduce_add=c.dw_split)
 
 
 def serves_dw_ws(c: Plan, source: str) -> bool:
@@ -758,7 +758,7 @@ def dw_ws_spec(c: Plan, roles, act: str) -> KernelSpec:
 def _with_dw_split(c: Plan, steps: int, programs: int, per_sm: int = 2,
                    whole_waves: bool = False) -> Plan:
   """Split a weight-gradient kernel's token loop over ``dw_split`` programs (partial sums
-  added in XLA): the feature x rank grid alone is ~33 programs at 60M shapes for 132
+  added by TMA reduce-add): the feature x rank grid alone is ~33 programs at 60M shapes for 132
   SMs. Auto (``Tiles.dw_split=None``): the fewest splits, dividing ``steps``, that
   give ``per_sm`` programs per SM of the plan's GPU (one when interpreting)."""
   split = c.tiles.dw_split

@@ -125,12 +125,12 @@ def _dwin_call(g, h, wout, winT, src, source: str, c: plan.Plan):
     args = [h] + list(src)
   else:
     args = [g, h, wout] + ([winT] if source == "recompute" else []) + list(src)
-  return jnp.sum(bodies.launch(plan.dwin_spec(c, source), *args), axis=0)
+  return bodies.launch(plan.dwin_spec(c, source), *args)
 
 
 def _dwout_call(g, h, winT, src, source: str, dw_mask: str, c: plan.Plan):
   args = [g] + ([h, winT] if source == "recompute" else []) + list(src)
-  return jnp.sum(bodies.launch(plan.dwout_spec(c, source, dw_mask), *args), axis=0)
+  return bodies.launch(plan.dwout_spec(c, source, dw_mask), *args)
 
 
 def _tokmask_call(dense_f, tok_dense, vals, meta, c: plan.Plan):
