@@ -133,6 +133,21 @@ def _dwout_call(g, h, winT, src, source: str, dw_mask: str, c: plan.Plan):
   return bodies.launch(plan.dwout_spec(c, source, dw_mask), *args)
 
 
+def _dw_ws_call(h, g, dy1, meta, act_values, act: str, c: plan.Plan):
+  """``(dw_in, dw_outᵀ)`` of the 2:4 phase from the warp-specialized kernel(s) of
+  :func:`plan.dw_ws_specs` (kernel feature order): ``dy1``'s kept values and the
+  forward's metadata, the activation ``act_values`` (``act``: compressed values, or
+  split's dense ``tokmask`` output)."""
+  arrays = {"h": h, "g": g, "dy1": dy1, "meta": meta, "act": act_values}
+  dw = {}
+  for spec in plan.dw_ws_specs(c, act):
+    roles = spec.options["roles"]
+    out = bodies.launch(spec, *(arrays[name] for name, _ in plan.dw_ws_inputs(roles, act)))
+    grads = [grad for grad, _ in roles]
+    dw.update({grads[0]: out} if len(set(grads)) == 1 else dict(zip(grads, out)))
+  return dw["in"], dw["out"]
+
+
 def _tokmask_call(dense_f, tok_dense, vals, meta, c: plan.Plan):
   """Split mode: relu(y1) with the token-wise 2:4 applied, dense (``dw_out``'s operand)."""
   return bodies.launch(plan.tokmask_spec(c), dense_f, tok_dense, vals, meta)
@@ -254,14 +269,8 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
     r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c) if dw_mask == "tokens" else None
     if plan.serves_dw_ws(c, source):  # warp-specialized, a consumer per gradient or step
       act = "compressed" if r_tok is None else "dense"
-      arrays = {"h": hk, "g": gk, "dy1": dy1, "meta": meta, "act": vals if r_tok is None else r_tok}
-      dw = {}
-      for spec in plan.dw_ws_specs(c, act):
-        roles = spec.options["roles"]
-        out = bodies.launch(spec, *(arrays[name] for name, _ in plan.dw_ws_inputs(roles, act)))
-        grads = [g for g, _ in roles]
-        dw.update({grads[0]: out} if len(set(grads)) == 1 else dict(zip(grads, out)))
-      return dh, dw["in"], dw["out"].T
+      dwin, dwoutT = _dw_ws_call(hk, gk, dy1, meta, vals if r_tok is None else r_tok, act, c)
+      return dh, dwin, dwoutT.T
     if stored:
       dwin = _dwin_call(gk, hk, wout, winT, dy1_src, stored, c)
     else:
