@@ -142,6 +142,56 @@ def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, params=Non
   return rows
 
 
+def glue_us(f: int, r: int, tokens: int, target, mode: str, train: bool, sparse_on: bool,
+            tiles: dict | None = None) -> tuple[float, list[dict]]:
+  """(µs, rows) of the XLA kernels one ELAS core call runs beside its Mosaic kernels:
+  the weights put in kernel feature order and padded, the output / ``dh`` blocks joined,
+  the statistics finished, the gradients cast, the reduce-add buffers zeroed. The call
+  (forward, or with ``train`` forward and the vector-Jacobian product for an upstream
+  ``g``, ``sparse_on`` a constant so XLA keeps one branch) is compiled for ``target``
+  and every launch that is not a Mosaic kernel (a custom call) is costed as
+  :mod:`benchmarks.xla_static` costs XLA's dense core: bytes at HBM bandwidth, plus the
+  calibrated per-kernel overhead. The dense core's own such kernels are in its total."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import xla_static
+  from elas_jax import targets
+  from elas_kernels.ffn.mosaic import MosaicFfn
+
+  op = MosaicFfn(interpret=False, gpu=target.gpu_spec(), **(tiles or {}))
+  core = lambda h, w_in, w_out: op(h, w_in, w_out, sparse_on, mode=mode)
+
+  def fwd_bwd(h, w_in, w_out, g):
+    (out, stats), vjp = jax.vjp(core, h, w_in, w_out)
+    return out, stats, vjp((g, jax.tree.map(jnp.zeros_like, stats)))
+
+  fn = fwd_bwd if train else core
+  report = targets.compile_for_target(fn, *xla_static.core_args(f, r, tokens, train),
+                                      target=target, ptxas=False)
+  if not report.compiled:
+    raise RuntimeError(f"ELAS core ({mode}, train={train}) did not compile: {report.reason}")
+  rows = []
+  for k in xla_static.hlo_kernels(report.compiled_object.as_text()):
+    if k.opcode == "custom-call":  # a Mosaic kernel: costed from its PTX (kernel_rows)
+      continue
+    s, bound = xla_static.cost_s(k, target.bf16_flops_per_s)
+    rows.append({"kernel": k.name, "kind": k.kind or k.opcode, "mb": k.bytes / 1e6,
+                 "est_us": s * 1e6, "bound": bound})
+  return sum(w["est_us"] for w in rows), rows
+
+
+def glue_totals(f: int, r: int, tokens: int, target, tiles: dict | None = None,
+                modes=MODES) -> dict[str, dict[str, float]]:
+  """:func:`glue_us` per mode for the columns of :func:`totals`: the forward (evaluation,
+  2:4), fwd+bwd of the 2:4 phase and of the dense warm-up."""
+  fwd = glue_us(f, r, tokens, target, "masked", False, True, tiles)[0]
+  return {mode: {"forward": fwd,
+                 "fwd_bwd": glue_us(f, r, tokens, target, mode, True, True, tiles)[0],
+                 "warm_up": glue_us(f, r, tokens, target, mode, True, False, tiles)[0]}
+          for mode in modes}
+
+
 def lower_bound_us(f: int, r: int, tokens: int, target, train: bool) -> float:
   """The FFN core's lower bound (:func:`elas_kernels.roofline.ffn_core`: each product once,
   the compulsory bytes) at ``target``'s peaks. The physical limit, not an estimate."""
@@ -178,17 +228,22 @@ def flops_ratios(rows: list[dict], f: int, r: int, tokens: int) -> dict[str, dic
   return out
 
 
-def totals(rows: list[dict]) -> dict[str, dict[str, float]]:
-  """Modelled µs per mode: forward, fwd+bwd of the 2:4 phase and of the dense warm-up."""
+def totals(rows: list[dict], glue: dict | None = None) -> dict[str, dict[str, float]]:
+  """Modelled µs per mode: forward, fwd+bwd of the 2:4 phase and of the dense warm-up;
+  with ``glue`` (:func:`glue_totals`) the XLA kernels beside the Mosaic ones added."""
   out = {}
   for mode in sorted({w["mode"] for w in rows}):
     fwd, bwd, warm_fwd, warm = _phase_sums(rows, mode, lambda w: w["est_us"])
     out[mode] = {"forward": fwd, "fwd_bwd": fwd + bwd, "warm_up": warm_fwd + warm}
+    if glue:
+      out[mode] = {k: v + glue[mode][k] for k, v in out[mode].items()}
   return out
 
 
-def markdown(size: str, tokens: int, rows: list[dict], target, xla: dict | None = None) -> str:
-  """Per-kernel table, then per mode the totals beside XLA's dense core and the bound."""
+def markdown(size: str, tokens: int, rows: list[dict], target, xla: dict | None = None,
+             glue: dict | None = None) -> str:
+  """Per-kernel table, then per mode the totals (with ``glue``, the XLA kernels beside the
+  Mosaic ones included: :func:`glue_totals`) beside XLA's dense core and the bound."""
   f, r = SIZES[size]
   out = [f"### {size} (F {f}, r {r}), {tokens} tokens",
          "",
@@ -202,16 +257,22 @@ def markdown(size: str, tokens: int, rows: list[dict], target, xla: dict | None 
                f"| {mma} | {smem} | {w['registers']} | {w['spill_bytes']} | {w['programs_per_sm']} "
                f"| {w['waves']:.2f} | {w['gflop']:.1f} | {w['hbm_mb']:.0f} | {w['est_us']:.0f} | {w['bound']} |")
   lb_f, lb_t = lower_bound_us(f, r, tokens, target, False), lower_bound_us(f, r, tokens, target, True)
-  ratios, tot = flops_ratios(rows, f, r, tokens), totals(rows)
+  ratios, tot = flops_ratios(rows, f, r, tokens), totals(rows, glue)
   head = "| mode | forward µs | fwd+bwd µs (2:4) | fwd+bwd µs (warm-up) "
+  if glue:
+    head += "| of which XLA glue: fwd, fwd+bwd, warm-up "
   if xla:
     head += "| XLA dense fwd / fwd+bwd µs | ELAS / XLA: fwd, fwd+bwd (2:4), warm-up "
   out += ["", head + "| lower bound fwd / fwd+bwd µs | fwd+bwd / lower bound "
           "| executed / minimum FLOPs: fwd, fwd+bwd (2:4), warm-up |",
-          "|---|---|---|---|" + ("---|---|" if xla else "") + "---|---|---|"]
+          "|---|---|---|---|" + ("---|" if glue else "") + ("---|---|" if xla else "")
+          + "---|---|---|"]
   for mode in MODES:
     t, x = tot[mode], ratios[mode]
     line = f"| {mode} | {t['forward']:.0f} | {t['fwd_bwd']:.0f} | {t['warm_up']:.0f} "
+    if glue:
+      gl = glue[mode]
+      line += f"| {gl['forward']:.0f}, {gl['fwd_bwd']:.0f}, {gl['warm_up']:.0f} "
     if xla:
       xf, xt = xla["forward_us"], xla["fwd_bwd_us"]
       line += (f"| {xf:.0f} / {xt:.0f} | {t['forward'] / xf:.2f}, {t['fwd_bwd'] / xt:.2f}, "
@@ -248,6 +309,8 @@ def main(argv=None) -> int:
   ap.add_argument("--no_xla", action="store_true", help="leave out XLA's dense core")
   ap.add_argument("--impl", default="mosaic", choices=sorted(IMPLS),
                   help="mosaic, or mosaic_ws (the warp-specialized kernels; ranks <= 256)")
+  ap.add_argument("--no_glue", action="store_true",
+                  help="leave out the XLA kernels beside the Mosaic ones (kernels only)")
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
   from benchmarks import xla_static
@@ -274,13 +337,15 @@ def main(argv=None) -> int:
       for key, train in (("forward_us", False), ("fwd_bwd_us", True)):
         _, xrows = xla_static.compile_rows(f, r, args.tokens, target, train)
         xla[key] = sum(w["est_us"] for w in xrows)
+    glue = None if args.no_glue else glue_totals(f, r, args.tokens, target, tiles)
     results[size] = {"compiled": report.compiled, "reason": report.reason,
-                     "compile_s": report.compile_s, "kernels": rows, "totals_us": totals(rows),
+                     "compile_s": report.compile_s, "kernels": rows, "totals_us": totals(rows, glue),
+                     "kernels_only_us": totals(rows), "glue_us": glue,
                      "xla_dense_us": xla, "executed_flops_ratio": flops_ratios(rows, f, r, args.tokens),
                      "lower_bound_us": [lower_bound_us(f, r, args.tokens, target, t) for t in (False, True)]}
     print(f"    compiled={report.compiled} in {report.compile_s:.0f} s"
           + (f": {report.reason}" if report.reason else ""), file=sys.stderr, flush=True)
-    md.append(markdown(size, args.tokens, rows, target, xla))
+    md.append(markdown(size, args.tokens, rows, target, xla, glue))
   text = "\n\n".join(md)
   print(text)
   write_results(args.out, results, text)
