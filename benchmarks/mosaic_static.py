@@ -21,6 +21,10 @@ branch: ``sparse_on`` is an input), compiled for the H200 by XLA and Mosaic GPU
     executed wgmma, SIMT instructions, waits, TMA bytes and warpgroup roles,
     costed with the constants ``benchmarks/calibrate_model.py`` fitted to
     published Hopper measurements) and the term that bounds it;
+  * per mode, the XLA kernels an ELAS call runs beside the Mosaic ones (weights
+    into kernel order, column blocks joined, statistics, casts, zeroed buffers;
+    :func:`glue_us`), costed as XLA's dense core's kernels are and added to the
+    totals (``--no_glue`` leaves them out);
 
 beside XLA's dense loro_relu2 FFN core at the same size (``benchmarks.xla_static``)
 and the roofline lower bound of the whole FFN core (the fused op's minimum FLOPs
