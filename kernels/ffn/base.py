@@ -214,9 +214,9 @@ def finish_forward(out_TxN: jax.Array, stats_Tx3: jax.Array, h_TxK: jax.Array,
   are in call order with padding dropped; the dense tail is added here, in XLA."""
   t, f = h_TxK.shape[0], w_in_FxK.shape[0]
   f_main = f - f % sparse24.GROUP
-  zeros = jnp.sum(stats_Tx3[:, 0]) - t * (f_padded - f_main)  # padded features are zeros
-  total = jnp.sum(stats_Tx3[:, 1])
-  dropped = jnp.sum(stats_Tx3[:, 2])
+  # one reduction for the three (XLA launched one small kernel per column summed)
+  zeros, total, dropped = jnp.sum(stats_Tx3, axis=0)
+  zeros = zeros - t * (f_padded - f_main)  # padded features are zeros
   r_tail = None
   if f_main != f:
     out_tail, r_tail, zeros_tail, total_tail = tail_forward(h_TxK, w_in_FxK, w_out_NxF, f_main)
