@@ -121,9 +121,9 @@ def test_gpu_plans_fit_shared_memory_at_paper_shapes(f, r):
         assert s.programs >= 132, (mode, phase, s.name, s.grid)  # at least one wave's worth
   if f == 2064:  # planned for a GPU with less shared memory, the forward takes fewer stages
     (big,) = kernel_specs(16384, f, r, r, gpu=H200, train=False)["forward"]
-    (small,) = kernel_specs(16384, f, r, r, gpu=dataclasses.replace(H200, smem_per_block=110_000),
+    (small,) = kernel_specs(16384, f, r, r, gpu=dataclasses.replace(H200, smem_per_block=100_000),
                             train=False)["forward"]
-    assert (big.stages, small.stages) == (2, 1) and small.smem_bytes <= 110_000 - 4096
+    assert (big.stages, small.stages) == (2, 1) and small.smem_bytes <= 100_000 - 4096
 
 
 def test_ranks_beyond_shared_memory_raise_not_implemented():

@@ -209,9 +209,10 @@ def finish_forward(out_TxN: jax.Array, stats_Tx3: jax.Array, h_TxK: jax.Array,
                    ) -> tuple[jax.Array, Stats, jax.Array | None]:
   """A kernel forward's results -> the op's ``(out, stats, relu(y1) of the tail or None)``.
 
-  ``out_TxN`` (fp32) and ``stats_Tx3`` (per token: zeros, mass and 2:4-dropped mass of
-  ``y2`` over the ``f_padded`` features the kernels saw, the ``F % 4`` tail excluded)
-  are in call order with padding dropped; the dense tail is added here, in XLA."""
+  ``out_TxN`` (fp32 or the compute dtype) and ``stats_Tx3`` (per token: zeros, mass and
+  2:4-dropped mass of ``y2`` over the ``f_padded`` features the kernels saw, the ``F % 4``
+  tail excluded) are in call order with padding dropped; the dense tail is added here, in
+  XLA."""
   t, f = h_TxK.shape[0], w_in_FxK.shape[0]
   f_main = f - f % sparse24.GROUP
   # one reduction for the three (XLA launched one small kernel per column summed)

@@ -115,7 +115,8 @@ def _copy_in(src, dst, barrier):
 def store_out(acc: jax.Array, out_ref, out_s, row0, col0, add=None) -> None:
   """Write an fp32 ``[M, C]`` register tile to ``out_ref[row0:, col0:]`` in chunks
   through a double-buffered shared-memory tile ``out_s [2, cm, cc]`` (64x64 on a
-  GPU, to spare shared memory; the whole tile when interpreting: fewer copies).
+  GPU, to spare shared memory; the whole tile when interpreting: fewer copies), in
+  ``out_s``'s dtype (the compute dtype for outputs the op returns: no cast in XLA).
   ``add = (split, lead, interpret)``: add it into ``out_ref[*lead, rows, cols]`` by TMA
   reduce-add instead (``compat.copy_smem_to_gmem_add``: split ``split``'s slab when
   interpreting)."""
@@ -127,7 +128,7 @@ def store_out(acc: jax.Array, out_ref, out_s, row0, col0, add=None) -> None:
     for ci in range(c // cc):
       slot = chunk % 2
       mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that last used this slot
-      out_s[slot] = acc[mi * cm:(mi + 1) * cm, ci * cc:(ci + 1) * cc]
+      out_s[slot] = acc[mi * cm:(mi + 1) * cm, ci * cc:(ci + 1) * cc].astype(out_s.dtype)
       mg.commit_smem()
       idx = (pl.ds(row0 + mi * cm, cm), pl.ds(col0 + ci * cc, cc))
       if add is None:
@@ -793,9 +794,10 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
 
 
 def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: int, **scr):
-  """``out[rows, block c] = A @ W[:, block c + offset]`` (blocks of ``block`` columns; the
-  first ``offset`` are the first kernel's) with ``A`` a stored operand (refs: its source
-  refs, ``W``, ``out``): from a 2:4 one (values + the forward's metadata) decompressed
+  """``out[rows, block c + offset] = A @ W[:, block c + offset]`` (blocks of ``block``
+  columns; the first ``offset`` are the first kernel's, already in ``out``: the buffer it
+  wrote, passed in as a mutable ref) with ``A`` a stored operand (refs: its source refs,
+  ``W``, ``out``): from a 2:4 one (values + the forward's metadata) decompressed
   into the register A operand, ``y2`` squaring the kept ``relu(y1)`` values (the
   forward's ``y2s``, as its kernel rounds it), ``dy1`` taking them as they are; from a
   dense one ``y2_dense`` squaring ``relu(y1)`` in registers (the warm-up's ``y2``) and
@@ -835,7 +837,7 @@ def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: i
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((bt, cb), jnp.float32))
-  store_out(acc, out_ref, scr["out_s"], ti * bt, ci * cb)
+  store_out(acc, out_ref, scr["out_s"], ti * bt, (ci + offset) * cb)
   mg.wait_smem_to_gmem(0)
 
 
@@ -876,12 +878,19 @@ def launch(spec: plan.KernelSpec, *args):
   if "source" in options:  # where the backward kernel's relu(y1) planes come from
     options["relu"] = _Relu(options.pop("source"), spec.c)
   splits = options.pop("reduce_add", None)  # programs adding into one output by TMA
+  into = options.pop("into", False)  # writes columns of the last argument's array
   body = functools.partial(_unions_named(BODIES[spec.body]), pl_=spec.c, **options)
   threads = dict(num_threads=spec.warpgroups, thread_name="wg") if spec.warpgroups > 1 else {}
   call = functools.partial(
-      mc.kernel(_named(body, spec.name), out_shape=() if splits else spec.out_shape,
+      mc.kernel(_named(body, spec.name), out_shape=() if splits or into else spec.out_shape,
                 scratch=spec.scratch, grid=spec.grid, grid_names=spec.grid_names,
-                interpret=spec.c.interpret, **threads), *args)
+                interpret=spec.c.interpret, **threads), *args[:-1] if into else args)
+  if into:
+    # The buffer as a mutable ref: XLA aliases it to the kernel's result (no copy, no
+    # join of column blocks, when nothing else reads the first kernel's output).
+    out = jax.new_ref(args[-1])
+    call(out)
+    return out[...]
   if not splits:
     return call()
   out = mc.reduce_add_zeros(spec.out_shape.shape, spec.out_shape.dtype, splits, spec.c.interpret)

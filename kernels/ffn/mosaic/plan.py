@@ -368,10 +368,10 @@ def _spec_of(name, c: Plan, s: Scratch, steps: int, grid, grid_names, out_shape,
 
 def fwd_spec(c: Plan, store: bool, first_block: bool = False,
              store_relu: bool = False) -> KernelSpec:
-  """Outputs: [out fp32 [T, N], stats [3, T]] + [vals, meta] if ``store``. Warp-specialized
-  (``tiles.warp_specialized``): every per-token buffer once per consumer warpgroup.
-  ``first_block``: only the first ``block_n`` output columns (out ``[T, block_n]``); the
-  others come from :func:`packed_mm_spec` on the stored activation (``y1`` computed once):
+  """Outputs: [out [T, N] (compute dtype), stats fp32 [3, T]] + [vals, meta] if ``store``.
+  Warp-specialized (``tiles.warp_specialized``): every per-token buffer once per consumer
+  warpgroup. ``first_block``: only the first ``block_n`` output columns are written; the
+  others come from :func:`packed_mm_spec` (into the same buffer) on the stored activation (``y1`` computed once):
   the compressed one in the 2:4 phase, or (``store_relu``, the dense warm-up) ``relu(y1)``
   dense, a last output ``[T, F]`` in kernel feature order."""
   dt, it = c.dtype, c.dtype.itemsize
@@ -380,7 +380,7 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
     c = c.replace(nb=fwd_block(c))
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
   s = Scratch().add("h_s", (*per, c.bt, c.k_pad), dt, c.k_pad)
-  s.add("out_s", (*per, 2, *((c.bt, c.nb) if c.interpret else (64, 64))), jnp.float32)
+  s.add("out_s", (*per, 2, *((c.bt, c.nb) if c.interpret else (64, 64))), dt)
   s.add("stats_s", (*per, 3, c.bt), jnp.float32)
   s.pipelined(((c.k_pad, c.fs), dt), ((c.fs, c.nb), dt))
   if store:
@@ -392,8 +392,8 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
     s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
   if ws:  # the output staged where h was: h is read by the last step's wgmma, before it
     s.alias("h_s", "out_s")
-  n_cols = c.nb if first_block else c.n_pad
-  out_shape = [jax.ShapeDtypeStruct((c.t_pad, n_cols), jnp.float32),
+  n_cols = c.nb if first_block else c.n_pad  # written by this kernel
+  out_shape = [jax.ShapeDtypeStruct((c.t_pad, c.n_pad), dt),
                jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
   if store:
     out_shape += [jax.ShapeDtypeStruct((c.t_pad, c.f_pad // 2), dt),
@@ -403,7 +403,7 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
   mma = {}
   _mma(mma, c.ft, c.k_pad, c.n_sub)
   _mma(mma, c.nb, c.ft, c.n_sub)
-  hbm = (c.t_pad * c.k_pad * it + c.t_pad * n_cols * 4 + 12 * c.t_pad
+  hbm = (c.t_pad * c.k_pad * it + c.t_pad * n_cols * it + 12 * c.t_pad
          + c.f_pad * (c.k_pad + n_cols) * it
          + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0)
          + (c.t_pad * c.f_pad * it if store_relu else 0))
@@ -488,8 +488,9 @@ def _src_bytes(source: str, c: Plan) -> int:
 def dh_spec(c: Plan, source: str) -> KernelSpec:
   """``dh``; from the compressed activation it also writes ``dy1``'s kept values (output 2,
   ``[T, F/2]`` in the forward's value layout) for ``dw_in``, and then covers only the first
-  ``block_k`` columns (``[T, block_k]``) when there are more: :func:`packed_mm_spec` makes
-  the others from the stored ``dy1`` (``dy2`` formed once). From the ``relu`` kernel's
+  ``block_k`` columns when there are more (``dh`` ``[T, K]`` in the compute dtype, the rest
+  left for :func:`packed_mm_spec`, which writes them into it from the stored ``dy1``:
+  ``dy2`` formed once). From the ``relu`` kernel's
   dense activation (``dense``) the first ``block_k`` programs write ``dy1`` dense (output 2,
   ``[T, F]`` in kernel feature order) for ``dw_in`` and likewise covers only the first
   ``block_k`` columns: ``packed_mm_spec(c, "dy1_dense")`` makes the others."""
@@ -502,7 +503,7 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
     c = c.replace(kb=dh_block(c, source))
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
   s = Scratch().add("g_s", (*per, c.bt, c.n_pad), dt, c.n_pad)
-  s.add("out_s", (*per, 2, *((c.bt, c.kb) if c.interpret else (64, 64))), jnp.float32)
+  s.add("out_s", (*per, 2, *((c.bt, c.kb) if c.interpret else (64, 64))), dt)
   s.pipelined(((c.n_pad, c.fs), dt), ((c.fs, c.kb), dt),
               *_src_blocks(source, c, c.bt * (WS_CONSUMERS if ws else 1)))
   if source == "recompute":
@@ -520,11 +521,11 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   if source == "recompute":
     _mma(mma, c.ft, c.k_pad, c.n_sub)
   _mma(mma, c.kb, c.ft, c.n_sub)
-  k_cols = c.kb if store else c.k_pad
+  k_cols = c.kb if store else c.k_pad  # written by this kernel
   dy1_bytes = c.t_pad * c.f_pad * dy1_cols // c.fs * it if store else 0
-  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * k_cols * 4
+  hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * k_cols * it
          + c.f_pad * (k_cols + c.n_pad) * it + dy1_bytes)
-  out_shape = jax.ShapeDtypeStruct((c.t_pad, k_cols), jnp.float32)
+  out_shape = jax.ShapeDtypeStruct((c.t_pad, c.k_pad), dt)
   if store:
     out_shape = [out_shape, jax.ShapeDtypeStruct((c.t_pad, c.f_pad * dy1_cols // c.fs), dt)]
   k_blocks = k_cols // c.kb
@@ -544,7 +545,8 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   decompressed, ``W = w_in``: ``dh``'s columns past the first ``block_k``), and from
   the dense warm-up's dense operands ``y2_dense`` (the forward's stored ``relu(y1)``,
   squared in registers) and ``dy1_dense`` (``dh``'s dense ``dy1``, wgmma's operand as
-  TMA left it). Output ``[T, cols - block]`` fp32."""
+  TMA left it). Written into the first kernel's ``[T, cols]`` output (the last argument,
+  compute dtype) past its first ``block`` columns: no join in XLA."""
   dt, it = c.dtype, c.dtype.itemsize
   source = "dense" if operand.endswith("_dense") else "compressed"
   if operand.startswith("y2"):
@@ -562,18 +564,18 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
     cb //= 2
   while not c.interpret and c.nt * (rest // cb) < c.gpu.sm_count and cb % 128 == 0:
     cb //= 2
-  s = Scratch().add("out_s", (2, *((c.bt, cb) if c.interpret else (64, 64))), jnp.float32)
+  s = Scratch().add("out_s", (2, *((c.bt, cb) if c.interpret else (64, 64))), dt)
   s.pipelined(((c.fs, cb), dt), *_src_blocks(source, c, c.bt))
   if c.interpret and operand != "dy1_dense":  # the register A operand's interpreted staging
     s.add("stage_s", (c.bt, c.ft), dt, c.ft)
   mma = {}
   _mma(mma, cb, c.ft, c.n_sub)
-  hbm = _src_bytes(source, c) + c.f_pad * rest * it + c.t_pad * rest * 4
+  hbm = _src_bytes(source, c) + c.f_pad * rest * it + c.t_pad * rest * it
   kind = "dense" if source == "dense" else "packed"
   return _spec_of(f"elas_mgpu_{kind}_mm_{operand.removesuffix('_dense')}", c, s, c.n_steps,
                   (c.nt, rest // cb), ("t", "c"),
-                  jax.ShapeDtypeStruct((c.t_pad, rest), jnp.float32), "packed_mm",
-                  mma, hbm, operand=operand, block=cb, offset=first // cb)
+                  jax.ShapeDtypeStruct((c.t_pad, cols), dt), "packed_mm",
+                  mma, hbm, operand=operand, block=cb, offset=first // cb, into=True)
 
 
 # dh writes dy1 from these activation sources, as dw_in's (and packed_mm's) source / operand

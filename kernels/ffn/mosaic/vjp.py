@@ -104,11 +104,11 @@ def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool, first_block: bool
   return bodies.launch(plan.fwd_spec(c, store, first_block, store_relu), flag, h, winT, woutT)
 
 
-def _packed_mm_call(src, w, operand: str, c: plan.Plan):
-  """The output columns past the first block from a stored operand (``src``: 2:4 values and
-  metadata for ``y2`` / ``dy1``, the dense ``relu(y1)`` / ``dy1`` for ``y2_dense`` /
-  ``dy1_dense``)."""
-  return bodies.launch(plan.packed_mm_spec(c, operand), *src, w)
+def _packed_mm_call(src, w, operand: str, c: plan.Plan, first):
+  """``first`` (the forward's / ``dh``'s output, its first column block written) with the
+  columns past it from a stored operand (``src``: 2:4 values and metadata for ``y2`` /
+  ``dy1``, the dense ``relu(y1)`` / ``dy1`` for ``y2_dense`` / ``dy1_dense``)."""
+  return bodies.launch(plan.packed_mm_spec(c, operand), *src, w, first)
 
 
 def _relu_call(h, winT, c: plan.Plan):
@@ -181,8 +181,8 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
     # warm-up (its y2 is not 2:4; a temporary: the compressed one stays the residual).
     def sparse():
       out0, stats_rows, vals, meta = _fwd_call(flag, hk, win.T, wout.T, c, True, first_block=True)
-      rest = _packed_mm_call((vals, meta), wout.T, "y2", c)
-      return (jnp.concatenate([out0, rest], axis=1), stats_rows) + ((vals, meta) if store else ())
+      out = _packed_mm_call((vals, meta), wout.T, "y2", c, out0)
+      return (out, stats_rows) + ((vals, meta) if store else ())
 
     def dense():
       cd = plan.dense_forward_plan(c)
@@ -190,8 +190,7 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
         return tuple(_fwd_call(flag, hk, win.T, wout.T, cd, store))
       out0, stats_rows, *stored, r = _fwd_call(flag, hk, win.T, wout.T, cd, store,
                                                first_block=True, store_relu=True)
-      rest = _packed_mm_call((r,), wout.T, "y2_dense", cd)
-      return (jnp.concatenate([out0, rest], axis=1), stats_rows, *stored)
+      return (_packed_mm_call((r,), wout.T, "y2_dense", cd, out0), stats_rows, *stored)
 
     outs = jax.lax.cond(jnp.asarray(sparse_on, bool), sparse, dense)
   else:
@@ -264,7 +263,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
       dh, dy1 = dh
       dy1_src = (dy1, meta) if source == "compressed" else (dy1,)
       if plan.splits_dy1(c, source):
-        dh = jnp.concatenate([dh, _packed_mm_call(dy1_src, win, stored, c)], axis=1)
+        dh = _packed_mm_call(dy1_src, win, stored, c, dh)
     # split: the token-wise 2:4 applied once, read back dense by dw_out
     r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c) if dw_mask == "tokens" else None
     if plan.serves_dw_ws(c, source):  # warp-specialized, a consumer per gradient or step
