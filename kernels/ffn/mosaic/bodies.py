@@ -30,6 +30,7 @@ interpreter differ.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -76,19 +77,21 @@ def _relu(y1: jax.Array, dtype) -> jax.Array:
   return jnp.maximum(y1.astype(dtype), jnp.zeros((), dtype))
 
 
-def _wgmma_k(acc, a_ref, b_ref, chunk: int = 128) -> None:
-  """``acc += a @ b`` for shared-memory ``a [M, K]``, ``b [K, N]``, issued ``chunk``
-  of K at a time in a loop: one unrolled wgmma per 16 of K for the whole rank
-  keeps every operand descriptor live (measured: 400 bytes of spills at K = 512)."""
+def _wgmma_k(acc, a_ref, bt_ref, chunk: int = 128) -> None:
+  """``acc += a @ btᵀ`` for shared-memory ``a [M, K]``, ``bt [N, K]`` (a weight tile as
+  its F-major array holds it, read transposed by wgmma: the kernels take each weight in
+  one orientation, so XLA prepares it in one launch), issued ``chunk`` of K at a time in
+  a loop: one unrolled wgmma per 16 of K for the whole rank keeps every operand
+  descriptor live (measured: 400 bytes of spills at K = 512)."""
   mg = mc.plgpu()
   k = a_ref.shape[1]
   if k <= chunk:
-    mg.wgmma(acc, a_ref, b_ref)
+    mg.wgmma(acc, a_ref, bt_ref.T)
     return
 
   def body(i, carry):
     ks = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
-    mg.wgmma(acc, a_ref.at[:, ks], b_ref.at[ks])
+    mg.wgmma(acc, a_ref.at[:, ks], bt_ref.at[:, ks].T)
     return carry
 
   lax.fori_loop(0, k // chunk, body, 0)
@@ -169,20 +172,20 @@ def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_
   warpgroup's): ``y1`` by wgmma, ReLU², the 2:4 selection, statistics, (``store``) the
   compressed activation written by TMA to ``store_refs`` (vals, meta), (``relu_out``:
   a staging buffer and its destination) ``relu(y1)`` dense, and
-  ``acc += y2s @ w_outᵀ``. Returns ``step(idx, winT_s, woutT_s, carry)``."""
+  ``acc += y2s @ w_outᵀ``. Returns ``step(idx, win_s, woutT_s, carry)``."""
   mg = mc.plgpu()
   dt, bt, fs, ft, p = c.dtype, c.bt, c.fs, c.ft, c.p
   rows = pl.ds(tile * bt, bt)
   zero = jnp.zeros((), dt)
 
-  def step(idx, winT_s, woutT_s, carry):
+  def step(idx, win_s, woutT_s, carry):
     (fi,) = idx
     zeros, total, kept = carry
     slot = lax.rem(fi, 2)
     if store or relu_out:
       mg.wait_smem_to_gmem(1, wait_read_only=True)  # the copies that last used this slot
     for s in range(fs // ft):
-      y1 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, h_s, winT_s.at[:, pl.ds(s * ft, ft)]))
+      y1 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, h_s, win_s.at[pl.ds(s * ft, ft)]))
       r = _planes(_relu(y1, dt), p)
       y2 = [x * x for x in r]
       keep = _keep_24(y2[:4]) + _keep_24(y2[4:])
@@ -242,11 +245,11 @@ def _fwd_epilogue(c: plan.Plan, acc, carry, out_ref, out_s, stats_ref, stats_s, 
 
 
 def _fwd_in_specs(c: plan.Plan, nb):
-  return [_spec((c.k_pad, c.fs), lambda f: (0, f), c.dtype, c.fs),
+  return [_spec((c.fs, c.k_pad), lambda f: (f, 0), c.dtype, c.k_pad),
           _spec((c.fs, c.nb), lambda f: (f, nb), c.dtype, c.nb)]
 
 
-def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
+def _fwd_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *store_refs,
                 pl_: plan.Plan, store: bool, store_relu: bool = False, **scr):
   """``out[rows, n-block] = Σ_steps y2s @ w_outᵀ``; per-row statistics and (``store``)
   the compressed activation come from the first n-block's programs, and
@@ -266,14 +269,14 @@ def _fwd_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store
     z = mc.zeros((c.bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
     carry = mg.emit_pipeline(
         step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
-        in_specs=_fwd_in_specs(c, nb), init_carry=(z, z, z))(winT_ref, woutT_ref)
+        in_specs=_fwd_in_specs(c, nb), init_carry=(z, z, z))(win_ref, woutT_ref)
     return acc_ref[...], carry
 
   acc, carry = pl.run_scoped(run, mg.ACC((c.bt, c.nb), jnp.float32))
   _fwd_epilogue(c, acc, carry, out_ref, scr["out_s"], stats_ref, scr["stats_s"], ti, nb, first_nb)
 
 
-def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *store_refs,
+def _fwd_ws_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *store_refs,
                    pl_: plan.Plan, store: bool, store_relu: bool = False, **scr):
   """The forward warp-specialized: warpgroup 2 streams the weight steps by TMA
   (``memory_registers=40``), warpgroups 0 and 1 each run :func:`_fwd_step` on their
@@ -293,11 +296,11 @@ def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *st
                                      "r_s") if k in scr}
   acc_box = []
 
-  def step(idx, winT_s, woutT_s, carry):
+  def step(idx, win_s, woutT_s, carry):
     body = _fwd_step(c, store, dense, mine["h_s"], acc_box[0], mine.get("vals_s"),
                      mine.get("meta_s"), mine.get("stage_s"), store_refs, tile, first_nb,
                      (mine["r_s"], store_refs[-1]) if store_relu else None)
-    return body(idx, winT_s, woutT_s, carry)
+    return body(idx, win_s, woutT_s, carry)
 
   def compute_context(eval_pipeline):
     _copy_in(h_ref.at[rows], mine["h_s"], scr["bar"].at[wg])
@@ -315,10 +318,10 @@ def _fwd_ws_kernel(flag_ref, h_ref, winT_ref, woutT_ref, out_ref, stats_ref, *st
   mg.emit_pipeline_warp_specialized(
       step, grid=(c.n_steps,), memory_registers=40, wg_axis="wg",
       num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=min(c.tiles.stages, c.n_steps),
-      compute_context=compute_context, in_specs=_fwd_in_specs(c, nb))(winT_ref, woutT_ref)
+      compute_context=compute_context, in_specs=_fwd_in_specs(c, nb))(win_ref, woutT_ref)
 
 
-def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, chunk_steps: int, **scr):
+def _relu_kernel(h_ref, win_ref, r_ref, *, pl_: plan.Plan, chunk_steps: int, **scr):
   """``relu(y1)`` of 64 tokens and ``chunk_steps`` feature steps (chunk ``f`` of the features),
   written in kernel feature order."""
   mg = mc.plgpu()
@@ -328,19 +331,19 @@ def _relu_kernel(h_ref, winT_ref, r_ref, *, pl_: plan.Plan, chunk_steps: int, **
   rows = pl.ds(ti * bt, bt)
   _copy_in(h_ref.at[rows], scr["h_s"], scr["bar"].at[0])
 
-  def step(idx, winT_s):
+  def step(idx, win_s):
     (fi,) = idx
     slot = lax.rem(fi, 2)
     mg.wait_smem_to_gmem(1, wait_read_only=True)
     for s in range(fs // ft):
-      y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], winT_s.at[:, pl.ds(s * ft, ft)]))
+      y1 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, scr["h_s"], win_s.at[pl.ds(s * ft, ft)]))
       scr["r_s"].at[slot][:, s * ft:(s + 1) * ft] = _relu(y1, c.dtype)
     mg.commit_smem()
     mg.copy_smem_to_gmem(scr["r_s"].at[slot], r_ref.at[rows, pl.ds((f0 + fi) * fs, fs)])
 
   mg.emit_pipeline(step, grid=(chunk_steps,),
                    max_concurrent_steps=min(c.tiles.stages, chunk_steps),
-                   in_specs=[_spec((c.k_pad, fs), lambda f: (0, f0 + f), c.dtype, fs)])(winT_ref)
+                   in_specs=[_spec((fs, c.k_pad), lambda f: (f0 + f, 0), c.dtype, c.k_pad)])(win_ref)
   mg.wait_smem_to_gmem(0)
 
 
@@ -395,7 +398,7 @@ def _tokmask_kernel(densef_ref, tokd_ref, vals_ref, meta_ref, r_ref, *, pl_: pla
 
 class _Relu:
   """Where a backward kernel's ``relu(y1)`` planes come from: ``compressed`` (the
-  forward's vals + meta), ``recompute`` (wgmma of ``h`` and ``w_inᵀ``) or ``dense``
+  forward's vals + meta), ``recompute`` (wgmma of ``h`` and ``w_in``'s step) or ``dense``
   (the ``relu`` kernel's output); ``dy1`` (``dw_in``'s, and ``packed_mm``'s operands
   alike): another operand in the forward's compressed layout, read as ``compressed``;
   ``dy1_dense`` (``dw_in``'s): ``dy1`` as ``dh`` wrote it from a ``dense`` source, read as
@@ -432,9 +435,9 @@ class _Relu:
     if self.dense:
       return [_spec((step_rows, c.fs), lambda *i: (rows_idx(*i), fi_of(*i)), c.dtype, c.ft,
                     late)]
-    return []  # recompute: h and w_inᵀ are passed separately
+    return []  # recompute: h and w_in are passed separately
 
-  def planes(self, refs, q: int, s: int, h_rows=None, winT_s=None) -> list[jax.Array]:
+  def planes(self, refs, q: int, s: int, h_rows=None, win_s=None) -> list[jax.Array]:
     """The 8 ``relu(y1)`` planes of row plane ``q``, sub-tile ``s`` of a step, loaded (or
     recomputed) just for it: a step's other tiles stay in shared memory, not registers."""
     if self.packed:
@@ -443,7 +446,7 @@ class _Relu:
     ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
     if self.dense:
       return _planes(mc.load(refs[0].at[rows, pl.ds(s * ft, ft)]), p)
-    y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, winT_s.at[:, pl.ds(s * ft, ft)]))
+    y1 = _dot_acc((c.bt, ft), lambda acc: _wgmma_k(acc, h_rows, win_s.at[pl.ds(s * ft, ft)]))
     return _planes(_relu(y1, c.dtype), p)
 
 
@@ -466,16 +469,16 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
   ``relu(y1)`` decompressed or recomputed, ``acc += dy1 @ w_in`` with ``dy1`` in
   registers; ``store_dy1``: ``dy1``'s kept values (a packed source; all of it from a dense
   one) staged in ``dy1v_s`` and written by TMA (programs of ``first_kb``). Returns
-  ``step(idx, wout_s, win_s, *rest)``."""
+  ``step(idx, woutT_s, win_s, *rest)``."""
   mg = mc.plgpu()
   bt, fs, ft = c.bt, c.fs, c.ft
   rows = pl.ds(tile * bt, bt)
 
-  def step(idx, wout_s, win_s, *rest):
+  def step(idx, woutT_s, win_s, *rest):
     (fi,) = idx
     slots = dy1v_s.shape[0] if store_dy1 else 1
     slot = lax.rem(fi, slots)
-    winT_s = rest[0] if relu.source == "recompute" else None
+    win_k_s = rest[0] if relu.source == "recompute" else None  # the whole rank's w_in step
     src = rest if relu.source != "recompute" else ()
     if store_dy1:  # the copy that last used this slot
       mg.wait_smem_to_gmem(slots - 1, wait_read_only=True)
@@ -485,8 +488,8 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
       if relu.packed:
         r, nibs = relu.planes_and_nibbles(src, q, s)
       else:
-        r = relu.planes(src, q, s, h_s, winT_s)
-      dy2 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, g_s, wout_s.at[:, pl.ds(s * ft, ft)]))
+        r = relu.planes(src, q, s, h_s, win_k_s)
+      dy2 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, g_s, woutT_s.at[pl.ds(s * ft, ft)]))
       dy1 = _dy1_list(dy2, r, c)
       if store_dy1:
         kept = (cm.gather_group(dy1[:4], nibs[0]) + cm.gather_group(dy1[4:], nibs[1])
@@ -507,17 +510,18 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
 
 
 def _dh_in_specs(c: plan.Plan, relu: _Relu, kb, tile_block, rows_per_step: int):
-  """The pipelined inputs of ``dh``: ``w_out``, ``w_in`` (and ``w_inᵀ``) steps, the
-  activation source's block ``tile_block`` of ``rows_per_step`` tokens."""
-  specs = [_spec((c.n_pad, c.fs), lambda f: (0, f), c.dtype, c.fs),
+  """The pipelined inputs of ``dh``: ``w_outᵀ``, ``w_in``'s block (and recomputing, all of
+  ``w_in``'s rank) steps, the activation source's block ``tile_block`` of
+  ``rows_per_step`` tokens."""
+  specs = [_spec((c.fs, c.n_pad), lambda f: (f, 0), c.dtype, c.n_pad),
            _spec((c.fs, c.kb), lambda f: (f, kb), c.dtype, c.kb)]
   if relu.source == "recompute":
-    specs.append(_spec((c.k_pad, c.fs), lambda f: (0, f), c.dtype, c.fs))
+    specs.append(_spec((c.fs, c.k_pad), lambda f: (f, 0), c.dtype, c.k_pad))
   return specs + relu.specs(lambda f: tile_block, lambda f: f, rows_per_step)
 
 
 def _dh_refs(refs, relu: _Relu, store_dy1: bool):
-  """(h, w_inᵀ, source refs, dh, dy1) from a ``dh`` kernel's trailing refs."""
+  """(h, w_in (recomputing), source refs, dh, dy1) from a ``dh`` kernel's trailing refs."""
   n_out = 2 if store_dy1 else 1
   ins, outs = refs[:-n_out], refs[-n_out:]
   dy1_ref = outs[1] if store_dy1 else None
@@ -526,7 +530,7 @@ def _dh_refs(refs, relu: _Relu, store_dy1: bool):
   return None, None, tuple(ins), outs[0], dy1_ref
 
 
-def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
+def _dh_kernel(g_ref, woutT_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
                **scr):
   """``dh[rows, k-block] = Σ_steps dy1 @ w_in``; ``store_dy1``: the first k-block's programs
   also write ``dy1`` (from a packed source its kept values in the forward's compressed
@@ -534,7 +538,7 @@ def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, sto
   reads instead of forming ``dy1`` again."""
   mg = mc.plgpu()
   c = pl_
-  h_ref, winT_ref, src_refs, dh_ref, dy1_ref = _dh_refs(refs, relu, store_dy1)
+  h_ref, win_k_ref, src_refs, dh_ref, dy1_ref = _dh_refs(refs, relu, store_dy1)
   ti, kb = lax.axis_index("t"), lax.axis_index("k")
   rows = pl.ds(ti * c.bt, c.bt)
   _copy_in(g_ref.at[rows], scr["g_s"], scr["bar"].at[0])
@@ -544,7 +548,7 @@ def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, sto
   def run(acc_ref):
     step = _dh_step(c, relu, store_dy1, scr["g_s"], scr.get("h_s"), acc_ref, scr.get("dy1v_s"),
                     scr.get("stage_s"), dy1_ref, ti, 0, kb == 0)
-    args = [wout_ref, win_ref] + ([winT_ref] if winT_ref is not None else []) + list(src_refs)
+    args = [woutT_ref, win_ref] + ([win_k_ref] if win_k_ref is not None else []) + list(src_refs)
     mg.emit_pipeline(step, grid=(c.n_steps,), in_specs=_dh_in_specs(c, relu, kb, ti, c.bt),
                      max_concurrent_steps=min(c.tiles.stages, c.n_steps))(*args)
     return acc_ref[...]
@@ -554,7 +558,7 @@ def _dh_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, sto
   mg.wait_smem_to_gmem(0)
 
 
-def _dh_ws_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
+def _dh_ws_kernel(g_ref, woutT_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, store_dy1: bool,
                   **scr):
   """``dh`` warp-specialized (from the compressed activation or the ``relu`` kernel's dense
   ``relu(y1)``): warpgroup 2 streams the
@@ -593,7 +597,7 @@ def _dh_ws_kernel(g_ref, wout_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu, 
       step, grid=(c.n_steps,), memory_registers=40, wg_axis="wg",
       num_compute_wgs=plan.WS_CONSUMERS, max_concurrent_steps=min(c.tiles.stages, c.n_steps),
       compute_context=compute_context,
-      in_specs=_dh_in_specs(c, relu, kb, ti, plan.WS_CONSUMERS * c.bt))(wout_ref, win_ref,
+      in_specs=_dh_in_specs(c, relu, kb, ti, plan.WS_CONSUMERS * c.bt))(woutT_ref, win_ref,
                                                                           *src_refs)
 
 
@@ -608,20 +612,20 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
   dwin_ref = refs.pop()  # the reduce-add buffer: the token splits add into it
   from_dy1 = relu.source in plan.STORED_DY1.values()
   recompute = relu.source == "recompute"
-  g_ref = wout_ref = winT_ref = None
+  g_ref = woutT_ref = win_ref = None
   if from_dy1:
     h_ref = refs.pop(0)
   else:
-    g_ref, h_ref, wout_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    g_ref, h_ref, woutT_ref = refs.pop(0), refs.pop(0), refs.pop(0)
   if recompute:
-    winT_ref = refs.pop(0)
+    win_ref = refs.pop(0)
   src_refs = refs
   fi, kb, si = lax.axis_index("f"), lax.axis_index("k"), lax.axis_index("s")
   t0 = si * c.dw_steps  # this program's share of the token tiles (split-K over tokens)
-  if wout_ref is not None:
-    _copy_in(wout_ref.at[:, pl.ds(fi * fs, fs)], scr["wout_s"], scr["bar"].at[0])
-  if winT_ref is not None:
-    _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[1])
+  if woutT_ref is not None:
+    _copy_in(woutT_ref.at[pl.ds(fi * fs, fs)], scr["woutT_s"], scr["bar"].at[0])
+  if win_ref is not None:
+    _copy_in(win_ref.at[pl.ds(fi * fs, fs)], scr["win_s"], scr["bar"].at[1])
 
   def step(idx, *ins):
     ins = list(ins)
@@ -634,11 +638,11 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
       mg.wgmma_wait(0)
       return
     for s in range(fs // ft):
-      r = relu.planes(src, 0, s, h_s, scr.get("winT_s"))  # before dy2, as in dh
+      r = relu.planes(src, 0, s, h_s, scr.get("win_s"))  # before dy2, as in dh
       if from_dy1:  # the planes are dy1's
         scr["dy1_s"][:, s * ft:(s + 1) * ft] = jnp.concatenate(r, axis=1)
         continue
-      dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, g_s, scr["wout_s"].at[:, pl.ds(s * ft, ft)]))
+      dy2 = _dot_acc((bt, ft), lambda acc: _wgmma_k(acc, g_s, scr["woutT_s"].at[pl.ds(s * ft, ft)]))
       scr["dy1_s"][:, s * ft:(s + 1) * ft] = _dy1_planes(dy2, r, c)
     mg.commit_smem()  # dy1 in shared memory before wgmma reads it
     mg.wgmma(scr["acc"], scr["dy1_s"].T, h_k)
@@ -671,21 +675,21 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
   bt, fs, ft = c.bt, c.fs, c.ft
   refs = list(refs)
   dwout_ref = refs.pop()  # the reduce-add buffer: the token splits add into it
-  h_ref = winT_ref = None
+  h_ref = win_ref = None
   if relu.source == "recompute":
-    h_ref, winT_ref = refs.pop(0), refs.pop(0)
+    h_ref, win_ref = refs.pop(0), refs.pop(0)
   src_refs = refs
   fi, nb, si = lax.axis_index("f"), lax.axis_index("n"), lax.axis_index("s")
   t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
-  if winT_ref is not None:
-    _copy_in(winT_ref.at[:, pl.ds(fi * fs, fs)], scr["winT_s"], scr["bar"].at[0])
+  if win_ref is not None:
+    _copy_in(win_ref.at[pl.ds(fi * fs, fs)], scr["win_s"], scr["bar"].at[0])
   zero = jnp.zeros((), c.dtype)
 
   def step(idx, g_s, *rest):
     h_s = rest[0] if h_ref is not None else None
     src = rest[1:] if h_ref is not None else rest
     for s in range(fs // ft):
-      y2 = [x * x for x in relu.planes(src, 0, s, h_s, scr.get("winT_s"))]
+      y2 = [x * x for x in relu.planes(src, 0, s, h_s, scr.get("win_s"))]
       if dw_mask == "ste":  # straight-through: w_out sees the 2:4 forward activation
         keep = _keep_24(y2[:4]) + _keep_24(y2[4:])
         y2 = [jnp.where(keep[j], y2[j], zero) for j in range(plan.PLANES)]
@@ -732,8 +736,9 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
   wg = lax.axis_index("wg")
   t0 = si * c.dw_steps  # this program's share of the token steps (split-K over tokens)
   width = 1 + max(off for _, off in roles)  # feature steps per program
+  step_of = lambda off: width * pi + off  # the feature step of a consumer's offset
   inputs = plan.dw_ws_inputs(roles, act)
-  r = in_refs[inputs.index(("h" if roles[0][0] == "in" else "g", 0))].shape[1]
+  r = in_refs[inputs.index(plan.dw_ws_inputs(roles[:1], act)[0])].shape[1]
   a_s = scr["a_s"]
   acc_box = []
   stages, late = _in_flight(c.tiles.stages, c.dw_steps)
@@ -769,17 +774,17 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
 
     acc = pl.run_scoped(run, mg.ACC((fs, r), jnp.float32))
     for k, (grad, off) in enumerate(roles):
-      f = width * pi + off
+      f = step_of(off)
 
       @pl.when((wg == k) & (f < c.n_steps))
       def _():
-        lead = () if width > 1 else (k,)  # the gradients' axis where the roles differ
-        store_out(acc, out_ref, scr["out_s"].at[k], f * fs, 0, add=(si, lead, c.interpret))
+        col0 = plan.dw_ws_columns(c)[grad]
+        store_out(acc, out_ref, scr["out_s"].at[k], f * fs, col0, add=(si, (), c.interpret))
         mg.wait_smem_to_gmem(0)
 
   def block(key):  # the pipelined block of one input, at this program's feature step
     name, off = key
-    f = width * pi + off
+    f = step_of(off)
     if c.n_steps % width:  # the last program's second step is past the end: the last again
       f = jnp.minimum(f, c.n_steps - 1)
     if name in ("h", "g"):
@@ -872,14 +877,46 @@ BODIES = {"fwd": _fwd_kernel, "fwd_ws": _fwd_ws_kernel, "relu": _relu_kernel,
           "packed_mm": _packed_mm_kernel}
 
 
-def launch(spec: plan.KernelSpec, *args):
-  """Run the kernel ``spec`` describes on ``args`` (its operands, in the body's order)."""
+@dataclasses.dataclass(frozen=True)
+class Cols:
+  """Columns ``start : start + size`` of a 2-D ``array`` as a kernel operand: the kernel
+  gets the whole array and reads a view of its ref (one XLA launch prepares several
+  operands side by side; slicing them apart in XLA would copy each)."""
+
+  array: jax.Array
+  start: int
+  size: int
+
+
+def _with_views(fn, views: dict[int, tuple[int, int]]):
+  """``fn`` with its operand refs at ``views``' positions narrowed to their columns."""
+
+  @functools.wraps(fn)
+  def body(*refs, **kwargs):
+    refs = list(refs)
+    for i, (start, size) in views.items():
+      refs[i] = refs[i].at[:, pl.ds(start, size)]
+    return fn(*refs, **kwargs)
+
+  return body
+
+
+def launch(spec: plan.KernelSpec, *args, add_into=None):
+  """Run the kernel ``spec`` describes on ``args`` (its operands, in the body's order;
+  a :class:`Cols` passes columns of an array). A kernel adding into a reduce-add buffer
+  (``spec.options["reduce_add"]``) adds into ``add_into`` (from ``compat.reduce_add_zeros``;
+  returns nothing: several kernels can share it) or into a zeroed buffer of its own
+  (returns the sum)."""
   options = dict(spec.options)
   if "source" in options:  # where the backward kernel's relu(y1) planes come from
     options["relu"] = _Relu(options.pop("source"), spec.c)
   splits = options.pop("reduce_add", None)  # programs adding into one output by TMA
   into = options.pop("into", False)  # writes columns of the last argument's array
+  views = {i: (a.start, a.size) for i, a in enumerate(args) if isinstance(a, Cols)}
+  args = [a.array if isinstance(a, Cols) else a for a in args]
   body = functools.partial(_unions_named(BODIES[spec.body]), pl_=spec.c, **options)
+  if views:
+    body = _with_views(body, views)
   threads = dict(num_threads=spec.warpgroups, thread_name="wg") if spec.warpgroups > 1 else {}
   call = functools.partial(
       mc.kernel(_named(body, spec.name), out_shape=() if splits or into else spec.out_shape,
@@ -893,6 +930,9 @@ def launch(spec: plan.KernelSpec, *args):
     return out[...]
   if not splits:
     return call()
+  if add_into is not None:
+    call(add_into)
+    return None
   out = mc.reduce_add_zeros(spec.out_shape.shape, spec.out_shape.dtype, splits, spec.c.interpret)
   call(out)
   return mc.reduce_add_total(out, spec.c.interpret)

@@ -382,7 +382,7 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
   s = Scratch().add("h_s", (*per, c.bt, c.k_pad), dt, c.k_pad)
   s.add("out_s", (*per, 2, *((c.bt, c.nb) if c.interpret else (64, 64))), dt)
   s.add("stats_s", (*per, 3, c.bt), jnp.float32)
-  s.pipelined(((c.k_pad, c.fs), dt), ((c.fs, c.nb), dt))
+  s.pipelined(((c.fs, c.k_pad), dt), ((c.fs, c.nb), dt))
   if store:
     s.add("vals_s", (*per, 2, c.bt, c.fs // 2), dt, c.ft // 2)
     s.add("meta_s", (*per, 2, c.n_sub_step * c.meta_sub, 16), jnp.uint8)
@@ -431,7 +431,7 @@ def relu_spec(c: Plan) -> KernelSpec:
   waves instead of 0.65)."""
   dt, it = c.dtype, c.dtype.itemsize
   s = Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad).add("r_s", (2, c.bt, c.fs), dt, c.ft)
-  s.pipelined(((c.k_pad, c.fs), dt))
+  s.pipelined(((c.fs, c.k_pad), dt))
   chunks = _feature_chunks(c, s, c.nt)
   mma = {}
   _mma(mma, c.ft, c.k_pad, c.n_sub)
@@ -504,10 +504,10 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
   s = Scratch().add("g_s", (*per, c.bt, c.n_pad), dt, c.n_pad)
   s.add("out_s", (*per, 2, *((c.bt, c.kb) if c.interpret else (64, 64))), dt)
-  s.pipelined(((c.n_pad, c.fs), dt), ((c.fs, c.kb), dt),
+  s.pipelined(((c.fs, c.n_pad), dt), ((c.fs, c.kb), dt),
               *_src_blocks(source, c, c.bt * (WS_CONSUMERS if ws else 1)))
   if source == "recompute":
-    s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.k_pad, c.fs), dt))
+    s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.fs, c.k_pad), dt))
   if ws:  # dh staged where g was (g is read by the last step's wgmma, before it)
     s.alias("g_s", "out_s")
   if store:  # dy1's staging, double-buffered where two pipeline stages leave room for it
@@ -603,7 +603,7 @@ def dwin_spec(c: Plan, source: str) -> KernelSpec:
   from_dy1 = source in STORED_DY1.values()
   s = Scratch()
   if not from_dy1:
-    s.add("wout_s", (c.n_pad, c.fs), dt, c.fs)
+    s.add("woutT_s", (c.fs, c.n_pad), dt, c.n_pad)
   s = _out_chunks(s, c, (c.fs, c.kb))
   if source != "dy1_dense":
     s.add("dy1_s", (c.bt, c.fs), dt, c.ft)
@@ -612,7 +612,7 @@ def dwin_spec(c: Plan, source: str) -> KernelSpec:
     s.pipelined(((c.bt, c.n_pad), dt))
   s.pipelined(((c.bt, h_cols), dt), *_src_blocks(source, c, c.bt))
   if source == "recompute":
-    s.add("winT_s", (c.k_pad, c.fs), dt, c.fs)
+    s.add("win_s", (c.fs, c.k_pad), dt, c.k_pad)
   mma = {}
   c = _with_dw_split(c, c.nt, c.n_steps * (c.k_pad // c.kb))
   if not from_dy1:
@@ -639,7 +639,7 @@ def dwout_spec(c: Plan, source: str, dw_mask: str) -> KernelSpec:
   s = _out_chunks(Scratch(), c, (c.nb, c.fs)).add("y2_s", (sr, c.fs), dt, c.ft)
   s.pipelined(((sr, c.nb), dt), *_src_blocks(source, c, sr))
   if source == "recompute":
-    s.add("winT_s", (c.k_pad, c.fs), dt, c.fs).pipelined(((sr, c.k_pad), dt))
+    s.add("win_s", (c.fs, c.k_pad), dt, c.k_pad).pipelined(((sr, c.k_pad), dt))
   c = _with_dw_split(c, c.t_pad // sr, c.n_steps * (c.n_pad // c.nb))
   mma = {}
   if source == "recompute":
@@ -705,6 +705,11 @@ def dw_ws_specs(c: Plan, act: str) -> list[KernelSpec]:
   return [dw_ws_spec(c, (("in", 0), ("out", 0)), act)]
 
 
+def dw_ws_columns(c: Plan) -> dict[str, int]:
+  """Where each gradient starts in the ``[F, K + N]`` buffer of :func:`dw_ws_spec`."""
+  return {"in": 0, "out": c.k_pad}
+
+
 def dw_ws_spec(c: Plan, roles, act: str) -> KernelSpec:
   """Weight gradients of the 2:4 phase, warp-specialized (FlashAttention-3's dK / dV
   pattern): a producer warpgroup streams per token step :func:`dw_ws_inputs` (``h``,
@@ -713,9 +718,10 @@ def dw_ws_spec(c: Plan, roles, act: str) -> KernelSpec:
   or ``dense``, split mode's ``tokmask`` output, squared); consumer ``k`` of ``roles[k]
   = (grad, offset)`` holds the ``[block_f_dw, rank]`` fp32 accumulator of ``dw_in``
   (``dy1ᵀ h``) or ``dw_outᵀ`` (``y2ᵀ g``) at feature step ``width · program + offset``.
-  The ``dw_split`` programs of a feature step add their partial sums into one fp32
-  output ``[(2,) F, rank]`` by TMA reduce-add (the gradients' axis where the roles
-  differ; ``bodies.launch`` zeroes it, per-split slabs summed in XLA when interpreting:
+  The ``dw_split`` programs of a feature step add their partial sums by TMA reduce-add
+  into one zeroed fp32 buffer ``[F, K + N]`` that all of :func:`dw_ws_specs`' kernels
+  share (``dw_in`` and ``dw_outᵀ`` side by side, :func:`dw_ws_columns`: one XLA launch
+  zeroes it; per-split slabs summed in XLA when interpreting:
   ``compat.copy_smem_to_gmem_add``)."""
   c = c.for_dw()
   dt, it = c.dtype, c.dtype.itemsize
@@ -746,13 +752,12 @@ def dw_ws_spec(c: Plan, roles, act: str) -> KernelSpec:
               else c.t_pad * c.f_pad // 8 if name == "meta"
               else c.t_pad * c.f_pad * it // (1 if name == "act" and act == "dense" else 2))
   if width > 1:
-    name, shape = f"elas_mgpu_dw_ws_{grads[0]}", (c.f_pad, r)
-    if grads[0] == "out":
-      name += f"_{act}"
+    name = f"elas_mgpu_dw_ws_{grads[0]}" + (f"_{act}" if grads[0] == "out" else "")
   else:
-    name, shape = f"elas_mgpu_dw_ws_{act}", (len(roles), c.f_pad, r)
+    name = f"elas_mgpu_dw_ws_{act}"
   return _spec_of(name, c, s, c.dw_steps, (programs, c.dw_split), ("f", "s"),
-                  jax.ShapeDtypeStruct(shape, jnp.float32), "dw_ws", mma, hbm,
+                  jax.ShapeDtypeStruct((c.f_pad, c.k_pad + c.n_pad), jnp.float32), "dw_ws",
+                  mma, hbm,
                   warpgroups=WS_CONSUMERS + 1, roles=tuple(roles), act=act,
                   reduce_add=c.dw_split)
 

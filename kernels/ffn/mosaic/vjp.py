@@ -99,9 +99,9 @@ reference = base.reference  # the op's plain-jnp definition, which the tests com
 # --------------------------------------------------------------------------
 
 
-def _fwd_call(flag, h, winT, woutT, c: plan.Plan, store: bool, first_block: bool = False,
+def _fwd_call(flag, h, win, woutT, c: plan.Plan, store: bool, first_block: bool = False,
               store_relu: bool = False):
-  return bodies.launch(plan.fwd_spec(c, store, first_block, store_relu), flag, h, winT, woutT)
+  return bodies.launch(plan.fwd_spec(c, store, first_block, store_relu), flag, h, win, woutT)
 
 
 def _packed_mm_call(src, w, operand: str, c: plan.Plan, first):
@@ -111,25 +111,25 @@ def _packed_mm_call(src, w, operand: str, c: plan.Plan, first):
   return bodies.launch(plan.packed_mm_spec(c, operand), *src, w, first)
 
 
-def _relu_call(h, winT, c: plan.Plan):
-  return bodies.launch(plan.relu_spec(c), h, winT)
+def _relu_call(h, win, c: plan.Plan):
+  return bodies.launch(plan.relu_spec(c), h, win)
 
 
-def _dh_call(g, h, wout, win, winT, src, source: str, c: plan.Plan):
-  args = [g, wout, win] + ([h, winT] if source == "recompute" else []) + list(src)
+def _dh_call(g, h, woutT, win, src, source: str, c: plan.Plan):
+  args = [g, woutT, win] + ([h, win] if source == "recompute" else []) + list(src)
   return bodies.launch(plan.dh_spec(c, source), *args)
 
 
-def _dwin_call(g, h, wout, winT, src, source: str, c: plan.Plan):
+def _dwin_call(g, h, woutT, win, src, source: str, c: plan.Plan):
   if source in plan.STORED_DY1.values():  # src: dy1 as dh wrote it (+ the forward's metadata)
     args = [h] + list(src)
   else:
-    args = [g, h, wout] + ([winT] if source == "recompute" else []) + list(src)
+    args = [g, h, woutT] + ([win] if source == "recompute" else []) + list(src)
   return bodies.launch(plan.dwin_spec(c, source), *args)
 
 
-def _dwout_call(g, h, winT, src, source: str, dw_mask: str, c: plan.Plan):
-  args = [g] + ([h, winT] if source == "recompute" else []) + list(src)
+def _dwout_call(g, h, win, src, source: str, dw_mask: str, c: plan.Plan):
+  args = [g] + ([h, win] if source == "recompute" else []) + list(src)
   return bodies.launch(plan.dwout_spec(c, source, dw_mask), *args)
 
 
@@ -139,13 +139,15 @@ def _dw_ws_call(h, g, dy1, meta, act_values, act: str, c: plan.Plan):
   forward's metadata, the activation ``act_values`` (``act``: compressed values, or
   split's dense ``tokmask`` output)."""
   arrays = {"h": h, "g": g, "dy1": dy1, "meta": meta, "act": act_values}
-  dw = {}
-  for spec in plan.dw_ws_specs(c, act):
+  specs = plan.dw_ws_specs(c, act)
+  buf = specs[0].out_shape  # [F, K + N]: both gradients side by side, zeroed once
+  dw = mc.reduce_add_zeros(buf.shape, buf.dtype, specs[0].options["reduce_add"], c.interpret)
+  for spec in specs:
     roles = spec.options["roles"]
-    out = bodies.launch(spec, *(arrays[name] for name, _ in plan.dw_ws_inputs(roles, act)))
-    grads = [grad for grad, _ in roles]
-    dw.update({grads[0]: out} if len(set(grads)) == 1 else dict(zip(grads, out)))
-  return dw["in"], dw["out"]
+    bodies.launch(spec, *(arrays[name] for name, _ in plan.dw_ws_inputs(roles, act)),
+                  add_into=dw)
+  dw = mc.reduce_add_total(dw, c.interpret)
+  return dw[:, :c.k_pad], dw[:, c.k_pad:]
 
 
 def _tokmask_call(dense_f, tok_dense, vals, meta, c: plan.Plan):
@@ -159,10 +161,14 @@ def _tokmask_call(dense_f, tok_dense, vals, meta, c: plan.Plan):
 
 
 def _prep_weights(w_in, w_out, c: plan.Plan):
-  """Kernel operands of the weights: padded, in kernel feature order, both orientations."""
-  win = cm.pad_to(c.features_in(w_in, 0), 1, c.k_pad)  # [F, K]
-  wout = cm.pad_to(c.features_in(w_out, 1), 0, c.n_pad)  # [N, F]
-  return win, wout
+  """Kernel operands of the weights, ``w_in [F, K]`` and ``w_outᵀ [F, N]`` (padded, in
+  kernel feature order) as columns of one array ``[F, K + N]``: one XLA launch (gathers
+  and transpose fused) prepares both, and the kernels read a step transposed where they
+  need the other orientation (two orientations of two weights were four launches)."""
+  # each gathered, then joined: XLA fuses it all (joined first, the transpose was its own)
+  w_FxKN = jnp.concatenate([cm.pad_to(c.features_in(w_in, 0), 1, c.k_pad),
+                            cm.pad_to(c.features_in(w_out.T, 0), 1, c.n_pad)], axis=1)
+  return bodies.Cols(w_FxKN, 0, c.k_pad), bodies.Cols(w_FxKN, c.k_pad, c.n_pad)
 
 
 def _pad_cols(x, size):
@@ -173,28 +179,28 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
   """Output, statistics and what backward needs; ``store``: write the compressed activation."""
   c = plan.Plan(*plan_args)
   hk = _pad_cols(c.rows_in(h), c.k_pad)
-  win, wout = _prep_weights(w_in, w_out, c)
+  win, woutT = _prep_weights(w_in, w_out, c)
   flag = jnp.asarray(sparse_on, jnp.int32).reshape(1)
   if plan.splits_y2(c):
     # Several output blocks: y1 is computed once (first block) and the other blocks come
     # from the stored activation: compressed in the 2:4 phase, relu(y1) dense in the
     # warm-up (its y2 is not 2:4; a temporary: the compressed one stays the residual).
     def sparse():
-      out0, stats_rows, vals, meta = _fwd_call(flag, hk, win.T, wout.T, c, True, first_block=True)
-      out = _packed_mm_call((vals, meta), wout.T, "y2", c, out0)
+      out0, stats_rows, vals, meta = _fwd_call(flag, hk, win, woutT, c, True, first_block=True)
+      out = _packed_mm_call((vals, meta), woutT, "y2", c, out0)
       return (out, stats_rows) + ((vals, meta) if store else ())
 
     def dense():
       cd = plan.dense_forward_plan(c)
       if not plan.splits_y2(cd):  # one block: the flag keeps every y2
-        return tuple(_fwd_call(flag, hk, win.T, wout.T, cd, store))
-      out0, stats_rows, *stored, r = _fwd_call(flag, hk, win.T, wout.T, cd, store,
+        return tuple(_fwd_call(flag, hk, win, woutT, cd, store))
+      out0, stats_rows, *stored, r = _fwd_call(flag, hk, win, woutT, cd, store,
                                                first_block=True, store_relu=True)
-      return (_packed_mm_call((r,), wout.T, "y2_dense", cd, out0), stats_rows, *stored)
+      return (_packed_mm_call((r,), woutT, "y2_dense", cd, out0), stats_rows, *stored)
 
     outs = jax.lax.cond(jnp.asarray(sparse_on, bool), sparse, dense)
   else:
-    outs = _fwd_call(flag, hk, win.T, wout.T, c, store)
+    outs = _fwd_call(flag, hk, win, woutT, c, store)
   out_k, stats_rows = outs[:2]
   vals, meta = outs[2:4] if store else (None, None)
   out, stats, r_tail = base.finish_forward(c.rows_out(out_k)[:, :c.n], c.rows_out(stats_rows.T),
@@ -237,8 +243,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
   k, n = c.k, c.n
   hk = _pad_cols(c.rows_in(h), c.k_pad)
   gk = _pad_cols(c.rows_in(g_out), c.n_pad)
-  win, wout = _prep_weights(w_in, w_out, c)
-  winT = win.T
+  win, woutT = _prep_weights(w_in, w_out, c)
   no_dense_f = jnp.zeros((c.f_pad,), jnp.int32)
   no_tok_dense = jnp.zeros((c.t_pad,), jnp.int32)
 
@@ -256,8 +261,8 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
   def grads(source, dw_mask, dense_f, tok_dense):
     src = (vals, meta) if source == "compressed" else ()
     if source == "dense":
-      src = (_relu_call(hk, winT, c),)
-    dh = _dh_call(gk, hk, wout, win, winT, src, source, c)
+      src = (_relu_call(hk, win, c),)
+    dh = _dh_call(gk, hk, woutT, win, src, source, c)
     stored = plan.STORED_DY1.get(source)
     if stored:  # dh also wrote dy1 (2:4 or dense): dw_in forms no dy2, nor do dh's other blocks
       dh, dy1 = dh
@@ -271,13 +276,13 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
       dwin, dwoutT = _dw_ws_call(hk, gk, dy1, meta, vals if r_tok is None else r_tok, act, c)
       return dh, dwin, dwoutT.T
     if stored:
-      dwin = _dwin_call(gk, hk, wout, winT, dy1_src, stored, c)
+      dwin = _dwin_call(gk, hk, woutT, win, dy1_src, stored, c)
     else:
-      dwin = _dwin_call(gk, hk, wout, winT, src, source, c)
+      dwin = _dwin_call(gk, hk, woutT, win, src, source, c)
     if r_tok is not None:
-      dwout = _dwout_call(gk, hk, winT, (r_tok,), "dense", "none", c)
+      dwout = _dwout_call(gk, hk, win, (r_tok,), "dense", "none", c)
     else:
-      dwout = _dwout_call(gk, hk, winT, src, source, dw_mask, c)
+      dwout = _dwout_call(gk, hk, win, src, source, dw_mask, c)
     return dh, dwin, dwout
 
   recompute = plan.recompute_source(c)
