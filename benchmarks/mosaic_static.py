@@ -147,8 +147,9 @@ def kernel_rows(f: int, r: int, tokens: int, target, resources: dict, params=Non
 
 
 def glue_us(f: int, r: int, tokens: int, target, mode: str, train: bool, sparse_on: bool,
-            tiles: dict | None = None) -> tuple[float, list[dict]]:
-  """(µs, rows) of the XLA kernels one ELAS core call runs beside its Mosaic kernels:
+            tiles: dict | None = None) -> tuple[float, list[dict], int]:
+  """(µs, rows, custom calls) of the XLA kernels one ELAS core call runs beside its
+  Mosaic kernels (the custom calls: those, left to :func:`kernel_rows`):
   the weights put in kernel feature order and padded, the output / ``dh`` blocks joined,
   the statistics finished, the gradients cast, the reduce-add buffers zeroed. The call
   (forward, or with ``train`` forward and the vector-Jacobian product for an upstream
@@ -175,14 +176,15 @@ def glue_us(f: int, r: int, tokens: int, target, mode: str, train: bool, sparse_
                                       target=target, ptxas=False)
   if not report.compiled:
     raise RuntimeError(f"ELAS core ({mode}, train={train}) did not compile: {report.reason}")
-  rows = []
+  rows, custom_calls = [], 0
   for k in xla_static.hlo_kernels(report.compiled_object.as_text()):
     if k.opcode == "custom-call":  # a Mosaic kernel: costed from its PTX (kernel_rows)
+      custom_calls += 1
       continue
     s, bound = xla_static.cost_s(k, target.bf16_flops_per_s)
     rows.append({"kernel": k.name, "kind": k.kind or k.opcode, "mb": k.bytes / 1e6,
                  "est_us": s * 1e6, "bound": bound})
-  return sum(w["est_us"] for w in rows), rows
+  return sum(w["est_us"] for w in rows), rows, custom_calls
 
 
 def glue_totals(f: int, r: int, tokens: int, target, tiles: dict | None = None,
