@@ -14,6 +14,7 @@ tiny. Skipped where the installed jax has no usable Mosaic GPU interpreter
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +202,39 @@ def test_warp_specialized_weight_gradients(k, f, act):
   back = jnp.argsort(c.perm)  # kernel feature order -> original
   assert rel_err(got_in[back], want_in) < 1e-5
   assert rel_err(got_out_t[back], want_out_t) < 1e-5
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("f,r", [(2064, 128), (3072, 256), (4104, 256)])
+def test_warp_specialized_staging_stays_inside_its_consumers_tile(f, r, interpret):
+  # The WS forward and dh stage each consumer's output where that consumer's token tile
+  # was (a RefUnion of [consumers, ...] buffers laid from one base). Consumer k's staging
+  # must lie inside consumer k's tile: the other consumer may still be reading its own
+  # tile. Byte ranges from the planned buffers' shapes, per union and consumer. (With the
+  # staging halved to bf16 at rank 256, consumer 1's staging sat on consumer 0's tile;
+  # fp32 staging at rank 128 did the same. The interpreter's race detector flags any
+  # cross-thread use of a union's two members, so it cannot tell these apart.)
+  mg = mc.plgpu()
+  mode = "masked"
+  specs = kernel_specs(16384 if not interpret else 256, f, r, r, mode=mode, gpu=H200,
+                       interpret=interpret, warp_specialized=True)
+  unions = 0
+  for phase, ss in specs.items():
+    for s in ss:
+      if s.warpgroups == 1:
+        continue
+      for key, buf in s.scratch.items():
+        if not isinstance(buf, mg.RefUnion):
+          continue
+        unions += 1
+        ranges = []
+        for ref in buf.refs:
+          n = ref.shape[0]  # the consumer axis
+          per = math.prod(ref.shape[1:]) * jnp.dtype(ref.dtype).itemsize
+          ranges.append([(k * per, (k + 1) * per) for k in range(n)])
+        tile, staging = ranges
+        for k, ((t0, t1), (s0, s1)) in enumerate(zip(tile, staging)):
+          # the staging's first two chunks (the ones store_out writes)
+          used = s0 + 2 * (s1 - s0) // buf.refs[1].shape[1]
+          assert t0 <= s0 and used <= t1, (phase, s.name, key, k, (t0, t1), (s0, used))
+  assert unions >= 2

@@ -292,8 +292,9 @@ def _fwd_ws_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *sto
   rows = pl.ds(tile * c.bt, c.bt)
   first_nb = nb == 0
   dense = flag_ref[0] == 0
-  mine = {k: scr[k].at[wg] for k in ("h_s", "out_s", "stats_s", "vals_s", "meta_s", "stage_s",
+  mine = {k: scr[k].at[wg] for k in ("out_s", "stats_s", "vals_s", "meta_s", "stage_s",
                                      "r_s") if k in scr}
+  mine["h_s"] = scr["h_s"].at[wg, 0]  # its tile (plan._ws_tile_and_staging)
   acc_box = []
 
   def step(idx, win_s, woutT_s, carry):
@@ -572,7 +573,8 @@ def _dh_ws_kernel(g_ref, woutT_ref, win_ref, *refs, pl_: plan.Plan, relu: _Relu,
   wg = lax.axis_index("wg")
   tile = ti * plan.WS_CONSUMERS + wg
   rows = pl.ds(tile * c.bt, c.bt)
-  mine = {k: scr[k].at[wg] for k in ("g_s", "out_s", "dy1v_s", "stage_s") if k in scr}
+  mine = {k: scr[k].at[wg] for k in ("out_s", "dy1v_s", "stage_s") if k in scr}
+  mine["g_s"] = scr["g_s"].at[wg, 0]  # its tile (plan._ws_tile_and_staging)
   acc_box = []
 
   def step(idx, *ins):  # ins end with the pipeline's carry (unused: () here)

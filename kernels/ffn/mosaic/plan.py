@@ -290,6 +290,21 @@ WS_MAX_BLOCK = 128
 WS_DH_SOURCES = ("compressed", "dense")  # dh warp-specialized from these relu(y1) sources
 
 
+def _ws_tile_and_staging(s: Scratch, name: str, tile, dt, chunk) -> Scratch:
+  """Each consumer's token tile ``name`` and its output staging ``out_s`` (double-buffered
+  ``chunk``s) sharing bytes (a ``RefUnion``), both ``[consumers, copies, ...]`` with equal
+  bytes per consumer, so consumer ``k``'s staging lies inside its own tile: with unequal
+  ones (the staging halved to bf16 at rank 256, or 32 KiB fp32 over a 16 KiB tile at rank
+  128) one consumer's epilogue wrote into the other's tile while that one still read it,
+  a race the interpreter's detector reports (tests/test_kernels_mosaic.py). The tile is
+  ``[name][k, 0]``; the staging's copies past the first two are unused."""
+  e_tile, e_chunk = math.prod(tile), math.prod(chunk)
+  per_consumer = math.lcm(e_tile, 2 * e_chunk)
+  s.add(name, (WS_CONSUMERS, per_consumer // e_tile, *tile), dt, tile[-1])
+  s.add("out_s", (WS_CONSUMERS, per_consumer // e_chunk, *chunk), dt)
+  return s.alias(name, "out_s")
+
+
 def fwd_block(c: Plan) -> int:
   """Output columns of the forward kernel's programs: ``block_n``'s blocks, at most
   :data:`WS_MAX_BLOCK` warp-specialized (a multiple of 64 all the same)."""
@@ -379,8 +394,11 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
   if ws:
     c = c.replace(nb=fwd_block(c))
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
-  s = Scratch().add("h_s", (*per, c.bt, c.k_pad), dt, c.k_pad)
-  s.add("out_s", (*per, 2, *((c.bt, c.nb) if c.interpret else (64, 64))), dt)
+  chunk = (c.bt, c.nb) if c.interpret else (64, 64)
+  if ws:  # the output staged where h was: h is read by the last step's wgmma, before it
+    s = _ws_tile_and_staging(Scratch(), "h_s", (c.bt, c.k_pad), dt, chunk)
+  else:
+    s = Scratch().add("h_s", (c.bt, c.k_pad), dt, c.k_pad).add("out_s", (2, *chunk), dt)
   s.add("stats_s", (*per, 3, c.bt), jnp.float32)
   s.pipelined(((c.fs, c.k_pad), dt), ((c.fs, c.nb), dt))
   if store:
@@ -390,8 +408,6 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
     s.add("r_s", (*per, 2, c.bt, c.fs), dt, c.ft)
   if c.interpret:
     s.add("stage_s", (*per, c.bt, c.ft), dt, c.ft)
-  if ws:  # the output staged where h was: h is read by the last step's wgmma, before it
-    s.alias("h_s", "out_s")
   n_cols = c.nb if first_block else c.n_pad  # written by this kernel
   out_shape = [jax.ShapeDtypeStruct((c.t_pad, c.n_pad), dt),
                jax.ShapeDtypeStruct((3, c.t_pad), jnp.float32)]
@@ -502,14 +518,15 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   if ws:
     c = c.replace(kb=dh_block(c, source))
   per = (WS_CONSUMERS,) if ws else ()  # a leading consumer axis on per-token buffers
-  s = Scratch().add("g_s", (*per, c.bt, c.n_pad), dt, c.n_pad)
-  s.add("out_s", (*per, 2, *((c.bt, c.kb) if c.interpret else (64, 64))), dt)
+  chunk = (c.bt, c.kb) if c.interpret else (64, 64)
+  if ws:  # dh staged where g was (g is read by the last step's wgmma, before it)
+    s = _ws_tile_and_staging(Scratch(), "g_s", (c.bt, c.n_pad), dt, chunk)
+  else:
+    s = Scratch().add("g_s", (c.bt, c.n_pad), dt, c.n_pad).add("out_s", (2, *chunk), dt)
   s.pipelined(((c.fs, c.n_pad), dt), ((c.fs, c.kb), dt),
               *_src_blocks(source, c, c.bt * (WS_CONSUMERS if ws else 1)))
   if source == "recompute":
     s.add("h_s", (c.bt, c.k_pad), dt, c.k_pad).pipelined(((c.fs, c.k_pad), dt))
-  if ws:  # dh staged where g was (g is read by the last step's wgmma, before it)
-    s.alias("g_s", "out_s")
   if store:  # dy1's staging, double-buffered where two pipeline stages leave room for it
     s.add("dy1v_s", (*per, 2, c.bt, dy1_cols), dt, dy1_cols * c.ft // c.fs)
     if not c.interpret and s.bytes(2) > c.gpu.smem_per_block - SMEM_MARGIN:
