@@ -112,11 +112,12 @@ SETTINGS = {
         else f"Mosaic GPU unavailable: {mosaic_compat.unavailable_reason()}"),
 }
 # The warp-specialized forward runs the same cases on the same tiles (two consumers of
-# block_t tokens per program). Interpreted on this project's 2-core machines its 3
-# warpgroup threads hang now and then (jax 0.12.0.1, 2026-12-05: under pytest -n 2, and one
-# case in 6 run alone; the cause is not established, docs/kernels.md), so these rows run
-# in this process only when asked (ELAS_TEST_WS_INTERPRETED=1); WS_FRESH_CASES below run
-# in child processes with a time limit.
+# block_t tokens per program). Interpreted, its 3 warpgroup threads used to hang now and
+# then (jax 0.12.0.1: under pytest -n 2, and one case in 6 run alone): a race between its
+# consumers, fixed 2026-12-05 (plan._ws_tile_and_staging, docs/kernels.md), after which
+# every row passed in 4 runs of 4. Until that holds longer, the rows run in child processes
+# with a time limit (below), and in this process only when asked
+# (ELAS_TEST_WS_INTERPRETED=1).
 SETTINGS["mosaic_ws"] = dataclasses.replace(
     SETTINGS["mosaic"],
     skip=SETTINGS["mosaic"].skip or (
@@ -125,11 +126,10 @@ SETTINGS["mosaic_ws"] = dataclasses.replace(
         "ELAS_TEST_WS_INTERPRETED=1 runs it"))
 
 
-# The warp-specialized rows CI does run: each in a fresh process with a time limit, retried
-# once when it hangs (the interpreter's hang, above, comes within seconds and holds; these
-# cases passed first time in every run on this machine, 2026-12-05). A wrong answer fails;
-# two hangs skip, saying so.
-WS_FRESH_CASES = ("masked-wide", "split-steps", "ste-steps", "warmup-steps", "bf16-split")
+# The warp-specialized rows CI runs: every case, each in a fresh process with a time
+# limit, retried once when it hangs (a hang, above, came within seconds and held). A wrong
+# answer fails; two hangs skip, saying so. (Five cases until the race fix; the others hung.)
+WS_FRESH_CASES = tuple(CASES)
 WS_FRESH_TIMEOUT_S = 90
 
 
