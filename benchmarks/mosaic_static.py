@@ -22,7 +22,7 @@ branch: ``sparse_on`` is an input), compiled for the H200 by XLA and Mosaic GPU
     costed with the constants ``benchmarks/calibrate_model.py`` fitted to
     published Hopper measurements) and the term that bounds it;
   * per mode, the XLA kernels an ELAS call runs beside the Mosaic ones (weights
-    into kernel order, column blocks joined, statistics, casts, zeroed buffers;
+    into kernel order, statistics, casts, zeroed buffers, the dense tail;
     :func:`glue_us`), costed as XLA's dense core's kernels are and added to the
     totals (``--no_glue`` leaves them out);
 
@@ -150,8 +150,8 @@ def glue_us(f: int, r: int, tokens: int, target, mode: str, train: bool, sparse_
             tiles: dict | None = None) -> tuple[float, list[dict], int]:
   """(µs, rows, custom calls) of the XLA kernels one ELAS core call runs beside its
   Mosaic kernels (the custom calls: those, left to :func:`kernel_rows`):
-  the weights put in kernel feature order and padded, the output / ``dh`` blocks joined,
-  the statistics finished, the gradients cast, the reduce-add buffers zeroed. The call
+  the weights put in kernel feature order and padded, the statistics finished, the
+  gradients cast, the reduce-add buffers zeroed, the dense ``F % 4`` tail. The call
   (forward, or with ``train`` forward and the vector-Jacobian product for an upstream
   ``g``, ``sparse_on`` a constant so XLA keeps one branch) is compiled for ``target``
   and every launch that is not a Mosaic kernel (a custom call) is costed as

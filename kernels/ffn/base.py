@@ -183,13 +183,17 @@ def ffn_grads(g_TxN: jax.Array, h_TxK: jax.Array, w_in_FxK: jax.Array, w_out_NxF
   ``dy2_dy1`` is ``d(y2)/d(y1)`` as the backward mode defines it (``2 relu(y1)``,
   zero where 2:4 dropped for the exact masked gradient) and ``y2_dw`` the
   activation ``w_out``'s gradient sees. ``dy1`` is rounded to ``h``'s dtype,
-  as the forward rounds ``y1``.
+  as the forward rounds ``y1``. For fewer than a 2:4 group of features (the dense
+  tail) ``d_h`` is :func:`small_outer`'s, which XLA fuses into the add to the main part.
   """
   dy2 = jnp.einsum("tn,nf->tf", g_TxN, w_out_NxF, preferred_element_type=jnp.float32)
   dy1 = (dy2 * dy2_dy1_TxF.astype(jnp.float32)).astype(h_TxK.dtype)
   d_w_out = jnp.einsum("tn,tf->nf", g_TxN, y2_dw_TxF, preferred_element_type=jnp.float32)
   d_w_in = jnp.einsum("tf,tk->fk", dy1, h_TxK, preferred_element_type=jnp.float32)
-  d_h = jnp.einsum("tf,fk->tk", dy1, w_in_FxK, preferred_element_type=jnp.float32)
+  if w_in_FxK.shape[0] < sparse24.GROUP:
+    d_h = small_outer(dy1, w_in_FxK)
+  else:
+    d_h = jnp.einsum("tf,fk->tk", dy1, w_in_FxK, preferred_element_type=jnp.float32)
   return d_h, d_w_in, d_w_out
 
 
@@ -247,13 +251,7 @@ def tail_grads(g_TxN: jax.Array, h_TxK: jax.Array, w_in_FxK: jax.Array, w_out_Nx
   if mode == "split":
     keep = sparse24.token_keep_24(y2_tail, dense_F[f_main:])
     y2_tail = jax.lax.select(sparse_on, jnp.where(keep, y2_tail, 0), y2_tail)
-  # ffn_grads' products, d_h's written as small_outer (fused into the add to the main d_h)
-  w_in, w_out = w_in_FxK[f_main:], w_out_NxF[:, f_main:]
-  dy2 = jnp.einsum("tn,nf->tf", g_TxN, w_out, preferred_element_type=jnp.float32)
-  dy1 = (dy2 * (2 * r_tail).astype(jnp.float32)).astype(h_TxK.dtype)
-  d_w_out = jnp.einsum("tn,tf->nf", g_TxN, y2_tail, preferred_element_type=jnp.float32)
-  d_w_in = jnp.einsum("tf,tk->fk", dy1, h_TxK, preferred_element_type=jnp.float32)
-  return small_outer(dy1, w_in), d_w_in, d_w_out
+  return ffn_grads(g_TxN, h_TxK, w_in_FxK[f_main:], w_out_NxF[:, f_main:], 2 * r_tail, y2_tail)
 
 
 # --------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def store_out(acc: jax.Array, out_ref, out_s, row0, col0, add=None) -> None:
   through a double-buffered shared-memory tile ``out_s [2, cm, cc]`` (64x64 on a
   GPU, to spare shared memory; the whole tile when interpreting: fewer copies), in
   ``out_s``'s dtype (the compute dtype for outputs the op returns: no cast in XLA).
-  ``add = (split, lead, interpret)``: add it into ``out_ref[*lead, rows, cols]`` by TMA
+  ``add = (split, interpret)``: add it into ``out_ref[rows, cols]`` by TMA
   reduce-add instead (``compat.copy_smem_to_gmem_add``: split ``split``'s slab when
   interpreting)."""
   mg = mc.plgpu()
@@ -137,8 +137,8 @@ def store_out(acc: jax.Array, out_ref, out_s, row0, col0, add=None) -> None:
       if add is None:
         mg.copy_smem_to_gmem(out_s.at[slot], out_ref.at[idx])
       else:
-        split, lead, interpret = add
-        mc.copy_smem_to_gmem_add(out_s.at[slot], out_ref, (*lead, *idx), split, interpret)
+        split, interpret = add
+        mc.copy_smem_to_gmem_add(out_s.at[slot], out_ref, idx, split, interpret)
       chunk += 1
 
 
@@ -664,7 +664,7 @@ def _dwin_kernel(*refs, pl_: plan.Plan, relu: _Relu, **scr):
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((fs, c.kb), jnp.float32))
-  store_out(acc, dwin_ref, scr["out_s"], fi * fs, kb * c.kb, add=(si, (), c.interpret))
+  store_out(acc, dwin_ref, scr["out_s"], fi * fs, kb * c.kb, add=(si, c.interpret))
   mg.wait_smem_to_gmem(0)
 
 
@@ -714,7 +714,7 @@ def _dwout_kernel(g_ref, *refs, pl_: plan.Plan, relu: _Relu, dw_mask: str, **scr
     return acc_ref[...]
 
   acc = pl.run_scoped(run, mg.ACC((c.nb, fs), jnp.float32))
-  store_out(acc, dwout_ref, scr["out_s"], nb * c.nb, fi * fs, add=(si, (), c.interpret))
+  store_out(acc, dwout_ref, scr["out_s"], nb * c.nb, fi * fs, add=(si, c.interpret))
   mg.wait_smem_to_gmem(0)
 
 
@@ -781,7 +781,7 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
       @pl.when((wg == k) & (f < c.n_steps))
       def _():
         col0 = plan.dw_ws_columns(c)[grad]
-        store_out(acc, out_ref, scr["out_s"].at[k], f * fs, col0, add=(si, (), c.interpret))
+        store_out(acc, out_ref, scr["out_s"].at[k], f * fs, col0, add=(si, c.interpret))
         mg.wait_smem_to_gmem(0)
 
   def block(key):  # the pipelined block of one input, at this program's feature step

@@ -295,8 +295,9 @@ def _ws_tile_and_staging(s: Scratch, name: str, tile, dt, chunk) -> Scratch:
   ``chunk``s) sharing bytes (a ``RefUnion``), both ``[consumers, copies, ...]`` with equal
   bytes per consumer, so consumer ``k``'s staging lies inside its own tile: with unequal
   ones (the staging halved to bf16 at rank 256, or 32 KiB fp32 over a 16 KiB tile at rank
-  128) one consumer's epilogue wrote into the other's tile while that one still read it,
-  a race the interpreter's detector reports (tests/test_kernels_mosaic.py). The tile is
+  128) one consumer's epilogue wrote into the other's tile while that one still read it
+  (tests/test_kernels_mosaic.py checks the byte ranges: the interpreter's race detector
+  flags any cross-thread use of a union's members, disjoint or not). The tile is
   ``[name][k, 0]``; the staging's copies past the first two are unused."""
   e_tile, e_chunk = math.prod(tile), math.prod(chunk)
   per_consumer = math.lcm(e_tile, 2 * e_chunk)
@@ -386,8 +387,8 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
   """Outputs: [out [T, N] (compute dtype), stats fp32 [3, T]] + [vals, meta] if ``store``.
   Warp-specialized (``tiles.warp_specialized``): every per-token buffer once per consumer
   warpgroup. ``first_block``: only the first ``block_n`` output columns are written; the
-  others come from :func:`packed_mm_spec` (into the same buffer) on the stored activation (``y1`` computed once):
-  the compressed one in the 2:4 phase, or (``store_relu``, the dense warm-up) ``relu(y1)``
+  others come from :func:`packed_mm_spec` (into the same buffer) on the stored activation
+  (``y1`` computed once): the compressed one in the 2:4 phase, or (``store_relu``, the dense warm-up) ``relu(y1)``
   dense, a last output ``[T, F]`` in kernel feature order."""
   dt, it = c.dtype, c.dtype.itemsize
   ws = c.tiles.warp_specialized

@@ -147,7 +147,8 @@ def _dw_ws_call(h, g, dy1, meta, act_values, act: str, c: plan.Plan):
     bodies.launch(spec, *(arrays[name] for name, _ in plan.dw_ws_inputs(roles, act)),
                   add_into=dw)
   dw = mc.reduce_add_total(dw, c.interpret)
-  return dw[:, :c.k_pad], dw[:, c.k_pad:]
+  out0 = plan.dw_ws_columns(c)["out"]
+  return dw[:, :out0], dw[:, out0:]
 
 
 def _tokmask_call(dense_f, tok_dense, vals, meta, c: plan.Plan):
