@@ -72,7 +72,7 @@ ATTENTION = [
 GRID = {
     "tc_efficiency": [0.70, 0.75, 0.80, 0.85, 0.90, 0.95, 1.0],
     "wait_latency": [0.0, 100.0, 200.0, 400.0, 800.0],
-    "cpi": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0],
+    "cpi": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0],
     "mufu_cycles": [1.0, 2.0, 4.0, 8.0, 16.0],
     "overhead_s": [0.0, 2e-6, 4e-6, 8e-6],
 }
@@ -202,6 +202,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   ap.add_argument("--quick", action="store_true",
                   help="one matmul and three attention points, a coarse grid (a smoke test)")
+  ap.add_argument("--ordered_chain", action="store_true",
+                  help="fit the chain played in program order (perf_model.Params.ordered_chain)")
   args = ap.parse_args(argv)
   from elas_jax import targets
   from elas_kernels import perf_model as pm
@@ -218,9 +220,11 @@ def main(argv=None) -> int:
       print(f"    no configuration compiled: left out", file=sys.stderr)
       continue
     points.append(p)
-  grid = {k: v[::3] for k, v in GRID.items()} if args.quick else GRID
+  grid = {k: v[::3] for k, v in GRID.items()} if args.quick else dict(GRID)
+  grid["ordered_chain"] = [args.ordered_chain]
   params, rms = fit(points, gpu, grid)
-  peak = pm.Params(tc_efficiency=1.0, wait_latency=0.0, cpi=1.0, mufu_cycles=1.0, overhead_s=0.0)
+  peak = pm.Params(tc_efficiency=1.0, wait_latency=0.0, cpi=1.0, mufu_cycles=1.0, overhead_s=0.0,
+                   ordered_chain=args.ordered_chain)
   rows = []
   for i, p in enumerate(points):
     rest = points[:i] + points[i + 1:]

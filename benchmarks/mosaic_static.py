@@ -317,13 +317,17 @@ def main(argv=None) -> int:
                   help="mosaic, or mosaic_ws (the warp-specialized kernels; ranks <= 256)")
   ap.add_argument("--no_glue", action="store_true",
                   help="leave out the XLA kernels beside the Mosaic ones (kernels only)")
+  ap.add_argument("--ordered_chain", action="store_true",
+                  help="the kernel model's program-order chain and its fit (perf_model.ORDERED)")
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
   from benchmarks import xla_static
   from elas_jax import targets
+  from elas_kernels import perf_model as pm
 
   targets.check_environment()
   target = targets.get(args.target)
+  params = pm.ORDERED if args.ordered_chain else None
   sizes = chosen_sizes(ap, args.sizes)
   results, md = {}, []
   for i, size in enumerate(sizes):
@@ -336,7 +340,7 @@ def main(argv=None) -> int:
       print(f"    not compiled: {report.reason}", file=sys.stderr, flush=True)
       results[size] = {"compiled": False, "reason": report.reason}
       continue
-    rows = kernel_rows(f, r, args.tokens, target, resources, tiles=tiles)
+    rows = kernel_rows(f, r, args.tokens, target, resources, tiles=tiles, params=params)
     xla = None
     if not args.no_xla:
       xla = {}

@@ -35,7 +35,8 @@ per wave of ``k`` co-resident programs the time is the largest of
 * one consumer's own chain: wgmma, its waits (``wait_latency`` cycles each) and
   its SIMT (``cpi`` cycles per instruction, ``mufu_cycles`` per special
   function) one after another when each step waits for all its wgmma, or the
-  larger of the two when a wgmma stays in flight;
+  larger of the two when a wgmma stays in flight (or, ``Params.ordered_chain``, its
+  code played in program order: :func:`chain_cycles`);
 * the issue slots: ``k ·`` (all warpgroups' instructions per warp; each
   warpgroup puts one warp on each of an SM's four schedulers);
 * the L2: ``k ·`` TMA bytes at ``l2_bytes_per_s / SMs``;
@@ -77,6 +78,12 @@ class Role:
   waits: float = 0.0  # wgmma.wait_group 0 executed
   overlapped: bool = False  # a loop keeps a wgmma in flight (wait_group >= 1)
   tma_bytes: float = 0.0  # bytes TMA loads into shared memory
+  # The role's code in program order (:func:`_program`): SIMT runs, wgmma issues, commits,
+  # waits, loops with their trips; :func:`chain_cycles` plays it under
+  # ``Params.ordered_chain``. Otherwise (and for a Role made by hand, which has none) the
+  # chain is costed from the totals above (``overlapped``: the larger of the wgmma and the
+  # SIMT, else their sum).
+  program: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +289,134 @@ def _induction(sts: list[str], blocks, body: set[int], head: int, reg: str) -> t
   return start, step
 
 
+def _program(sts: list[str], blocks, loops, keep) -> tuple:
+  """The statements ``keep(i)`` selects, in program order, as events: ``("simt", n,
+  mufu)`` (a run of instructions), ``("mma", cycles at peak)``, ``("commit",)``,
+  ``("wait", n)`` and ``("loop", trips, body)`` for each natural loop (taken as the
+  statements from its first block's start to its last block's end: Mosaic's loops are
+  laid out contiguously). ``loops``: ``(blocks, trips)``, trips already resolved."""
+  spans = sorted({(min(blocks[k][0] for k in body), max(blocks[k][1] for k in body), trips)
+                  for body, trips in loops}, key=lambda x: (x[0], -x[1]))
+
+  def build(a: int, b: int, outer=None) -> list:
+    items: list = []
+
+    def simt(n: float, mufu: float) -> None:
+      if items and items[-1][0] == "simt":
+        items[-1] = ("simt", items[-1][1] + n, items[-1][2] + mufu)
+      else:
+        items.append(("simt", n, mufu))
+
+    i = a
+    while i < b:
+      inner = [x for x in spans if x[0] == i and x[1] <= b and x[:2] != outer]
+      if inner:
+        la, lb, trips = inner[0]  # the outermost loop starting here
+        items.append(("loop", trips, tuple(build(la, lb, (la, lb)))))
+        i = lb
+        continue
+      st = sts[i]
+      i += 1
+      if not keep(i - 1) or _LABEL.match(st) or st.startswith("setp.ne.b32 p,"):
+        continue
+      m = _WGMMA.search(st)
+      if m:
+        mm, nn, kk, dtype = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
+        items.append(("mma", 2.0 * mm * nn * kk / _TC_FLOPS_PER_CYCLE.get(dtype, 4096)))
+      elif st.startswith("wgmma.commit_group"):
+        items.append(("commit",))
+        simt(1, 0)
+      elif (w := re.match(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", st)):
+        items.append(("wait", int(w.group(1))))
+        simt(1, 0)
+      elif st.startswith(_MUFU):
+        simt(0, 1)
+      else:
+        simt(1, 0)
+    return items
+
+  return tuple(build(0, len(sts)))
+
+
+def chain_cycles(program: tuple, prm: "Params") -> float:
+  """One warpgroup's critical path through its :func:`_program`: its SIMT instructions
+  one after another (``cpi`` cycles each, ``mufu_cycles`` per special function), each
+  wgmma starting when issued and the tensor cores are done with its predecessors
+  (``cycles / tc_efficiency``), a ``wait_group n`` holding the warpgroup until all but
+  the newest ``n`` committed groups are done (``wait_latency`` more at ``n = 0``). SIMT
+  between a wgmma and its wait runs under it; only what the wait still finds running
+  counts. Loops are played trip by trip (to their steady state). Memoised per program and
+  constants (a calibration's grid search plays each program thousands of times)."""
+  key = (id(program), prm.tc_efficiency, prm.wait_latency, prm.cpi, prm.mufu_cycles)
+  hit = _CHAINS.get(key)
+  if hit is not None and hit[0] is program:
+    return hit[1]
+  st = {"t": 0.0, "tc": 0.0, "open": None, "groups": []}
+
+  def play(items) -> None:
+    for it in items:
+      kind = it[0]
+      if kind == "simt":
+        st["t"] += it[1] * prm.cpi + it[2] * prm.mufu_cycles
+      elif kind == "mma":
+        st["tc"] = max(st["t"], st["tc"]) + it[1] / prm.tc_efficiency
+        st["open"] = st["tc"]
+      elif kind == "commit":
+        if st["open"] is not None:
+          st["groups"].append(st["open"])
+          st["open"] = None
+          # groups finish in order: the newest few decide any wait_group n below that
+          del st["groups"][:-_GROUPS_KEPT]
+      elif kind == "wait":
+        n, groups = it[1], st["groups"]
+        if st["open"] is not None:  # issued, not committed: waited for like a group
+          groups.append(st["open"])
+          st["open"] = None
+        if len(groups) > n:
+          st["t"] = max(st["t"], max(groups[:len(groups) - n]))
+          del groups[:len(groups) - n]
+        if n == 0:
+          st["t"] += prm.wait_latency
+      else:
+        loop(int(it[1]), it[2])
+
+  def times() -> list:
+    return [st["t"], st["tc"], st["open"], *st["groups"]]
+
+  def loop(trips: int, body) -> None:
+    # Played trip by trip until two trips in a row move every time by the same amount
+    # (the steady state of these max-plus updates); the trips left then move it alike.
+    last, step = times(), None
+    for done in range(1, trips + 1):
+      play(body)
+      now = times()
+      d = [None if a is None or b is None else b - a for a, b in zip(last, now)]
+      same = (len(now) == len(last) and all((a is None) == (b is None) for a, b in zip(last, now))
+              and len({x for x in d if x is not None}) <= 1)
+      if same and step is not None and d == step:
+        shift = (trips - done) * (d[0] or 0.0)
+        st["t"] += shift
+        st["tc"] += shift
+        if st["open"] is not None:
+          st["open"] += shift
+        st["groups"] = [g + shift for g in st["groups"]]
+        return
+      step = d if same else None
+      last = now
+
+  play(program)
+  if st["open"] is not None or st["groups"]:  # the kernel's end waits for every wgmma
+    st["t"] = max([st["t"], st["tc"]])
+  if len(_CHAINS) > 100_000:
+    _CHAINS.clear()
+  _CHAINS[key] = (program, st["t"])  # the program kept alive: its id is not reused
+  return st["t"]
+
+
+_CHAINS: dict = {}
+_GROUPS_KEPT = 8  # more than any wait_group n Mosaic emits
+
+
 def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
   """Summarise one kernel's PTX (see the module docstring). ``runtime_trips``: the
   trip count of every loop whose bound is not a constant (1 when not given)."""
@@ -295,8 +430,8 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
   dom = _dominators(len(blocks), preds)
   loops = _natural_loops(sts, blocks, succ, preds, dom, block_of)
   weight = [1.0] * len(sts)
-  for body, trips in loops:
-    t = trips if trips is not None else (runtime_trips or 1)
+  resolved = [(body, trips if trips is not None else (runtime_trips or 1)) for body, trips in loops]
+  for body, t in resolved:
     for k in body:
       a, b = blocks[k]
       for i in range(a, b):
@@ -346,7 +481,11 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
         acc["mufu"] += w
       else:
         acc["simt"] += w
-    return Role(overlapped=overlapped, **acc)
+
+    def keep(i: int) -> bool:
+      return role_of[i] in names and (index is None or guard[i] in (None, index))
+
+    return Role(overlapped=overlapped, program=_program(sts, blocks, resolved, keep), **acc)
 
   ws = bool(seeds["producer"]) and bool(seeds["consumer"])
   consumers = warpgroups - 1 if ws else warpgroups
@@ -404,17 +543,29 @@ def _mean_role(roles: tuple[Role, ...]) -> Role:
 @dataclasses.dataclass(frozen=True)
 class Params:
   """The model's free constants. Defaults: ``benchmarks/calibrate_model.py``'s fit to 11
-  published Hopper measurements (2026-12-05, jax 0.12.0.1; RMS log error 0.093, leave-one-out
-  errors -20% to +18%, docs/kernels.md). Bandwidths are the H200's measured ones
-  (docs/hopper_published.md), not fitted."""
+  published Hopper measurements (2026-12-05, jax 0.12.0.1, cpi on a grid of half cycles;
+  RMS log error 0.091, leave-one-out errors -20% to +18%, docs/kernels.md). Bandwidths
+  are the H200's measured ones (docs/hopper_published.md), not fitted.
 
-  tc_efficiency: float = 0.90  # sustained fraction of the tensor cores' peak
+  ``ordered_chain``: a consumer's chain played in program order (:func:`chain_cycles`:
+  SIMT between a wgmma and its wait runs under it) instead of the closed form (a loop
+  with ``wait_group`` >= 1 overlaps all its SIMT with all its wgmma, else none);
+  :data:`ORDERED` holds that form's own fit. The published points do not tell the two
+  apart (RMS 0.091 against 0.099): docs/kernels.md reports the ELAS kernels under both."""
+
+  tc_efficiency: float = 1.0  # sustained fraction of the tensor cores' peak
   wait_latency: float = 0.0  # cycles a wgmma.wait_group 0 costs beyond the MMAs
-  cpi: float = 4.0  # cycles per SIMT instruction on one warpgroup's own chain
-  mufu_cycles: float = 2.0  # issue cycles of one special-function warp instruction
+  cpi: float = 4.5  # cycles per SIMT instruction on one warpgroup's own chain
+  mufu_cycles: float = 1.0  # issue cycles of one special-function warp instruction
   overhead_s: float = 4e-6  # per kernel: launch tail, prologue, pipeline fill, epilogue drain
   l2_bytes_per_s: float = 9.7e12  # H200 L2 read, 4-40 MB working set (gpu-benches)
   hbm_bytes_per_s: float = 3.89e12  # H200 DRAM read (gpu-benches)
+  ordered_chain: bool = False
+
+
+# The program-order chain's own fit to the same points (2026-12-05; RMS log error 0.099,
+# leave-one-out -22% to +18%).
+ORDERED = Params(tc_efficiency=1.0, cpi=5.0, mufu_cycles=1.0, ordered_chain=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +593,8 @@ def _program_cycles(p: Profile, k: int, prm: Params, gpu: GpuSpec) -> dict[str, 
   tc = c.wgmma_cycles / prm.tc_efficiency
 
   def own_chain(r: Role) -> float:  # one warpgroup's wgmma, SIMT and waits
+    if prm.ordered_chain and r.program:
+      return chain_cycles(r.program, prm)
     t = r.wgmma_cycles / prm.tc_efficiency
     simt = r.simt * prm.cpi + r.mufu * prm.mufu_cycles
     return (max(t, simt) if r.overlapped else t + simt) + r.waits * prm.wait_latency
@@ -481,3 +634,69 @@ def estimate(p: Profile, programs: int, programs_per_sm: int, hbm_bytes: float,
   bound = max(terms, key=terms.get)
   return Estimate(time_s=max(sm_s, terms["hbm"]) + prm.overhead_s, bound=bound, terms_s=terms,
                   waves=waves)
+
+
+# --------------------------------------------------------------------------
+# SASS: the compiler's own schedule (a cross-check of the SIMT terms, not a term).
+# --------------------------------------------------------------------------
+
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+# nvdisasm -print-instruction-ctrl (Mosaic's MOSAIC_GPU_DUMP_SASS_CTRL): wait mask, read and
+# write barriers, yield, stall cycles, then the address and the instruction
+_SASS_INSTR = re.compile(r"^\s*[\w&-]+:[\w-]+:[\w-]+:[\w-]:(\d+)\s+/\*[0-9a-f]+\*/\s+(.+?)\s*;?\s*$")
+_SASS_BRA = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SassLoop:
+  """A loop of a kernel's SASS: its instructions and the stall cycles the compiler
+  scheduled between them (one pass over the span, nested loops once), and its
+  ``HGMMA`` count; ``inner``: the nested loops' own (instructions, stall cycles)."""
+
+  instructions: int
+  stall_cycles: int
+  hgmma: int
+  inner: tuple[tuple[int, int], ...] = ()
+
+
+def sass_loops(sass: str) -> list[SassLoop]:
+  """The loops of a SASS listing with control codes: each backward branch's span (its
+  label to the branch). Out-of-line retry blocks that branch back into the code (a
+  barrier's try-wait) make spans of their own too; :func:`sass_main_loop` picks."""
+  lines = sass.splitlines()
+  labels, ins = {}, []
+  for i, line in enumerate(lines):
+    m = _SASS_LABEL.match(line)
+    if m:
+      labels[m.group(1)] = i
+      continue
+    m = _SASS_INSTR.match(line)
+    if m:
+      ins.append((i, int(m.group(1)), m.group(2)))
+  spans = []
+  for i, _, text in ins:
+    m = _SASS_BRA.search(text)
+    if m and labels.get(m.group(1), i) < i:
+      spans.append((labels[m.group(1)], i))
+
+  def summary(a: int, b: int, inner=()) -> SassLoop:
+    body = [x for x in ins if a <= x[0] <= b]
+    return SassLoop(len(body), sum(x[1] for x in body), sum("HGMMA" in x[2] for x in body),
+                    inner)
+
+  out = []
+  for a, b in spans:
+    nested = tuple((s.instructions, s.stall_cycles) for s in
+                   (summary(x, y) for x, y in spans if a <= x and y <= b and (x, y) != (a, b)))
+    out.append(summary(a, b, nested))
+  return out
+
+
+def sass_main_loop(sass: str) -> SassLoop | None:
+  """The kernel's main loop: of the loops holding the most ``HGMMA``, the shortest (the
+  retry blocks' spans reach around it)."""
+  loops = [x for x in sass_loops(sass) if x.hgmma]
+  if not loops:
+    return None
+  most = max(x.hgmma for x in loops)
+  return min((x for x in loops if x.hgmma == most), key=lambda x: x.instructions)

@@ -34,6 +34,7 @@ def test_every_benchmark_has_a_smoke_test():
             "kernel_tiles",  # needs the CUDA plugin: run by tests/test_gpu_compile.py (--one)
             "mosaic_static",  # needs the CUDA plugin: run by tests/test_gpu_compile_mosaic.py
             "calibrate_model",  # needs the CUDA plugin: run by tests/test_perf_model.py (--quick)
+            "sass_check",  # needs the CUDA plugin and nvdisasm: tests/test_perf_model.py
             "xla_static",  # here (its HLO reader) and in tests/test_gpu_compile.py (the H200 run)
             "step_memory", "train_throughput", "quality", "inference", "ffn_kernels"}
   names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))

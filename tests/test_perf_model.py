@@ -2,6 +2,7 @@
 hand-counted programs, its time against hand-worked cases, and (``gpu_compile``) its
 reading of real compiled kernels against the work they are known to do."""
 
+import dataclasses
 import math
 
 import pytest
@@ -252,9 +253,86 @@ def test_reads_consumers_that_branch_on_their_index():
   prm = pm.Params(tc_efficiency=1.0, wait_latency=0, cpi=1, mufu_cycles=1, overhead_s=0,
                   l2_bytes_per_s=1e30, hbm_bytes_per_s=1e30)
   e = pm.estimate(p, programs=H200.sm_count, programs_per_sm=1, hbm_bytes=0, params=prm)
-  # one consumer's chain: the larger of its own wgmma + SIMT (not the two bodies together)
+  # the closed form: one consumer's wgmma + SIMT in series (its own, not both bodies)
   chains = [r.wgmma_cycles + r.simt for r in (c0, c1)]
   assert math.isclose(e.terms_s["chain"] * pm.clock_hz(H200), max(chains), rel_tol=1e-12)
+  prm = dataclasses.replace(prm, ordered_chain=True)
+  e = pm.estimate(p, programs=H200.sm_count, programs_per_sm=1, hbm_bytes=0, params=prm)
+  # in program order: one consumer's chain, its own code in order (not the two bodies together). Per trip,
+  # consumer 0: setp, bra, 2 wgmma (64 cycles) under which its 3 adds and the other
+  # guard's setp, bra run, the wait for them, add, setp, bra: 2 + 64 + 1 + 3 = 70;
+  # consumer 1: 2 guards' setp, bra, 1 wgmma (32) under its 7 muls, wait, add, setp, bra:
+  # 4 + 32 + 1 + 3 = 40; once, 8 (5 before the split, setmaxnreg, mov, ret).
+  assert math.isclose(e.terms_s["chain"] * pm.clock_hz(H200), 8 + 4 * 70, rel_tol=1e-12)
+  assert math.isclose(pm.chain_cycles(c1.program, prm), 8 + 4 * 40, rel_tol=1e-12)
+  # the SIMT after the wgmma not overlapped (were it all serial: 8 + 4 * (64 + 13))
+  assert 8 + 4 * 70 < c0.wgmma_cycles + c0.simt
+
+
+def test_chain_plays_waits_in_program_order():
+  prm = pm.Params(tc_efficiency=0.5, wait_latency=10, cpi=2, mufu_cycles=3, overhead_s=0,
+                  ordered_chain=True)
+  # SERIAL: its 3 SIMT instructions and ex2 follow the wait: only the commit runs under the
+  # wgmma, so the chain is the totals in series (the closed form) less 8 commits
+  c = pm.profile_ptx(SERIAL).consumer
+  serial = c.wgmma_cycles / 0.5 + c.simt * 2 + c.mufu * 3 + c.waits * 10
+  assert math.isclose(pm.chain_cycles(c.program, prm), serial - 8 * 2, rel_tol=1e-12)
+  # by hand: 100 cycles of wgmma (200 at half efficiency), then 30 instructions (60
+  # cycles) under it, then the wait: 200 + 10 (the wait's latency) + 2 (the wait itself,
+  # an instruction); twice in a loop
+  step = (("mma", 100.0), ("commit",), ("simt", 30, 0), ("wait", 0), ("simt", 1, 0))
+  assert pm.chain_cycles((("loop", 2, step),), prm) == 2 * (200 + 10 + 2)
+  # more SIMT than wgmma: the SIMT bounds it (120 + 2 instructions, 10 latency)
+  step = (("mma", 50.0), ("commit",), ("simt", 60, 0), ("wait", 0), ("simt", 1, 0))
+  assert pm.chain_cycles((("loop", 2, step),), prm) == 2 * (120 + 10 + 2)
+  # wait_group 1 keeps the newest group in flight: each step's 200-cycle wgmma runs under
+  # the next step's 50 SIMT cycles (1 loop of 4): the tensor cores bound it, and the
+  # kernel's end waits for the last one
+  step = (("simt", 25, 0), ("mma", 100.0), ("commit",), ("wait", 1))
+  assert pm.chain_cycles((("loop", 4, step),), prm) == 50 + 4 * 200
+  # a wait only for groups older than the newest n: the newer one keeps running
+  prog = (("mma", 100.0), ("commit",), ("mma", 100.0), ("commit",), ("wait", 1))
+  assert pm.chain_cycles(prog, prm) == 400  # the end waits for the second (200 + 200)
+  assert pm.chain_cycles(prog + (("simt", 50, 0),), prm) == 400  # 100 cycles under it
+
+
+# nvdisasm's listing with control codes (wait mask : read : write : yield : stall), as
+# Mosaic dumps it (.sass_ctrl): a main loop of 2 HGMMA, 4 other instructions and a nested
+# 2-instruction loop; a try-wait retry block after the code that branches back into it.
+SASS = """
+.text.k:
+   -:-:1:Y:01        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_3:
+   -:-:-:Y:02        /*0010*/                   PRMT R2, R3, 0x5410, R4 ;
+.L_x_4:
+   -:-:-:Y:01        /*0020*/                   UIADD3 UR4, UR4, 0x1, URZ ;
+   -:-:-:Y:05        /*0030*/               @P2 BRA `(.L_x_4) ;
+   -:-:-:Y:01        /*0040*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR16], R88 ;
+   -:-:-:Y:04        /*0050*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR16], R88 ;
+   -:-:-:-:03        /*0060*/                   FADD R5, R5, R6 ;
+ 3&2:-:-:Y:05        /*0070*/              @!P1 BRA `(.L_x_1) ;
+.L_x_5:
+   -:-:-:Y:06        /*0080*/                   SEL R7, R7, RZ, P0 ;
+   -:-:-:Y:05        /*0090*/               @P3 BRA `(.L_x_3) ;
+   -:-:-:Y:05        /*00a0*/                   EXIT ;
+.L_x_1:
+   -:-:3:Y:02        /*00b0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR15], R2 ;
+   -:-:-:Y:05        /*00c0*/              @!P1 BRA `(.L_x_1) ;
+   -:-:-:Y:05        /*00d0*/                   BRA `(.L_x_3) ;
+"""
+
+
+def test_reads_the_sass_main_loop():
+  loops = pm.sass_loops(SASS)
+  # the main loop, its nested loop, the retry block's self-loop and its branch back to the
+  # main loop's head (a span around the main loop, with its HGMMA: not the main loop)
+  assert len(loops) == 4 and sorted(x.hgmma for x in loops) == [0, 0, 2, 2]
+  main = pm.sass_main_loop(SASS)
+  # .L_x_3 to its branch: PRMT, UIADD3, BRA, 2 HGMMA, FADD, BRA, SEL, BRA
+  assert (main.instructions, main.hgmma) == (9, 2)
+  assert main.stall_cycles == 2 + 1 + 5 + 1 + 4 + 3 + 5 + 6 + 5
+  assert main.inner == ((2, 6),)  # UIADD3 and its branch
+  assert pm.sass_main_loop("no code") is None
 
 
 def _profile(**consumer) -> pm.Profile:
@@ -333,9 +411,11 @@ def test_reads_jax_hopper_matmul_and_attention_compiled_for_h200():
 
 
 @pytest.mark.gpu_compile
-def test_calibration_runs_and_reports_every_point(tmp_path):
+@pytest.mark.parametrize("ordered", [False, True])
+def test_calibration_runs_and_reports_every_point(tmp_path, ordered):
   """``benchmarks.calibrate_model --quick``: each published point compiled, predicted
-  with the fit and left out of it; the fit's error is the one it reports."""
+  with the fit and left out of it; the fit's error is the one it reports (the closed-form
+  chain and, ``--ordered_chain``, the one played in program order)."""
   import json
   import subprocess
   import sys
@@ -343,12 +423,40 @@ def test_calibration_runs_and_reports_every_point(tmp_path):
   from tests.helpers import ROOT, require_deviceless
 
   require_deviceless()
-  p = subprocess.run([sys.executable, "-m", "benchmarks.calibrate_model", "--quick", "--out", str(tmp_path)],
-                     cwd=ROOT, capture_output=True, text=True, timeout=900)
+  p = subprocess.run([sys.executable, "-m", "benchmarks.calibrate_model", "--quick", "--out", str(tmp_path)]
+                     + ["--ordered_chain"] * ordered, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   got = json.load(open(tmp_path / "results.json"))
+  assert got["params"]["ordered_chain"] is ordered
   assert len(got["points"]) == 4
   errs = [math.log(1 + w["fit_error"]) for w in got["points"]]
   assert math.isclose(math.sqrt(sum(e * e for e in errs) / len(errs)), got["rms_log_error"], rel_tol=1e-9)
   for w in got["points"]:
     assert w["published_us"] > 0 and math.isfinite(w["loo_us"]) and w["configurations"] >= 1
+
+
+@pytest.mark.gpu_compile
+def test_sass_check_reads_the_compilers_schedule(tmp_path):
+  """``benchmarks.sass_check`` (needs nvdisasm beside ptxas, as CI installs it): every
+  warp-specialized 60M kernel of the masked step and the calibration's attention kernel
+  have a SASS main loop whose HGMMA match the PTX's wgmma, and the scheduled cycles per
+  PTX statement are those of a real schedule (between 1 and 4)."""
+  import json
+  import subprocess
+  import sys
+
+  from benchmarks import sass_check
+  from tests.helpers import ROOT, require_deviceless
+
+  require_deviceless()
+  if sass_check.nvdisasm_beside_ptxas() is None:
+    pytest.skip("nvdisasm is not installed beside the CUDA plugin's ptxas (benchmarks/sass_check.py)")
+  p = subprocess.run([sys.executable, "-m", "benchmarks.sass_check", "--sizes", "60m", "--out",
+                      str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = {w["kernel"]: w for w in json.load(open(tmp_path / "results.json"))["rows"]}
+  want = {"60m elas_mgpu_fwd_ws_store", "60m elas_mgpu_dh_ws_compressed", "60m elas_mgpu_dw_ws_compressed"}
+  assert want <= set(rows), sorted(rows)
+  for w in rows.values():
+    assert w["sass_instructions"] > 0 and 1.0 < w["cycles_per_statement"] < 4.0, w
+    assert w["ptx_wgmma"] == w["sass_hgmma"], w

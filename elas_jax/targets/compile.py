@@ -415,7 +415,8 @@ def _collect_kernels(dump_dir: str, target: spec.Target, ptxas: bool) -> list[Ke
 def mosaic_resources(dump_dir: str) -> dict[str, dict]:
   """Per Mosaic kernel name (without Mosaic's ``_<n>`` suffix): registers, spill bytes
   (stores + loads), shared memory, the wgmma instruction shapes of its PTX, the
-  PTX itself (``ptx``) and whether ptxas serialized its wgmma (``wgmma_serialized``,
+  PTX itself (``ptx``), its SASS with control codes where Mosaic could disassemble it
+  (``sass``, else None) and whether ptxas serialized its wgmma (``wgmma_serialized``,
   warning C7512); the maximum over kernels of one name (a name compiled twice
   is the same kernel).
 
@@ -427,14 +428,14 @@ def mosaic_resources(dump_dir: str) -> dict[str, dict]:
 
   def row(name: str) -> dict:
     return out.setdefault(name, {"registers": None, "spill_bytes": None, "smem_bytes": None, "ptx_wgmma": [],
-                                 "ptx": None, "wgmma_serialized": False})
+                                 "ptx": None, "sass": None, "wgmma_serialized": False})
 
   def bump(r: dict, key: str, value: int) -> None:
     r[key] = max(r[key] or 0, value)
 
   for fn in sorted(os.listdir(dump_dir)):
     base, _, ext = fn.partition(".")
-    if ext not in ("ptxas", "resources.txt", "ptx"):
+    if ext not in ("ptxas", "resources.txt", "ptx", "sass_ctrl"):
       continue
     name = re.sub(r"_\d+$", "", base)
     with open(os.path.join(dump_dir, fn), errors="replace") as fh:
@@ -450,6 +451,8 @@ def mosaic_resources(dump_dir: str) -> dict[str, dict]:
       # C7512: "wgmma.mma_async instructions are serialized due to insufficient register
       # resources": every wgmma then waits for the one before it
       r["wgmma_serialized"] = r.get("wgmma_serialized", False) or "(C7512)" in txt
+    elif ext == "sass_ctrl":  # written where nvdisasm is installed beside ptxas (docs/kernels.md)
+      r["sass"] = txt  # for elas_kernels.perf_model.sass_main_loop
     elif ext == "resources.txt":
       m = re.search(r"smem_scratch_bytes=(\d+)", txt)
       if m:
