@@ -202,8 +202,9 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   ap.add_argument("--quick", action="store_true",
                   help="one matmul and three attention points, a coarse grid (a smoke test)")
-  ap.add_argument("--ordered_chain", action="store_true",
-                  help="fit the chain played in program order (perf_model.Params.ordered_chain)")
+  ap.add_argument("--closed_chain", action="store_true",
+                  help="fit the closed-form chain (perf_model.CLOSED_FORM) instead of the default, "
+                       "the chain played in program order")
   args = ap.parse_args(argv)
   from elas_jax import targets
   from elas_kernels import perf_model as pm
@@ -221,10 +222,10 @@ def main(argv=None) -> int:
       continue
     points.append(p)
   grid = {k: v[::3] for k, v in GRID.items()} if args.quick else dict(GRID)
-  grid["ordered_chain"] = [args.ordered_chain]
+  grid["ordered_chain"] = [not args.closed_chain]
   params, rms = fit(points, gpu, grid)
   peak = pm.Params(tc_efficiency=1.0, wait_latency=0.0, cpi=1.0, mufu_cycles=1.0, overhead_s=0.0,
-                   ordered_chain=args.ordered_chain)
+                   ordered_chain=not args.closed_chain)
   rows = []
   for i, p in enumerate(points):
     rest = points[:i] + points[i + 1:]

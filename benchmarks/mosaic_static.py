@@ -317,8 +317,8 @@ def main(argv=None) -> int:
                   help="mosaic, or mosaic_ws (the warp-specialized kernels; ranks <= 256)")
   ap.add_argument("--no_glue", action="store_true",
                   help="leave out the XLA kernels beside the Mosaic ones (kernels only)")
-  ap.add_argument("--ordered_chain", action="store_true",
-                  help="the kernel model's program-order chain and its fit (perf_model.ORDERED)")
+  ap.add_argument("--closed_chain", action="store_true",
+                  help="the kernel model's closed-form chain and its fit (perf_model.CLOSED_FORM)")
   ap.add_argument("--out", default=None, help="directory for results.json and results.md")
   args = ap.parse_args(argv)
   from benchmarks import xla_static
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
 
   targets.check_environment()
   target = targets.get(args.target)
-  params = pm.ORDERED if args.ordered_chain else None
+  params = pm.CLOSED_FORM if args.closed_chain else None
   sizes = chosen_sizes(ap, args.sizes)
   results, md = {}, []
   for i, size in enumerate(sizes):

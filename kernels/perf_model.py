@@ -35,8 +35,8 @@ per wave of ``k`` co-resident programs the time is the largest of
 * one consumer's own chain: wgmma, its waits (``wait_latency`` cycles each) and
   its SIMT (``cpi`` cycles per instruction, ``mufu_cycles`` per special
   function) one after another when each step waits for all its wgmma, or the
-  larger of the two when a wgmma stays in flight (or, ``Params.ordered_chain``, its
-  code played in program order: :func:`chain_cycles`);
+  larger of the two when a wgmma stays in flight (``Params.ordered_chain=False``), or
+  its code played in program order (:func:`chain_cycles`, the default);
 * the issue slots: ``k ·`` (all warpgroups' instructions per warp; each
   warpgroup puts one warp on each of an SM's four schedulers);
 * the L2: ``k ·`` TMA bytes at ``l2_bytes_per_s / SMs``;
@@ -79,10 +79,10 @@ class Role:
   overlapped: bool = False  # a loop keeps a wgmma in flight (wait_group >= 1)
   tma_bytes: float = 0.0  # bytes TMA loads into shared memory
   # The role's code in program order (:func:`_program`): SIMT runs, wgmma issues, commits,
-  # waits, loops with their trips; :func:`chain_cycles` plays it under
-  # ``Params.ordered_chain``. Otherwise (and for a Role made by hand, which has none) the
-  # chain is costed from the totals above (``overlapped``: the larger of the wgmma and the
-  # SIMT, else their sum).
+  # waits, loops with their trips; :func:`chain_cycles` plays it (``Params.ordered_chain``).
+  # In the closed form (and for a Role made by hand, which has none) the chain is costed
+  # from the totals above (``overlapped``: the larger of the wgmma and the SIMT, else their
+  # sum).
   program: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
 
@@ -543,29 +543,31 @@ def _mean_role(roles: tuple[Role, ...]) -> Role:
 @dataclasses.dataclass(frozen=True)
 class Params:
   """The model's free constants. Defaults: ``benchmarks/calibrate_model.py``'s fit to 11
-  published Hopper measurements (2026-12-05, jax 0.12.0.1, cpi on a grid of half cycles;
-  RMS log error 0.091, leave-one-out errors -20% to +18%, docs/kernels.md). Bandwidths
-  are the H200's measured ones (docs/hopper_published.md), not fitted.
+  published Hopper measurements with a consumer's chain played in program order
+  (:func:`chain_cycles`; 2026-12-05, jax 0.12.0.1, SIMT cost on a grid of half cycles; RMS
+  log error 0.099, leave-one-out errors -22% to +18%, docs/kernels.md). Bandwidths are the
+  H200's measured ones (docs/hopper_published.md), not fitted.
 
-  ``ordered_chain``: a consumer's chain played in program order (:func:`chain_cycles`:
-  SIMT between a wgmma and its wait runs under it) instead of the closed form (a loop
-  with ``wait_group`` >= 1 overlaps all its SIMT with all its wgmma, else none);
-  :data:`ORDERED` holds that form's own fit. The published points do not tell the two
-  apart (RMS 0.091 against 0.099): docs/kernels.md reports the ELAS kernels under both."""
+  ``ordered_chain=False``: the closed form instead (a loop with ``wait_group`` >= 1
+  overlaps all its SIMT with all its wgmma, else none), :data:`CLOSED_FORM` with its own
+  fit (RMS 0.091). The published points do not tell the two apart; the closed form reads
+  one ``wait_group 1`` on a tiny wgmma as the whole loop overlapped (tried on the ELAS
+  forward: 23% off its chain where the program order, and ptxas' schedule, saw none), so
+  the program order is the default and docs/kernels.md reports both."""
 
   tc_efficiency: float = 1.0  # sustained fraction of the tensor cores' peak
   wait_latency: float = 0.0  # cycles a wgmma.wait_group 0 costs beyond the MMAs
-  cpi: float = 4.5  # cycles per SIMT instruction on one warpgroup's own chain
+  cpi: float = 5.0  # cycles per SIMT instruction on one warpgroup's own chain
   mufu_cycles: float = 1.0  # issue cycles of one special-function warp instruction
   overhead_s: float = 4e-6  # per kernel: launch tail, prologue, pipeline fill, epilogue drain
   l2_bytes_per_s: float = 9.7e12  # H200 L2 read, 4-40 MB working set (gpu-benches)
   hbm_bytes_per_s: float = 3.89e12  # H200 DRAM read (gpu-benches)
-  ordered_chain: bool = False
+  ordered_chain: bool = True
 
 
-# The program-order chain's own fit to the same points (2026-12-05; RMS log error 0.099,
-# leave-one-out -22% to +18%).
-ORDERED = Params(tc_efficiency=1.0, cpi=5.0, mufu_cycles=1.0, ordered_chain=True)
+# The closed form's own fit to the same points (2026-12-05; RMS log error 0.091,
+# leave-one-out -20% to +18%).
+CLOSED_FORM = Params(tc_efficiency=1.0, cpi=4.5, mufu_cycles=1.0, ordered_chain=False)
 
 
 @dataclasses.dataclass(frozen=True)

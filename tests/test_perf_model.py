@@ -251,7 +251,7 @@ def test_reads_consumers_that_branch_on_their_index():
   assert p.consumer.wgmma_flops == (c0.wgmma_flops + c1.wgmma_flops) / 2  # what the SM's tensor cores see
   assert p.wgmma_flops == 4 * 3 * MMA_FLOPS
   prm = pm.Params(tc_efficiency=1.0, wait_latency=0, cpi=1, mufu_cycles=1, overhead_s=0,
-                  l2_bytes_per_s=1e30, hbm_bytes_per_s=1e30)
+                  l2_bytes_per_s=1e30, hbm_bytes_per_s=1e30, ordered_chain=False)
   e = pm.estimate(p, programs=H200.sm_count, programs_per_sm=1, hbm_bytes=0, params=prm)
   # the closed form: one consumer's wgmma + SIMT in series (its own, not both bodies)
   chains = [r.wgmma_cycles + r.simt for r in (c0, c1)]
@@ -411,11 +411,11 @@ def test_reads_jax_hopper_matmul_and_attention_compiled_for_h200():
 
 
 @pytest.mark.gpu_compile
-@pytest.mark.parametrize("ordered", [False, True])
-def test_calibration_runs_and_reports_every_point(tmp_path, ordered):
+@pytest.mark.parametrize("closed", [False, True])
+def test_calibration_runs_and_reports_every_point(tmp_path, closed):
   """``benchmarks.calibrate_model --quick``: each published point compiled, predicted
-  with the fit and left out of it; the fit's error is the one it reports (the closed-form
-  chain and, ``--ordered_chain``, the one played in program order)."""
+  with the fit and left out of it; the fit's error is the one it reports (the chain played
+  in program order and, ``--closed_chain``, the closed form)."""
   import json
   import subprocess
   import sys
@@ -424,10 +424,10 @@ def test_calibration_runs_and_reports_every_point(tmp_path, ordered):
 
   require_deviceless()
   p = subprocess.run([sys.executable, "-m", "benchmarks.calibrate_model", "--quick", "--out", str(tmp_path)]
-                     + ["--ordered_chain"] * ordered, cwd=ROOT, capture_output=True, text=True, timeout=900)
+                     + ["--closed_chain"] * closed, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   got = json.load(open(tmp_path / "results.json"))
-  assert got["params"]["ordered_chain"] is ordered
+  assert got["params"]["ordered_chain"] is not closed
   assert len(got["points"]) == 4
   errs = [math.log(1 + w["fit_error"]) for w in got["points"]]
   assert math.isclose(math.sqrt(sum(e * e for e in errs) / len(errs)), got["rms_log_error"], rel_tol=1e-9)
