@@ -552,8 +552,9 @@ class Params:
   overlaps all its SIMT with all its wgmma, else none), :data:`CLOSED_FORM` with its own
   fit (RMS 0.091). The published points do not tell the two apart; the closed form reads
   one ``wait_group 1`` on a tiny wgmma as the whole loop overlapped (tried on the ELAS
-  forward: 23% off its chain where the program order, and ptxas' schedule, saw none), so
-  the program order is the default and docs/kernels.md reports both."""
+  forward: 23% off its chain where the program order took 6%, and ptxas' schedule had
+  the change slower), so the program order is the default and docs/kernels.md reports
+  both."""
 
   tc_efficiency: float = 1.0  # sustained fraction of the tensor cores' peak
   wait_latency: float = 0.0  # cycles a wgmma.wait_group 0 costs beyond the MMAs
