@@ -40,47 +40,16 @@ def nvdisasm_beside_ptxas() -> str | None:
   return None
 
 
-def ptx_main_loop(ptx: str) -> tuple[float, list[int], int] | None:
-  """(PTX statements per trip of the loop holding the most wgmma, nested loops at their
-  trips; the nested loops' trip counts; its wgmma, nested loops once), or None without
-  wgmma in a loop."""
-  from elas_kernels import perf_model as pm
-
-  sts = pm._statements(ptx)
-  blocks, succ, block_of = pm._blocks(sts)
-  preds = pm._preds(len(blocks), succ)
-  dom = pm._dominators(len(blocks), preds)
-  loops = pm._natural_loops(sts, blocks, succ, preds, dom, block_of)
-
-  def stmts(body):
-    return [i for k in body for i in range(*blocks[k])]
-
-  def wgmma(body):
-    return sum(bool(pm._WGMMA.search(sts[i])) for i in stmts(body))
-
-  cands = [(body, trips) for body, trips in loops if wgmma(body)]
-  if not cands:
-    return None
-  most = max(wgmma(b) for b, _ in cands)
-  body, _ = min(((b, t) for b, t in cands if wgmma(b) == most), key=lambda x: len(x[0]))
-  nested = [(b, t or 1) for b, t in loops if b < body]
-  weight = {i: 1.0 for i in stmts(body)}
-  for b, t in nested:
-    for i in stmts(b):
-      weight[i] *= t
-  return sum(weight.values()), [t for _, t in nested], most
-
-
 def row(name: str, res: dict) -> dict | None:
   """One kernel's counts, or None without SASS or a main loop."""
   from elas_kernels import perf_model as pm
 
   if not res.get("sass") or not res.get("ptx"):
     return None
-  sass, ptx = pm.sass_main_loop(res["sass"]), ptx_main_loop(res["ptx"])
+  sass, ptx = pm.sass_main_loop(res["sass"]), pm.ptx_main_loop(res["ptx"])
   if sass is None or ptx is None:
     return None
-  statements, trips, wgmma = ptx
+  statements, trips, wgmma = ptx.statements, ptx.nested_trips, ptx.wgmma
   cycles = sass.stall_cycles
   if len(sass.inner) == len(trips):  # the nested loops, at the PTX's trip counts
     cycles += sum((t - 1) * c for (_, c), t in zip(sass.inner, trips))

@@ -417,6 +417,15 @@ _CHAINS: dict = {}
 _GROUPS_KEPT = 8  # more than any wait_group n Mosaic emits
 
 
+def _control_flow(sts: list[str]):
+  """(blocks, successors, predecessors, dominators, label -> block, natural loops) of a
+  kernel's statements."""
+  blocks, succ, block_of = _blocks(sts)
+  preds = _preds(len(blocks), succ)
+  dom = _dominators(len(blocks), preds)
+  return blocks, succ, preds, dom, block_of, _natural_loops(sts, blocks, succ, preds, dom, block_of)
+
+
 def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
   """Summarise one kernel's PTX (see the module docstring). ``runtime_trips``: the
   trip count of every loop whose bound is not a constant (1 when not given)."""
@@ -425,10 +434,7 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
   threads = int(threads.group(1)) if threads else 128
   warpgroups = max(1, threads // 128)
   regs = {m.group(1): int(m.group(2)) for s in sts if (m := _MOV_IMM.match(s))}
-  blocks, succ, block_of = _blocks(sts)
-  preds = _preds(len(blocks), succ)
-  dom = _dominators(len(blocks), preds)
-  loops = _natural_loops(sts, blocks, succ, preds, dom, block_of)
+  blocks, succ, preds, dom, block_of, loops = _control_flow(sts)
   weight = [1.0] * len(sts)
   resolved = [(body, trips if trips is not None else (runtime_trips or 1)) for body, trips in loops]
   for body, t in resolved:
@@ -693,6 +699,42 @@ def sass_loops(sass: str) -> list[SassLoop]:
                    (summary(x, y) for x, y in spans if a <= x and y <= b and (x, y) != (a, b)))
     out.append(summary(a, b, nested))
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxLoop:
+  """A kernel's main PTX loop (the one :func:`sass_main_loop` finds in its SASS): statements
+  per trip (nested loops at their trip counts), the nested loops' trips, and its wgmma
+  (nested loops once, as :class:`SassLoop` counts ``HGMMA``)."""
+
+  statements: float
+  nested_trips: tuple[int, ...]
+  wgmma: int
+
+
+def ptx_main_loop(ptx: str) -> PtxLoop | None:
+  """Of the natural loops holding the most wgmma, the smallest (the main loop; an
+  enclosing work loop holds the same wgmma), or None without wgmma in a loop."""
+  sts = _statements(ptx)
+  blocks, *_, loops = _control_flow(sts)
+
+  def stmts(body):
+    return [i for k in body for i in range(*blocks[k])]
+
+  def wgmma(body):
+    return sum(bool(_WGMMA.search(sts[i])) for i in stmts(body))
+
+  cands = [(body, wgmma(body)) for body, _ in loops]
+  most = max((n for _, n in cands), default=0)
+  if not most:
+    return None
+  body = min((b for b, n in cands if n == most), key=len)
+  nested = [(b, t or 1) for b, t in loops if b < body]
+  weight = {i: 1.0 for i in stmts(body)}
+  for b, t in nested:
+    for i in stmts(b):
+      weight[i] *= t
+  return PtxLoop(sum(weight.values()), tuple(t for _, t in nested), most)
 
 
 def sass_main_loop(sass: str) -> SassLoop | None:

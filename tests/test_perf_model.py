@@ -96,6 +96,22 @@ def test_reads_nested_loops_and_strided_counters():
   assert p.consumer.wgmma_flops == 8 * 4 * 2 * 64 * 128 * 16
 
 
+def test_finds_the_main_loop_with_its_nested_trips():
+  # NESTED: both loops hold the one wgmma; the smaller (the inner one) is the main loop
+  inner = pm.ptx_main_loop(NESTED)
+  assert (inner.nested_trips, inner.wgmma) == ((), 1)
+  # label, wgmma, add, cvt, setp, bra
+  assert inner.statements == 6
+  # a second wgmma in the outer loop's own code: the outer loop is the main one, its trip
+  # is its own 6 statements (label, mov, wgmma, add, setp, bra) and 4 of the inner loop's
+  two = NESTED.replace("\tadd.s32 \t%r1", "\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"
+                       " {%r3}, %rd1, %rd2, p, 1, 1, 0, 1;\n\tadd.s32 \t%r1")
+  outer = pm.ptx_main_loop(two)
+  assert (outer.nested_trips, outer.wgmma) == ((4,), 2)
+  assert outer.statements == 6 + 4 * 6
+  assert pm.ptx_main_loop(SERIAL.replace("wgmma.mma_async", "mma.sync")) is None
+
+
 # A 2-trip loop as LLVM rewrites it (rank 256 = 2 chunks of 128 at 130M): a flag, true
 # before the loop, copied at the top and cleared in the body; the branch tests the copy.
 # And a producer loop that counts down by 2 and leaves from its middle.
