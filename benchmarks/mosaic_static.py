@@ -49,7 +49,18 @@ MODES = ("masked", "ste", "split")
 
 # --impl: the implementations of the table this report compiles, and the tiles that
 # make them (kernel_specs takes the same)
-IMPLS = {"mosaic": {}, "mosaic_ws": {"warp_specialized": True, "block_f": 64}}
+IMPLS = {"mosaic": {}, "mosaic_ws": {"warp_specialized": True, "block_f": 64},
+         # the 2:4 products on sparse tensor cores; warp-specialized where mosaic_ws serves
+         "mosaic_sparse": {"sparse_mma": True, "block_f": 64}}
+
+
+def impl_tiles(impl: str, r: int) -> dict:
+  """The tiles of ``impl`` (a key of :data:`IMPLS`) at rank ``r``: ``mosaic_sparse`` is
+  warp-specialized up to rank 256, as ``MosaicSparseFfn`` chooses."""
+  tiles = dict(IMPLS[impl])
+  if impl == "mosaic_sparse":
+    tiles["warp_specialized"] = r <= 256
+  return tiles
 
 
 def gate_program(f: int, r: int, tokens: int, modes=MODES, gpu=None, tiles: dict | None = None):
@@ -314,7 +325,8 @@ def main(argv=None) -> int:
   ap.add_argument("--target", default="h200")
   ap.add_argument("--no_xla", action="store_true", help="leave out XLA's dense core")
   ap.add_argument("--impl", default="mosaic", choices=sorted(IMPLS),
-                  help="mosaic, or mosaic_ws (the warp-specialized kernels; ranks <= 256)")
+                  help="mosaic, mosaic_ws (the warp-specialized kernels; ranks <= 256) or "
+                       "mosaic_sparse (sparse tensor cores in the 2:4 phase)")
   ap.add_argument("--no_glue", action="store_true",
                   help="leave out the XLA kernels beside the Mosaic ones (kernels only)")
   ap.add_argument("--closed_chain", action="store_true",
@@ -334,7 +346,7 @@ def main(argv=None) -> int:
     f, r = SIZES[size]
     print(f"[{i + 1}/{len(sizes)}] compiling {size} (F {f}, r {r}, {args.tokens} tokens) ...",
           file=sys.stderr, flush=True)
-    tiles = IMPLS[args.impl]
+    tiles = impl_tiles(args.impl, r)
     report, resources = compile_size(f, r, args.tokens, target, tiles=tiles)
     if not report.compiled:
       print(f"    not compiled: {report.reason}", file=sys.stderr, flush=True)

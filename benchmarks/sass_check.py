@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     return 1
   for size in ms.chosen_sizes(ap, args.sizes):
     f, r = ms.SIZES[size]
-    _, resources = ms.compile_size(f, r, 16384, target, modes=("masked",), tiles=ms.IMPLS[args.impl])
+    _, resources = ms.compile_size(f, r, 16384, target, modes=("masked",),
+                                   tiles=ms.impl_tiles(args.impl, r))
     for name in sorted(resources):
       x = row(f"{size} {name}", resources[name])
       if x:

@@ -59,6 +59,15 @@ from elas_kernels.gpu import H200, GpuSpec
 _TC_FLOPS_PER_CYCLE = {"f16": 4096, "bf16": 4096, "tf32": 2048, "e4m3": 8192, "e5m2": 8192}
 _MUFU = ("ex2.", "lg2.", "rcp.approx", "rsqrt.", "sqrt.approx", "sin.", "cos.", "tanh.")
 _WGMMA = re.compile(r"wgmma\.mma_async(?:\.sp)?\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\.\w+\.(\w+)\.")
+
+
+def _wgmma_work(m: re.Match) -> tuple[float, str]:
+  """(tensor-core FLOPs executed, operand dtype) of a matched wgmma: ``2·M·N·K``, half of
+  it for the 2:4 sparse ``wgmma.mma_async.sp`` (its ``K`` counts the zeros it skips: the
+  sparse tensor cores run an ``m64nNk32`` in the time of a dense ``m64nNk16``)."""
+  mm, nn, kk = int(m.group(1)), int(m.group(2)), int(m.group(3))
+  flops = 2.0 * mm * nn * kk
+  return (flops / 2 if ".sp." in m.group(0) else flops), m.group(4)
 _LABEL = re.compile(r"^(\$L__\w+):")
 _BRANCH = re.compile(r"^(@(!?)(%p\d+)\s+)?bra(?:\.uni)?\s+(\$L__\w+);")
 _SETP = re.compile(r"^setp\.(\w+)\.\w+ (%p\d+), (%\w+), (-?\d+);")
@@ -321,8 +330,8 @@ def _program(sts: list[str], blocks, loops, keep) -> tuple:
         continue
       m = _WGMMA.search(st)
       if m:
-        mm, nn, kk, dtype = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
-        items.append(("mma", 2.0 * mm * nn * kk / _TC_FLOPS_PER_CYCLE.get(dtype, 4096)))
+        flops, dtype = _wgmma_work(m)
+        items.append(("mma", flops / _TC_FLOPS_PER_CYCLE.get(dtype, 4096)))
       elif st.startswith("wgmma.commit_group"):
         items.append(("commit",))
         simt(1, 0)
@@ -465,8 +474,7 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
         continue
       m = _WGMMA.search(s)
       if m:
-        mm, nn, kk, dtype = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
-        flops = 2.0 * mm * nn * kk
+        flops, dtype = _wgmma_work(m)
         acc["wgmma_flops"] += w * flops
         acc["wgmma_cycles"] += w * flops / _TC_FLOPS_PER_CYCLE.get(dtype, 4096)
         continue
@@ -495,8 +503,8 @@ def profile_ptx(ptx: str, runtime_trips: int | None = None) -> Profile:
 
   ws = bool(seeds["producer"]) and bool(seeds["consumer"])
   consumers = warpgroups - 1 if ws else warpgroups
-  shapes = tuple(sorted({f"m{a}n{b}k{c}" for s in sts if (x := _WGMMA.search(s))
-                         for a, b, c in [x.groups()[:3]]}))
+  shapes = tuple(sorted({f"m{a}n{b}k{c}" + ("sp" if ".sp." in x.group(0) else "")
+                         for s in sts if (x := _WGMMA.search(s)) for a, b, c in [x.groups()[:3]]}))
   consumer, per_consumer = role(("consumer", "all")), ()
   if any(g is not None and g < consumers and r == "consumer" for g, r in zip(guard, role_of)):
     per_consumer = tuple(role(("consumer", "all"), k) for k in range(consumers))

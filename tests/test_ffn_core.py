@@ -126,6 +126,17 @@ SETTINGS["mosaic_ws"] = dataclasses.replace(
         "ELAS_TEST_WS_INTERPRETED=1 runs it"))
 
 
+# The sparse tensor cores' kernels (the forward's and dh's 2:4 products by sparse wgmma,
+# decoded on CPU by sparse_mma's emulator) on mosaic's kernels in this process; their
+# warp-specialized kernels (what mosaic_sparse runs at ranks <= 256 on a GPU) in child
+# processes below (ELAS_TEST_SPARSE_WS=1), as mosaic_ws's.
+SETTINGS["mosaic_sparse"] = dataclasses.replace(
+    SETTINGS["mosaic"],
+    options=dict(interpret=True,
+                 warp_specialized=os.environ.get("ELAS_TEST_SPARSE_WS") == "1"))
+SPARSE_WS_CASES = ("masked-ragged", "split-steps", "bf16-masked", "masked-wide")
+
+
 # The warp-specialized rows CI runs: every case, each in a fresh process with a time
 # limit, retried once when it hangs (a hang, above, came within seconds and held). A wrong
 # answer fails; two hangs skip, saying so. (Five cases until the race fix; the others hung.)
@@ -181,6 +192,23 @@ def test_matches_reference(impl, case):
                                atol=1e-6, err_msg=key)
 
 
+def _fresh_row(impl: str, case: str, env: dict) -> None:
+  """``test_matches_reference[impl-case]`` in a child process with ``env``, retried once
+  when the interpreter hangs (a wrong answer fails; two hangs skip, saying so)."""
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         f"{__file__}::test_matches_reference[{impl}-{case}]"]
+  for _ in range(2):
+    try:
+      run = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                           timeout=WS_FRESH_TIMEOUT_S, cwd=os.path.dirname(os.path.dirname(__file__)))
+    except subprocess.TimeoutExpired:
+      continue
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    return
+  pytest.skip(f"{impl}-{case} hung twice in the interpreter (no answer in "
+              f"{WS_FRESH_TIMEOUT_S} s; docs/kernels.md)")
+
+
 @pytest.mark.parametrize("case", WS_FRESH_CASES)
 def test_warp_specialized_rows_in_fresh_processes(case):
   """``mosaic_ws``'s ``test_matches_reference`` rows (forward, statistics, gradients) in a
@@ -189,19 +217,17 @@ def test_warp_specialized_rows_in_fresh_processes(case):
     pytest.skip(SETTINGS["mosaic"].skip)
   if os.environ.get("ELAS_TEST_WS_INTERPRETED") == "1":
     pytest.skip("the rows run in this process (ELAS_TEST_WS_INTERPRETED=1)")
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         f"{__file__}::test_matches_reference[mosaic_ws-{case}]"]
-  env = {**os.environ, "ELAS_TEST_WS_INTERPRETED": "1"}
-  for _ in range(2):
-    try:
-      run = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                           timeout=WS_FRESH_TIMEOUT_S, cwd=os.path.dirname(os.path.dirname(__file__)))
-    except subprocess.TimeoutExpired:
-      continue
-    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
-    return
-  pytest.skip(f"mosaic_ws-{case} hung twice in the interpreter (no answer in "
-              f"{WS_FRESH_TIMEOUT_S} s; docs/kernels.md)")
+  _fresh_row("mosaic_ws", case, {"ELAS_TEST_WS_INTERPRETED": "1"})
+
+
+@pytest.mark.parametrize("case", SPARSE_WS_CASES)
+def test_sparse_warp_specialized_rows_in_fresh_processes(case):
+  """``mosaic_sparse``'s rows on its warp-specialized kernels, each in a child process."""
+  if SETTINGS["mosaic"].skip:
+    pytest.skip(SETTINGS["mosaic"].skip)
+  if os.environ.get("ELAS_TEST_SPARSE_WS") == "1":
+    pytest.skip("the rows run in this process (ELAS_TEST_SPARSE_WS=1)")
+  _fresh_row("mosaic_sparse", case, {"ELAS_TEST_SPARSE_WS": "1"})
 
 
 @pytest.mark.parametrize("impl,case", _params(["masked-tail", "split-steps"]))

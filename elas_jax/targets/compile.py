@@ -459,6 +459,9 @@ def mosaic_resources(dump_dir: str) -> dict[str, dict]:
         bump(r, "smem_bytes", int(m.group(1)))
     else:
       shapes = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", txt))
+      # the 2:4 sparse wgmma (kernels/ffn/mosaic/sparse_mma.py) as the plan names it
+      shapes |= {s + "sp" for s in
+                 re.findall(r"wgmma\.mma_async\.sp\.sync\.aligned\.(m\d+n\d+k\d+)", txt)}
       r["ptx_wgmma"] = sorted(set(r["ptx_wgmma"]) | shapes)
       r["ptx"] = txt  # for elas_kernels.perf_model.profile_ptx
   return out

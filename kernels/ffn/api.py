@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 
 from elas_kernels.ffn import base
-from elas_kernels.ffn.mosaic import MosaicFfn, MosaicWsFfn
+from elas_kernels.ffn.mosaic import MosaicFfn, MosaicSparseFfn, MosaicWsFfn
 from elas_kernels.ffn.triton import TritonFfn
 from elas_kernels.ffn.xla import XlaFfn
 from elas_kernels.gpu import GpuSpec
@@ -27,6 +27,8 @@ IMPLEMENTATIONS: dict[str, type[base.FfnCore]] = {
     "triton": TritonFfn,  # Pallas Triton kernels: NVIDIA GPUs (Ampere and newer)
     "mosaic": MosaicFfn,  # Pallas Mosaic GPU kernels: Hopper
     "mosaic_ws": MosaicWsFfn,  # the same, forward and dh warp-specialized (ranks <= 256)
+    # the 2:4 products on Hopper's sparse tensor cores (inline PTX; opt-in, unverified on a GPU)
+    "mosaic_sparse": MosaicSparseFfn,
 }
 
 

@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from elas_kernels import common as cm
 from elas_kernels.ffn.mosaic import compat as mc
 from elas_kernels.ffn.mosaic import plan
+from elas_kernels.ffn.mosaic import sparse_mma
 
 
 # --------------------------------------------------------------------------
@@ -167,12 +168,14 @@ def _spec(shape, index_map, dtype, swizzle_minor=None, delay_release: int = 0):
 
 
 def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_s, store_refs,
-              tile, first_nb, relu_out=None):
+              tile, first_nb, relu_out=None, sparse: bool = False):
   """One feature step of the forward for token tile ``tile`` (``c.bt`` tokens, one
   warpgroup's): ``y1`` by wgmma, ReLU², the 2:4 selection, statistics, (``store``) the
   compressed activation written by TMA to ``store_refs`` (vals, meta), (``relu_out``:
   a staging buffer and its destination) ``relu(y1)`` dense, and
-  ``acc += y2s @ w_outᵀ``. Returns ``step(idx, win_s, woutT_s, carry)``."""
+  ``acc += y2s @ w_outᵀ`` (``sparse``: the 2:4 phase only, on sparse tensor cores from
+  the kept values' squares and their indices, ``w_outᵀ`` in ``plan.sparse_rows`` order).
+  Returns ``step(idx, win_s, woutT_s, carry)``."""
   mg = mc.plgpu()
   dt, bt, fs, ft, p = c.dtype, c.bt, c.fs, c.ft, c.p
   rows = pl.ds(tile * bt, bt)
@@ -199,7 +202,16 @@ def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_
                     cm.pack_meta(nib_a, nib_b), c.interpret)
       if relu_out:
         relu_out[0].at[slot][:, s * ft:(s + 1) * ft] = jnp.concatenate(r, axis=1)
-      kept += jnp.sum(sum((v * v).astype(jnp.float32) for v in (a0, a1, b0, b1)), axis=1)
+      sq = [v * v for v in (a0, a1, b0, b1)]  # y2 at the kept positions
+      kept += jnp.sum(sum(v.astype(jnp.float32) for v in sq), axis=1)
+      if sparse:
+        # the dense y2 planes' statistics first: they die before the operands are packed
+        zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
+        total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
+        sparse_mma.sparse_wgmma(acc, dict(a0=sq[0], a1=sq[1], b0=sq[2], b1=sq[3], nib_a=nib_a,
+                                          nib_b=nib_b),
+                                woutT_s.at[pl.ds(s * ft, ft)], stage_s, c.interpret)
+        continue
       y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(plan.PLANES)]
       mc.wgmma_a(acc, jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)], stage_s,
                  c.interpret)
@@ -250,7 +262,8 @@ def _fwd_in_specs(c: plan.Plan, nb):
 
 
 def _fwd_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *store_refs,
-                pl_: plan.Plan, store: bool, store_relu: bool = False, **scr):
+                pl_: plan.Plan, store: bool, store_relu: bool = False, sparse: bool = False,
+                **scr):
   """``out[rows, n-block] = Σ_steps y2s @ w_outᵀ``; per-row statistics and (``store``)
   the compressed activation come from the first n-block's programs, and
   (``store_relu``, the last output) ``relu(y1)`` dense for :func:`_packed_mm_kernel`."""
@@ -265,7 +278,7 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *store_
   def run(acc_ref):
     step = _fwd_step(c, store, dense, scr["h_s"], acc_ref, scr.get("vals_s"), scr.get("meta_s"),
                      scr.get("stage_s"), store_refs, ti, first_nb,
-                     (scr["r_s"], store_refs[-1]) if store_relu else None)
+                     (scr["r_s"], store_refs[-1]) if store_relu else None, sparse)
     z = mc.zeros((c.bt,), jnp.float32, mg.Layout.WGMMA.reduce(1))
     carry = mg.emit_pipeline(
         step, grid=(c.n_steps,), max_concurrent_steps=min(c.tiles.stages, c.n_steps),
@@ -277,7 +290,8 @@ def _fwd_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *store_
 
 
 def _fwd_ws_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *store_refs,
-                   pl_: plan.Plan, store: bool, store_relu: bool = False, **scr):
+                   pl_: plan.Plan, store: bool, store_relu: bool = False, sparse: bool = False,
+                   **scr):
   """The forward warp-specialized: warpgroup 2 streams the weight steps by TMA
   (``memory_registers=40``), warpgroups 0 and 1 each run :func:`_fwd_step` on their
   own ``block_t`` tokens of the program's ``2 · block_t``, reading the same weight
@@ -300,7 +314,7 @@ def _fwd_ws_kernel(flag_ref, h_ref, win_ref, woutT_ref, out_ref, stats_ref, *sto
   def step(idx, win_s, woutT_s, carry):
     body = _fwd_step(c, store, dense, mine["h_s"], acc_box[0], mine.get("vals_s"),
                      mine.get("meta_s"), mine.get("stage_s"), store_refs, tile, first_nb,
-                     (mine["r_s"], store_refs[-1]) if store_relu else None)
+                     (mine["r_s"], store_refs[-1]) if store_relu else None, sparse)
     return body(idx, win_s, woutT_s, carry)
 
   def compute_context(eval_pipeline):
@@ -411,16 +425,20 @@ class _Relu:
     self.packed = source in ("compressed", "dy1")
     self.dense = source in ("dense", "dy1_dense")
 
-  def planes_and_nibbles(self, refs, q: int, s: int, groups=(0, 1)):
-    """A packed source's dense planes of ``groups`` (4 each: group a's planes 0-3, b's
-    4-7) and its metadata nibbles (groups a, b)."""
+  def packed_values(self, refs, q: int, s: int):
+    """A packed source's 4 value planes (first and second kept value of group a, then of
+    b) and its metadata nibbles (groups a, b), as stored."""
     c = self.c
     ft, p, rows = c.ft, c.p, pl.ds(q * c.bt, c.bt)
     vals_s, meta_s = refs
     vals = mc.load(vals_s.at[rows, pl.ds(s * ft // 2, ft // 2)])
     meta = mc.load_as(meta_s.at[q, pl.ds(s * c.meta_sub, c.meta_sub)], (c.bt, p), c.interpret)
-    v = [vals[:, i * p:(i + 1) * p] for i in range(4)]
-    nibs = cm.unpack_meta(meta)
+    return [vals[:, i * p:(i + 1) * p] for i in range(4)], cm.unpack_meta(meta)
+
+  def planes_and_nibbles(self, refs, q: int, s: int, groups=(0, 1)):
+    """A packed source's dense planes of ``groups`` (4 each: group a's planes 0-3, b's
+    4-7) and its metadata nibbles (groups a, b)."""
+    v, nibs = self.packed_values(refs, q, s)
     return sum((cm.decompress_group(v[2 * g], v[2 * g + 1], nibs[g]) for g in groups), []), nibs
 
   def specs(self, rows_idx, fi_of, step_rows: int, delay_release: int = 0):
@@ -469,10 +487,13 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
   row plane ``q`` of a pipelined packed block): ``dy2 = g @ w_out`` by wgmma,
   ``relu(y1)`` decompressed or recomputed, ``acc += dy1 @ w_in`` with ``dy1`` in
   registers; ``store_dy1``: ``dy1``'s kept values (a packed source; all of it from a dense
-  one) staged in ``dy1v_s`` and written by TMA (programs of ``first_kb``). Returns
+  one) staged in ``dy1v_s`` and written by TMA (programs of ``first_kb``). From the
+  compressed activation with ``tiles.sparse_mma`` (``plan.sparse_dh``) ``dh += dy1 @ w_in``
+  runs on sparse tensor cores (``w_in``'s rows in ``plan.sparse_rows`` order). Returns
   ``step(idx, woutT_s, win_s, *rest)``."""
   mg = mc.plgpu()
   bt, fs, ft = c.bt, c.fs, c.ft
+  sparse = plan.sparse_dh(c, relu.source)
   rows = pl.ds(tile * bt, bt)
 
   def step(idx, woutT_s, win_s, *rest):
@@ -492,12 +513,19 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
         r = relu.planes(src, q, s, h_s, win_k_s)
       dy2 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, g_s, woutT_s.at[pl.ds(s * ft, ft)]))
       dy1 = _dy1_list(dy2, r, c)
+      kept = None
+      if relu.packed and (store_dy1 or sparse):
+        kept = cm.gather_group(dy1[:4], nibs[0]) + cm.gather_group(dy1[4:], nibs[1])
       if store_dy1:
-        kept = (cm.gather_group(dy1[:4], nibs[0]) + cm.gather_group(dy1[4:], nibs[1])
-                if relu.packed else dy1)
-        dy1v_s.at[slot][:, s * cols:(s + 1) * cols] = jnp.concatenate(kept, axis=1)
-      mc.wgmma_a(acc, jnp.concatenate(dy1, axis=1), win_s.at[pl.ds(s * ft, ft)], stage_s,
-                 c.interpret)
+        dy1v_s.at[slot][:, s * cols:(s + 1) * cols] = jnp.concatenate(
+            kept if relu.packed else dy1, axis=1)
+      if sparse:  # dy1 carries the forward's mask: its kept values and the forward's indices
+        sparse_mma.sparse_wgmma(acc, dict(a0=kept[0], a1=kept[1], b0=kept[2], b1=kept[3],
+                                          nib_a=nibs[0], nib_b=nibs[1]),
+                                win_s.at[pl.ds(s * ft, ft)], stage_s, c.interpret)
+      else:
+        mc.wgmma_a(acc, jnp.concatenate(dy1, axis=1), win_s.at[pl.ds(s * ft, ft)], stage_s,
+                   c.interpret)
     if store_dy1:
       mg.commit_smem()
 
@@ -800,7 +828,8 @@ def _dw_ws_kernel(*refs, pl_: plan.Plan, roles, act: str, **scr):
       compute_context=compute_context, in_specs=[block(k) for k in inputs])(*in_refs)
 
 
-def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: int, **scr):
+def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: int,
+                      sparse: bool = False, **scr):
   """``out[rows, block c + offset] = A @ W[:, block c + offset]`` (blocks of ``block``
   columns; the first ``offset`` are the first kernel's, already in ``out``: the buffer it
   wrote, passed in as a mutable ref) with ``A`` a stored operand (refs: its source refs,
@@ -810,7 +839,9 @@ def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: i
   dense one ``y2_dense`` squaring ``relu(y1)`` in registers (the warm-up's ``y2``) and
   ``dy1_dense``'s tile read by wgmma from shared memory as TMA left it. With two or more
   pipeline stages a step's wgmma stays in flight while the next step's operand is formed
-  (slots released a step late, ``wgmma_wait(1)``)."""
+  (slots released a step late, ``wgmma_wait(1)``). ``sparse``: a 2:4 operand's kept
+  values and the forward's indices straight into sparse wgmmas (``W``'s rows in
+  ``plan.sparse_rows`` order), nothing decompressed."""
   mg = mc.plgpu()
   c = pl_
   bt, fs, ft = c.bt, c.fs, c.ft
@@ -823,6 +854,14 @@ def _packed_mm_kernel(*refs, pl_: plan.Plan, operand: str, block: int, offset: i
   def step(idx, w_s, *a_refs):
     if operand == "dy1_dense":
       mg.wgmma(scr["acc"], a_refs[0], w_s)
+    elif sparse:
+      for s in range(fs // ft):
+        v, nibs = src.packed_values(a_refs, 0, s)
+        if operand == "y2":
+          v = [x * x for x in v]
+        sparse_mma.sparse_wgmma(scr["acc"], dict(a0=v[0], a1=v[1], b0=v[2], b1=v[3],
+                                                 nib_a=nibs[0], nib_b=nibs[1]),
+                                w_s.at[pl.ds(s * ft, ft)], scr.get("stage_s"), c.interpret)
     else:
       for s in range(fs // ft):
         a = src.planes(a_refs, 0, s)

@@ -69,7 +69,10 @@ class Tiles:
   (from a stored activation) ``dh`` run as one TMA producer warpgroup and
   two consumer warpgroups of ``block_t`` tokens each, sharing every weight step,
   in column blocks of at most :data:`WS_MAX_BLOCK`, and the 2:4 phase's weight
-  gradients warp-specialized too (:func:`dw_ws_specs`).
+  gradients warp-specialized too (:func:`dw_ws_specs`); ``sparse_mma``: in the 2:4
+  phase the forward's ``y2s @ w_outᵀ`` and ``dh``'s ``dy1 @ w_in`` (from the compressed
+  activation) run as Hopper's sparse wgmma (``sparse_mma.py``; 16-bit inputs, the
+  weights' rows in :func:`sparse_rows` order), the warm-up on dense MMAs.
   """
 
   block_t: int = TOKENS
@@ -82,6 +85,7 @@ class Tiles:
   stages: int = 2
   materialize_relu: bool | None = None  # ste / warm-up backward: relu kernel (None: yes)
   warp_specialized: bool = False  # fwd, dh, dW as a producer + 2 consumer warpgroups (ranks <= 256)
+  sparse_mma: bool = False  # 2:4 phase: y2s @ w_outᵀ and dh's dy1 @ w_in on sparse tensor cores
 
   def check(self) -> None:
     if self.block_t not in (TOKENS, 2 * TOKENS):
@@ -334,8 +338,9 @@ class KernelSpec:
   """One kernel launch as built for a call: what the static report reads.
 
   ``wgmma``: instruction shape -> count per program (``m64nNk16``, each
-  ``2·64·N·16`` FLOPs); ``flops``: the launch's tensor-core FLOPs (recomputes
-  included); ``hbm_bytes``: the HBM traffic it cannot avoid (activations and
+  ``2·64·N·16`` FLOPs; the sparse ``m64nNk32sp``, each executing as many: half its
+  ``K`` is the zeros it skips); ``flops``: the launch's executed tensor-core FLOPs
+  (recomputes included); ``hbm_bytes``: the HBM traffic it cannot avoid (activations and
   outputs once, weights once: they stay in the 50 MB L2); ``smem_bytes``: the
   scratch this module allocates (Mosaic adds barriers and 2 KiB for reductions).
   """
@@ -364,10 +369,20 @@ class KernelSpec:
                                for k, v in self.wgmma.items())
 
 
-def _mma(counts: dict[str, int], n: int, k: int, times: int = 1) -> None:
-  """Add the m64 wgmma instructions of one ``[64, k] x [k, n]`` product (``times`` of them)."""
-  key = f"m64n{n}k16"
-  counts[key] = counts.get(key, 0) + times * k // 16
+def _mma(counts: dict[str, int], n: int, k: int, times: int = 1, sparse: bool = False) -> None:
+  """Add the m64 wgmma instructions of one ``[64, k] x [k, n]`` product (``times`` of them;
+  ``sparse``: the 2:4 ``A`` on sparse tensor cores, one ``m64nNk32`` per 32 of ``k``)."""
+  key, depth = (f"m64n{n}k32sp", 32) if sparse else (f"m64n{n}k16", 16)
+  counts[key] = counts.get(key, 0) + times * k // depth
+
+
+def sparse_rows(c: "Plan") -> np.ndarray:
+  """The weight rows (kernel feature order) the sparse wgmma reads as ``B``: each
+  sub-tile's rows in ``sparse_mma.k_order``."""
+  from elas_kernels.ffn.mosaic import sparse_mma
+
+  order = sparse_mma.k_order(c.p)
+  return (np.arange(c.n_sub)[:, None] * c.ft + order[None, :]).reshape(-1)
 
 
 def _spec_of(name, c: Plan, s: Scratch, steps: int, grid, grid_names, out_shape, body: str,
@@ -383,13 +398,15 @@ def _spec_of(name, c: Plan, s: Scratch, steps: int, grid, grid_names, out_shape,
 
 
 def fwd_spec(c: Plan, store: bool, first_block: bool = False,
-             store_relu: bool = False) -> KernelSpec:
+             store_relu: bool = False, sparse: bool = False) -> KernelSpec:
   """Outputs: [out [T, N] (compute dtype), stats fp32 [3, T]] + [vals, meta] if ``store``.
   Warp-specialized (``tiles.warp_specialized``): every per-token buffer once per consumer
   warpgroup. ``first_block``: only the first ``block_n`` output columns are written; the
   others come from :func:`packed_mm_spec` (into the same buffer) on the stored activation
   (``y1`` computed once): the compressed one in the 2:4 phase, or (``store_relu``, the dense warm-up) ``relu(y1)``
-  dense, a last output ``[T, F]`` in kernel feature order."""
+  dense, a last output ``[T, F]`` in kernel feature order. ``sparse`` (the 2:4 phase of
+  ``tiles.sparse_mma``): ``y2s @ w_outᵀ`` by sparse wgmma, ``w_outᵀ``'s rows in
+  :func:`sparse_rows` order."""
   dt, it = c.dtype, c.dtype.itemsize
   ws = c.tiles.warp_specialized
   if ws:
@@ -419,26 +436,27 @@ def fwd_spec(c: Plan, store: bool, first_block: bool = False,
     out_shape.append(jax.ShapeDtypeStruct((c.t_pad, c.f_pad), dt))
   mma = {}
   _mma(mma, c.ft, c.k_pad, c.n_sub)
-  _mma(mma, c.nb, c.ft, c.n_sub)
+  _mma(mma, c.nb, c.ft, c.n_sub, sparse=sparse)
   hbm = (c.t_pad * c.k_pad * it + c.t_pad * n_cols * it + 12 * c.t_pad
          + c.f_pad * (c.k_pad + n_cols) * it
          + (c.t_pad * c.f_pad // 2 * it + c.t_pad * c.f_pad // 8 if store else 0)
          + (c.t_pad * c.f_pad * it if store_relu else 0))
   suffix = (("_first" if first_block else "") + ("_store" if store else "")
-            + ("_relu" if store_relu else ""))
+            + ("_relu" if store_relu else "") + ("_sp" if sparse else ""))
   n_blocks = 1 if first_block else c.n_pad // c.nb
   if ws:
     return _spec_of("elas_mgpu_fwd_ws" + suffix, c, s, c.n_steps,
                     (c.nt // WS_CONSUMERS, n_blocks), ("t", "n"), out_shape, "fwd_ws",
                     {k: WS_CONSUMERS * v for k, v in mma.items()}, hbm,
-                    warpgroups=WS_CONSUMERS + 1, store=store, store_relu=store_relu)
+                    warpgroups=WS_CONSUMERS + 1, store=store, store_relu=store_relu,
+                    sparse=sparse)
   if first_block:
     return _spec_of("elas_mgpu_fwd" + suffix, c, s, c.n_steps,
                     (c.nt, 1), ("t", "n"), out_shape, "fwd", mma, hbm, store=store,
-                    store_relu=store_relu)
-  return _spec_of("elas_mgpu_fwd" + ("_store" if store else ""), c, s, c.n_steps,
-                  (c.nt, c.n_pad // c.nb), ("t", "n"), out_shape,
-                  "fwd", mma, hbm, store=store)
+                    store_relu=store_relu, sparse=sparse)
+  return _spec_of("elas_mgpu_fwd" + ("_store" if store else "") + ("_sp" if sparse else ""), c,
+                  s, c.n_steps, (c.nt, c.n_pad // c.nb), ("t", "n"), out_shape,
+                  "fwd", mma, hbm, store=store, sparse=sparse)
 
 
 def relu_spec(c: Plan) -> KernelSpec:
@@ -538,7 +556,8 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   _mma(mma, c.ft, c.n_pad, c.n_sub)
   if source == "recompute":
     _mma(mma, c.ft, c.k_pad, c.n_sub)
-  _mma(mma, c.kb, c.ft, c.n_sub)
+  sparse = sparse_dh(c, source)
+  _mma(mma, c.kb, c.ft, c.n_sub, sparse=sparse)
   k_cols = c.kb if store else c.k_pad  # written by this kernel
   dy1_bytes = c.t_pad * c.f_pad * dy1_cols // c.fs * it if store else 0
   hbm = (c.t_pad * c.n_pad * it + _src_bytes(source, c) + c.t_pad * k_cols * it
@@ -547,13 +566,21 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   if store:
     out_shape = [out_shape, jax.ShapeDtypeStruct((c.t_pad, c.f_pad * dy1_cols // c.fs), dt)]
   k_blocks = k_cols // c.kb
+  source_name = source + ("_sp" if sparse else "")
   if ws:
-    return _spec_of(f"elas_mgpu_dh_ws_{source}", c, s, c.n_steps,
+    return _spec_of(f"elas_mgpu_dh_ws_{source_name}", c, s, c.n_steps,
                     (c.nt // WS_CONSUMERS, k_blocks), ("t", "k"), out_shape, "dh_ws",
                     {k: WS_CONSUMERS * v for k, v in mma.items()}, hbm,
                     warpgroups=WS_CONSUMERS + 1, source=source, store_dy1=store)
-  return _spec_of(f"elas_mgpu_dh_{source}", c, s, c.n_steps, (c.nt, k_blocks), ("t", "k"),
+  return _spec_of(f"elas_mgpu_dh_{source_name}", c, s, c.n_steps, (c.nt, k_blocks), ("t", "k"),
                   out_shape, "dh", mma, hbm, source=source, store_dy1=store)
+
+
+def sparse_dh(c: Plan, source: str) -> bool:
+  """Whether ``dh``'s ``dy1 @ w_in`` runs on sparse tensor cores: from the compressed
+  activation (the 2:4 phase of ``masked`` and ``split``, whose ``dy1`` carries the
+  forward's mask) with ``tiles.sparse_mma``."""
+  return c.tiles.sparse_mma and source == "compressed"
 
 
 def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
@@ -564,7 +591,9 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   the dense warm-up's dense operands ``y2_dense`` (the forward's stored ``relu(y1)``,
   squared in registers) and ``dy1_dense`` (``dh``'s dense ``dy1``, wgmma's operand as
   TMA left it). Written into the first kernel's ``[T, cols]`` output (the last argument,
-  compute dtype) past its first ``block`` columns: no join in XLA."""
+  compute dtype) past its first ``block`` columns: no join in XLA. With
+  ``tiles.sparse_mma`` the 2:4 operands go to sparse wgmma (``W`` in
+  :func:`sparse_rows` order)."""
   dt, it = c.dtype, c.dtype.itemsize
   source = "dense" if operand.endswith("_dense") else "compressed"
   if operand.startswith("y2"):
@@ -586,14 +615,17 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   s.pipelined(((c.fs, cb), dt), *_src_blocks(source, c, c.bt))
   if c.interpret and operand != "dy1_dense":  # the register A operand's interpreted staging
     s.add("stage_s", (c.bt, c.ft), dt, c.ft)
+  sparse = c.tiles.sparse_mma and source == "compressed"  # its 2:4 operand as stored
   mma = {}
-  _mma(mma, cb, c.ft, c.n_sub)
+  _mma(mma, cb, c.ft, c.n_sub, sparse=sparse)
   hbm = _src_bytes(source, c) + c.f_pad * rest * it + c.t_pad * rest * it
   kind = "dense" if source == "dense" else "packed"
-  return _spec_of(f"elas_mgpu_{kind}_mm_{operand.removesuffix('_dense')}", c, s, c.n_steps,
+  return _spec_of(f"elas_mgpu_{kind}_mm_{operand.removesuffix('_dense')}"
+                  + ("_sp" if sparse else ""), c, s, c.n_steps,
                   (c.nt, rest // cb), ("t", "c"),
                   jax.ShapeDtypeStruct((c.t_pad, cols), dt), "packed_mm",
-                  mma, hbm, operand=operand, block=cb, offset=first // cb, into=True)
+                  mma, hbm, operand=operand, block=cb, offset=first // cb, into=True,
+                  sparse=sparse)
 
 
 # dh writes dy1 from these activation sources, as dw_in's (and packed_mm's) source / operand
@@ -858,12 +890,17 @@ def all_specs(c: Plan, train: bool) -> dict[str, list[KernelSpec]]:
   """Every kernel of a call on plan ``c``, by phase (see :func:`kernel_specs`)."""
   mode = c.mode
   store = train and mode != "ste"
+  sp = c.tiles.sparse_mma
   if splits_y2(c):  # 2:4 phase: y1 once, the other output blocks from the stored activation
-    out = {"forward": [fwd_spec(c, store=True, first_block=True), packed_mm_spec(c, "y2")]}
+    out = {"forward": [fwd_spec(c, store=True, first_block=True, sparse=sp),
+                       packed_mm_spec(c, "y2")]}
     cd = dense_forward_plan(c)
     out["dense warm-up forward"] = (
         [fwd_spec(cd, store=store, first_block=True, store_relu=True),
          packed_mm_spec(cd, "y2_dense")] if splits_y2(cd) else [fwd_spec(cd, store=store)])
+  elif sp:  # the warm-up keeps every y2: its own kernel on dense MMAs
+    out = {"forward": [fwd_spec(c, store=store, sparse=True)],
+           "dense warm-up forward": [fwd_spec(c, store=store)]}
   else:
     out = {"forward": [fwd_spec(c, store=store)]}
   if train:

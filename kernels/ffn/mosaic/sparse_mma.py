@@ -9,7 +9,7 @@ assembly, the route jax's own dense ``wgmma`` takes (``mosaic/gpu/wgmma.py``).
 The instruction (PTX ISA >= 8.2, ``sm_90a``; ISA section 9.7.15.6; operand order
 and constraints as in NVIDIA CUTLASS's ``GMMA_64xNx32_F32BF16BF16_RS``)::
 
-    wgmma.mma_async.sp.sync.aligned.m64n{N}k32.f32.bf16.bf16
+    wgmma.mma_async.sp.sync.aligned.m64n{N}k32.f32.bf16.bf16   (or .f16.f16)
         {d ...}, {a0, a1, a2, a3}, b-desc, sp-meta, sp-sel, scale-d, 1, 1, trans-b;
 
 One instruction covers ``K = 32`` (8 chunks of 4 columns per row of ``A``,
@@ -20,7 +20,7 @@ One instruction covers ``K = 32`` (8 chunks of 4 columns per row of ``A``,
   chunk ``q + 4(r >> 1)``, the lower column's value in the low 16 bits: the
   dense ``m64k16`` register fragment applied to the compressed ``[64, 16]`` tile.
 * ``sp-meta`` is read only from lanes ``q = 2·sel`` and ``2·sel + 1`` (``sel`` =
-  ``sp-sel``, 0 or 1 for bf16). The lane with ``h = q & 1`` gives, in bits
+  ``sp-sel``, 0 or 1 for 16-bit types). The lane with ``h = q & 1`` gives, in bits
   ``[4j+3 : 4j]``, row ``16w + g``, chunk ``4h + j`` and in bits
   ``[16+4j+3 : 16+4j]`` row ``16w + g + 8``, the same chunk; in each 4-bit field
   bits ``[1:0]`` index (0-3) the first kept value, ``[3:2]`` the second. Equal
@@ -123,7 +123,9 @@ def pack_chunks(ops, get: Callable[[str, int, int, int], Any], p: int) -> list[t
 
 
 class JnpOps:
-  """:func:`pack_chunks`'s operations on ``jnp`` arrays over the 128 threads."""
+  """:func:`pack_chunks`'s operations on ``jnp`` arrays over the 128 threads. 16-bit
+  values pack two to a ``uint32`` register as on the GPU; fp32 (the interpreter only: the
+  instruction takes 16-bit operands) keeps each pair as ``[..., 2]``."""
 
   def __init__(self):
     # an iota, not a constant: Pallas kernels may not capture array constants
@@ -131,7 +133,9 @@ class JnpOps:
 
   @staticmethod
   def pair(lo, hi):
-    bits = lambda v: jax.lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+    if jnp.dtype(lo.dtype).itemsize != 2:
+      return jnp.stack([lo, hi], axis=-1)
+    bits = lambda v: jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)
     return bits(lo) | (bits(hi) << 16)
 
   def nibbles(self, n_row, n_row8):
@@ -161,7 +165,7 @@ def threads(x_64xN: jax.Array) -> jax.Array:
 
 def pack_jnp(planes: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """:func:`pack_chunks` on whole ``[64, P]`` arrays: ``a_regs [chunks, 128, 4]``
-  (uint32) and ``meta [chunks, 128]`` (uint32)."""
+  (uint32; fp32 values: ``[chunks, 128, 4, 2]``) and ``meta [chunks, 128]`` (uint32)."""
   p = planes["a0"].shape[1]
   views = {k: threads(planes[k]) for k in ARRAYS}
   chunks = pack_chunks(JnpOps(), lambda name, jb, h, e: views[name][:, jb, h, e], p)
@@ -174,18 +178,20 @@ def pack_jnp(planes: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
 # --------------------------------------------------------------------------
 
 
-def decode_a(a_regs_Tx4: jax.Array, meta_T: jax.Array, sel: int = 0) -> jax.Array:
+def decode_a(a_regs_Tx4: jax.Array, meta_T: jax.Array, sel: int = 0,
+             dtype=jnp.bfloat16) -> jax.Array:
   """The dense ``A [64, 32]`` (fp32) one ``wgmma.mma_async.sp`` reads from the
-  threads' registers: ``a_regs [128, 4]`` (uint32, two bf16 each), ``meta [128]``
-  (uint32). Undefined metadata (equal indices) gives NaN in its row chunk."""
+  threads' registers: ``a_regs [128, 4]`` (uint32, two ``dtype`` values each; or
+  ``[128, 4, 2]`` values, :class:`JnpOps`' fp32 pairs), ``meta [128]`` (uint32).
+  Undefined metadata (equal indices) gives NaN in its row chunk."""
   if sel not in (0, 1):
-    raise ValueError(f"the bf16 sparsity selector is 0 or 1, got {sel}")
-  regs = a_regs_Tx4.reshape(4, 8, 4, 4)  # thread t = (w, g, q), register r
-  vals = []
-  for half in (0, 1):
-    bits = (regs >> (16 * half)) & 0xFFFF
-    vals.append(jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16).astype(jnp.float32))
-  lo, hi = vals
+    raise ValueError(f"the 16-bit sparsity selector is 0 or 1, got {sel}")
+  if a_regs_Tx4.ndim == 3:
+    lo, hi = (a_regs_Tx4[..., e].astype(jnp.float32).reshape(4, 8, 4, 4) for e in (0, 1))
+  else:
+    regs = a_regs_Tx4.reshape(4, 8, 4, 4)  # thread t = (w, g, q), register r
+    lo, hi = (jax.lax.bitcast_convert_type(((regs >> (16 * e)) & 0xFFFF).astype(jnp.uint16),
+                                           dtype).astype(jnp.float32) for e in (0, 1))
   meta = meta_T.reshape(4, 8, 4)
   q = jax.lax.broadcasted_iota(jnp.uint32, (4, 8, 4), 2)
   nibs = []
@@ -204,9 +210,9 @@ def decode_a(a_regs_Tx4: jax.Array, meta_T: jax.Array, sel: int = 0) -> jax.Arra
 
 def emulate(acc_MxN: jax.Array, a_regs_Tx4: jax.Array, meta_T: jax.Array, b_KxN: jax.Array,
             sel: int = 0) -> jax.Array:
-  """``acc + A · B`` as one ``wgmma.mma_async.sp.…m64nNk32.f32.bf16.bf16`` computes it
-  (fp32 products of bf16 operands, fp32 accumulation)."""
-  a = decode_a(a_regs_Tx4, meta_T, sel)
+  """``acc + A · B`` as one ``wgmma.mma_async.sp.…m64nNk32.f32.{bf16,f16}`` computes it
+  (fp32 products of 16-bit operands, fp32 accumulation; ``B``'s dtype is the operands')."""
+  a = decode_a(a_regs_Tx4, meta_T, sel, b_KxN.dtype)
   return acc_MxN + jnp.dot(a, b_KxN.astype(jnp.float32), precision="highest")
 
 
@@ -218,19 +224,21 @@ def emulate(acc_MxN: jax.Array, a_regs_Tx4: jax.Array, meta_T: jax.Array, b_KxN:
 def sparse_wgmma(acc_ref, planes: dict[str, jax.Array], b_ref, stage_ref, interpret: bool,
                  sel: int = 0) -> None:
   """``acc += A · B`` for the 2:4 operand of one sub-tile given as its plane arrays
-  (``a0 a1 b0 b1`` kept values, ``nib_a nib_b`` index nibbles, each ``[64, P]``), ``B``
-  a shared-memory ``[8P, N]`` tile in :func:`k_order`.
+  (``a0 a1 b0 b1`` kept values, ``nib_a nib_b`` index nibbles, each ``[M, P]``, ``M`` a
+  multiple of 64), ``B`` a shared-memory ``[8P, N]`` tile in :func:`k_order`.
 
-  Compiled: ``P/4`` sparse wgmmas by inline PTX, one commit group. Interpreted: the same
-  packing on ``jnp`` arrays, decoded by the emulator into ``stage_ref`` (``[64, 8P]``
-  shared memory, allocated only when interpreting) and multiplied by the interpreter's
-  dense wgmma."""
+  Compiled: ``M/64 · P/4`` sparse wgmmas by inline PTX, one commit group. Interpreted:
+  the same packing on ``jnp`` arrays, decoded by the emulator into ``stage_ref``
+  (``[M, 8P]`` shared memory, allocated only when interpreting) and multiplied by the
+  interpreter's dense wgmma."""
   mg = mc.plgpu()
   if interpret:
-    a_regs, meta = pack_jnp(planes)
-    a = jnp.concatenate([decode_a(a_regs[kc], meta[kc], sel) for kc in range(a_regs.shape[0])],
-                        axis=1)
-    stage_ref[...] = a.astype(stage_ref.dtype)
+    rows = []
+    for mi in range(planes["a0"].shape[0] // M):
+      a_regs, meta = pack_jnp({k: v[mi * M:(mi + 1) * M] for k, v in planes.items()})
+      rows.append(jnp.concatenate([decode_a(a_regs[kc], meta[kc], sel, planes["a0"].dtype)
+                                   for kc in range(a_regs.shape[0])], axis=1))
+    stage_ref[...] = jnp.concatenate(rows, axis=0).astype(stage_ref.dtype)
     mg.wgmma(acc_ref, stage_ref, b_ref)
     return
   cur = mg.wgmma_accumulator_load(acc_ref, wait_n=None)
@@ -241,11 +249,12 @@ def _inline(acc, planes, b_ref, sel: int):
   mg = mc.plgpu()
   wg = mg.Layout.WGMMA
   n = acc.shape[1]
+  transforms = mc.swizzle_transforms(b_ref.dtype, b_ref.shape[-1])  # as the tile was stored
   fn = mg.inline_mgpu(
-      arg_types=(wg, *(wg for _ in ARRAYS),
-                 mg.RefType(mc.swizzle_transforms(b_ref.dtype, b_ref.shape[-1]))),
-      return_type=mg.ShapeDtypeStruct((M, n), jnp.float32, layout=wg),
-  )(lambda ctx, acc_fa, *rest: _emit(acc_fa, dict(zip(ARRAYS, rest[:-1])), rest[-1], sel))
+      arg_types=(wg, *(wg for _ in ARRAYS), mg.RefType(transforms)),
+      return_type=mg.ShapeDtypeStruct(acc.shape, jnp.float32, layout=wg),
+  )(lambda ctx, acc_fa, *rest: _emit(acc_fa, dict(zip(ARRAYS, rest[:-1])), rest[-1], sel,
+                                     transforms[1].swizzle))
   return fn(acc, *(planes[k] for k in ARRAYS), b_ref)
 
 
@@ -291,7 +300,7 @@ class _MlirOps:
     return utils.shfl_bfly(x, m)
 
 
-def _emit(acc_fa, arrays: dict, b_ref, sel: int):
+def _emit(acc_fa, arrays: dict, b_ref, sel: int, swizzle: int):
   """The inline-PTX sparse wgmmas (inside ``inline_mgpu``; Mosaic GPU's lane-level API)."""
   import itertools
 
@@ -305,55 +314,67 @@ def _emit(acc_fa, arrays: dict, b_ref, sel: int):
   f32 = ir.F32Type.get()
   m, n = acc_fa.shape
   p = arrays["a0"].shape[1]
-  if m != M or n % 8 or n > 256:
-    raise ValueError(f"sparse wgmma: accumulator [64, N <= 256, N % 8 == 0] expected, got {acc_fa.shape}")
+  regs_nd = arrays["a0"].registers.ndim
+  ab = {ir.BF16Type.get(): "bf16", ir.F16Type.get(): "f16"}.get(arrays["a0"].mlir_dtype)
+  if ab is None:
+    raise NotImplementedError(f"sparse wgmma takes bf16 or f16 operands, got {arrays['a0'].mlir_dtype}")
+  if m % M or n % 8 or n > 256:
+    raise ValueError(f"sparse wgmma: accumulator [64·m, N <= 256, N % 8 == 0] expected, got "
+                     f"{acc_fa.shape}")
 
   lane = arith.remui(utils.thread_idx(), utils.c(32, i32))
   q = arith.andi(lane, utils.c(3, i32))
   odd = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(q, utils.c(1, i32)), utils.c(0, i32))
 
-  def get(name, jb, h, e):
-    reg = arrays[name].registers[(0, jb, 0, 0, h) + (0,) * (arrays[name].registers.ndim - 5)]
-    return vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+  def getter(mi):
+    def get(name, jb, h, e):
+      reg = arrays[name].registers[(mi, jb, 0, 0, h) + (0,) * (regs_nd - 5)]
+      return vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+    return get
 
-  chunks = pack_chunks(_MlirOps(q=q, odd=odd), get, p)
+  ops = _MlirOps(q=q, odd=odd)
+  chunks = [pack_chunks(ops, getter(mi), p) for mi in range(m // M)]
 
   # B: [8P, N] (K rows, N fastest) in shared memory; one descriptor, advanced by K = 32 rows.
   (desc, k_stride), _, fastest = mma_utils.create_descriptor(
-      b_ref, swizzle=128, group_size=(K, n), logical_k_major=True, mma_bytewidth_k=64)
+      b_ref, swizzle=swizzle, group_size=(K, n), logical_k_major=True, mma_bytewidth_k=64)
   k_stride_bytes = k_stride[1][0]
   trans_b = int(fastest != mma_utils.Dim.K)
 
-  acc_regs = []
-  for reg in acc_fa.registers.flat:  # [jb, h] blocks of 2 fp32: d[4jb + 2h + e]
-    for e in range(2):
-      acc_regs.append(vector.extract(reg, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e])))
-  nacc = len(acc_regs)
-  assert nacc == n // 2
-  count = itertools.count()
-  take = lambda k: [f"${next(count)}" for _ in range(k)]
-  d = take(nacc)
-  take(nacc)  # the tied inputs
-  a, (bdesc, meta, sel_r, use, sa, sb, tb) = take(4), take(7)
-  ptx = (f"{{ .reg .pred p; setp.ne.b32 p, {use}, 0; "
-         f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.bf16.bf16 "
-         f"{{{','.join(d)}}}, {{{','.join(a)}}}, {bdesc}, {meta}, {sel_r}, p, {sa}, {sb}, {tb}; }}\n")
-  constraints = ",".join(["=f"] * nacc + [str(i) for i in range(nacc)] + ["r"] * 4
-                         + ["l", "r", "n", "n", "n", "n", "n"])
   lc = lambda v: llvm.ConstantOp(i32, ir.IntegerAttr.get(i32, v)).result
   nvvm.wgmma_fence_aligned()  # the operands just computed in registers are complete
-  for kc, (regs, meta_v) in enumerate(chunks):
-    b = desc if kc == 0 else llvm.add(
-        desc, llvm.ConstantOp(i64, ir.IntegerAttr.get(i64, mma_utils.encode_addr(kc * k_stride_bytes))).result,
-        overflow_flags=llvm.IntegerOverflowFlags.none)
-    out = llvm.inline_asm(
-        llvm.StructType.get_literal([f32] * nacc),
-        [*acc_regs, *regs, b, meta_v, lc(sel), lc(1), lc(1), lc(1), lc(trans_b)],
-        ptx, constraints, asm_dialect=0, has_side_effects=True)
-    acc_regs = [llvm.extractvalue(f32, out, [i]) for i in range(nacc)]
-  nvvm.wgmma_commit_group_sync_aligned()
-  vec2 = ir.VectorType.get((2,), f32)
   new = np.empty(acc_fa.registers.shape, dtype=object)
-  for idx, (r0, r1) in zip(np.ndindex(new.shape), zip(acc_regs[0::2], acc_regs[1::2])):
-    new[idx] = vector.from_elements(vec2, [r0, r1])
+  vec2 = ir.VectorType.get((2,), f32)
+  for mi in range(m // M):  # one m64 row block at a time: its accumulator registers
+    block = acc_fa.registers[mi]
+    acc_regs = []
+    for reg in block.flat:  # [jb, h] blocks of 2 fp32: d[4jb + 2h + e]
+      for e in range(2):
+        acc_regs.append(vector.extract(reg, dynamic_position=[],
+                                       static_position=ir.DenseI64ArrayAttr.get([e])))
+    nacc = len(acc_regs)
+    assert nacc == n // 2
+    count = itertools.count()
+    take = lambda k: [f"${next(count)}" for _ in range(k)]
+    d = take(nacc)
+    take(nacc)  # the tied inputs
+    a, (bdesc, meta, sel_r, use, sa, sb, tb) = take(4), take(7)
+    ptx = (f"{{ .reg .pred p; setp.ne.b32 p, {use}, 0; "
+           f"wgmma.mma_async.sp.sync.aligned.m64n{n}k32.f32.{ab}.{ab} "
+           f"{{{','.join(d)}}}, {{{','.join(a)}}}, {bdesc}, {meta}, {sel_r}, p, {sa}, {sb}, {tb}; }}\n")
+    constraints = ",".join(["=f"] * nacc + [str(i) for i in range(nacc)] + ["r"] * 4
+                           + ["l", "r", "n", "n", "n", "n", "n"])
+    for kc, (regs, meta_v) in enumerate(chunks[mi]):
+      b = desc if kc == 0 else llvm.add(
+          desc, llvm.ConstantOp(i64, ir.IntegerAttr.get(
+              i64, mma_utils.encode_addr(kc * k_stride_bytes))).result,
+          overflow_flags=llvm.IntegerOverflowFlags.none)
+      out = llvm.inline_asm(
+          llvm.StructType.get_literal([f32] * nacc),
+          [*acc_regs, *regs, b, meta_v, lc(sel), lc(1), lc(1), lc(1), lc(trans_b)],
+          ptx, constraints, asm_dialect=0, has_side_effects=True)
+      acc_regs = [llvm.extractvalue(f32, out, [i]) for i in range(nacc)]
+    for idx, (r0, r1) in zip(np.ndindex(block.shape), zip(acc_regs[0::2], acc_regs[1::2])):
+      new[(mi, *idx)] = vector.from_elements(vec2, [r0, r1])
+  nvvm.wgmma_commit_group_sync_aligned()
   return fa.FragmentedArray(_registers=new, _layout=acc_fa.layout, _is_signed=None)

@@ -100,8 +100,9 @@ reference = base.reference  # the op's plain-jnp definition, which the tests com
 
 
 def _fwd_call(flag, h, win, woutT, c: plan.Plan, store: bool, first_block: bool = False,
-              store_relu: bool = False):
-  return bodies.launch(plan.fwd_spec(c, store, first_block, store_relu), flag, h, win, woutT)
+              store_relu: bool = False, sparse: bool = False):
+  return bodies.launch(plan.fwd_spec(c, store, first_block, store_relu, sparse), flag, h, win,
+                       woutT)
 
 
 def _packed_mm_call(src, w, operand: str, c: plan.Plan, first):
@@ -165,11 +166,17 @@ def _prep_weights(w_in, w_out, c: plan.Plan):
   """Kernel operands of the weights, ``w_in [F, K]`` and ``w_outᵀ [F, N]`` (padded, in
   kernel feature order) as columns of one array ``[F, K + N]``: one XLA launch (gathers
   and transpose fused) prepares both, and the kernels read a step transposed where they
-  need the other orientation (two orientations of two weights were four launches)."""
+  need the other orientation (two orientations of two weights were four launches).
+  With ``tiles.sparse_mma`` also the same rows in ``plan.sparse_rows`` order (the sparse
+  wgmma's ``B``: ``w_outᵀ`` for the forward, ``w_in`` for ``dh``), two more views."""
   # each gathered, then joined: XLA fuses it all (joined first, the transpose was its own)
   w_FxKN = jnp.concatenate([cm.pad_to(c.features_in(w_in, 0), 1, c.k_pad),
                             cm.pad_to(c.features_in(w_out.T, 0), 1, c.n_pad)], axis=1)
-  return bodies.Cols(w_FxKN, 0, c.k_pad), bodies.Cols(w_FxKN, c.k_pad, c.n_pad)
+  views = (bodies.Cols(w_FxKN, 0, c.k_pad), bodies.Cols(w_FxKN, c.k_pad, c.n_pad))
+  if not c.tiles.sparse_mma:
+    return views
+  w_sp = jnp.take(w_FxKN, plan.sparse_rows(c), axis=0)
+  return views + (bodies.Cols(w_sp, 0, c.k_pad), bodies.Cols(w_sp, c.k_pad, c.n_pad))
 
 
 def _pad_cols(x, size):
@@ -180,15 +187,18 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
   """Output, statistics and what backward needs; ``store``: write the compressed activation."""
   c = plan.Plan(*plan_args)
   hk = _pad_cols(c.rows_in(h), c.k_pad)
-  win, woutT = _prep_weights(w_in, w_out, c)
+  win, woutT, *sparse_views = _prep_weights(w_in, w_out, c)
+  sp = bool(sparse_views)  # the 2:4 phase's y2s @ w_outᵀ on sparse tensor cores
+  woutT_sp = sparse_views[1] if sp else woutT
   flag = jnp.asarray(sparse_on, jnp.int32).reshape(1)
   if plan.splits_y2(c):
     # Several output blocks: y1 is computed once (first block) and the other blocks come
     # from the stored activation: compressed in the 2:4 phase, relu(y1) dense in the
     # warm-up (its y2 is not 2:4; a temporary: the compressed one stays the residual).
     def sparse():
-      out0, stats_rows, vals, meta = _fwd_call(flag, hk, win, woutT, c, True, first_block=True)
-      out = _packed_mm_call((vals, meta), woutT, "y2", c, out0)
+      out0, stats_rows, vals, meta = _fwd_call(flag, hk, win, woutT_sp, c, True, first_block=True,
+                                               sparse=sp)
+      out = _packed_mm_call((vals, meta), woutT_sp, "y2", c, out0)
       return (out, stats_rows) + ((vals, meta) if store else ())
 
     def dense():
@@ -200,6 +210,10 @@ def _forward(mode, plan_args, h, w_in, w_out, sparse_on, store=False):
       return (_packed_mm_call((r,), woutT, "y2_dense", cd, out0), stats_rows, *stored)
 
     outs = jax.lax.cond(jnp.asarray(sparse_on, bool), sparse, dense)
+  elif sp:  # one kernel per phase: the warm-up keeps every y2, on dense MMAs
+    outs = jax.lax.cond(jnp.asarray(sparse_on, bool),
+                        lambda: tuple(_fwd_call(flag, hk, win, woutT_sp, c, store, sparse=True)),
+                        lambda: tuple(_fwd_call(flag, hk, win, woutT, c, store)))
   else:
     outs = _fwd_call(flag, hk, win, woutT, c, store)
   out_k, stats_rows = outs[:2]
@@ -244,7 +258,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
   k, n = c.k, c.n
   hk = _pad_cols(c.rows_in(h), c.k_pad)
   gk = _pad_cols(c.rows_in(g_out), c.n_pad)
-  win, woutT = _prep_weights(w_in, w_out, c)
+  win, woutT, *sparse_views = _prep_weights(w_in, w_out, c)
   no_dense_f = jnp.zeros((c.f_pad,), jnp.int32)
   no_tok_dense = jnp.zeros((c.t_pad,), jnp.int32)
 
@@ -263,13 +277,14 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
     src = (vals, meta) if source == "compressed" else ()
     if source == "dense":
       src = (_relu_call(hk, win, c),)
-    dh = _dh_call(gk, hk, woutT, win, src, source, c)
+    dh_win = sparse_views[0] if plan.sparse_dh(c, source) else win  # its rows as dh reads them
+    dh = _dh_call(gk, hk, woutT, dh_win, src, source, c)
     stored = plan.STORED_DY1.get(source)
     if stored:  # dh also wrote dy1 (2:4 or dense): dw_in forms no dy2, nor do dh's other blocks
       dh, dy1 = dh
       dy1_src = (dy1, meta) if source == "compressed" else (dy1,)
       if plan.splits_dy1(c, source):
-        dh = _packed_mm_call(dy1_src, win, stored, c, dh)
+        dh = _packed_mm_call(dy1_src, dh_win, stored, c, dh)
     # split: the token-wise 2:4 applied once, read back dense by dw_out
     r_tok = _tokmask_call(dense_f, tok_dense, vals, meta, c) if dw_mask == "tokens" else None
     if plan.serves_dw_ws(c, source):  # warp-specialized, a consumer per gradient or step
@@ -347,10 +362,14 @@ class MosaicFfn(base.FfnCore):
   def plan_args(self, call: base.Call) -> tuple:
     """The static arguments of the op (hashable), tiles checked."""
     tiles = dataclasses.replace(plan.default_tiles(call.k, call.n, interpret=self.interpret),
-                                **self.tile_options)
+                                **{**self.default_options(call), **self.tile_options})
     tiles.check()
     return (call.t, call.f, call.k, call.n, call.dtype, call.mode, tiles, self.interpret,
             self.gpu or H200)
+
+  def default_options(self, call: base.Call) -> dict:
+    """Tile options of this implementation for ``call`` unless given (none here)."""
+    return {}
 
   def check_servable(self, call):
     mc.require()
@@ -408,3 +427,29 @@ class MosaicWsFfn(MosaicFfn):
   def __init__(self, *, interpret: bool | None = None, gpu: GpuSpec | None = None, **tiles):
     tiles.setdefault("warp_specialized", True)
     super().__init__(interpret=interpret, gpu=gpu, **tiles)
+
+
+class MosaicSparseFfn(MosaicFfn):
+  """:class:`MosaicFfn` with the 2:4 phase's products whose left operand is 2:4 along the
+  contraction on Hopper's sparse tensor cores (``Tiles.sparse_mma``; ``sparse_mma.py``):
+  the forward's ``y2s @ w_outᵀ`` and ``dh``'s ``dy1 @ w_in`` (``dy1`` carries the
+  forward's mask), by ``wgmma.mma_async.sp`` in inline PTX. The warm-up, ``ste``'s
+  backward, the weight gradients and the output / ``dh`` blocks ``packed_mm`` makes stay
+  on dense MMAs. Warp-specialized where :class:`MosaicWsFfn` serves (ranks <= 256), else
+  :class:`MosaicFfn`'s kernels. bf16 / fp16 on a GPU (fp32 in the interpreter only).
+
+  **Unverified on hardware**: the metadata's register layout is read from the PTX ISA's
+  text and CUTLASS (the ISA draws it in a figure); until ``tests/test_sparse_mma.py``'s
+  and ``tests/test_ffn_core.py``'s ``gpu`` tests have passed on an H100 / H200, ``auto``
+  does not pick it."""
+
+  name = "mosaic_sparse"
+
+  def __init__(self, *, interpret: bool | None = None, gpu: GpuSpec | None = None, **tiles):
+    tiles.setdefault("sparse_mma", True)
+    super().__init__(interpret=interpret, gpu=gpu, **tiles)
+
+  def default_options(self, call: base.Call) -> dict:
+    # warp-specialized as mosaic_ws where it serves (ranks up to 256)
+    rank = max(cm.padded(call.k, plan.RANK_ALIGN), cm.padded(call.n, plan.RANK_ALIGN))
+    return {"warp_specialized": rank <= plan.WS_DW_MAX_RANK}
