@@ -19,7 +19,8 @@ python -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$OUT/e
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/env.txt"
 timeout 300 python -m elas_jax.aot --config configs/llama_1b.py:elas --target h200 --config.model.kernel=triton \
   --no-fit --json > "$OUT/aot_1b.json" 2> "$OUT/aot_1b.err"; tail -3 "$OUT/aot_1b.err"
-timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_ffn_core.py tests/test_kernels_triton.py 2>&1 \
+timeout 240 python -m pytest -q -p no:cacheprovider -m gpu tests/test_ffn_core.py tests/test_kernels_triton.py \
+  tests/test_sparse_mma.py 2>&1 \
   | tail -25 | tee "$OUT/tests.txt"
 timeout 240 python -m benchmarks.ffn_kernels --preset gpu --sizes 1b --tokens 65536 --modes masked \
   --blocks 32x128,64x128,32x256,64x256 --no-peak_memory --out "$OUT/1b_64k" 2>&1 | tail -40

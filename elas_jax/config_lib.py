@@ -149,7 +149,8 @@ def llama_config(size: str, variant: str) -> ml_collections.ConfigDict:
   # 2:4 FFN implementation, one of elas_kernels.ffn.IMPLEMENTATIONS (elas_jax/ops/ffn.py):
   # xla (pure JAX) | triton (the Pallas Triton kernels of kernels/; "pallas" is its old
   # name) | mosaic (the Pallas Mosaic GPU kernels, Hopper, jax >= 0.11) | mosaic_ws (the
-  # same, forward and dh warp-specialized, ranks <= 256); all interpreted off GPUs | auto
+  # same, forward and dh warp-specialized, ranks <= 256) | mosaic_sparse (the 2:4 products
+  # on Hopper's sparse tensor cores; opt-in, unverified on a GPU); all interpreted off GPUs | auto
   # (compiling for a GPU: mosaic_ws, else mosaic, else triton, else xla, whichever serves
   # first; xla elsewhere)
   m.kernel = "auto"

@@ -37,11 +37,14 @@ def test_choices_follow_the_compile_target():
   # mosaic_ws serves ranks up to 256 and falls through to mosaic above
   assert ffn.resolve_kernel("auto", h200) == ("mosaic_ws", "mosaic", "triton", "xla")
   assert ffn.resolve_kernel("pallas", h200) == ("triton",)  # the old name
-  for name in ("xla", "triton", "mosaic", "mosaic_ws"):
+  for name in ("xla", "triton", "mosaic", "mosaic_ws", "mosaic_sparse"):
     assert ffn.resolve_kernel(name, cpu) == (name,)
   with pytest.raises(ValueError, match="unknown FFN kernel 'cuda'"):
     ffn.resolve_kernel("cuda", cpu)
-  assert set(ffn.KERNELS) == {"auto", "xla", "triton", "mosaic", "mosaic_ws", "pallas"}
+  assert set(ffn.KERNELS) == {"auto", "xla", "triton", "mosaic", "mosaic_ws", "mosaic_sparse",
+                              "pallas"}
+  # mosaic_sparse (sparse tensor cores, unverified on a GPU) is chosen only by name
+  assert ffn.resolve_kernel("mosaic_sparse", h200) == ("mosaic_sparse",)
   # Saved configs with the old name still validate.
   config_lib.validate(tiny_train_config("elas", **{"model.kernel": "pallas"}))
 

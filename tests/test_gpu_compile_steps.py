@@ -79,6 +79,11 @@ MOSAIC_STEP_KERNELS = {
                             "elas_mgpu_packed_mm_dy1", "elas_mgpu_dh_ws_dense",
                             "elas_mgpu_dw_ws_in", "elas_mgpu_dw_ws_out_compressed",
                             "elas_mgpu_dw_in_", "elas_mgpu_dw_out_"),
+    # the 2:4 phase's products on sparse tensor cores (rank 512: mosaic's kernels)
+    ("1b", "mosaic_sparse"): ("elas_mgpu_fwd_first_store_sp", "elas_mgpu_packed_mm_y2_sp",
+                              "elas_mgpu_dh_compressed_sp", "elas_mgpu_packed_mm_dy1_sp",
+                              "elas_mgpu_fwd_first_store_relu", "elas_mgpu_dh_dense",
+                              "elas_mgpu_dw_in_dy1", "elas_mgpu_dw_out_"),
 }
 
 

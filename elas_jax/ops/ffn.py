@@ -4,7 +4,8 @@
 ``sparsify_24(relu(h @ w_inᵀ)²) @ w_outᵀ`` (and its statistics) with the
 implementation ``config.model.kernel`` names, from the one table of
 implementations, :data:`elas_kernels.ffn.IMPLEMENTATIONS` (``xla``, ``triton``,
-``mosaic``, ``mosaic_ws``; ``pallas`` is ``triton``'s old name and still accepted), or
+``mosaic``, ``mosaic_ws``, ``mosaic_sparse``; ``pallas`` is ``triton``'s old name and still
+accepted), or
 ``auto``: for the devices the step is compiled for (the mesh's, not this
 process's), on a GPU the first of :data:`AUTO_ORDER` that serves the call,
 elsewhere ``xla``.
@@ -40,7 +41,8 @@ IMPLEMENTATIONS = kernel_ffn.IMPLEMENTATIONS  # name -> FfnCore subclass: the on
 ALIASES = {"pallas": "triton"}  # names saved configs may hold
 # What ``auto`` tries, in order, by the compile target's platform.
 # mosaic_ws first: where it serves (ranks <= 256) the static model puts it at 0.6-0.75x
-# mosaic's time (docs/kernels.md); both are unverified on a GPU so far.
+# mosaic's time (docs/kernels.md); both are unverified on a GPU so far. mosaic_sparse (sparse
+# tensor cores by inline PTX) stays out until its gpu tests pass on an H100 / H200.
 AUTO_ORDER = {"gpu": ("mosaic_ws", "mosaic", "triton", "xla")}
 DEFAULT_ORDER = ("xla",)
 KERNELS = ("auto", *IMPLEMENTATIONS, *ALIASES)  # the values of config.model.kernel

@@ -175,10 +175,12 @@ class Plan:
       x = x[np.argsort(self.order)]
     return x[: self.t]
 
-  def features_in(self, x: jax.Array, axis: int) -> jax.Array:
-    """Main features zero-padded to whole steps, in kernel order, along ``axis``."""
+  def features_in(self, x: jax.Array, axis: int, rows: np.ndarray | None = None) -> jax.Array:
+    """Main features zero-padded to whole steps, in kernel order, along ``axis``
+    (``rows``: those of the kernel order, e.g. :func:`sparse_rows`, in one gather)."""
     x = lax.slice_in_dim(x, 0, self.f_main, axis=axis)
-    return jnp.take(cm.pad_to(x, axis, self.f_pad), self.perm, axis=axis)
+    order = self.perm if rows is None else self.perm[rows]
+    return jnp.take(cm.pad_to(x, axis, self.f_pad), order, axis=axis)
 
   def features_out(self, x: jax.Array, axis: int) -> jax.Array:
     x = jnp.take(x, np.argsort(self.perm), axis=axis)
