@@ -134,7 +134,7 @@ SETTINGS["mosaic_sparse"] = dataclasses.replace(
     SETTINGS["mosaic"],
     options=dict(interpret=True,
                  warp_specialized=os.environ.get("ELAS_TEST_SPARSE_WS") == "1"))
-SPARSE_WS_CASES = ("masked-ragged", "split-steps", "bf16-masked", "masked-wide")
+SPARSE_WS_CASES = ("masked-ragged", "bf16-masked", "masked-wide")
 
 
 # The warp-specialized rows CI runs: every case, each in a fresh process with a time
