@@ -507,15 +507,22 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
     cols = ft // 2 if relu.packed else ft  # dy1 columns a sub-tile stores
     for s in range(fs // ft):
       # relu(y1) first: a recomputed y1's accumulator is free again before dy2's is taken
-      if relu.packed:
+      if sparse:  # the stored values as they are: only dy1's kept values are formed
+        v, nibs = relu.packed_values(src, q, s)
+      elif relu.packed:
         r, nibs = relu.planes_and_nibbles(src, q, s)
       else:
         r = relu.planes(src, q, s, h_s, win_k_s)
       dy2 = _dot_acc((bt, ft), lambda a: _wgmma_k(a, g_s, woutT_s.at[pl.ds(s * ft, ft)]))
-      dy1 = _dy1_list(dy2, r, c)
       kept = None
-      if relu.packed and (store_dy1 or sparse):
-        kept = cm.gather_group(dy1[:4], nibs[0]) + cm.gather_group(dy1[4:], nibs[1])
+      if sparse:  # dy2 at the kept positions times 2 relu(y1), rounded as _dy1_list rounds
+        d = _planes(dy2, c.p)
+        dk = cm.gather_group(d[:4], nibs[0]) + cm.gather_group(d[4:], nibs[1])
+        kept = [(x * (2 * y).astype(jnp.float32)).astype(c.dtype) for x, y in zip(dk, v)]
+      else:
+        dy1 = _dy1_list(dy2, r, c)
+        if relu.packed and store_dy1:
+          kept = cm.gather_group(dy1[:4], nibs[0]) + cm.gather_group(dy1[4:], nibs[1])
       if store_dy1:
         dy1v_s.at[slot][:, s * cols:(s + 1) * cols] = jnp.concatenate(
             kept if relu.packed else dy1, axis=1)
