@@ -204,10 +204,13 @@ def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_
         relu_out[0].at[slot][:, s * ft:(s + 1) * ft] = jnp.concatenate(r, axis=1)
       sq = [v * v for v in (a0, a1, b0, b1)]  # y2 at the kept positions
       kept += jnp.sum(sum(v.astype(jnp.float32) for v in sq), axis=1)
+      def y2_stats(zeros, total):  # per-row zeros and mass of the dense y2 planes
+        return (zeros + jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1),
+                total + jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1))
+
       if sparse:
         # the dense y2 planes' statistics first: they die before the operands are packed
-        zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
-        total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
+        zeros, total = y2_stats(zeros, total)
         sparse_mma.sparse_wgmma(acc, dict(a0=sq[0], a1=sq[1], b0=sq[2], b1=sq[3], nib_a=nib_a,
                                           nib_b=nib_b),
                                 woutT_s.at[pl.ds(s * ft, ft)], stage_s, c.interpret)
@@ -215,8 +218,7 @@ def _fwd_step(c: plan.Plan, store: bool, dense, h_s, acc, vals_s, meta_s, stage_
       y2s = [jnp.where(keep[j] | dense, y2[j], zero) for j in range(plan.PLANES)]
       mc.wgmma_a(acc, jnp.concatenate(y2s, axis=1), woutT_s.at[pl.ds(s * ft, ft)], stage_s,
                  c.interpret)
-      zeros += jnp.sum(sum(_count(x == zero, jnp.float32) for x in y2), axis=1)
-      total += jnp.sum(sum(x.astype(jnp.float32) for x in y2), axis=1)
+      zeros, total = y2_stats(zeros, total)
     if store or relu_out:
       mg.commit_smem()
 
@@ -488,12 +490,12 @@ def _dh_step(c: plan.Plan, relu: _Relu, store_dy1: bool, g_s, h_s, acc, dy1v_s, 
   ``relu(y1)`` decompressed or recomputed, ``acc += dy1 @ w_in`` with ``dy1`` in
   registers; ``store_dy1``: ``dy1``'s kept values (a packed source; all of it from a dense
   one) staged in ``dy1v_s`` and written by TMA (programs of ``first_kb``). From the
-  compressed activation with ``tiles.sparse_mma`` (``plan.sparse_dh``) ``dh += dy1 @ w_in``
+  compressed activation with ``tiles.sparse_mma`` (``plan.sparse_source``) ``dh += dy1 @ w_in``
   runs on sparse tensor cores (``w_in``'s rows in ``plan.sparse_rows`` order). Returns
   ``step(idx, woutT_s, win_s, *rest)``."""
   mg = mc.plgpu()
   bt, fs, ft = c.bt, c.fs, c.ft
-  sparse = plan.sparse_dh(c, relu.source)
+  sparse = plan.sparse_source(c, relu.source)
   rows = pl.ds(tile * bt, bt)
 
   def step(idx, woutT_s, win_s, *rest):

@@ -558,7 +558,7 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
   _mma(mma, c.ft, c.n_pad, c.n_sub)
   if source == "recompute":
     _mma(mma, c.ft, c.k_pad, c.n_sub)
-  sparse = sparse_dh(c, source)
+  sparse = sparse_source(c, source)
   _mma(mma, c.kb, c.ft, c.n_sub, sparse=sparse)
   k_cols = c.kb if store else c.k_pad  # written by this kernel
   dy1_bytes = c.t_pad * c.f_pad * dy1_cols // c.fs * it if store else 0
@@ -578,10 +578,11 @@ def dh_spec(c: Plan, source: str) -> KernelSpec:
                   out_shape, "dh", mma, hbm, source=source, store_dy1=store)
 
 
-def sparse_dh(c: Plan, source: str) -> bool:
-  """Whether ``dh``'s ``dy1 @ w_in`` runs on sparse tensor cores: from the compressed
-  activation (the 2:4 phase of ``masked`` and ``split``, whose ``dy1`` carries the
-  forward's mask) with ``tiles.sparse_mma``."""
+def sparse_source(c: Plan, source: str) -> bool:
+  """Whether a backward product whose 2:4 operand comes from ``source`` runs on sparse
+  tensor cores: ``dh``'s ``dy1 @ w_in`` and ``packed_mm``'s stored ``y2`` / ``dy1`` from
+  the compressed activation (the 2:4 phase of ``masked`` and ``split``; ``dy1`` carries
+  the forward's mask) with ``tiles.sparse_mma``."""
   return c.tiles.sparse_mma and source == "compressed"
 
 
@@ -617,7 +618,7 @@ def packed_mm_spec(c: Plan, operand: str) -> KernelSpec:
   s.pipelined(((c.fs, cb), dt), *_src_blocks(source, c, c.bt))
   if c.interpret and operand != "dy1_dense":  # the register A operand's interpreted staging
     s.add("stage_s", (c.bt, c.ft), dt, c.ft)
-  sparse = c.tiles.sparse_mma and source == "compressed"  # its 2:4 operand as stored
+  sparse = sparse_source(c, source)  # its 2:4 operand as stored
   mma = {}
   _mma(mma, cb, c.ft, c.n_sub, sparse=sparse)
   hbm = _src_bytes(source, c) + c.f_pad * rest * it + c.t_pad * rest * it

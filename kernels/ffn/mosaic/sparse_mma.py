@@ -216,6 +216,18 @@ def emulate(acc_MxN: jax.Array, a_regs_Tx4: jax.Array, meta_T: jax.Array, b_KxN:
   return acc_MxN + jnp.dot(a, b_KxN.astype(jnp.float32), precision="highest")
 
 
+def emulated_operand(planes: dict[str, jax.Array], sel: int = 0) -> jax.Array:
+  """The dense ``A [M, 8P]`` (fp32, :func:`k_order` columns) the sparse wgmmas of one
+  sub-tile read: the planes packed per thread (:func:`pack_jnp`) and every instruction's
+  registers decoded by the emulator, ``M / 64`` row blocks."""
+  rows = []
+  for mi in range(planes["a0"].shape[0] // M):
+    a_regs, meta = pack_jnp({k: v[mi * M:(mi + 1) * M] for k, v in planes.items()})
+    rows.append(jnp.concatenate([decode_a(a_regs[kc], meta[kc], sel, planes["a0"].dtype)
+                                 for kc in range(a_regs.shape[0])], axis=1))
+  return jnp.concatenate(rows, axis=0)
+
+
 # --------------------------------------------------------------------------
 # The kernel-side call.
 # --------------------------------------------------------------------------
@@ -233,12 +245,7 @@ def sparse_wgmma(acc_ref, planes: dict[str, jax.Array], b_ref, stage_ref, interp
   interpreter's dense wgmma."""
   mg = mc.plgpu()
   if interpret:
-    rows = []
-    for mi in range(planes["a0"].shape[0] // M):
-      a_regs, meta = pack_jnp({k: v[mi * M:(mi + 1) * M] for k, v in planes.items()})
-      rows.append(jnp.concatenate([decode_a(a_regs[kc], meta[kc], sel, planes["a0"].dtype)
-                                   for kc in range(a_regs.shape[0])], axis=1))
-    stage_ref[...] = jnp.concatenate(rows, axis=0).astype(stage_ref.dtype)
+    stage_ref[...] = emulated_operand(planes, sel).astype(stage_ref.dtype)
     mg.wgmma(acc_ref, stage_ref, b_ref)
     return
   cur = mg.wgmma_accumulator_load(acc_ref, wait_n=None)

@@ -285,7 +285,7 @@ def _bwd_rule(mode, dense_fraction, plan_args, res, cot):
     src = (vals, meta) if source == "compressed" else ()
     if source == "dense":
       src = (_relu_call(hk, win, c),)
-    dh_win = sparse_view[0] if plan.sparse_dh(c, source) else win  # its rows as dh reads them
+    dh_win = sparse_view[0] if plan.sparse_source(c, source) else win  # its rows as dh reads them
     dh = _dh_call(gk, hk, woutT, dh_win, src, source, c)
     stored = plan.STORED_DY1.get(source)
     if stored:  # dh also wrote dy1 (2:4 or dense): dw_in forms no dy2, nor do dh's other blocks
